@@ -1,0 +1,177 @@
+"""The handler: parse the job, route it to its task, run it, answer with a result or an error.
+
+Nothing here is model-specific; tasks are known only through the table in ``handler.tasks``.
+Whatever happens inside a job, the handler returns a dict: a result with ``request_id`` and
+``timings``, or ``{"error": "CODE: message", "error_code", "request_id", "retryable"}``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+from pydantic import BaseModel, ValidationError
+
+from handler.config import Settings
+from handler.errors import InvalidInput, WorkerError
+from handler.io.download import Downloader
+from handler.io.inputs import MediaInputs
+from handler.io.storage import InlineStorage, S3Storage, Storage, bucket_from_job
+from handler.io.workspace import job_directory
+from handler.logs import get_logger
+from handler.runtime.devices import resolve_device
+from handler.runtime.gate import Gate
+from handler.runtime.registry import Registry
+from handler.tasks import TASKS
+from handler.tasks.base import JobContext, Runtime, Task
+
+log = get_logger(__name__)
+_MAX_SHOWN_VALUE = 80
+
+
+def validation_message(exc: ValidationError) -> tuple[str, str | None]:
+    """The first schema error as ``field: problem (got value)``, and the field's name."""
+    error = exc.errors(include_url=False)[0]
+    field = ".".join(str(part) for part in error["loc"]) or None
+    problem = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        problem = "unknown field"
+    elif error["type"] != "value_error" and "input" in error:
+        shown = repr(error["input"])
+        if len(shown) > _MAX_SHOWN_VALUE:
+            shown = shown[:_MAX_SHOWN_VALUE] + "..."
+        problem = f"{problem} (got {shown})"
+    message = f"{field}: {problem}" if field else problem
+    return message, field
+
+
+class Worker:
+    """Holds the long-lived parts (registry, gate, storage, downloader) and handles jobs."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        tasks: Mapping[str, Task[Any]] = TASKS,
+        registry: Registry | None = None,
+        gate: Gate | None = None,
+    ) -> None:
+        self.settings = settings
+        self.tasks = tasks
+        self.runtime = Runtime(
+            settings=settings,
+            registry=registry or Registry(load_wait_timeout=settings.model_load_wait_timeout),
+            gate=gate
+            or Gate(
+                slots=settings.max_concurrent_generations,
+                acquire_timeout=settings.generation_acquire_timeout,
+            ),
+            device=resolve_device(settings.device),
+        )
+        self.downloader = Downloader(
+            max_bytes=settings.download_max_bytes,
+            timeout_s=settings.download_timeout_s,
+            max_redirects=settings.download_max_redirects,
+            allow_http=settings.download_allow_http,
+            allowed_networks=settings.download_allowed_networks,
+        )
+        self._bucket = S3Storage(settings.bucket, settings) if settings.bucket else None
+
+    def route(self, job: Any) -> tuple[Task[Any], BaseModel]:
+        """The job's task and its validated input."""
+        data = job.get("input") if isinstance(job, dict) else None
+        if not isinstance(data, dict):
+            raise InvalidInput("input: the job needs an `input` object", field="input")
+        task = self._select_task(data)
+        try:
+            return task, task.input_model.model_validate(data)
+        except ValidationError as exc:
+            message, field = validation_message(exc)
+            raise InvalidInput(message, field=field) from exc
+
+    def _select_task(self, data: dict[str, Any]) -> Task[Any]:
+        name = data.get("task")
+        if name is None:
+            implied = [t for t in self.tasks.values() if any(f in data for f in t.implied_by)]
+            if len(implied) == 1:
+                return implied[0]
+            raise InvalidInput(f"task: required, one of {', '.join(self.tasks)}", field="task")
+        task = self.tasks.get(name) if isinstance(name, str) else None
+        if task is None:
+            raise InvalidInput(
+                f"task: unknown task {name!r}, expected one of {', '.join(self.tasks)}", field="task"
+            )
+        return task
+
+    def storage_for(self, job: dict[str, Any]) -> Storage:
+        """The job's own s3Config, else the worker's bucket, else inline results."""
+        per_job = bucket_from_job(job)
+        if per_job is not None:
+            return S3Storage(per_job, self.settings)
+        if self._bucket is not None:
+            return self._bucket
+        return InlineStorage(self.settings.inline_output_max_bytes)
+
+    async def handle(self, job: Any) -> dict[str, Any]:
+        """Answer one RunPod job; never raises."""
+        request_id = uuid.uuid4().hex
+        job_id = job.get("id") if isinstance(job, dict) else None
+        with structlog.contextvars.bound_contextvars(request_id=request_id, job_id=job_id):
+            started = time.perf_counter()
+            try:
+                result = await self._run(job, request_id)
+            except WorkerError as err:
+                log.warning("job.failed", code=err.code, error=err.message, field=err.field)
+                return err.payload(request_id)
+            except Exception:
+                log.exception("job.crashed")
+                return WorkerError(
+                    "unexpected error; the worker log has the details under this request_id"
+                ).payload(request_id)
+            total_ms = (time.perf_counter() - started) * 1000
+            result["timings"]["total_ms"] = round(total_ms, 2)
+            log.info("job.done", ms=round(total_ms, 1))
+            return result
+
+    async def _run(self, job: Any, request_id: str) -> dict[str, Any]:
+        task, params = self.route(job)
+        storage = self.storage_for(job)
+        inputs = MediaInputs(self.settings, self.downloader, storage)
+        log.info("job.start", task=task.name)
+        with job_directory(self.settings.job_root()) as workdir:
+            ctx = JobContext(self.runtime, request_id, job, workdir, inputs, storage)
+            output = await task.run(ctx, params)
+        return {**output, "request_id": request_id, "timings": ctx.timings.as_dict()}
+
+    def preload(self) -> None:
+        """Load the default pipeline of each task named in PRELOAD."""
+        for name in self.settings.preload:
+            task = self.tasks.get(name)
+            if task is None or task.preload is None:
+                log.warning("preload.skipped", task=name)
+                continue
+            try:
+                task.preload(self.runtime)
+            except WorkerError as err:
+                log.error("preload.failed", task=name, code=err.code, error=err.message)
+
+
+_worker: Worker | None = None
+
+
+def get_worker(settings: Settings | None = None) -> Worker:
+    """The process's worker, built on first use from the environment's settings."""
+    global _worker
+    if _worker is None:
+        from handler.config import load_settings
+
+        _worker = Worker(settings or load_settings())
+    return _worker
+
+
+async def handler(job: dict[str, Any]) -> dict[str, Any]:
+    """The RunPod handler."""
+    return await get_worker().handle(job)

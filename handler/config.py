@@ -1,0 +1,256 @@
+"""Every setting the worker reads, parsed once from the environment at start-up.
+
+Each variable is listed once below with what it does. Values are parsed explicitly: a
+boolean must be one of true/false/1/0/yes/no/on/off, a number must parse, and a bad value
+stops the worker at start-up with a message naming the variable, rather than turning
+``"false"`` into true or failing in the middle of a job.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+MIB = 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value the worker cannot use; raised at start-up."""
+
+
+@dataclass(frozen=True)
+class BucketSettings:
+    """Credentials and location of an S3-compatible bucket."""
+
+    endpoint_url: str | None
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    name: str
+    region: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The worker's configuration. Build it with :func:`load_settings`."""
+
+    # Running on RunPod (RUNPOD_ENDPOINT_ID set): logs are JSON instead of console text.
+    on_runpod: bool = False
+    # LOG_LEVEL: level of the worker's own log lines.
+    log_level: str = "INFO"
+    # LOG_FORMAT: auto (JSON on RunPod, console elsewhere), json or console.
+    log_format: str = "auto"
+
+    # WHISPER_MODEL: default Whisper model, an official name (turbo, tiny.en, ...) or a path.
+    whisper_model: str = "turbo"
+    # WHISPER_MODELS: other model names a job may ask for in `model` (comma separated).
+    whisper_models: tuple[str, ...] = ()
+    # MODEL_DIR: where baked weights live (whisper/<name>.pt, written by builder/).
+    model_dir: Path = Path("/models")
+    # ALLOW_MODEL_DOWNLOAD: fetch official weights missing from MODEL_DIR at load time.
+    allow_model_download: bool = True
+    # DEVICE: auto (cuda when available), cuda or cpu.
+    device: str = "auto"
+    # PRELOAD: tasks whose default pipeline is loaded at start, off the job path (comma list).
+    preload: tuple[str, ...] = ()
+
+    # MAX_CONCURRENT_GENERATIONS: GPU slots, jobs running model code at once.
+    max_concurrent_generations: int = 1
+    # GENERATION_ACQUIRE_TIMEOUT: seconds a job waits for a slot before TIMEOUT.
+    generation_acquire_timeout: float = 600.0
+    # MODEL_LOAD_WAIT_TIMEOUT: seconds a job waits for another job's load of the same model.
+    model_load_wait_timeout: float = 1800.0
+
+    # BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY, BUCKET_NAME,
+    # BUCKET_REGION: output bucket (names as in runpod's rp_upload). Unset: inline outputs.
+    bucket: BucketSettings | None = None
+    # BUCKET_PREFIX: key prefix for every object the worker writes.
+    bucket_prefix: str = "outputs"
+    # PRESIGN_EXPIRY_S: lifetime of the presigned GET URLs in results.
+    presign_expiry_s: int = 3600
+    # UPLOAD_MAX_ATTEMPTS: attempts per S3 request (botocore standard retry mode).
+    upload_max_attempts: int = 3
+    # S3_CONNECT_TIMEOUT_S, S3_READ_TIMEOUT_S: socket timeouts of S3 requests.
+    s3_connect_timeout_s: float = 5.0
+    s3_read_timeout_s: float = 60.0
+    # INLINE_OUTPUT_MAX_BYTES: with no bucket, the most file bytes one result may inline
+    # (RunPod refuses results over ~20 MB after base64).
+    inline_output_max_bytes: int = 10 * MIB
+
+    # DOWNLOAD_MAX_BYTES: largest media download (URL or bucket object).
+    download_max_bytes: int = 1024 * MIB
+    # DOWNLOAD_TIMEOUT_S: whole-download deadline, connect to last byte.
+    download_timeout_s: float = 300.0
+    # DOWNLOAD_MAX_REDIRECTS: redirects followed, each one checked like the first URL.
+    download_max_redirects: int = 5
+    # DOWNLOAD_ALLOW_HTTP: accept plain http URLs (https only by default).
+    download_allow_http: bool = False
+    # DOWNLOAD_ALLOWED_NETWORKS: non-public networks downloads may reach (CIDR list).
+    # Empty by default: loopback, private, link-local and other non-global addresses
+    # are refused.
+    download_allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # BASE64_MAX_BYTES: largest decoded base64 input, checked before decoding.
+    base64_max_bytes: int = 100 * MIB
+    # MAX_AUDIO_DURATION_S: longest audio a transcription accepts (checked before decoding).
+    max_audio_duration_s: float = 4 * 3600.0
+    # MEDIA_TIMEOUT_S: deadline of each ffmpeg/ffprobe run.
+    media_timeout_s: float = 600.0
+
+    # USE_RAM_FILESYSTEM: put job directories under /dev/shm.
+    use_ram_filesystem: bool = False
+    # WORK_DIR: where job directories go (default: the system temp dir).
+    work_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
+
+    def job_root(self) -> Path:
+        """Directory that holds one temporary directory per job."""
+        shm = Path("/dev/shm")
+        if self.use_ram_filesystem and shm.is_dir():
+            return shm
+        return self.work_dir
+
+    def allowed_whisper_models(self) -> tuple[str, ...]:
+        return (self.whisper_model, *self.whisper_models)
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _parse_positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _parse_positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
+def _parse_list(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _parse_networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(item, strict=False) for item in _parse_list(raw))
+
+
+def _parse_choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _parse_level(raw: str) -> str:
+    return _parse_choice("debug", "info", "warning", "error")(raw).upper()
+
+
+class _Env:
+    """Reads variables from one mapping, naming the variable in every error."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def get(self, name: str, parse: Callable[[str], T], default: T) -> T:
+        raw = self._environ.get(name)
+        if raw is None or (raw.strip() == "" and parse is not _parse_bool):
+            return default
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            raise SettingsError(f"{name}={raw!r} is invalid: {exc}") from exc
+
+    def text(self, name: str) -> str | None:
+        raw = self._environ.get(name, "").strip()
+        return raw or None
+
+
+def _bucket(env: _Env) -> BucketSettings | None:
+    names = ("BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY", "BUCKET_NAME")
+    access_key, secret, name = (env.text(n) for n in names)
+    if access_key is None and secret is None and name is None:
+        return None
+    missing = [n for n, value in zip(names, (access_key, secret, name), strict=True) if not value]
+    if missing:
+        raise SettingsError(f"bucket configuration is incomplete: {', '.join(missing)} not set")
+    assert access_key and secret and name
+    return BucketSettings(
+        endpoint_url=env.text("BUCKET_ENDPOINT_URL"),
+        access_key_id=access_key,
+        secret_access_key=secret,
+        name=name,
+        region=env.text("BUCKET_REGION"),
+    )
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Parse the settings from ``environ`` (default: ``os.environ``)."""
+    env = _Env(os.environ if environ is None else environ)
+    d = Settings()
+    return Settings(
+        on_runpod=env.text("RUNPOD_ENDPOINT_ID") is not None,
+        log_level=env.get("LOG_LEVEL", _parse_level, d.log_level),
+        log_format=env.get("LOG_FORMAT", _parse_choice("auto", "json", "console"), d.log_format),
+        whisper_model=env.get("WHISPER_MODEL", str.strip, d.whisper_model),
+        whisper_models=env.get("WHISPER_MODELS", _parse_list, d.whisper_models),
+        model_dir=env.get("MODEL_DIR", Path, d.model_dir),
+        allow_model_download=env.get("ALLOW_MODEL_DOWNLOAD", _parse_bool, d.allow_model_download),
+        device=env.get("DEVICE", _parse_choice("auto", "cuda", "cpu"), d.device),
+        preload=env.get("PRELOAD", _parse_list, d.preload),
+        max_concurrent_generations=env.get(
+            "MAX_CONCURRENT_GENERATIONS", _parse_positive_int, d.max_concurrent_generations
+        ),
+        generation_acquire_timeout=env.get(
+            "GENERATION_ACQUIRE_TIMEOUT", _parse_positive_float, d.generation_acquire_timeout
+        ),
+        model_load_wait_timeout=env.get(
+            "MODEL_LOAD_WAIT_TIMEOUT", _parse_positive_float, d.model_load_wait_timeout
+        ),
+        bucket=_bucket(env),
+        bucket_prefix=env.get("BUCKET_PREFIX", lambda raw: raw.strip().strip("/"), d.bucket_prefix),
+        presign_expiry_s=env.get("PRESIGN_EXPIRY_S", _parse_positive_int, d.presign_expiry_s),
+        upload_max_attempts=env.get("UPLOAD_MAX_ATTEMPTS", _parse_positive_int, d.upload_max_attempts),
+        s3_connect_timeout_s=env.get(
+            "S3_CONNECT_TIMEOUT_S", _parse_positive_float, d.s3_connect_timeout_s
+        ),
+        s3_read_timeout_s=env.get("S3_READ_TIMEOUT_S", _parse_positive_float, d.s3_read_timeout_s),
+        inline_output_max_bytes=env.get(
+            "INLINE_OUTPUT_MAX_BYTES", _parse_positive_int, d.inline_output_max_bytes
+        ),
+        download_max_bytes=env.get("DOWNLOAD_MAX_BYTES", _parse_positive_int, d.download_max_bytes),
+        download_timeout_s=env.get("DOWNLOAD_TIMEOUT_S", _parse_positive_float, d.download_timeout_s),
+        download_max_redirects=env.get(
+            "DOWNLOAD_MAX_REDIRECTS", lambda raw: max(0, int(raw)), d.download_max_redirects
+        ),
+        download_allow_http=env.get("DOWNLOAD_ALLOW_HTTP", _parse_bool, d.download_allow_http),
+        download_allowed_networks=env.get(
+            "DOWNLOAD_ALLOWED_NETWORKS", _parse_networks, d.download_allowed_networks
+        ),
+        base64_max_bytes=env.get("BASE64_MAX_BYTES", _parse_positive_int, d.base64_max_bytes),
+        max_audio_duration_s=env.get(
+            "MAX_AUDIO_DURATION_S", _parse_positive_float, d.max_audio_duration_s
+        ),
+        media_timeout_s=env.get("MEDIA_TIMEOUT_S", _parse_positive_float, d.media_timeout_s),
+        use_ram_filesystem=env.get("USE_RAM_FILESYSTEM", _parse_bool, d.use_ram_filesystem),
+        work_dir=env.get("WORK_DIR", Path, d.work_dir),
+    )

@@ -1,0 +1,149 @@
+"""The worker's errors: one tree, each class carrying its code and whether a retry may help.
+
+::
+
+    WorkerError                  INTERNAL           anything unexpected
+    ├── InvalidInput             INVALID_INPUT      schema, impossible parameters, bad media
+    ├── InputTooLarge            INPUT_TOO_LARGE    over a configured size/duration limit
+    ├── DownloadFailed           DOWNLOAD_FAILED    unreachable, timed out
+    │   └── DownloadRefused      DOWNLOAD_FAILED    refused by the address guard (no retry)
+    ├── GenerationTimeout        TIMEOUT            no GPU slot (or model load) in time
+    ├── GpuOutOfMemory           GPU_OOM            CUDA out of memory, cache cleared
+    ├── ModelLoadFailed          MODEL_LOAD_FAILED  weights missing or broken
+    ├── UploadFailed             UPLOAD_FAILED      storage refused or unreachable
+    ├── Overloaded               OVERLOADED         memory pressure, refused up front
+    ├── Cancelled                CANCELLED          cancelled or shutting down
+    └── CudaFatal                CUDA_FATAL         sticky CUDA error, worker must restart
+
+Errors of the libraries underneath (botocore, ffmpeg, torch, pydantic) are translated into
+these at the module that calls the library, with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class WorkerError(Exception):
+    """Base of every error the handler reports; also the code for unexpected failures."""
+
+    code: ClassVar[str] = "INTERNAL"
+    retryable: bool = True
+    # Whether RunPod should restart the worker process after this error.
+    refresh_worker: ClassVar[bool] = False
+
+    def __init__(
+        self, message: str, *, field: str | None = None, retryable: bool | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        # A specific failure may know better than its class (an HTTP 404 will not heal).
+        self.retryable = type(self).retryable if retryable is None else retryable
+
+    def payload(self, request_id: str) -> dict[str, Any]:
+        """The handler's result for this error (RunPod needs ``error`` to be a string)."""
+        result: dict[str, Any] = {
+            "error": f"{self.code}: {self.message}",
+            "error_code": self.code,
+            "request_id": request_id,
+            "retryable": self.retryable,
+        }
+        if self.field is not None:
+            result["field"] = self.field
+        if self.refresh_worker:
+            result["refresh_worker"] = True
+        return result
+
+
+class InvalidInput(WorkerError):
+    """The job asks for something the worker will never do: retrying cannot help."""
+
+    code = "INVALID_INPUT"
+    retryable = False
+
+
+class InputTooLarge(WorkerError):
+    """The job is over a configured limit; the same job will always be."""
+
+    code = "INPUT_TOO_LARGE"
+    retryable = False
+
+
+class DownloadFailed(WorkerError):
+    """An input URL could not be fetched; the remote side may recover."""
+
+    code = "DOWNLOAD_FAILED"
+    retryable = True
+
+
+class DownloadRefused(DownloadFailed):
+    """The URL points somewhere the worker must not go (private address, bad scheme)."""
+
+    retryable = False
+
+
+class GenerationTimeout(WorkerError):
+    """No GPU slot came free in time; another worker, or later, may have one."""
+
+    code = "TIMEOUT"
+    retryable = True
+
+
+class GpuOutOfMemory(WorkerError):
+    """CUDA ran out of memory; the cache was cleared and the worker is still healthy."""
+
+    code = "GPU_OOM"
+    retryable = True
+
+
+class ModelLoadFailed(WorkerError):
+    """Weights are missing or broken; nothing was cached, and a retry gets the same files."""
+
+    code = "MODEL_LOAD_FAILED"
+    retryable = False
+
+
+class UploadFailed(WorkerError):
+    """Storage refused or could not be reached after the bounded retries."""
+
+    code = "UPLOAD_FAILED"
+    retryable = True
+
+
+class Overloaded(WorkerError):
+    """Memory pressure is over the admission threshold; the job was refused up front."""
+
+    code = "OVERLOADED"
+    retryable = True
+
+
+class Cancelled(WorkerError):
+    """RunPod cancelled the job or the worker is shutting down."""
+
+    code = "CANCELLED"
+    retryable = True
+
+
+class CudaFatal(WorkerError):
+    """A sticky CUDA error: this process cannot use the GPU again, so it asks to be replaced."""
+
+    code = "CUDA_FATAL"
+    retryable = True
+    refresh_worker = True
+
+
+ALL_ERRORS: tuple[type[WorkerError], ...] = (
+    WorkerError,
+    InvalidInput,
+    InputTooLarge,
+    DownloadFailed,
+    DownloadRefused,
+    GenerationTimeout,
+    GpuOutOfMemory,
+    ModelLoadFailed,
+    UploadFailed,
+    Overloaded,
+    Cancelled,
+    CudaFatal,
+)

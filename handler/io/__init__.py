@@ -1,0 +1,1 @@
+"""Everything that touches bytes outside the process: inputs, storage, media tools, temp dirs."""

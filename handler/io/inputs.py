@@ -1,0 +1,70 @@
+"""Turn a media input (https URL, base64, or an object in the job's bucket) into a local file.
+
+Tasks never hand a URL to a model or to ffmpeg: they get a path inside the job's directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from handler.config import Settings
+from handler.errors import InputTooLarge, InvalidInput
+from handler.io.download import Downloader
+from handler.io.storage import Storage
+
+_DATA_URI = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
+_WHITESPACE = re.compile(r"\s+")
+
+
+def decoded_size(encoded_length: int) -> int:
+    """Upper bound of the bytes that ``encoded_length`` base64 characters decode to."""
+    return (encoded_length * 3) // 4
+
+
+def decode_base64_to(data: str, target: Path, *, max_bytes: int, field: str) -> int:
+    """Write base64 ``data`` (optionally a data: URI) to ``target``, checking size first."""
+    data = _DATA_URI.sub("", data, count=1)
+    if decoded_size(len(data)) > max_bytes + 2:
+        raise InputTooLarge(f"{field}: decoded data would exceed {max_bytes} bytes", field=field)
+    try:
+        raw = base64.b64decode(_WHITESPACE.sub("", data), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidInput(f"{field}: not valid base64 ({exc})", field=field) from exc
+    if len(raw) > max_bytes:
+        raise InputTooLarge(f"{field}: decoded data exceeds {max_bytes} bytes", field=field)
+    target.write_bytes(raw)
+    return len(raw)
+
+
+def parse_bucket_url(url: str, *, field: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> (bucket, key)."""
+    parts = urlsplit(url)
+    key = unquote(parts.path.lstrip("/"))
+    if not parts.netloc or not key:
+        raise InvalidInput(f"{field}: expected s3://bucket/key", field=field)
+    return parts.netloc, key
+
+
+class MediaInputs:
+    """Fetches one job's inputs into its directory."""
+
+    def __init__(self, settings: Settings, downloader: Downloader, storage: Storage) -> None:
+        self._settings = settings
+        self._downloader = downloader
+        self._storage = storage
+
+    def from_url(self, url: str, target: Path, *, field: str) -> int:
+        """Fetch an ``https://`` (or allowed ``http://``) URL or an ``s3://`` object."""
+        if url.lower().startswith("s3://"):
+            bucket, key = parse_bucket_url(url, field=field)
+            return self._storage.fetch_object(
+                bucket, key, target, max_bytes=self._settings.download_max_bytes, field=field
+            )
+        return self._downloader.fetch(url, target, field=field)
+
+    def from_base64(self, data: str, target: Path, *, field: str) -> int:
+        return decode_base64_to(data, target, max_bytes=self._settings.base64_max_bytes, field=field)

@@ -1,0 +1,153 @@
+"""ffprobe and ffmpeg on user media, locked down, with their failures turned into input errors.
+
+User files are opened with ``-protocol_whitelist file`` and a demuxer whitelist of ordinary
+audio/video containers, so a playlist, manifest or concat list can never make ffmpeg open a
+URL or another local file. Commands are argument lists (ffmpeg-python builds the decode
+graph), each run has a deadline, and stderr goes into the error message. Nothing above this
+module knows ffmpeg's exit codes or messages.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ffmpeg
+import numpy as np
+
+from handler.errors import InputTooLarge, InvalidInput, WorkerError
+
+# Demuxers a user file may be read with: real media containers only. HLS/DASH manifests,
+# concat lists, image sequences and every network protocol stay out.
+DEMUXER_WHITELIST = ",".join(
+    (
+        "mov,mp4,m4a,3gp,3g2,mj2",
+        "matroska,webm",
+        "mp3",
+        "wav",
+        "w64",
+        "ogg",
+        "flac",
+        "aac",
+        "aiff",
+        "caf",
+        "amr",
+        "avi",
+        "asf",
+        "flv",
+        "mpegts",
+        "mpeg",
+    )
+)
+_LOCKDOWN = {"protocol_whitelist": "file", "format_whitelist": DEMUXER_WHITELIST}
+_PLAYLIST_MAGIC = (b"#EXTM3U", b"<?xml", b"<MPD", b"ffconcat", b"[playlist]")
+SAMPLE_RATE = 16000
+# Decoded audio shorter than this share of the declared duration means a cut-off file.
+_MIN_DECODED_SHARE = 0.9
+_STDERR_TAIL = 400
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """What ffprobe says about a file."""
+
+    format_name: str
+    duration_s: float
+    has_audio: bool
+    has_video: bool
+
+
+def _tail(stderr: bytes) -> str:
+    text = stderr.decode("utf-8", "replace").strip()
+    return text[-_STDERR_TAIL:] if text else "no details"
+
+
+def _run(args: list[str], *, timeout_s: float, field: str) -> subprocess.CompletedProcess[bytes]:
+    try:
+        return subprocess.run(args, capture_output=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise InvalidInput(f"{field}: media tool ran longer than {timeout_s:g}s", field=field) from exc
+    except FileNotFoundError as exc:
+        raise WorkerError(f"{args[0]} is not installed") from exc
+
+
+def sniff_playlist(path: Path, *, field: str) -> None:
+    """Refuse text playlists and manifests early, with a clear message."""
+    with path.open("rb") as fh:
+        head = fh.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if any(head.startswith(magic) for magic in _PLAYLIST_MAGIC):
+        raise InvalidInput(f"{field}: playlists and manifests are not accepted", field=field)
+
+
+def probe(path: Path, *, timeout_s: float, field: str) -> MediaInfo:
+    """Probe ``path``; anything that is not readable media is ``INVALID_INPUT``."""
+    if path.stat().st_size == 0:
+        raise InvalidInput(f"{field}: the file is empty", field=field)
+    sniff_playlist(path, field=field)
+    args = ["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json"]
+    for option, value in _LOCKDOWN.items():
+        args += [f"-{option}", value]
+    done = _run([*args, f"file:{path}"], timeout_s=timeout_s, field=field)
+    if done.returncode != 0:
+        raise InvalidInput(f"{field}: not a readable media file ({_tail(done.stderr)})", field=field)
+    return _media_info(done.stdout, field=field)
+
+
+def _media_info(raw: bytes, *, field: str) -> MediaInfo:
+    data: dict[str, Any] = json.loads(raw or b"{}")
+    streams = data.get("streams", [])
+    fmt = data.get("format", {})
+    durations = [_float(fmt.get("duration"))] + [_float(s.get("duration")) for s in streams]
+    duration = max(durations)
+    if not streams:
+        raise InvalidInput(f"{field}: the file has no audio or video streams", field=field)
+    return MediaInfo(
+        format_name=str(fmt.get("format_name", "")),
+        duration_s=duration,
+        has_audio=any(s.get("codec_type") == "audio" for s in streams),
+        has_video=any(s.get("codec_type") == "video" for s in streams),
+    )
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def check_audio(info: MediaInfo, *, max_duration_s: float, field: str) -> None:
+    """The probed file has audio of a usable, permitted length."""
+    if not info.has_audio:
+        raise InvalidInput(f"{field}: the file has no audio stream", field=field)
+    if info.duration_s <= 0:
+        raise InvalidInput(f"{field}: the audio has zero length", field=field)
+    if info.duration_s > max_duration_s:
+        raise InputTooLarge(
+            f"{field}: audio is {info.duration_s:.0f}s long, the limit is {max_duration_s:.0f}s",
+            field=field,
+        )
+
+
+def decode_audio(path: Path, info: MediaInfo, *, timeout_s: float, field: str) -> np.ndarray:
+    """Mono float32 PCM at 16 kHz, as Whisper expects; cut-off files are refused."""
+    graph = (
+        ffmpeg.input(f"file:{path}", **_LOCKDOWN)
+        .output("pipe:", format="s16le", acodec="pcm_s16le", ac=1, ar=SAMPLE_RATE)
+        .global_args("-nostdin", "-threads", "0", "-v", "error")
+    )
+    done = _run(graph.compile(), timeout_s=timeout_s, field=field)
+    if done.returncode != 0:
+        raise InvalidInput(f"{field}: could not decode the audio ({_tail(done.stderr)})", field=field)
+    audio = np.frombuffer(done.stdout, np.int16).astype(np.float32) / 32768.0
+    decoded_s = audio.size / SAMPLE_RATE
+    if decoded_s < info.duration_s * _MIN_DECODED_SHARE - 0.5:
+        raise InvalidInput(
+            f"{field}: the file is truncated or corrupt: {decoded_s:.1f}s of "
+            f"{info.duration_s:.1f}s could be decoded",
+            field=field,
+        )
+    return audio

@@ -1,0 +1,1 @@
+"""Shared runtime: the pipeline registry, the GPU gate and device helpers."""

@@ -1,0 +1,128 @@
+"""The GPU gate: at most N jobs run model code at once, each waiting a bounded time.
+
+A job acquires a slot on the event loop (with ``GENERATION_ACQUIRE_TIMEOUT``), then its
+blocking model code runs on one of the gate's own N threads, so GPU work never queues behind
+downloads in the default thread pool. Around the work the CUDA cache is cleared, and a CUDA
+out-of-memory error comes back as ``GPU_OOM`` after clearing.
+
+The slot is given back when the work has really finished: if the waiting task is cancelled
+while its thread still runs, the slot stays taken until the thread returns, so a cancelled
+job can never overlap the next one on the GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+
+from handler.errors import GenerationTimeout, GpuOutOfMemory
+from handler.logs import get_logger
+from handler.runtime.devices import clear_cuda_cache
+
+T = TypeVar("T")
+log = get_logger(__name__)
+
+
+class Gate:
+    """``slots`` concurrent generations, each admitted within ``acquire_timeout`` seconds."""
+
+    def __init__(self, *, slots: int, acquire_timeout: float) -> None:
+        if slots < 1:
+            raise ValueError("a gate needs at least one slot")
+        self.slots = slots
+        self.acquire_timeout = acquire_timeout
+        self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="gpu")
+        # asyncio semaphores belong to one event loop; production has one, tests many.
+        self._semaphores_lock = threading.Lock()
+        self._semaphores: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, asyncio.Semaphore
+        ] = weakref.WeakKeyDictionary()
+        self._busy_lock = threading.Lock()
+        self._busy = 0
+
+    @property
+    def busy(self) -> int:
+        """Slots taken right now."""
+        return self._busy
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        with self._semaphores_lock:
+            semaphore = self._semaphores.get(loop)
+            if semaphore is None:
+                semaphore = self._semaphores[loop] = asyncio.Semaphore(self.slots)
+            return semaphore
+
+    async def run(self, work: Callable[[], T]) -> tuple[T, float]:
+        """Run ``work`` in a slot; returns its result and the ms spent waiting for the slot."""
+        semaphore = self._semaphore()
+        started = time.perf_counter()
+        try:
+            await asyncio.wait_for(semaphore.acquire(), timeout=self.acquire_timeout)
+        except TimeoutError:
+            raise GenerationTimeout(
+                f"no GPU slot free within {self.acquire_timeout:g}s ({self.slots} slot(s) busy)"
+            ) from None
+        waited_ms = (time.perf_counter() - started) * 1000
+        self._set_busy(+1)
+        loop = asyncio.get_running_loop()
+        release = _ReleaseOnce(lambda: self._release(semaphore, loop))
+        try:
+            future = self._executor.submit(self._guarded, work)
+        except BaseException:
+            release()
+            raise
+        future.add_done_callback(lambda _f: release())
+        return await asyncio.wrap_future(future), waited_ms
+
+    def _release(self, semaphore: asyncio.Semaphore, loop: asyncio.AbstractEventLoop) -> None:
+        self._set_busy(-1)
+        if loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(semaphore.release)
+        except RuntimeError:  # the loop closed between the check and the call
+            pass
+
+    def _set_busy(self, delta: int) -> None:
+        with self._busy_lock:
+            self._busy += delta
+
+    @staticmethod
+    def _guarded(work: Callable[[], T]) -> T:
+        clear_cuda_cache()
+        try:
+            return work()
+        except torch.cuda.OutOfMemoryError as exc:
+            clear_cuda_cache(collect=True)
+            log.warning("gpu.oom", error=str(exc).splitlines()[0] if str(exc) else "")
+            raise GpuOutOfMemory(
+                "CUDA ran out of memory for this request; try a smaller one"
+            ) from exc
+        finally:
+            clear_cuda_cache()
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _ReleaseOnce:
+    """Call a release function exactly once, whichever path gets there first."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._lock = threading.Lock()
+        self._release: Callable[[], None] | None = release
+
+    def __call__(self) -> None:
+        with self._lock:
+            release, self._release = self._release, None
+        if release is not None:
+            release()
+

@@ -1,0 +1,80 @@
+"""What every task gets from the worker, and what the worker needs from every task."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel
+
+from handler.config import Settings
+from handler.io.inputs import MediaInputs
+from handler.io.storage import Storage
+from handler.runtime.gate import Gate
+from handler.runtime.registry import Registry
+
+InputT = TypeVar("InputT", bound=BaseModel)
+
+
+@dataclass
+class Timings:
+    """Milliseconds spent per stage of one job."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, ms: float) -> None:
+        self.stages[stage] = self.stages.get(stage, 0.0) + ms
+
+    @contextmanager
+    def measure(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, (time.perf_counter() - started) * 1000)
+
+    def as_dict(self) -> dict[str, float]:
+        return {f"{stage}_ms": round(ms, 2) for stage, ms in self.stages.items()}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The long-lived parts of the worker that tasks use."""
+
+    settings: Settings
+    registry: Registry
+    gate: Gate
+    device: str
+
+
+@dataclass
+class JobContext:
+    """One job: its id, directory, inputs, storage and timings."""
+
+    runtime: Runtime
+    request_id: str
+    job: dict[str, Any]
+    workdir: Path
+    inputs: MediaInputs
+    storage: Storage
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def settings(self) -> Settings:
+        return self.runtime.settings
+
+
+@dataclass(frozen=True)
+class Task(Generic[InputT]):
+    """A row of the task table: a name, its input model, and how to run and preload it."""
+
+    name: str
+    input_model: type[InputT]
+    run: Callable[[JobContext, InputT], Awaitable[dict[str, Any]]]
+    preload: Callable[[Runtime], None] | None = None
+    # Input fields whose presence, without `task`, selects this task.
+    implied_by: tuple[str, ...] = ()

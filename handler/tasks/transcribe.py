@@ -1,0 +1,284 @@
+"""``transcribe``: audio or video in, text, segments, word timings and SRT/VTT out.
+
+Field names follow runpod-workers/worker-faster_whisper where the meaning is the same, so
+its clients can switch endpoints without changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+from whisper.utils import WriteSRT, WriteVTT
+
+from handler.errors import InvalidInput
+from handler.io import media
+from handler.runtime.devices import default_dtype
+from handler.runtime.registry import PipelineKey
+from handler.tasks.base import JobContext, Runtime, Task
+from handler.tasks.whisper_pipeline import WhisperPipeline, load_whisper
+
+TextFormat = Literal["plain_text", "formatted_text", "srt", "vtt"]
+# Peak amplitude below which audio is digital silence: nothing to transcribe.
+_SILENCE_PEAK = 1e-4
+_SUPPRESS_TOKENS = re.compile(r"-1|\d+(,\d+)*")
+_INPUT_NAME = "input.media"
+
+
+class TranscribeInput(BaseModel):
+    """Input of the ``transcribe`` task."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    task: Literal["transcribe"] = "transcribe"
+    audio: str | None = Field(None, description="https URL or s3://bucket/key of the media")
+    audio_base64: str | None = Field(None, description="the media file, base64")
+    model: str | None = Field(None, description="Whisper model; default WHISPER_MODEL")
+    transcription: TextFormat = "plain_text"
+    translate: bool = False
+    translation: TextFormat = "plain_text"
+    language: str | None = Field(None, description="spoken language; detected when omitted")
+    temperature: float = Field(0.0, ge=0.0, le=1.0)
+    temperature_increment_on_fallback: float | None = Field(0.2, gt=0.0, le=1.0)
+    best_of: int = Field(5, ge=1, le=10)
+    beam_size: int = Field(5, ge=1, le=10)
+    patience: float | None = Field(None, gt=0.0)
+    length_penalty: float | None = Field(None, ge=0.0, le=1.0)
+    suppress_tokens: str = "-1"
+    initial_prompt: str | None = Field(None, max_length=4000)
+    condition_on_previous_text: bool = True
+    compression_ratio_threshold: float | None = 2.4
+    logprob_threshold: float | None = -1.0
+    no_speech_threshold: float | None = 0.6
+    enable_vad: bool = False
+    word_timestamps: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> TranscribeInput:
+        if (self.audio is None) == (self.audio_base64 is None):
+            raise ValueError("give exactly one of audio or audio_base64")
+        if self.enable_vad:
+            raise ValueError("enable_vad: voice activity detection is not supported by this worker")
+        if not _SUPPRESS_TOKENS.fullmatch(self.suppress_tokens):
+            raise ValueError("suppress_tokens must be -1 or comma-separated token ids")
+        if self.language is not None:
+            self.language = _language_code(self.language)
+        return self
+
+    def decode_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``whisper.transcribe``."""
+        options: dict[str, Any] = {
+            "temperature": _temperatures(self.temperature, self.temperature_increment_on_fallback),
+            "compression_ratio_threshold": self.compression_ratio_threshold,
+            "logprob_threshold": self.logprob_threshold,
+            "no_speech_threshold": self.no_speech_threshold,
+            "condition_on_previous_text": self.condition_on_previous_text,
+            "initial_prompt": self.initial_prompt,
+            "word_timestamps": self.word_timestamps,
+            "language": self.language,
+            "beam_size": self.beam_size,
+            "best_of": self.best_of,
+            "patience": self.patience,
+            "length_penalty": self.length_penalty,
+            "suppress_tokens": self.suppress_tokens,
+        }
+        return options
+
+
+def _language_code(value: str) -> str:
+    code = value.strip().lower()
+    if code in LANGUAGES:
+        return code
+    if code in TO_LANGUAGE_CODE:
+        return TO_LANGUAGE_CODE[code]
+    raise ValueError(f"language: unknown language {value!r}")
+
+
+def _temperatures(start: float, increment: float | None) -> tuple[float, ...]:
+    if increment is None:
+        return (start,)
+    return tuple(float(t) for t in np.arange(start, 1.0 + 1e-6, increment))
+
+
+def _pipeline_key(runtime: Runtime, model: str) -> PipelineKey:
+    dtype = str(default_dtype(runtime.device)).removeprefix("torch.")
+    return PipelineKey("transcribe", model, runtime.device, dtype)
+
+
+def get_pipeline(runtime: Runtime, model: str) -> WhisperPipeline:
+    """The loaded pipeline for ``model`` (loading it on first use)."""
+    settings = runtime.settings
+    return runtime.registry.get(
+        _pipeline_key(runtime, model),
+        lambda: WhisperPipeline(load_whisper(model, settings, runtime.device), model, runtime.device),
+    )
+
+
+def preload(runtime: Runtime) -> None:
+    get_pipeline(runtime, runtime.settings.whisper_model)
+
+
+def _model_name(ctx: JobContext, params: TranscribeInput) -> str:
+    allowed = ctx.settings.allowed_whisper_models()
+    name = params.model or ctx.settings.whisper_model
+    if name not in allowed:
+        raise InvalidInput(f"model: {name!r} is not served here; one of {', '.join(allowed)}", field="model")
+    return name
+
+
+def _check_language_support(pipeline: WhisperPipeline, params: TranscribeInput) -> None:
+    if pipeline.is_multilingual:
+        return
+    if params.translate:
+        raise InvalidInput(
+            f"translate: model {pipeline.name!r} is English-only and cannot translate", field="translate"
+        )
+    if params.language not in (None, "en"):
+        raise InvalidInput(
+            f"language: model {pipeline.name!r} is English-only, not {params.language!r}",
+            field="language",
+        )
+
+
+async def _fetch_audio(ctx: JobContext, params: TranscribeInput) -> tuple[np.ndarray, float]:
+    target = ctx.workdir / _INPUT_NAME
+    timeout = ctx.settings.media_timeout_s
+    with ctx.timings.measure("download"):
+        if params.audio is not None:
+            await asyncio.to_thread(ctx.inputs.from_url, params.audio, target, field="audio")
+            field = "audio"
+        else:
+            assert params.audio_base64 is not None
+            await asyncio.to_thread(ctx.inputs.from_base64, params.audio_base64, target, field="audio_base64")
+            field = "audio_base64"
+    with ctx.timings.measure("decode"):
+        info = await asyncio.to_thread(media.probe, target, timeout_s=timeout, field=field)
+        media.check_audio(info, max_duration_s=ctx.settings.max_audio_duration_s, field=field)
+        audio = await asyncio.to_thread(media.decode_audio, target, info, timeout_s=timeout, field=field)
+    return audio, info.duration_s
+
+
+def _empty_result(language: str | None) -> dict[str, Any]:
+    return {"text": "", "segments": [], "language": language}
+
+
+def _recognise(
+    pipeline: WhisperPipeline, audio: np.ndarray, params: TranscribeInput
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Transcription, and translation when asked; runs inside a GPU slot."""
+    if audio.size == 0 or float(np.abs(audio).max()) < _SILENCE_PEAK:
+        empty = _empty_result(params.language)
+        return empty, (empty if params.translate else None)
+    options = params.decode_options()
+    result = pipeline.transcribe(audio, task="transcribe", **options)
+    translation = None
+    if params.translate:
+        translation = pipeline.transcribe(audio, task="translate", **options)
+    return result, translation
+
+
+def format_text(result: dict[str, Any], fmt: TextFormat) -> str:
+    """The transcript in one of the output formats of worker-faster_whisper."""
+    segments = result["segments"]
+    if fmt == "plain_text":
+        return " ".join(s["text"].strip() for s in segments)
+    if fmt == "formatted_text":
+        return "\n".join(s["text"].strip() for s in segments)
+    writer = WriteSRT(".") if fmt == "srt" else WriteVTT(".")
+    buffer = io.StringIO()
+    writer.write_result(result, file=buffer)
+    return buffer.getvalue()
+
+
+def _segments(result: dict[str, Any]) -> list[dict[str, Any]]:
+    keys = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
+            "compression_ratio", "no_speech_prob")
+    return [{key: _plain(segment.get(key)) for key in keys} for segment in result["segments"]]
+
+
+def _words(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {key: _plain(word[key]) for key in ("word", "start", "end", "probability")}
+        for segment in result["segments"]
+        for word in segment.get("words", [])
+    ]
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars to Python numbers, so the result serialises as JSON."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _write_files(ctx: JobContext, result: dict[str, Any]) -> list[tuple[Path, str, str]]:
+    files = []
+    for fmt, content_type in (("srt", "application/x-subrip"), ("vtt", "text/vtt")):
+        path = ctx.workdir / f"transcript.{fmt}"
+        path.write_text(format_text(result, fmt), encoding="utf-8")
+        files.append((path, f"transcript.{fmt}", content_type))
+    return files
+
+
+async def _store(ctx: JobContext, result: dict[str, Any], output: dict[str, Any]) -> list[dict[str, Any]]:
+    files = _write_files(ctx, result)
+    if ctx.settings.bucket is not None or "s3Config" in ctx.job:
+        path = ctx.workdir / "transcript.json"
+        path.write_text(json.dumps(output, ensure_ascii=False), encoding="utf-8")
+        files.append((path, "transcript.json", "application/json"))
+    stored = []
+    with ctx.timings.measure("upload"):
+        for path, name, content_type in files:
+            saved = await asyncio.to_thread(
+                ctx.storage.save, path, name=name, content_type=content_type, request_id=ctx.request_id
+            )
+            stored.append(saved.as_dict())
+    return stored
+
+
+async def run(ctx: JobContext, params: TranscribeInput) -> dict[str, Any]:
+    model = _model_name(ctx, params)
+    audio, duration_s = await _fetch_audio(ctx, params)
+    with ctx.timings.measure("load"):
+        pipeline = await asyncio.to_thread(get_pipeline, ctx.runtime, model)
+    _check_language_support(pipeline, params)
+    (result, translation), waited_ms = await ctx.runtime.gate.run(
+        lambda: _timed_recognise(ctx, pipeline, audio, params)
+    )
+    ctx.timings.add("queued", waited_ms)
+    output: dict[str, Any] = {
+        "transcription": format_text(result, params.transcription),
+        "translation": format_text(translation, params.translation) if translation else None,
+        "detected_language": result.get("language"),
+        "segments": _segments(result),
+        "device": ctx.runtime.device,
+        "model": model,
+        "duration_s": round(duration_s, 3),
+    }
+    if params.word_timestamps:
+        output["word_timestamps"] = _words(result)
+    output["files"] = await _store(ctx, result, output)
+    return output
+
+
+def _timed_recognise(
+    ctx: JobContext, pipeline: WhisperPipeline, audio: np.ndarray, params: TranscribeInput
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    with ctx.timings.measure("run"):
+        return _recognise(pipeline, audio, params)
+
+
+TASK: Task[TranscribeInput] = Task(
+    name="transcribe",
+    input_model=TranscribeInput,
+    run=run,
+    preload=preload,
+    implied_by=("audio", "audio_base64"),
+)

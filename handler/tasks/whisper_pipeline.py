@@ -1,0 +1,90 @@
+"""openai-whisper models: where their weights live, how they load, how one runs safely.
+
+Baked weights live in ``MODEL_DIR/whisper/``: official models under the file name of their
+official download (``large-v3-turbo.pt`` for ``turbo``), imported ones as ``<name>.pt``.
+A checkpoint may carry its own alignment heads (the builder stores them when importing a
+CTranslate2 model); otherwise official models get openai-whisper's table.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import torch
+import whisper
+from whisper.model import ModelDimensions, Whisper
+
+from handler.config import Settings
+from handler.errors import ModelLoadFailed
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def weights_dir(model_dir: Path) -> Path:
+    return model_dir / "whisper"
+
+
+def checkpoint_path(name: str, model_dir: Path) -> Path:
+    """Where the weights of model ``name`` are (or would be) baked."""
+    if not _PLAIN_NAME.fullmatch(name):
+        return Path(name)
+    official = whisper._MODELS.get(name)
+    filename = os.path.basename(urlsplit(official).path) if official else f"{name}.pt"
+    return weights_dir(model_dir) / filename
+
+
+def load_checkpoint(path: Path, device: str, *, default_heads: bytes | None = None) -> Whisper:
+    """Build a Whisper model from a checkpoint file (weights only, no pickled code)."""
+    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    model = Whisper(ModelDimensions(**checkpoint["dims"]))
+    model.load_state_dict(checkpoint["model_state_dict"])
+    heads = checkpoint.get("alignment_heads") or default_heads
+    if heads is not None:
+        model.set_alignment_heads(heads)
+    return model.to(device)
+
+
+def load_whisper(name: str, settings: Settings, device: str) -> Whisper:
+    """Baked weights if present, else the official download when allowed."""
+    path = checkpoint_path(name, settings.model_dir)
+    if path.is_file():
+        return load_checkpoint(path, device, default_heads=whisper._ALIGNMENT_HEADS.get(name))
+    if name in whisper._MODELS and settings.allow_model_download:
+        return whisper.load_model(name, device=device, download_root=str(path.parent))
+    raise ModelLoadFailed(
+        f"no weights for Whisper model {name!r} at {path} (bake them with builder/, "
+        "or allow downloads with ALLOW_MODEL_DOWNLOAD=true)"
+    )
+
+
+@dataclass
+class WhisperPipeline:
+    """A loaded model that serves one transcription at a time.
+
+    openai-whisper installs key/value-cache hooks on the model during decoding, so one
+    instance must never run two decodes at once; the lock makes that a rule, not a hope.
+    """
+
+    model: Whisper
+    name: str
+    device: str
+
+    def __post_init__(self) -> None:
+        self._in_use = threading.Lock()
+
+    @property
+    def is_multilingual(self) -> bool:
+        return bool(self.model.is_multilingual)
+
+    def transcribe(self, audio: np.ndarray, **options: Any) -> dict[str, Any]:
+        with self._in_use:
+            return whisper.transcribe(
+                self.model, audio, verbose=None, fp16=self.device == "cuda", **options
+            )
