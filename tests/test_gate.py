@@ -1,0 +1,122 @@
+"""The GPU gate: bounded waits, slots always given back, CUDA OOM mapped and survived."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from handler.app import Worker
+from handler.runtime.registry import PipelineKey, Registry
+from tests.conftest import assert_no_job_dirs
+from tests.fixture_tasks import TABLE, FixturePipeline
+
+
+def fixture_job(**inputs: object) -> dict[str, object]:
+    return {"id": "gate", "input": {"task": "fixture", **inputs}}
+
+
+@pytest.fixture
+def worker(make_settings) -> Worker:
+    settings = make_settings(GENERATION_ACQUIRE_TIMEOUT="1", MAX_CONCURRENT_GENERATIONS="1")
+    return Worker(settings, tasks=TABLE, registry=Registry())
+
+
+def pipeline_of(worker: Worker, model: str = "fixture-model") -> FixturePipeline:
+    loaded = worker.runtime.registry.loaded()
+    return loaded[PipelineKey("fixture", model, "cpu", "float32")].pipeline
+
+
+def test_second_job_times_out_while_first_holds_the_slot(worker: Worker, work_dir: Path) -> None:
+    """With one slot busy for 3 s, a second job gets TIMEOUT after the 1 s acquire timeout (±0.5 s)."""
+
+    async def scenario() -> tuple[dict, dict, float]:
+        first = asyncio.create_task(worker.handle(fixture_job(action="sleep", seconds=3.0)))
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        second = await worker.handle(fixture_job())
+        waited = time.monotonic() - started
+        return await first, second, waited
+
+    first, second, waited = asyncio.run(scenario())
+    assert first["output"] == "done"
+    assert second["error_code"] == "TIMEOUT" and second["retryable"] is True
+    assert second["error"].startswith("TIMEOUT: ")
+    assert waited == pytest.approx(1.0, abs=0.5)
+    assert_no_job_dirs(work_dir)
+
+
+def test_slot_is_released_after_an_exception(worker: Worker) -> None:
+    """A job whose pipeline raises gives INTERNAL, and the next job gets the slot at once."""
+
+    async def scenario() -> tuple[dict, dict]:
+        failed = await worker.handle(fixture_job(action="raise"))
+        return failed, await worker.handle(fixture_job())
+
+    failed, after = asyncio.run(scenario())
+    assert failed["error_code"] == "INTERNAL"
+    assert "fixture pipeline failed" not in failed["error"]  # the traceback stays in the log
+    assert after["output"] == "done"
+    assert after["timings"]["queued_ms"] < 100
+    assert worker.runtime.gate.busy == 0
+
+
+def test_cuda_oom_is_gpu_oom_and_the_next_job_succeeds(worker: Worker, work_dir: Path) -> None:
+    """An injected torch.cuda.OutOfMemoryError comes back as retryable GPU_OOM; the worker carries on."""
+
+    async def scenario() -> tuple[dict, dict]:
+        oom = await worker.handle(fixture_job(action="oom"))
+        return oom, await worker.handle(fixture_job())
+
+    oom, after = asyncio.run(scenario())
+    assert oom["error_code"] == "GPU_OOM" and oom["retryable"] is True
+    assert len(oom["request_id"]) == 32
+    assert after["output"] == "done"
+    assert pipeline_of(worker).calls == 2  # the same cached pipeline served both
+    assert_no_job_dirs(work_dir)
+
+
+def test_one_slot_means_one_generation_at_a_time(worker: Worker) -> None:
+    """Four concurrent jobs on one slot never overlap inside the pipeline."""
+
+    async def scenario() -> list[dict]:
+        jobs = [worker.handle(fixture_job(action="sleep", seconds=0.15)) for _ in range(4)]
+        return await asyncio.gather(*jobs)
+
+    worker_settings = worker.settings
+    assert worker_settings.max_concurrent_generations == 1
+    results = asyncio.run(scenario())
+    assert [r.get("output") for r in results] == ["done"] * 4
+    assert pipeline_of(worker).max_running == 1
+
+
+def test_two_slots_run_two_generations_at_once(make_settings) -> None:
+    """With MAX_CONCURRENT_GENERATIONS=2 two jobs are inside the pipeline together."""
+    worker = Worker(make_settings(MAX_CONCURRENT_GENERATIONS="2"), tasks=TABLE, registry=Registry())
+
+    async def scenario() -> list[dict]:
+        return await asyncio.gather(*(worker.handle(fixture_job(action="sleep", seconds=0.5)) for _ in range(2)))
+
+    started = time.monotonic()
+    asyncio.run(scenario())
+    assert pipeline_of(worker).max_running == 2
+    assert time.monotonic() - started < 0.95
+
+
+def test_cancelled_job_keeps_the_slot_until_its_work_ends(worker: Worker) -> None:
+    """Cancelling a running job does not free the slot early: the next job never overlaps it."""
+
+    async def scenario() -> dict:
+        running = asyncio.create_task(worker.handle(fixture_job(action="sleep", seconds=0.6)))
+        await asyncio.sleep(0.2)
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        return await worker.handle(fixture_job())
+
+    after = asyncio.run(scenario())
+    assert after["output"] == "done"
+    assert pipeline_of(worker).max_running == 1
+    assert after["timings"]["queued_ms"] > 200
