@@ -72,10 +72,10 @@ class SeaweedS3:
     def start(self, timeout: float = 30.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
-        log = self.log_path.open("ab")
-        self._process = subprocess.Popen(
-            self._args(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                self._args(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         client = self.client()
         while time.monotonic() < deadline:

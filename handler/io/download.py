@@ -148,7 +148,12 @@ class Downloader:
         deadline = time.monotonic() + self.timeout_s
         for _hop in range(self.max_redirects + 1):
             self.check_url(url, field=field)
-            location = self._get(url, target, deadline=deadline, field=field)
+            try:
+                location = self._get(url, target, deadline=deadline, field=field)
+            except DownloadFailed as exc:
+                if exc.field is None:  # raised below httpcore, where the field is unknown
+                    exc.field, exc.message = field, f"{field}: {exc.message}"
+                raise
             if location is None:
                 return target.stat().st_size
             url = urljoin(url, location)

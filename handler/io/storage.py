@@ -31,6 +31,7 @@ from handler.logs import get_logger, register_secret
 log = get_logger(__name__)
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+_DOTS = re.compile(r"\.{2,}")
 MIB = 1024 * 1024
 # Multipart settings: 16 MiB parts keep part counts low for multi-GB videos.
 _TRANSFER = TransferConfig(
@@ -66,7 +67,7 @@ class Storage(Protocol):
 
 def object_key(prefix: str, request_id: str, name: str) -> str:
     """``prefix/YYYY/MM/DD/request_id/name`` with ``name`` reduced to safe characters."""
-    safe = _SAFE_NAME.sub("_", name).lstrip(".") or "file"
+    safe = _DOTS.sub(".", _SAFE_NAME.sub("_", name)).lstrip("._") or "file"
     day = time.strftime("%Y/%m/%d", time.gmtime())
     return "/".join(part for part in (prefix, day, request_id, safe) if part)
 
