@@ -13,9 +13,9 @@ import threading
 # The SDK reads its level once, at import, and at DEBUG it logs whole job outputs.
 os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
 
-from handler.app import get_worker  # noqa: E402
-from handler.config import SettingsError, load_settings  # noqa: E402
-from handler.logs import configure_logging, get_logger, redact_sdk_logs  # noqa: E402
+from handler.app import get_worker
+from handler.config import SettingsError, load_settings
+from handler.logs import configure_logging, get_logger, redact_sdk_logs
 
 
 def main() -> None:

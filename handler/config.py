@@ -111,7 +111,7 @@ class Settings:
 
     def job_root(self) -> Path:
         """Directory that holds one temporary directory per job."""
-        shm = Path("/dev/shm")
+        shm = Path("/dev/shm")  # noqa: S108 (a private mkdtemp per job goes inside)
         if self.use_ram_filesystem and shm.is_dir():
             return shm
         return self.work_dir

@@ -176,4 +176,4 @@ def redact_sdk_logs() -> None:
         original(self, redact_text(str(message)), message_level, job_id)
 
     log._redacting = True  # type: ignore[attr-defined]
-    RunPodLogger.log = log  # type: ignore[method-assign]
+    RunPodLogger.log = log

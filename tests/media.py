@@ -30,7 +30,7 @@ def encode(source: Path, target: Path, *args: str) -> Path:
 def silence(target: Path, seconds: float) -> Path:
     subprocess.run(
         ["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
-         f"anullsrc=r=16000:cl=mono", "-t", str(seconds), str(target)],
+         "anullsrc=r=16000:cl=mono", "-t", str(seconds), str(target)],
         check=True,
     )
     return target

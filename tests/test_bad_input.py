@@ -15,7 +15,7 @@ HLS = b"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile:///etc/passwd\n#EXT
 
 
 @pytest.mark.parametrize(
-    "inputs,code,field",
+    ("inputs", "code", "field"),
     [
         ({"audio": "https://example.com/a.mp3", "colour": "blue"}, "INVALID_INPUT", "colour"),
         ({"audio": "https://example.com/a.mp3", "word_timestamps": "yes"}, "INVALID_INPUT", "word_timestamps"),

@@ -96,7 +96,7 @@ def test_bucket_object_as_input(make_worker, bucket_env, s3, bucket, short_speec
 
 @pytest.mark.slow
 def test_storage_outage_then_recovery(make_worker, tmp_path_factory, short_speech) -> None:
-    """With the server down, a job fails with UPLOAD_FAILED within the retry bound; once it is back, the next job succeeds."""
+    """Server down: UPLOAD_FAILED within the retry bound; once it is back, the next job succeeds."""
     server = SeaweedS3(
         tmp_path_factory.mktemp("outage"),
         access_key=remember_secret("AKOUT" + uuid.uuid4().hex[:12].upper()),

@@ -42,7 +42,7 @@ def test_word_timestamps_are_ordered(make_worker, speech_mp3: Path) -> None:
     assert all(0 <= w["start"] <= w["end"] <= result["duration_s"] + 0.5 for w in words)
 
 
-@pytest.mark.parametrize("fmt,marker", [("srt", " --> "), ("vtt", "WEBVTT"), ("formatted_text", "")])
+@pytest.mark.parametrize(("fmt", "marker"), [("srt", " --> "), ("vtt", "WEBVTT"), ("formatted_text", "")])
 def test_output_formats(make_worker, speech_wav: Path, fmt: str, marker: str) -> None:
     """`transcription` honours the requested format; SRT/VTT files come back inline without a bucket."""
     result = run_job(make_worker(), job(audio_base64=b64(speech_wav), transcription=fmt))

@@ -30,4 +30,4 @@ def clear_cuda_cache(*, collect: bool = False) -> None:
     if collect:
         gc.collect()
     torch.cuda.empty_cache()
-    torch.cuda.ipc_collect()
+    torch.cuda.ipc_collect()  # type: ignore[no-untyped-call]

@@ -13,6 +13,7 @@ job can never overlap the next one on the GPU.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import weakref
@@ -86,10 +87,9 @@ class Gate:
         self._set_busy(-1)
         if loop.is_closed():
             return
-        try:
+        # The loop may close between the check and the call.
+        with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(semaphore.release)
-        except RuntimeError:  # the loop closed between the check and the call
-            pass
 
     def _set_busy(self, delta: int) -> None:
         with self._busy_lock:

@@ -97,7 +97,7 @@ def _language_code(value: str) -> str:
     if code in LANGUAGES:
         return code
     if code in TO_LANGUAGE_CODE:
-        return TO_LANGUAGE_CODE[code]
+        return str(TO_LANGUAGE_CODE[code])
     raise ValueError(f"language: unknown language {value!r}")
 
 
@@ -220,7 +220,8 @@ def _plain(value: Any) -> Any:
 
 def _write_files(ctx: JobContext, result: dict[str, Any]) -> list[tuple[Path, str, str]]:
     files = []
-    for fmt, content_type in (("srt", "application/x-subrip"), ("vtt", "text/vtt")):
+    subtitles: tuple[tuple[TextFormat, str], ...] = (("srt", "application/x-subrip"), ("vtt", "text/vtt"))
+    for fmt, content_type in subtitles:
         path = ctx.workdir / f"transcript.{fmt}"
         path.write_text(format_text(result, fmt), encoding="utf-8")
         files.append((path, f"transcript.{fmt}", content_type))

@@ -85,6 +85,7 @@ class WhisperPipeline:
 
     def transcribe(self, audio: np.ndarray, **options: Any) -> dict[str, Any]:
         with self._in_use:
-            return whisper.transcribe(
+            result: dict[str, Any] = whisper.transcribe(
                 self.model, audio, verbose=None, fp16=self.device == "cuda", **options
             )
+        return result

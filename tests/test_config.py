@@ -1,0 +1,81 @@
+"""Settings: parsed once, explicitly, and a bad value stops start-up naming the variable."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from handler.config import SettingsError, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_without_environment() -> None:
+    """An empty environment gives the documented defaults: one slot, no bucket, https only."""
+    settings = load_settings({})
+    assert settings.max_concurrent_generations == 1
+    assert settings.bucket is None
+    assert settings.download_allow_http is False
+    assert settings.download_allowed_networks == ()
+    assert settings.whisper_model == "turbo"
+    assert settings.on_runpod is False
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("false", False), ("0", False), ("no", False), ("OFF", False),
+                                          ("true", True), ("1", True), ("Yes", True), ("on", True)])
+def test_booleans_are_parsed_explicitly(raw: str, expected: bool) -> None:
+    """'false' is false: booleans are parsed, not judged by truthiness."""
+    assert load_settings({"USE_RAM_FILESYSTEM": raw}).use_ram_filesystem is expected
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("USE_RAM_FILESYSTEM", "maybe"), ("MAX_CONCURRENT_GENERATIONS", "two"), ("MAX_CONCURRENT_GENERATIONS", "0"),
+     ("GENERATION_ACQUIRE_TIMEOUT", "-1"), ("DOWNLOAD_ALLOWED_NETWORKS", "10.0.0.0/33"), ("DEVICE", "tpu"),
+     ("LOG_LEVEL", "loud"), ("PRESIGN_EXPIRY_S", "1.5")],
+)
+def test_bad_values_name_the_variable(name: str, value: str) -> None:
+    """A bad value raises SettingsError whose message names the variable and the value."""
+    with pytest.raises(SettingsError, match=name) as info:
+        load_settings({name: value})
+    assert repr(value) in str(info.value)
+
+
+def test_incomplete_bucket_is_an_error() -> None:
+    """Half a bucket configuration is refused at start-up, naming what is missing."""
+    with pytest.raises(SettingsError, match="BUCKET_SECRET_ACCESS_KEY"):
+        load_settings({"BUCKET_ACCESS_KEY_ID": "AK", "BUCKET_NAME": "b"})
+
+
+def test_bucket_and_networks_are_parsed() -> None:
+    """The bucket's fields and the CIDR allow-list come through typed."""
+    settings = load_settings({
+        "BUCKET_ENDPOINT_URL": "http://127.0.0.1:9000", "BUCKET_ACCESS_KEY_ID": "AK",
+        "BUCKET_SECRET_ACCESS_KEY": "s3cr3t-value", "BUCKET_NAME": "out",
+        "DOWNLOAD_ALLOWED_NETWORKS": "127.0.0.0/8, fd00::/8", "RUNPOD_ENDPOINT_ID": "ep",
+    })
+    assert settings.bucket is not None and settings.bucket.name == "out"
+    assert "s3cr3t-value" not in repr(settings)
+    assert ipaddress.ip_address("127.0.0.5") in settings.download_allowed_networks[0]
+    assert settings.on_runpod is True
+
+
+def test_settings_are_frozen() -> None:
+    """Nothing changes the settings after start-up."""
+    settings = load_settings({})
+    with pytest.raises(AttributeError):
+        settings.max_concurrent_generations = 4  # type: ignore[misc]
+
+
+def test_worker_refuses_to_start_on_a_bad_value() -> None:
+    """`python -m handler` with a bad variable exits with status 2 and names it."""
+    env = {**os.environ, "MAX_CONCURRENT_GENERATIONS": "lots"}
+    done = subprocess.run([sys.executable, "-m", "handler"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    assert "MAX_CONCURRENT_GENERATIONS" in done.stderr

@@ -1,0 +1,44 @@
+"""The Dockerfile cannot be built here (no Docker engine), so its references are checked by reading."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+
+
+def instructions(name: str) -> list[list[str]]:
+    joined = re.sub(r"\\\n", " ", DOCKERFILE)
+    return [shlex.split(line.strip()[len(name):]) for line in joined.splitlines()
+            if line.strip().upper().startswith(name + " ")]
+
+
+def test_every_copied_path_exists() -> None:
+    """Each COPY source (other than from build stages) is a path in the repository."""
+    copies = instructions("COPY")
+    assert copies, "the Dockerfile copies nothing"
+    for args in copies:
+        args = [a for a in args if not a.startswith("--chown") and not a.startswith("--chmod")]
+        assert not any(a.startswith("--from") for a in args), "multi-stage copies need their own check"
+        for source in args[:-1]:
+            assert (ROOT / source).exists(), f"COPY {source}: no such path"
+
+
+def test_runs_the_handler_module() -> None:
+    """The image starts the worker the way RunPod expects."""
+    assert 'CMD ["python", "-u", "-m", "handler"]' in DOCKERFILE
+
+
+def test_installs_ffmpeg_and_bakes_models() -> None:
+    """ffmpeg comes from Debian/Ubuntu packages and the builder bakes the configured models."""
+    assert re.search(r"apt-get install[^\n]*ffmpeg", re.sub(r"\\\n", " ", DOCKERFILE))
+    assert "python -m builder bake" in DOCKERFILE
+
+
+def test_requirements_do_not_pull_a_cuda_torch_in_ci() -> None:
+    """requirements.txt leaves torch to the Dockerfile and .ci/run, which pick the build."""
+    requirements = (ROOT / "requirements.txt").read_text()
+    assert not re.search(r"^torch\b", requirements, re.MULTILINE)
