@@ -20,7 +20,7 @@ from handler.errors import InvalidInput, WorkerError
 from handler.io.download import Downloader
 from handler.io.inputs import MediaInputs
 from handler.io.storage import InlineStorage, S3Storage, Storage, bucket_from_job
-from handler.io.workspace import job_directory
+from handler.io.workspace import job_workspace
 from handler.logs import get_logger
 from handler.runtime.devices import resolve_device
 from handler.runtime.gate import Gate
@@ -122,7 +122,8 @@ class Worker:
         with structlog.contextvars.bound_contextvars(request_id=request_id, job_id=job_id):
             started = time.perf_counter()
             try:
-                result = await self._run(job, request_id)
+                task, params = self.route(job)
+                result = await self._run(task, params, job, request_id)
             except WorkerError as err:
                 log.warning("job.failed", code=err.code, error=err.message, field=err.field)
                 return err.payload(request_id)
@@ -133,16 +134,17 @@ class Worker:
                 ).payload(request_id)
             total_ms = (time.perf_counter() - started) * 1000
             result["timings"]["total_ms"] = round(total_ms, 2)
-            log.info("job.done", ms=round(total_ms, 1))
+            log.info("job.done", task=task.name, ms=round(total_ms, 1))
             return result
 
-    async def _run(self, job: Any, request_id: str) -> dict[str, Any]:
-        task, params = self.route(job)
+    async def _run(
+        self, task: Task[Any], params: BaseModel, job: dict[str, Any], request_id: str
+    ) -> dict[str, Any]:
         storage = self.storage_for(job)
         inputs = MediaInputs(self.settings, self.downloader, storage)
-        log.info("job.start", task=task.name)
-        with job_directory(self.settings.job_root()) as workdir:
-            ctx = JobContext(self.runtime, request_id, job, workdir, inputs, storage)
+        log.debug("job.start", task=task.name)
+        with job_workspace(self.settings.job_root()) as workspace:
+            ctx = JobContext(self.runtime, request_id, job, workspace, inputs, storage)
             output = await task.run(ctx, params)
         return {**output, "request_id": request_id, "timings": ctx.timings.as_dict()}
 

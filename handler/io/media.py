@@ -136,17 +136,50 @@ def check_audio(info: MediaInfo, *, max_duration_s: float, field: str) -> None:
         )
 
 
-def decode_audio(path: Path, info: MediaInfo, *, timeout_s: float, field: str) -> np.ndarray:
-    """Mono float32 PCM at 16 kHz, as Whisper expects; cut-off files are refused."""
+def _decode_args(path: Path, *, limit_s: float) -> list[str]:
     graph = (
         ffmpeg.input(f"file:{path}", **_LOCKDOWN)
-        .output("pipe:", format="s16le", acodec="pcm_s16le", ac=1, ar=SAMPLE_RATE)
+        .output("pipe:", format="s16le", acodec="pcm_s16le", ac=1, ar=SAMPLE_RATE, t=f"{limit_s:.3f}")
         .global_args("-nostdin", "-threads", "0", "-v", "error")
     )
-    done = _run(graph.compile(), timeout_s=timeout_s, field=field)
-    if done.returncode != 0:
-        raise InvalidInput(f"{field}: could not decode the audio ({_tail(done.stderr)})", field=field)
-    audio = np.frombuffer(done.stdout, np.int16).astype(np.float32) / 32768.0
+    args: list[str] = graph.compile()
+    return args
+
+
+def load_audio(
+    path: Path, *, max_duration_s: float, timeout_s: float, field: str
+) -> tuple[np.ndarray, MediaInfo]:
+    """Probe and decode ``path`` to mono float32 PCM at 16 kHz, as Whisper expects.
+
+    ffprobe and the decoder start together: each costs a process start of ~0.1 s (most of
+    it loading ffmpeg's libraries), which would otherwise be paid twice per job. The probe
+    still decides: if it rejects the file, the decoder is killed and nothing it produced is
+    used; the decoder is also capped at the duration limit, so it can never do unbounded
+    work on a file the probe is about to refuse.
+    """
+    if path.stat().st_size == 0:
+        raise InvalidInput(f"{field}: the file is empty", field=field)
+    sniff_playlist(path, field=field)
+    decoder = subprocess.Popen(
+        _decode_args(path, limit_s=max_duration_s + 1.0), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        info = probe(path, timeout_s=timeout_s, field=field)
+        check_audio(info, max_duration_s=max_duration_s, field=field)
+        stdout, stderr = decoder.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise InvalidInput(f"{field}: decoding ran longer than {timeout_s:g}s", field=field) from exc
+    finally:
+        if decoder.returncode is None:
+            decoder.kill()
+            decoder.communicate()
+    if decoder.returncode != 0:
+        raise InvalidInput(f"{field}: could not decode the audio ({_tail(stderr)})", field=field)
+    return _samples(stdout, info, field=field), info
+
+
+def _samples(pcm: bytes, info: MediaInfo, *, field: str) -> np.ndarray:
+    audio = np.frombuffer(pcm, np.int16).astype(np.float32) / 32768.0
     decoded_s = audio.size / SAMPLE_RATE
     if decoded_s < info.audio_duration_s * _MIN_DECODED_SHARE - 0.5:
         raise InvalidInput(

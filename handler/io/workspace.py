@@ -1,4 +1,4 @@
-"""Each job's private temporary directory, removed whatever happens."""
+"""Each job's private temporary directory: made on first use, removed whatever happens."""
 
 from __future__ import annotations
 
@@ -11,12 +11,34 @@ from pathlib import Path
 JOB_DIR_PREFIX = "media-job-"
 
 
+class Workspace:
+    """A job's directory under ``root``, created only when a task first asks for it.
+
+    Jobs that fail validation, or need no files, never touch the disk.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._path: Path | None = None
+
+    @property
+    def path(self) -> Path:
+        if self._path is None:
+            self._root.mkdir(parents=True, exist_ok=True)
+            self._path = Path(tempfile.mkdtemp(prefix=JOB_DIR_PREFIX, dir=self._root))
+        return self._path
+
+    def remove(self) -> None:
+        if self._path is not None:
+            shutil.rmtree(self._path, ignore_errors=True)
+            self._path = None
+
+
 @contextmanager
-def job_directory(root: Path) -> Iterator[Path]:
-    """A fresh directory under ``root`` for one job, deleted on exit."""
-    root.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=JOB_DIR_PREFIX, dir=root))
+def job_workspace(root: Path) -> Iterator[Workspace]:
+    """A workspace for one job, deleted on exit."""
+    workspace = Workspace(root)
     try:
-        yield path
+        yield workspace
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        workspace.remove()

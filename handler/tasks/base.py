@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from handler.config import Settings
 from handler.io.inputs import MediaInputs
 from handler.io.storage import Storage
+from handler.io.workspace import Workspace
 from handler.runtime.gate import Gate
 from handler.runtime.registry import Registry
 
@@ -58,7 +59,7 @@ class JobContext:
     runtime: Runtime
     request_id: str
     job: dict[str, Any]
-    workdir: Path
+    workspace: Workspace
     inputs: MediaInputs
     storage: Storage
     timings: Timings = field(default_factory=Timings)
@@ -66,6 +67,11 @@ class JobContext:
     @property
     def settings(self) -> Settings:
         return self.runtime.settings
+
+    @property
+    def workdir(self) -> Path:
+        """The job's private directory (created on first use, removed after the job)."""
+        return self.workspace.path
 
 
 @dataclass(frozen=True)

@@ -159,9 +159,10 @@ async def _fetch_audio(ctx: JobContext, params: TranscribeInput) -> tuple[np.nda
             await asyncio.to_thread(ctx.inputs.from_base64, params.audio_base64, target, field="audio_base64")
             field = "audio_base64"
     with ctx.timings.measure("decode"):
-        info = await asyncio.to_thread(media.probe, target, timeout_s=timeout, field=field)
-        media.check_audio(info, max_duration_s=ctx.settings.max_audio_duration_s, field=field)
-        audio = await asyncio.to_thread(media.decode_audio, target, info, timeout_s=timeout, field=field)
+        audio, info = await asyncio.to_thread(
+            media.load_audio, target, max_duration_s=ctx.settings.max_audio_duration_s,
+            timeout_s=timeout, field=field,
+        )
     return audio, info.audio_duration_s
 
 
