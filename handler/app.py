@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 from pydantic import BaseModel, ValidationError
 
-from handler.config import Settings
+from handler.config import Settings, load_settings
 from handler.errors import InvalidInput, WorkerError
 from handler.io.download import Downloader
 from handler.io.inputs import MediaInputs
@@ -168,12 +168,5 @@ def get_worker(settings: Settings | None = None) -> Worker:
     """The process's worker, built on first use from the environment's settings."""
     global _worker
     if _worker is None:
-        from handler.config import load_settings
-
         _worker = Worker(settings or load_settings())
     return _worker
-
-
-async def handler(job: dict[str, Any]) -> dict[str, Any]:
-    """The RunPod handler."""
-    return await get_worker().handle(job)

