@@ -79,3 +79,10 @@ def test_worker_refuses_to_start_on_a_bad_value() -> None:
                           text=True, timeout=120)
     assert done.returncode == 2
     assert "MAX_CONCURRENT_GENERATIONS" in done.stderr
+
+
+def test_ram_filesystem_moves_job_directories_to_shm(tmp_path) -> None:
+    """USE_RAM_FILESYSTEM puts job directories under /dev/shm; otherwise under WORK_DIR."""
+    assert load_settings({"WORK_DIR": str(tmp_path)}).job_root() == tmp_path
+    shm = load_settings({"WORK_DIR": str(tmp_path), "USE_RAM_FILESYSTEM": "true"}).job_root()
+    assert shm == (Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path)

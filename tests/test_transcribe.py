@@ -12,7 +12,7 @@ import pytest
 
 from handler.tasks.transcribe import TranscribeInput
 from tests import media
-from tests.conftest import assert_no_job_dirs, b64, job, run_job
+from tests.conftest import CAPTURED_LOGS, assert_no_job_dirs, b64, job, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,10 +126,12 @@ def test_local_mode_runs_test_input(model_dir: Path, speech_wav: Path, tmp_path:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
     )
     output = done.stdout + done.stderr
+    CAPTURED_LOGS.write(output)  # checked for secrets with the rest of the suite's logs
     assert done.returncode == 0, output[-3000:]
     result_line = next(line for line in output.splitlines() if "Job result:" in line)
     assert media.recognised(result_line) >= 0.7, result_line
     assert "request_id" in output
+    assert "DEBUG  |" not in output  # the SDK runs at INFO: at DEBUG it logs whole outputs
     assert list(work.iterdir()) == []
 
 

@@ -60,6 +60,9 @@ class StoredFile:
 class Storage(Protocol):
     """Saves a job's output files and reads its bucket inputs."""
 
+    # Whether saved files outlive the result (a bucket), or travel inside it (inline).
+    durable: bool
+
     def save(self, path: Path, *, name: str, content_type: str, request_id: str) -> StoredFile: ...
 
     def fetch_object(self, bucket: str, key: str, target: Path, *, max_bytes: int, field: str) -> int: ...
@@ -94,6 +97,8 @@ def bucket_from_job(job: dict[str, Any]) -> BucketSettings | None:
 
 class S3Storage:
     """Uploads to one bucket and presigns GET URLs for what it uploaded."""
+
+    durable = True
 
     def __init__(self, bucket: BucketSettings, settings: Settings) -> None:
         register_secret(bucket.secret_access_key)
@@ -165,6 +170,8 @@ class S3Storage:
 
 class InlineStorage:
     """No bucket: small files come back base64 in the result, within a per-job budget."""
+
+    durable = False
 
     def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes

@@ -231,7 +231,7 @@ def _write_files(ctx: JobContext, result: dict[str, Any]) -> list[tuple[Path, st
 
 async def _store(ctx: JobContext, result: dict[str, Any], output: dict[str, Any]) -> list[dict[str, Any]]:
     files = _write_files(ctx, result)
-    if ctx.settings.bucket is not None or "s3Config" in ctx.job:
+    if ctx.storage.durable:  # inline, the JSON would only repeat the result it travels in
         path = ctx.workdir / "transcript.json"
         path.write_text(json.dumps(output, ensure_ascii=False), encoding="utf-8")
         files.append((path, "transcript.json", "application/json"))
