@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Callable
+from typing import Any
 
 # The SDK reads its level once, at import, and at DEBUG it logs whole job outputs.
 os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
@@ -28,16 +30,38 @@ def main() -> None:
     configure_logging(level=settings.log_level, json=json_logs)
     redact_sdk_logs()
     worker = get_worker(settings)
-    get_logger("handler").info(
-        "worker.start", device=worker.runtime.device, slots=settings.max_concurrent_generations,
-        model=settings.whisper_model, bucket=settings.bucket is not None,
-    )
-    if settings.preload:
+    if settings.max_concurrent_generations is None:
+        worker.size_gate()  # needs the model loaded: this is the preload, done before serving
+    elif settings.preload:
         threading.Thread(target=worker.preload, name="preload", daemon=True).start()
+    get_logger("handler").info(
+        "worker.start", device=worker.runtime.device, slots=worker.runtime.gate.slots,
+        jobs=settings.max_concurrent_jobs, model=settings.whisper_model, bucket=settings.bucket is not None,
+    )
 
     import runpod
 
-    runpod.serverless.start({"handler": worker.handle})
+    _chain_shutdown(worker.begin_shutdown)
+    jobs = settings.max_concurrent_jobs
+    runpod.serverless.start({"handler": worker.handle, "concurrency_modifier": lambda _current: jobs})
+
+
+def _chain_shutdown(on_shutdown: Callable[[], None]) -> None:
+    """Run ``on_shutdown`` when the SDK's job loop is told to stop (SIGTERM/SIGINT).
+
+    The SDK installs its own signal handlers when its loop starts, replacing any set before,
+    so its handler method is wrapped instead: the SDK still stops taking jobs and drains,
+    and the worker cancels what outlives the grace period.
+    """
+    from runpod.serverless.modules.rp_scale import JobScaler
+
+    original = JobScaler.handle_shutdown
+
+    def handle_shutdown(scaler: JobScaler, signum: int, frame: Any) -> None:
+        on_shutdown()
+        original(scaler, signum, frame)
+
+    JobScaler.handle_shutdown = handle_shutdown
 
 
 if __name__ == "__main__":

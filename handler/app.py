@@ -7,6 +7,7 @@ Whatever happens inside a job, the handler returns a dict: a result with ``reque
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ import structlog
 from pydantic import BaseModel, ValidationError
 
 from handler.config import Settings, load_settings
-from handler.errors import InvalidInput, WorkerError
+from handler.errors import Cancelled, CudaFatal, InvalidInput, Overloaded, WorkerError
 from handler.io.download import Downloader
 from handler.io.inputs import MediaInputs
 from handler.io.storage import InlineStorage, S3Storage, Storage, bucket_from_job
@@ -24,8 +25,9 @@ from handler.io.workspace import job_workspace
 from handler.logs import get_logger
 from handler.runtime.devices import resolve_device
 from handler.runtime.gate import Gate
+from handler.runtime.memory import auto_slots, free_for_models, model_bytes, read_memory
 from handler.runtime.registry import Registry
-from handler.tasks import TASKS
+from handler.tasks import TASKS, load_task_modules
 from handler.tasks.base import JobContext, Runtime, Task
 
 log = get_logger(__name__)
@@ -66,11 +68,18 @@ class Worker:
             registry=registry or Registry(load_wait_timeout=settings.model_load_wait_timeout),
             gate=gate
             or Gate(
-                slots=settings.max_concurrent_generations,
+                slots=settings.max_concurrent_generations or 1,
                 acquire_timeout=settings.generation_acquire_timeout,
             ),
             device=resolve_device(settings.device),
         )
+        self.runtime.sizing.update(mode="fixed", slots=self.runtime.gate.slots)
+        # Set after a sticky CUDA error: this process must not take GPU work again.
+        self._fatal: CudaFatal | None = None
+        # Jobs in flight, so a shutdown can cancel them; touched on the event loop only.
+        self._in_flight: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._shutting_down = False
         self.downloader = Downloader(
             max_bytes=settings.download_max_bytes,
             timeout_s=settings.download_timeout_s,
@@ -116,26 +125,69 @@ class Worker:
         return InlineStorage(self.settings.inline_output_max_bytes)
 
     async def handle(self, job: Any) -> dict[str, Any]:
-        """Answer one RunPod job; never raises."""
+        """Answer one RunPod job; never raises (cancellation included: it is answered too)."""
         request_id = uuid.uuid4().hex
         job_id = job.get("id") if isinstance(job, dict) else None
-        with structlog.contextvars.bound_contextvars(request_id=request_id, job_id=job_id):
-            started = time.perf_counter()
-            try:
-                task, params = self.route(job)
-                result = await self._run(task, params, job, request_id)
-            except WorkerError as err:
-                log.warning("job.failed", code=err.code, error=err.message, field=err.field)
-                return err.payload(request_id)
-            except Exception:
-                log.exception("job.crashed")
-                return WorkerError(
-                    "unexpected error; the worker log has the details under this request_id"
-                ).payload(request_id)
-            total_ms = (time.perf_counter() - started) * 1000
-            result["timings"]["total_ms"] = round(total_ms, 2)
-            log.info("job.done", task=task.name, ms=round(total_ms, 1))
-            return result
+        current = asyncio.current_task()
+        self._loop = asyncio.get_running_loop()
+        if current is not None:
+            self._in_flight.add(current)
+        try:
+            with structlog.contextvars.bound_contextvars(request_id=request_id, job_id=job_id):
+                return self._account(await self._answer(job, request_id))
+        finally:
+            if current is not None:
+                self._in_flight.discard(current)
+
+    def _account(self, result: dict[str, Any]) -> dict[str, Any]:
+        """Count the job, and ask for a fresh worker once MAX_JOBS_PER_WORKER is reached."""
+        finished = self.runtime.stats.record(result)
+        limit = self.settings.max_jobs_per_worker
+        if limit is not None and finished >= limit:
+            log.info("worker.recycle", jobs=finished)
+            result["refresh_worker"] = True
+        return result
+
+    async def _answer(self, job: Any, request_id: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            task, params = self.route(job)
+            self._admit(task)
+            result = await self._run(task, params, job, request_id)
+        except WorkerError as err:
+            if isinstance(err, CudaFatal):
+                self._fatal = err
+            log.warning("job.failed", code=err.code, error=err.message, field=err.field)
+            return err.payload(request_id)
+        except asyncio.CancelledError:
+            # RunPod stops a job by cancelling its task; the job is still answered, once.
+            log.warning("job.cancelled")
+            return Cancelled("the job was cancelled").payload(request_id)
+        except Exception:
+            log.exception("job.crashed")
+            return WorkerError(
+                "unexpected error; the worker log has the details under this request_id"
+            ).payload(request_id)
+        total_ms = (time.perf_counter() - started) * 1000
+        result["timings"]["total_ms"] = round(total_ms, 2)
+        log.info("job.done", task=task.name, ms=round(total_ms, 1))
+        return result
+
+    def _admit(self, task: Task[Any]) -> None:
+        """Refuse work up front when the GPU is gone or memory is nearly full."""
+        if task.name == "system":  # the snapshot is how an operator sees why
+            return
+        if self._shutting_down:
+            raise Cancelled("the worker is shutting down; send the job again")
+        if self._fatal is not None:
+            raise CudaFatal(self._fatal.message)
+        use = read_memory()
+        threshold = self.settings.memory_pressure_threshold
+        if max(use.ram_fraction, use.vram_fraction) > threshold:
+            raise Overloaded(
+                f"memory use (RAM {use.ram_fraction:.0%}, VRAM {use.vram_fraction:.0%}) is over "
+                f"the admission threshold of {threshold:.0%}"
+            )
 
     async def _run(
         self, task: Task[Any], params: BaseModel, job: dict[str, Any], request_id: str
@@ -147,6 +199,40 @@ class Worker:
             ctx = JobContext(self.runtime, request_id, job, workspace, inputs, storage)
             output = await task.run(ctx, params)
         return {**output, "request_id": request_id, "timings": ctx.timings.as_dict()}
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM: refuse new jobs, give running ones SHUTDOWN_GRACE_S, then cancel them.
+
+        Safe to call from a signal handler on the event loop's thread.
+        """
+        self._shutting_down = True
+        loop = self._loop
+        grace = self.settings.shutdown_grace_s
+        log.info("worker.shutdown", in_flight=len(self._in_flight), grace_s=grace)
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(loop.call_later, grace, self._cancel_in_flight)
+
+    def _cancel_in_flight(self) -> None:
+        for task in list(self._in_flight):
+            task.cancel()
+
+    def size_gate(self) -> dict[str, Any]:
+        """MAX_CONCURRENT_GENERATIONS=auto: slots from free memory and the model's footprint."""
+        settings = self.settings
+        device = self.runtime.device
+        before = read_memory()
+        self.preload()
+        after = read_memory()
+        footprint = model_bytes(before, after, device) // settings.model_instances
+        free = free_for_models(after, device)
+        reserve = settings.memory_reserve_mb * 2**20
+        slots = auto_slots(free=free, reserve=reserve, footprint=footprint, cap=settings.generation_slots_cap)
+        self.runtime.gate.resize(slots)
+        sizing = {"mode": "auto", "slots": slots, "free_mb": free // 2**20, "reserve_mb": reserve // 2**20,
+                  "footprint_mb": footprint // 2**20, "cap": settings.generation_slots_cap, "device": device}
+        self.runtime.sizing.update(sizing)
+        log.info("gate.sized", **sizing)
+        return sizing
 
     def preload(self) -> None:
         """Load the default pipeline of each task named in PRELOAD."""
@@ -168,5 +254,6 @@ def get_worker(settings: Settings | None = None) -> Worker:
     """The process's worker, built on first use from the environment's settings."""
     global _worker
     if _worker is None:
-        _worker = Worker(settings or load_settings())
+        settings = settings or load_settings()
+        _worker = Worker(settings, tasks={**TASKS, **load_task_modules(settings.task_modules)})
     return _worker

@@ -62,8 +62,28 @@ class Settings:
     # PRELOAD: tasks whose default pipeline is loaded at start, off the job path (comma list).
     preload: tuple[str, ...] = ()
 
-    # MAX_CONCURRENT_GENERATIONS: GPU slots, jobs running model code at once.
-    max_concurrent_generations: int = 1
+    # TASK_MODULES: extra task modules to serve (comma list of importable names, each with TASK).
+    task_modules: tuple[str, ...] = ()
+
+    # MAX_CONCURRENT_JOBS: jobs one worker holds at once (RunPod's concurrency_modifier);
+    # more than the GPU slots lets downloads, decoding and uploads overlap GPU work.
+    max_concurrent_jobs: int = 1
+    # MAX_CONCURRENT_GENERATIONS: GPU slots, jobs running model code at once; `auto` sizes
+    # them at start from free memory and the default model's measured footprint.
+    max_concurrent_generations: int | None = 1
+    # GENERATION_SLOTS_CAP: most slots `auto` may choose.
+    generation_slots_cap: int = 4
+    # MEMORY_RESERVE_MB: memory `auto` keeps free for activations and other processes.
+    memory_reserve_mb: int = 2048
+    # MODEL_INSTANCES: copies of each pipeline; a job borrows one for its whole run.
+    model_instances: int = 1
+    # MEMORY_PRESSURE_THRESHOLD: RAM or VRAM use (0-1) above which new jobs get OVERLOADED.
+    memory_pressure_threshold: float = 0.85
+    # MAX_JOBS_PER_WORKER: after this many jobs the result asks RunPod to restart the worker.
+    max_jobs_per_worker: int | None = None
+    # SHUTDOWN_GRACE_S: after SIGTERM, how long running jobs may finish before they are
+    # cancelled (and answered CANCELLED); keep it under the platform's kill timeout.
+    shutdown_grace_s: float = 10.0
     # GENERATION_ACQUIRE_TIMEOUT: seconds a job waits for a slot before TIMEOUT.
     generation_acquire_timeout: float = 600.0
     # MODEL_LOAD_WAIT_TIMEOUT: seconds a job waits for another job's load of the same model.
@@ -151,6 +171,17 @@ def _parse_networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Net
     return tuple(ipaddress.ip_network(item, strict=False) for item in _parse_list(raw))
 
 
+def _parse_slots(raw: str) -> int | None:
+    return None if raw.strip().lower() == "auto" else _parse_positive_int(raw)
+
+
+def _parse_fraction(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value <= 1:
+        raise ValueError("must be above 0 and at most 1")
+    return value
+
+
 def _parse_choice(*choices: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip().lower()
@@ -217,9 +248,19 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         allow_model_download=env.get("ALLOW_MODEL_DOWNLOAD", _parse_bool, d.allow_model_download),
         device=env.get("DEVICE", _parse_choice("auto", "cuda", "cpu"), d.device),
         preload=env.get("PRELOAD", _parse_list, d.preload),
+        task_modules=env.get("TASK_MODULES", _parse_list, d.task_modules),
+        max_concurrent_jobs=env.get("MAX_CONCURRENT_JOBS", _parse_positive_int, d.max_concurrent_jobs),
         max_concurrent_generations=env.get(
-            "MAX_CONCURRENT_GENERATIONS", _parse_positive_int, d.max_concurrent_generations
+            "MAX_CONCURRENT_GENERATIONS", _parse_slots, d.max_concurrent_generations
         ),
+        generation_slots_cap=env.get("GENERATION_SLOTS_CAP", _parse_positive_int, d.generation_slots_cap),
+        memory_reserve_mb=env.get("MEMORY_RESERVE_MB", lambda raw: max(0, int(raw)), d.memory_reserve_mb),
+        model_instances=env.get("MODEL_INSTANCES", _parse_positive_int, d.model_instances),
+        memory_pressure_threshold=env.get(
+            "MEMORY_PRESSURE_THRESHOLD", _parse_fraction, d.memory_pressure_threshold
+        ),
+        max_jobs_per_worker=env.get("MAX_JOBS_PER_WORKER", _parse_positive_int, d.max_jobs_per_worker),
+        shutdown_grace_s=env.get("SHUTDOWN_GRACE_S", _parse_positive_float, d.shutdown_grace_s),
         generation_acquire_timeout=env.get(
             "GENERATION_ACQUIRE_TIMEOUT", _parse_positive_float, d.generation_acquire_timeout
         ),

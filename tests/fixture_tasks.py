@@ -1,10 +1,12 @@
-"""A tiny task for tests of the handler's plumbing: its pipeline sleeps, raises or runs out of memory.
+"""A tiny task for tests of the handler's plumbing: its pipeline sleeps, raises, runs out of memory.
 
-It goes through the real registry and the real gate, like every production task.
+It goes through the real registry, instance pool and gate like every production task, and
+the worker process loads it through TASK_MODULES=tests.fixture_tasks.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from typing import Any, Literal
@@ -12,59 +14,81 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from handler.runtime.cancel import CancelToken
+from handler.runtime.instances import InstancePool
 from handler.runtime.registry import PipelineKey
 from handler.tasks import TASKS
 from handler.tasks.base import JobContext, Task
+
+_ids = itertools.count()
 
 
 class FixtureInput(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     task: Literal["fixture"] = "fixture"
-    action: Literal["ok", "sleep", "raise", "oom"] = "ok"
+    action: Literal["ok", "sleep", "raise", "oom", "cuda_fatal"] = "ok"
     seconds: float = 0.0
     model: str = "fixture-model"
+    # Fetched through the real guarded downloader before the GPU slot, like a media input.
+    url: str | None = None
 
 
 class FixturePipeline:
-    """Counts calls and how many run at once."""
+    """Counts calls and how many run at once on this instance."""
 
     def __init__(self) -> None:
+        self.id = next(_ids)
         self.calls = 0
         self.running = 0
         self.max_running = 0
         self._lock = threading.Lock()
 
-    def __call__(self, action: str, seconds: float) -> str:
+    def __call__(self, action: str, seconds: float, cancel: CancelToken) -> str:
         with self._lock:
             self.calls += 1
             self.running += 1
             self.max_running = max(self.max_running, self.running)
         try:
             if action == "sleep":
-                time.sleep(seconds)
+                deadline = time.monotonic() + seconds
+                while time.monotonic() < deadline:  # steps, like a decoder or a sampler
+                    cancel.check()
+                    time.sleep(0.01)
             elif action == "raise":
                 raise RuntimeError("fixture pipeline failed")
             elif action == "oom":
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            elif action == "cuda_fatal":
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
             return "done"
         finally:
             with self._lock:
                 self.running -= 1
 
 
-def pipeline_for(ctx: JobContext, model: str) -> FixturePipeline:
+def pipelines_for(ctx: JobContext, model: str) -> InstancePool[FixturePipeline]:
     key = PipelineKey("fixture", model, ctx.runtime.device, "float32")
-    return ctx.runtime.registry.get(key, FixturePipeline)
+    return ctx.runtime.registry.get(key, lambda: InstancePool.build(ctx.settings.model_instances, FixturePipeline))
 
 
 async def run(ctx: JobContext, params: FixtureInput) -> dict[str, Any]:
-    pipeline = pipeline_for(ctx, params.model)
+    pipelines = pipelines_for(ctx, params.model)
     (ctx.workdir / "scratch.bin").write_bytes(b"x" * 1024)
-    output, waited_ms = await ctx.runtime.gate.run(lambda: pipeline(params.action, params.seconds))
+    if params.url is not None:
+        import asyncio
+
+        with ctx.timings.measure("download"):
+            await asyncio.to_thread(ctx.inputs.from_url, params.url, ctx.workdir / "input.bin", field="url")
+
+    def work() -> tuple[str, int]:
+        with pipelines.borrow(10) as pipeline, ctx.timings.measure("run"):
+            return pipeline(params.action, params.seconds, ctx.cancel), pipeline.id
+
+    (output, instance), waited_ms = await ctx.runtime.gate.run(work, token=ctx.cancel)
     ctx.timings.add("queued", waited_ms)
-    return {"output": output, "model": params.model}
+    return {"output": output, "instance": instance, "model": params.model}
 
 
-FIXTURE = Task(name="fixture", input_model=FixtureInput, run=run)
-TABLE = {**TASKS, "fixture": FIXTURE}
+TASK = Task(name="fixture", input_model=FixtureInput, run=run)
+TABLE = {**TASKS, "fixture": TASK}

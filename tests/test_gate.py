@@ -26,7 +26,7 @@ def worker(make_settings) -> Worker:
 
 def pipeline_of(worker: Worker, model: str = "fixture-model") -> FixturePipeline:
     loaded = worker.runtime.registry.loaded()
-    return loaded[PipelineKey("fixture", model, "cpu", "float32")].pipeline
+    return loaded[PipelineKey("fixture", model, "cpu", "float32")].pipeline.first
 
 
 def test_second_job_times_out_while_first_holds_the_slot(worker: Worker, work_dir: Path) -> None:
@@ -93,30 +93,54 @@ def test_one_slot_means_one_generation_at_a_time(worker: Worker) -> None:
 
 
 def test_two_slots_run_two_generations_at_once(make_settings) -> None:
-    """With MAX_CONCURRENT_GENERATIONS=2 two jobs are inside the pipeline together."""
-    worker = Worker(make_settings(MAX_CONCURRENT_GENERATIONS="2"), tasks=TABLE, registry=Registry())
+    """With two slots and two model instances, two jobs run together, one per instance."""
+    worker = Worker(make_settings(MAX_CONCURRENT_GENERATIONS="2", MODEL_INSTANCES="2"), tasks=TABLE,
+                    registry=Registry())
 
     async def scenario() -> list[dict]:
         return await asyncio.gather(*(worker.handle(fixture_job(action="sleep", seconds=0.5)) for _ in range(2)))
 
     started = time.monotonic()
-    asyncio.run(scenario())
-    assert pipeline_of(worker).max_running == 2
+    results = asyncio.run(scenario())
     assert time.monotonic() - started < 0.95
+    assert {r["instance"] for r in results} == {results[0]["instance"], results[1]["instance"]}
+    assert len({r["instance"] for r in results}) == 2
 
 
-def test_cancelled_job_keeps_the_slot_until_its_work_ends(worker: Worker) -> None:
-    """Cancelling a running job does not free the slot early: the next job never overlaps it."""
+def test_cancelling_a_running_job_frees_its_slot_promptly(worker: Worker, work_dir: Path) -> None:
+    """A running job that is cancelled answers CANCELLED; its work stops at the next step, so the
+    next job gets the slot within a second, and never overlaps it."""
 
-    async def scenario() -> dict:
-        running = asyncio.create_task(worker.handle(fixture_job(action="sleep", seconds=0.6)))
-        await asyncio.sleep(0.2)
+    async def scenario() -> tuple[dict, dict]:
+        running = asyncio.create_task(worker.handle(fixture_job(action="sleep", seconds=30)))
+        await asyncio.sleep(0.3)
         running.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await running
-        return await worker.handle(fixture_job())
+        cancelled = await running
+        return cancelled, await worker.handle(fixture_job())
 
-    after = asyncio.run(scenario())
+    cancelled, after = asyncio.run(scenario())
+    assert cancelled["error_code"] == "CANCELLED" and cancelled["retryable"] is True
     assert after["output"] == "done"
+    assert after["timings"]["queued_ms"] < 1000
     assert pipeline_of(worker).max_running == 1
-    assert after["timings"]["queued_ms"] > 200
+    assert_no_job_dirs(work_dir)
+
+
+def test_cancelling_a_waiting_job(worker: Worker, work_dir: Path) -> None:
+    """A job cancelled while waiting for the slot answers CANCELLED and takes nothing."""
+
+    async def scenario() -> tuple[dict, dict]:
+        holder = asyncio.create_task(worker.handle(fixture_job(action="sleep", seconds=0.5)))
+        await asyncio.sleep(0.1)
+        waiting = asyncio.create_task(worker.handle(fixture_job()))
+        await asyncio.sleep(0.1)
+        assert worker.runtime.gate.waiting == 1
+        waiting.cancel()
+        return await waiting, await holder
+
+    cancelled, held = asyncio.run(scenario())
+    assert cancelled["error_code"] == "CANCELLED"
+    assert held["output"] == "done"
+    assert worker.runtime.gate.busy == 0 and worker.runtime.gate.waiting == 0
+    assert pipeline_of(worker).calls == 1
+    assert_no_job_dirs(work_dir)

@@ -23,12 +23,28 @@ from typing import TypeVar
 
 import torch
 
-from handler.errors import GenerationTimeout, GpuOutOfMemory
+from handler.errors import CudaFatal, GenerationTimeout, GpuOutOfMemory
 from handler.logs import get_logger
+from handler.runtime.cancel import CancelToken
 from handler.runtime.devices import clear_cuda_cache
 
 T = TypeVar("T")
 log = get_logger(__name__)
+
+# CUDA errors after which the context is unusable: only a new process recovers.
+_STICKY_CUDA_ERRORS = (
+    "illegal memory access",
+    "unspecified launch failure",
+    "device-side assert triggered",
+    "misaligned address",
+    "illegal instruction",
+    "uncorrectable ecc error",
+    "cuda error: unknown error",
+)
+
+
+def is_sticky_cuda_error(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _STICKY_CUDA_ERRORS)
 
 
 class Gate:
@@ -45,13 +61,29 @@ class Gate:
         self._semaphores: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, asyncio.Semaphore
         ] = weakref.WeakKeyDictionary()
-        self._busy_lock = threading.Lock()
+        # Guards the two counters below.
+        self._counts_lock = threading.Lock()
         self._busy = 0
+        self._waiting = 0
 
     @property
     def busy(self) -> int:
         """Slots taken right now."""
         return self._busy
+
+    @property
+    def waiting(self) -> int:
+        """Jobs waiting for a slot right now."""
+        return self._waiting
+
+    def resize(self, slots: int) -> None:
+        """Change the slot count; only before the gate has been used."""
+        with self._semaphores_lock:
+            if self._semaphores or self._busy:
+                raise RuntimeError("a gate in use cannot be resized")
+            self._executor.shutdown(wait=False)
+            self.slots = slots
+            self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="gpu")
 
     def _semaphore(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()
@@ -61,18 +93,25 @@ class Gate:
                 semaphore = self._semaphores[loop] = asyncio.Semaphore(self.slots)
             return semaphore
 
-    async def run(self, work: Callable[[], T]) -> tuple[T, float]:
-        """Run ``work`` in a slot; returns its result and the ms spent waiting for the slot."""
+    async def run(self, work: Callable[[], T], *, token: CancelToken | None = None) -> tuple[T, float]:
+        """Run ``work`` in a slot; returns its result and the ms spent waiting for the slot.
+
+        If the calling task is cancelled while ``work`` runs, ``token`` is cancelled so the
+        work can stop at its next step; the slot is freed when it has.
+        """
         semaphore = self._semaphore()
         started = time.perf_counter()
+        self._count(waiting=+1)
         try:
             await asyncio.wait_for(semaphore.acquire(), timeout=self.acquire_timeout)
         except TimeoutError:
             raise GenerationTimeout(
                 f"no GPU slot free within {self.acquire_timeout:g}s ({self.slots} slot(s) busy)"
             ) from None
+        finally:
+            self._count(waiting=-1)
         waited_ms = (time.perf_counter() - started) * 1000
-        self._set_busy(+1)
+        self._count(busy=+1)
         loop = asyncio.get_running_loop()
         release = _ReleaseOnce(lambda: self._release(semaphore, loop))
         try:
@@ -81,19 +120,25 @@ class Gate:
             release()
             raise
         future.add_done_callback(lambda _f: release())
-        return await asyncio.wrap_future(future), waited_ms
+        try:
+            return await asyncio.wrap_future(future), waited_ms
+        except asyncio.CancelledError:
+            if token is not None:
+                token.cancel()
+            raise
 
     def _release(self, semaphore: asyncio.Semaphore, loop: asyncio.AbstractEventLoop) -> None:
-        self._set_busy(-1)
+        self._count(busy=-1)
         if loop.is_closed():
             return
         # The loop may close between the check and the call.
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(semaphore.release)
 
-    def _set_busy(self, delta: int) -> None:
-        with self._busy_lock:
-            self._busy += delta
+    def _count(self, *, busy: int = 0, waiting: int = 0) -> None:
+        with self._counts_lock:
+            self._busy += busy
+            self._waiting += waiting
 
     @staticmethod
     def _guarded(work: Callable[[], T]) -> T:
@@ -106,8 +151,15 @@ class Gate:
             raise GpuOutOfMemory(
                 "CUDA ran out of memory for this request; try a smaller one"
             ) from exc
+        except RuntimeError as exc:
+            if is_sticky_cuda_error(exc):
+                log.error("gpu.fatal", error=str(exc).splitlines()[0])
+                raise CudaFatal("the GPU is in an unrecoverable state; the worker will restart") from exc
+            raise
         finally:
-            clear_cuda_cache()
+            # After a sticky error every CUDA call fails; that must not hide the error.
+            with contextlib.suppress(RuntimeError):
+                clear_cuda_cache()
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

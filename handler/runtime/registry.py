@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from handler.errors import GenerationTimeout, ModelLoadFailed, WorkerError
 from handler.logs import get_logger
+from handler.runtime.memory import model_bytes, read_memory
 
 T = TypeVar("T")
 log = get_logger(__name__)
@@ -37,6 +38,8 @@ class LoadedPipeline:
     pipeline: Any
     load_ms: float
     loaded_at: float
+    # Memory the load took where the model lives (approximate when loads overlap).
+    memory_bytes: int = 0
 
 
 class Registry:
@@ -74,6 +77,7 @@ class Registry:
     def _load(self, key: PipelineKey, loader: Callable[[], T]) -> T:
         log.info("pipeline.load.start", task=key.task, model=key.model, device=key.device)
         started = time.perf_counter()
+        before = read_memory()
         try:
             pipeline = loader()
         except WorkerError:
@@ -82,7 +86,8 @@ class Registry:
             log.warning("pipeline.load.failed", task=key.task, model=key.model, error=repr(exc))
             raise ModelLoadFailed(f"could not load model {key.model!r}: {exc}") from exc
         load_ms = (time.perf_counter() - started) * 1000
-        self._pipelines[key] = LoadedPipeline(pipeline, load_ms, time.time())
+        memory = model_bytes(before, read_memory(), key.device)
+        self._pipelines[key] = LoadedPipeline(pipeline, load_ms, time.time(), memory)
         log.info("pipeline.load.done", task=key.task, model=key.model, ms=round(load_ms, 1))
         return pipeline
 

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from handler.tasks import transcribe
+from handler.tasks import system, transcribe
 from handler.tasks.base import Task
 
-TASKS: dict[str, Task[Any]] = {task.name: task for task in (transcribe.TASK,)}
+TASKS: dict[str, Task[Any]] = {task.name: task for task in (transcribe.TASK, system.TASK)}
+
+
+def load_task_modules(names: tuple[str, ...]) -> dict[str, Task[Any]]:
+    """Tasks from operator-named modules (TASK_MODULES), each exposing ``TASK``."""
+    tasks: dict[str, Task[Any]] = {}
+    for name in names:
+        task = getattr(importlib.import_module(name), "TASK", None)
+        if not isinstance(task, Task):
+            raise ImportError(f"task module {name!r} has no TASK")
+        tasks[task.name] = task
+    return tasks

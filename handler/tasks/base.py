@@ -15,8 +15,10 @@ from handler.config import Settings
 from handler.io.inputs import MediaInputs
 from handler.io.storage import Storage
 from handler.io.workspace import Workspace
+from handler.runtime.cancel import CancelToken
 from handler.runtime.gate import Gate
 from handler.runtime.registry import Registry
+from handler.runtime.stats import WorkerStats
 
 InputT = TypeVar("InputT", bound=BaseModel)
 
@@ -50,6 +52,9 @@ class Runtime:
     registry: Registry
     gate: Gate
     device: str
+    stats: WorkerStats = field(default_factory=WorkerStats)
+    # How the GPU slots were sized (fixed, or auto with its figures), for `system`.
+    sizing: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -63,6 +68,8 @@ class JobContext:
     inputs: MediaInputs
     storage: Storage
     timings: Timings = field(default_factory=Timings)
+    # Cancelled when RunPod cancels the job; model code checks it between steps.
+    cancel: CancelToken = field(default_factory=CancelToken)
 
     @property
     def settings(self) -> Settings:

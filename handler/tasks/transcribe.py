@@ -20,7 +20,9 @@ from whisper.utils import WriteSRT, WriteVTT
 
 from handler.errors import InvalidInput
 from handler.io import media
+from handler.runtime.cancel import CancelToken
 from handler.runtime.devices import default_dtype
+from handler.runtime.instances import InstancePool
 from handler.runtime.registry import PipelineKey
 from handler.tasks.base import JobContext, Runtime, Task
 from handler.tasks.whisper_pipeline import WhisperPipeline, load_whisper
@@ -112,17 +114,20 @@ def _pipeline_key(runtime: Runtime, model: str) -> PipelineKey:
     return PipelineKey("transcribe", model, runtime.device, dtype)
 
 
-def get_pipeline(runtime: Runtime, model: str) -> WhisperPipeline:
-    """The loaded pipeline for ``model`` (loading it on first use)."""
+def get_pipelines(runtime: Runtime, model: str) -> InstancePool[WhisperPipeline]:
+    """The MODEL_INSTANCES loaded copies of ``model`` (loaded on first use)."""
     settings = runtime.settings
+
+    def load() -> WhisperPipeline:
+        return WhisperPipeline(load_whisper(model, settings, runtime.device), model, runtime.device)
+
     return runtime.registry.get(
-        _pipeline_key(runtime, model),
-        lambda: WhisperPipeline(load_whisper(model, settings, runtime.device), model, runtime.device),
+        _pipeline_key(runtime, model), lambda: InstancePool.build(settings.model_instances, load)
     )
 
 
 def preload(runtime: Runtime) -> None:
-    get_pipeline(runtime, runtime.settings.whisper_model)
+    get_pipelines(runtime, runtime.settings.whisper_model)
 
 
 def _model_name(ctx: JobContext, params: TranscribeInput) -> str:
@@ -171,17 +176,17 @@ def _empty_result(language: str | None) -> dict[str, Any]:
 
 
 def _recognise(
-    pipeline: WhisperPipeline, audio: np.ndarray, params: TranscribeInput
+    pipeline: WhisperPipeline, audio: np.ndarray, params: TranscribeInput, cancel: CancelToken
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Transcription, and translation when asked; runs inside a GPU slot."""
     if audio.size == 0 or float(np.abs(audio).max()) < _SILENCE_PEAK:
         empty = _empty_result(params.language)
         return empty, (empty if params.translate else None)
     options = params.decode_options()
-    result = pipeline.transcribe(audio, task="transcribe", **options)
+    result = pipeline.transcribe(audio, task="transcribe", cancel=cancel, **options)
     translation = None
     if params.translate:
-        translation = pipeline.transcribe(audio, task="translate", **options)
+        translation = pipeline.transcribe(audio, task="translate", cancel=cancel, **options)
     return result, translation
 
 
@@ -249,10 +254,10 @@ async def run(ctx: JobContext, params: TranscribeInput) -> dict[str, Any]:
     model = _model_name(ctx, params)
     audio, duration_s = await _fetch_audio(ctx, params)
     with ctx.timings.measure("load"):
-        pipeline = await asyncio.to_thread(get_pipeline, ctx.runtime, model)
-    _check_language_support(pipeline, params)
+        pipelines = await asyncio.to_thread(get_pipelines, ctx.runtime, model)
+    _check_language_support(pipelines.first, params)
     (result, translation), waited_ms = await ctx.runtime.gate.run(
-        lambda: _timed_recognise(ctx, pipeline, audio, params)
+        lambda: _timed_recognise(ctx, pipelines, audio, params), token=ctx.cancel
     )
     ctx.timings.add("queued", waited_ms)
     output: dict[str, Any] = {
@@ -271,10 +276,10 @@ async def run(ctx: JobContext, params: TranscribeInput) -> dict[str, Any]:
 
 
 def _timed_recognise(
-    ctx: JobContext, pipeline: WhisperPipeline, audio: np.ndarray, params: TranscribeInput
+    ctx: JobContext, pipelines: InstancePool[WhisperPipeline], audio: np.ndarray, params: TranscribeInput
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    with ctx.timings.measure("run"):
-        return _recognise(pipeline, audio, params)
+    with pipelines.borrow(ctx.settings.generation_acquire_timeout) as pipeline, ctx.timings.measure("run"):
+        return _recognise(pipeline, audio, params, ctx.cancel)
 
 
 TASK: Task[TranscribeInput] = Task(

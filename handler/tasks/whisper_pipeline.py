@@ -23,6 +23,7 @@ from whisper.model import ModelDimensions, Whisper
 
 from handler.config import Settings
 from handler.errors import ModelLoadFailed
+from handler.runtime.cancel import CancelToken
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -83,9 +84,14 @@ class WhisperPipeline:
     def is_multilingual(self) -> bool:
         return bool(self.model.is_multilingual)
 
-    def transcribe(self, audio: np.ndarray, **options: Any) -> dict[str, Any]:
+    def transcribe(self, audio: np.ndarray, *, cancel: CancelToken, **options: Any) -> dict[str, Any]:
+        """Run openai-whisper; stops at the next decoder step once ``cancel`` is set."""
         with self._in_use:
-            result: dict[str, Any] = whisper.transcribe(
-                self.model, audio, verbose=None, fp16=self.device == "cuda", **options
-            )
+            hook = self.model.decoder.register_forward_pre_hook(lambda _module, _args: cancel.check())
+            try:
+                result: dict[str, Any] = whisper.transcribe(
+                    self.model, audio, verbose=None, fp16=self.device == "cuda", **options
+                )
+            finally:
+                hook.remove()
         return result

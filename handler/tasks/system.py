@@ -1,0 +1,49 @@
+"""``system``: a snapshot of the worker (pipelines, slots, memory, outcomes, timings)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from handler import __version__
+from handler.runtime.memory import read_memory
+from handler.tasks.base import JobContext, Task
+
+
+class SystemInput(BaseModel):
+    """Input of the ``system`` task: nothing but the task name."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    task: Literal["system"] = "system"
+
+
+def _pipelines(ctx: JobContext) -> list[dict[str, Any]]:
+    return [
+        {"task": key.task, "model": key.model, "device": key.device, "dtype": key.dtype,
+         "load_ms": round(loaded.load_ms, 1), "loaded_at": round(loaded.loaded_at, 3),
+         "memory_mb": round(loaded.memory_bytes / 2**20, 1)}
+        for key, loaded in ctx.runtime.registry.loaded().items()
+    ]
+
+
+async def run(ctx: JobContext, params: SystemInput) -> dict[str, Any]:
+    runtime = ctx.runtime
+    return {
+        "worker_id": os.environ.get("RUNPOD_POD_ID", socket.gethostname()),
+        "version": __version__,
+        "time": round(time.time(), 3),
+        "device": runtime.device,
+        "pipelines": _pipelines(ctx),
+        "slots": {"total": runtime.gate.slots, "busy": runtime.gate.busy, "waiting": runtime.gate.waiting,
+                  "sizing": runtime.sizing},
+        "memory": read_memory().as_dict(),
+        **runtime.stats.snapshot(),
+    }
+
+
+TASK: Task[SystemInput] = Task(name="system", input_model=SystemInput, run=run)

@@ -1,0 +1,174 @@
+"""A local stand-in for RunPod's job API, speaking the protocol the SDK's production loop uses.
+
+The real worker process (``python -m handler`` with ``RUNPOD_WEBHOOK_*`` pointing here) takes
+jobs by long-poll (single or batch), posts results and progress to job-done, pings, and
+long-polls the stop channel; tests submit jobs, stop them, and read what came back.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+LOOPBACK = "127.0.0.1"
+# How long a job-take or job-stop request is held open when there is nothing to give.
+LONG_POLL_S = 0.5
+
+
+class JobServer:
+    """Queue of jobs for workers, and a record of everything they posted back."""
+
+    def __init__(self) -> None:
+        # Guards every field below; `changed` is signalled on every change.
+        self._lock = threading.Lock()
+        self.changed = threading.Condition(self._lock)
+        self._pending: deque[dict[str, Any]] = deque()
+        self._to_stop: list[str] = []
+        self.results: dict[str, list[dict[str, Any]]] = {}
+        self.progress: dict[str, list[Any]] = {}
+        self.taken: list[str] = []
+        self.pings = 0
+        self._server = ThreadingHTTPServer((LOOPBACK, 0), self._handler_class())
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    # --- what tests use -------------------------------------------------------------
+
+    def env(self) -> dict[str, str]:
+        """Environment that points the SDK's production loop at this server."""
+        base = f"http://{LOOPBACK}:{self.port}"
+        return {
+            "RUNPOD_WEBHOOK_GET_JOB": f"{base}/job-take/$ID?gpu=test",
+            "RUNPOD_WEBHOOK_POST_OUTPUT": f"{base}/job-done/$RUNPOD_POD_ID/$ID?gpu=test",
+            "RUNPOD_WEBHOOK_POST_STREAM": f"{base}/job-stream/$RUNPOD_POD_ID/$ID?gpu=test",
+            "RUNPOD_WEBHOOK_PING": f"{base}/ping/$RUNPOD_POD_ID?gpu=test",
+            "RUNPOD_POD_ID": "test-worker",
+            "RUNPOD_SKIP_GPU_CHECK": "true",
+            "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
+        }
+
+    def submit(self, job_id: str, inputs: dict[str, Any], **extra: Any) -> None:
+        with self.changed:
+            self._pending.append({"id": job_id, "input": inputs, **extra})
+            self.changed.notify_all()
+
+    def stop(self, job_id: str) -> None:
+        with self.changed:
+            self._to_stop.append(job_id)
+            self.changed.notify_all()
+
+    def wait_for(self, count: int, timeout: float) -> bool:
+        """Wait until ``count`` jobs have a final result."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while len(self.results) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self.changed.wait(remaining)
+        return True
+
+    def wait_taken(self, job_id: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while job_id not in self.taken:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self.changed.wait(remaining)
+        return True
+
+    def result(self, job_id: str) -> dict[str, Any]:
+        with self._lock:
+            return self.results[job_id][0]
+
+    def __enter__(self) -> JobServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    # --- the protocol -----------------------------------------------------------------
+
+    def _take(self, batch: int) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + LONG_POLL_S
+        with self.changed:
+            while not self._pending and time.monotonic() < deadline:
+                self.changed.wait(deadline - time.monotonic())
+            jobs = [self._pending.popleft() for _ in range(min(batch, len(self._pending)))]
+            self.taken.extend(job["id"] for job in jobs)
+            self.changed.notify_all()
+            return jobs
+
+    def _stops(self) -> list[str]:
+        deadline = time.monotonic() + LONG_POLL_S
+        with self.changed:
+            while not self._to_stop and time.monotonic() < deadline:
+                self.changed.wait(deadline - time.monotonic())
+            stops, self._to_stop = self._to_stop, []
+            return stops
+
+    def _done(self, job_id: str, body: dict[str, Any]) -> None:
+        with self.changed:
+            if body.get("status") == "IN_PROGRESS":
+                self.progress.setdefault(job_id, []).append(body.get("output"))
+            else:
+                self.results.setdefault(job_id, []).append(body)
+            self.changed.notify_all()
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _reply(self, status: int, payload: Any = None) -> None:
+                body = b"" if payload is None else json.dumps(payload).encode()
+                self.send_response(status)
+                if payload is not None:
+                    self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                parts = urlsplit(self.path)
+                query = parse_qs(parts.query)
+                if parts.path.startswith("/job-take-batch/"):
+                    jobs = server._take(int(query.get("batch_size", ["1"])[0]))
+                    self._reply(200, jobs) if jobs else self._reply(204)
+                elif parts.path.startswith("/job-take/"):
+                    jobs = server._take(1)
+                    self._reply(200, jobs[0]) if jobs else self._reply(204)
+                elif parts.path.startswith("/job-stop/"):
+                    stops = server._stops()
+                    self._reply(200, {"jobsToStop": stops}) if stops else self._reply(204)
+                elif parts.path.startswith("/ping/"):
+                    with server._lock:
+                        server.pings += 1
+                    self._reply(200, {})
+                else:
+                    self._reply(404)
+
+            def do_POST(self) -> None:  # noqa: N802
+                parts = urlsplit(self.path)
+                length = int(self.headers.get("Content-Length", "0"))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                if parts.path.startswith(("/job-done/", "/job-stream/")):
+                    server._done(parts.path.rstrip("/").split("/")[-1], body)
+                    self._reply(200, {})
+                else:
+                    self._reply(404)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        return Handler
