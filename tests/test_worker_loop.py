@@ -1,0 +1,164 @@
+"""The real worker process (`python -m handler`, production mode) driven by a local RunPod job server."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import media
+from tests.conftest import CAPTURED_LOGS
+from tests.jobserver import JobServer
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class WorkerProcess:
+    """`python -m handler` pointed at a JobServer."""
+
+    def __init__(self, server: JobServer, work_dir: Path, model_dir: Path, **env: str) -> None:
+        self.work_dir = work_dir
+        self.log_path = work_dir.parent / f"worker-{time.monotonic_ns()}.log"
+        full_env = {
+            **os.environ, **server.env(), "TASK_MODULES": "tests.fixture_tasks", "WORK_DIR": str(work_dir),
+            "MODEL_DIR": str(model_dir), "WHISPER_MODEL": "tiny.en", "ALLOW_MODEL_DOWNLOAD": "false",
+            "DEVICE": "cpu", "PYTHONUNBUFFERED": "1", **env,
+        }
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "handler"], cwd=ROOT, env=full_env,
+                                            stdout=log, stderr=subprocess.STDOUT)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(30)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+            CAPTURED_LOGS.write(self.log_path.read_text(errors="replace"))
+
+    def job_dirs(self) -> list[Path]:
+        return list(self.work_dir.iterdir())
+
+
+@pytest.fixture
+def server() -> Iterator[JobServer]:
+    with JobServer() as job_server:
+        yield job_server
+
+
+def start(server: JobServer, tmp_path: Path, model_dir: Path, **env: str) -> WorkerProcess:
+    work = tmp_path / "jobs"
+    work.mkdir(exist_ok=True)
+    return WorkerProcess(server, work, model_dir, **env)
+
+
+def output_of(body: dict[str, Any]) -> dict[str, Any]:
+    return body.get("output", {})
+
+
+def test_two_hundred_jobs_each_answered_once(server: JobServer, tmp_path: Path, model_dir: Path,
+                                            speech_dir: Path) -> None:
+    """200 jobs, 8 held, 1 slot: every job answered exactly once, with a request id; nothing left behind."""
+    worker = start(server, tmp_path, model_dir, MAX_CONCURRENT_JOBS="8", MAX_CONCURRENT_GENERATIONS="1",
+                   GENERATION_ACQUIRE_TIMEOUT="60")
+    try:
+        clip = media.encode(media.speak(media.SENTENCES[0], speech_dir / "loop.wav"), speech_dir / "loop.ogg",
+                            "-ac", "1", "-c:a", "libopus", "-b:a", "16k")
+        speech = base64.b64encode(clip.read_bytes()).decode()
+        for i in range(200):
+            if i % 20 == 0:
+                server.submit(f"job-{i}", {"audio_base64": speech, "beam_size": 1, "best_of": 1})
+            else:
+                server.submit(f"job-{i}", {"task": "fixture", "action": "sleep", "seconds": 0.01 + (i % 5) * 0.01})
+        assert server.wait_for(200, timeout=240), f"only {len(server.results)} answered"
+        assert all(len(posts) == 1 for posts in server.results.values())
+        assert set(server.results) == {f"job-{i}" for i in range(200)}
+        outcomes = {}
+        for job_id, posts in server.results.items():
+            output = output_of(posts[0])
+            assert len(output["request_id"]) == 32
+            code = output.get("error_code", "success")
+            assert code in ("success", "TIMEOUT", "OVERLOADED"), (job_id, posts[0])
+            outcomes[code] = outcomes.get(code, 0) + 1
+        speech_results = [output_of(server.result(f"job-{i}")) for i in range(0, 200, 20)]
+        assert all("please" in r["transcription"].lower() for r in speech_results if "error_code" not in r)
+        assert worker.job_dirs() == []
+        server.submit("after", {"task": "system"})
+        assert server.wait_for(201, timeout=30)
+        snapshot = output_of(server.result("after"))
+        assert snapshot["jobs"] == 200 and snapshot["slots"]["total"] == 1
+        assert sum(snapshot["outcomes"].values()) == 200
+    finally:
+        assert worker.stop() == 0
+
+
+def test_stop_channel_cancels_waiting_and_running_jobs(server: JobServer, tmp_path: Path, model_dir: Path) -> None:
+    """A job stopped while running, and one stopped while waiting for the slot, answer CANCELLED;
+    the slot is free for the next job within a second, and no job directory is left."""
+    worker = start(server, tmp_path, model_dir, MAX_CONCURRENT_JOBS="4", MAX_CONCURRENT_GENERATIONS="1")
+    try:
+        server.submit("running", {"task": "fixture", "action": "sleep", "seconds": 60})
+        assert server.wait_taken("running", 60)
+        server.submit("waiting", {"task": "fixture", "action": "sleep", "seconds": 60})
+        assert server.wait_taken("waiting", 10)
+        time.sleep(0.5)
+        server.stop("waiting")
+        assert server.wait_for(1, 10)
+        server.stop("running")
+        assert server.wait_for(2, 10)
+        stopped_at = time.monotonic()
+        server.submit("next", {"task": "fixture", "action": "ok"})
+        assert server.wait_for(3, 10)
+        for job_id in ("running", "waiting"):
+            body = server.result(job_id)
+            assert body["error"].startswith("CANCELLED"), body
+            assert output_of(body)["error_code"] == "CANCELLED"
+        after = output_of(server.result("next"))
+        assert after["output"] == "done"
+        assert after["timings"]["queued_ms"] < 1000
+        assert time.monotonic() - stopped_at < 5
+        assert worker.job_dirs() == []
+    finally:
+        assert worker.stop() == 0
+
+
+def test_sigterm_answers_the_job_and_exits_cleanly(server: JobServer, tmp_path: Path, model_dir: Path) -> None:
+    """SIGTERM during a long job: it is answered (CANCELLED after the grace period) and the process
+    exits 0 within the grace period plus shutdown; a short job in flight finishes normally."""
+    worker = start(server, tmp_path, model_dir, MAX_CONCURRENT_JOBS="2", MAX_CONCURRENT_GENERATIONS="2",
+                   MODEL_INSTANCES="2", SHUTDOWN_GRACE_S="2")
+    server.submit("long", {"task": "fixture", "action": "sleep", "seconds": 60})
+    server.submit("short", {"task": "fixture", "action": "sleep", "seconds": 1})
+    assert server.wait_taken("long", 60) and server.wait_taken("short", 10)
+    time.sleep(0.3)
+    signalled = time.monotonic()
+    worker.process.send_signal(signal.SIGTERM)
+    assert worker.process.wait(20) == 0
+    assert time.monotonic() - signalled < 2 + 5
+    worker.stop()
+    assert output_of(server.result("short"))["output"] == "done"
+    assert output_of(server.result("long"))["error_code"] == "CANCELLED"
+    assert worker.job_dirs() == []
+
+
+def test_recycling_through_the_loop(server: JobServer, tmp_path: Path, model_dir: Path) -> None:
+    """MAX_JOBS_PER_WORKER=3: RunPod is told to stop the pod on the third result (stopPod)."""
+    worker = start(server, tmp_path, model_dir, MAX_JOBS_PER_WORKER="3")
+    try:
+        for i in range(3):
+            server.submit(f"r{i}", {"task": "fixture"})
+            assert server.wait_for(i + 1, 60)
+        assert [server.result(f"r{i}").get("stopPod", False) for i in range(3)] == [False, False, True]
+    finally:
+        worker.stop()
