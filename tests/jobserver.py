@@ -7,15 +7,22 @@ long-polls the stop channel; tests submit jobs, stop them, and read what came ba
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 LOOPBACK = "127.0.0.1"
+ROOT = Path(__file__).resolve().parents[1]
 # How long a job-take or job-stop request is held open when there is nothing to give.
 LONG_POLL_S = 0.5
 
@@ -33,6 +40,7 @@ class JobServer:
         self.progress: dict[str, list[Any]] = {}
         self.taken: list[str] = []
         self.pings = 0
+        self._ids = itertools.count()
         self._server = ThreadingHTTPServer((LOOPBACK, 0), self._handler_class())
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
@@ -62,6 +70,19 @@ class JobServer:
         with self.changed:
             self._to_stop.append(job_id)
             self.changed.notify_all()
+
+    def run(self, inputs: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+        """Submit one job and wait for its result (a load client's `send`)."""
+        job_id = f"load-{next(self._ids)}"
+        self.submit(job_id, inputs)
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while job_id not in self.results:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no result for {job_id}")
+                self.changed.wait(remaining)
+            return self.results[job_id][0]
 
     def wait_for(self, count: int, timeout: float) -> bool:
         """Wait until ``count`` jobs have a final result."""
@@ -139,7 +160,7 @@ class JobServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_GET(self) -> None:
                 parts = urlsplit(self.path)
                 query = parse_qs(parts.query)
                 if parts.path.startswith("/job-take-batch/"):
@@ -158,7 +179,7 @@ class JobServer:
                 else:
                     self._reply(404)
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 parts = urlsplit(self.path)
                 length = int(self.headers.get("Content-Length", "0"))
                 body = json.loads(self.rfile.read(length) or b"{}")
@@ -172,3 +193,31 @@ class JobServer:
                 pass
 
         return Handler
+
+
+class WorkerProcess:
+    """`python -m handler` pointed at a JobServer."""
+
+    def __init__(self, server: JobServer, work_dir: Path, model_dir: Path, **env: str) -> None:
+        self.work_dir = work_dir
+        self.log_path = work_dir.parent / f"worker-{time.monotonic_ns()}.log"
+        full_env = {
+            **os.environ, **server.env(), "TASK_MODULES": "tests.fixture_tasks", "WORK_DIR": str(work_dir),
+            "MODEL_DIR": str(model_dir), "WHISPER_MODEL": "tiny.en", "ALLOW_MODEL_DOWNLOAD": "false",
+            "DEVICE": "cpu", "PYTHONUNBUFFERED": "1", **env,
+        }
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "handler"], cwd=ROOT, env=full_env,
+                                            stdout=log, stderr=subprocess.STDOUT)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(30)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+
+    def job_dirs(self) -> list[Path]:
+        return list(self.work_dir.iterdir())

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import base64
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,39 +13,9 @@ import pytest
 
 from tests import media
 from tests.conftest import CAPTURED_LOGS
-from tests.jobserver import JobServer
+from tests.jobserver import JobServer, WorkerProcess
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[1]
-
-
-class WorkerProcess:
-    """`python -m handler` pointed at a JobServer."""
-
-    def __init__(self, server: JobServer, work_dir: Path, model_dir: Path, **env: str) -> None:
-        self.work_dir = work_dir
-        self.log_path = work_dir.parent / f"worker-{time.monotonic_ns()}.log"
-        full_env = {
-            **os.environ, **server.env(), "TASK_MODULES": "tests.fixture_tasks", "WORK_DIR": str(work_dir),
-            "MODEL_DIR": str(model_dir), "WHISPER_MODEL": "tiny.en", "ALLOW_MODEL_DOWNLOAD": "false",
-            "DEVICE": "cpu", "PYTHONUNBUFFERED": "1", **env,
-        }
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "handler"], cwd=ROOT, env=full_env,
-                                            stdout=log, stderr=subprocess.STDOUT)
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(30)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-            CAPTURED_LOGS.write(self.log_path.read_text(errors="replace"))
-
-    def job_dirs(self) -> list[Path]:
-        return list(self.work_dir.iterdir())
 
 
 @pytest.fixture
@@ -60,7 +27,14 @@ def server() -> Iterator[JobServer]:
 def start(server: JobServer, tmp_path: Path, model_dir: Path, **env: str) -> WorkerProcess:
     work = tmp_path / "jobs"
     work.mkdir(exist_ok=True)
-    return WorkerProcess(server, work, model_dir, **env)
+    worker = WorkerProcess(server, work, model_dir, **env)
+    return worker
+
+
+def stop(worker: WorkerProcess) -> int:
+    code = worker.stop()
+    CAPTURED_LOGS.write(worker.log_path.read_text(errors="replace"))
+    return code
 
 
 def output_of(body: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +74,7 @@ def test_two_hundred_jobs_each_answered_once(server: JobServer, tmp_path: Path, 
         assert snapshot["jobs"] == 200 and snapshot["slots"]["total"] == 1
         assert sum(snapshot["outcomes"].values()) == 200
     finally:
-        assert worker.stop() == 0
+        assert stop(worker) == 0
 
 
 def test_stop_channel_cancels_waiting_and_running_jobs(server: JobServer, tmp_path: Path, model_dir: Path) -> None:
@@ -130,7 +104,7 @@ def test_stop_channel_cancels_waiting_and_running_jobs(server: JobServer, tmp_pa
         assert time.monotonic() - stopped_at < 5
         assert worker.job_dirs() == []
     finally:
-        assert worker.stop() == 0
+        assert stop(worker) == 0
 
 
 def test_sigterm_answers_the_job_and_exits_cleanly(server: JobServer, tmp_path: Path, model_dir: Path) -> None:
@@ -146,7 +120,7 @@ def test_sigterm_answers_the_job_and_exits_cleanly(server: JobServer, tmp_path: 
     worker.process.send_signal(signal.SIGTERM)
     assert worker.process.wait(20) == 0
     assert time.monotonic() - signalled < 2 + 5
-    worker.stop()
+    stop(worker)
     assert output_of(server.result("short"))["output"] == "done"
     assert output_of(server.result("long"))["error_code"] == "CANCELLED"
     assert worker.job_dirs() == []
@@ -161,4 +135,4 @@ def test_recycling_through_the_loop(server: JobServer, tmp_path: Path, model_dir
             assert server.wait_for(i + 1, 60)
         assert [server.result(f"r{i}").get("stopPod", False) for i in range(3)] == [False, False, True]
     finally:
-        worker.stop()
+        stop(worker)
