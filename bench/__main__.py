@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from bench import overhead, transcription, upload
+from bench import loop, overhead, transcription, upload
 from bench.common import HEADER, Comparison, quiet_logs
 
 
 def main(names: list[str]) -> None:
     quiet_logs()
-    chosen = names or ["overhead", "transcription", "upload"]
+    chosen = names or ["overhead", "transcription", "upload", "pipelining", "soak", "loop"]
     rows: list[Comparison] = []
     for name in chosen:
         if name == "overhead":
@@ -19,6 +19,14 @@ def main(names: list[str]) -> None:
             rows.append(transcription.measure())
         elif name == "upload":
             rows.extend(upload.measure())
+        elif name == "pipelining":
+            rows.append(loop.pipelining())
+        elif name == "soak":
+            row, facts = loop.soak()
+            rows.append(row)
+            print(facts)
+        elif name == "loop":
+            rows.extend(loop.loop_overhead())
         else:
             sys.exit(f"unknown benchmark {name!r}")
         print(rows[-1].row(), flush=True)
