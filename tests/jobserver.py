@@ -57,6 +57,9 @@ class JobServer:
             "RUNPOD_WEBHOOK_POST_STREAM": f"{base}/job-stream/$RUNPOD_POD_ID/$ID?gpu=test",
             "RUNPOD_WEBHOOK_PING": f"{base}/ping/$RUNPOD_POD_ID?gpu=test",
             "RUNPOD_POD_ID": "test-worker",
+            # The heartbeat runs only with a key; once a second so a test sees it.
+            "RUNPOD_AI_API_KEY": "rpa_test_key_not_secret",
+            "RUNPOD_PING_INTERVAL": "1000",
             "RUNPOD_SKIP_GPU_CHECK": "true",
             "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
         }

@@ -73,6 +73,7 @@ def test_two_hundred_jobs_each_answered_once(server: JobServer, tmp_path: Path, 
         snapshot = output_of(server.result("after"))
         assert snapshot["jobs"] == 200 and snapshot["slots"]["total"] == 1
         assert sum(snapshot["outcomes"].values()) == 200
+        assert server.pings > 0  # the heartbeat reached the server too
     finally:
         assert stop(worker) == 0
 
