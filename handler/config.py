@@ -57,6 +57,10 @@ class Settings:
     model_dir: Path = Path("/models")
     # ALLOW_MODEL_DOWNLOAD: fetch official weights missing from MODEL_DIR at load time.
     allow_model_download: bool = True
+    # TTS_MODEL: speech model (VITS / MMS-TTS class), a Hugging Face repo id or a local dir.
+    tts_model: str = "facebook/mms-tts-eng"
+    # IMAGE_MODEL: text-to-image diffusers pipeline (SD, SDXL, FLUX class), repo id or dir.
+    image_model: str = "stabilityai/stable-diffusion-xl-base-1.0"
     # DEVICE: auto (cuda when available), cuda or cpu.
     device: str = "auto"
     # PRELOAD: tasks whose default pipeline is loaded at start, off the job path (comma list).
@@ -119,6 +123,14 @@ class Settings:
     download_allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     # BASE64_MAX_BYTES: largest decoded base64 input, checked before decoding.
     base64_max_bytes: int = 100 * MIB
+    # MAX_SPEECH_CHARS: longest text the speech task accepts.
+    max_speech_chars: int = 5000
+    # MAX_IMAGE_PIXELS: largest width x height of a generated image or video frame.
+    max_image_pixels: int = 2048 * 2048
+    # MAX_IMAGES: most images one text2image job may ask for.
+    max_images: int = 4
+    # MAX_STEPS: most inference steps a generation job may ask for.
+    max_steps: int = 100
     # MAX_AUDIO_DURATION_S: longest audio a transcription accepts (checked before decoding).
     max_audio_duration_s: float = 4 * 3600.0
     # MEDIA_TIMEOUT_S: deadline of each ffmpeg/ffprobe run.
@@ -246,6 +258,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         whisper_models=env.get("WHISPER_MODELS", _parse_list, d.whisper_models),
         model_dir=env.get("MODEL_DIR", Path, d.model_dir),
         allow_model_download=env.get("ALLOW_MODEL_DOWNLOAD", _parse_bool, d.allow_model_download),
+        tts_model=env.get("TTS_MODEL", str.strip, d.tts_model),
+        image_model=env.get("IMAGE_MODEL", str.strip, d.image_model),
+        max_speech_chars=env.get("MAX_SPEECH_CHARS", _parse_positive_int, d.max_speech_chars),
+        max_image_pixels=env.get("MAX_IMAGE_PIXELS", _parse_positive_int, d.max_image_pixels),
+        max_images=env.get("MAX_IMAGES", _parse_positive_int, d.max_images),
+        max_steps=env.get("MAX_STEPS", _parse_positive_int, d.max_steps),
         device=env.get("DEVICE", _parse_choice("auto", "cuda", "cpu"), d.device),
         preload=env.get("PRELOAD", _parse_list, d.preload),
         task_modules=env.get("TASK_MODULES", _parse_list, d.task_modules),

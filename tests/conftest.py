@@ -68,6 +68,22 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_vits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight VITS speech model saved with save_pretrained."""
+    from tests.tiny_models import build_vits
+
+    return build_vits(tmp_path_factory.mktemp("vits"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight Stable Diffusion pipeline saved with save_pretrained."""
+    from tests.tiny_models import build_stable_diffusion
+
+    return build_stable_diffusion(tmp_path_factory.mktemp("sd"))
+
+
+@pytest.fixture(scope="session")
 def speech_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("speech")
 

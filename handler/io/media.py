@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import wave
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,3 +189,13 @@ def _samples(pcm: bytes, info: MediaInfo, *, field: str) -> np.ndarray:
             field=field,
         )
     return audio
+
+
+def write_wav(path: Path, samples: np.ndarray, sample_rate: int) -> None:
+    """Mono float samples in [-1, 1] as a 16-bit PCM WAV file."""
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(sample_rate)
+        out.writeframes(pcm.tobytes())

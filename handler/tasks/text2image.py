@@ -1,0 +1,186 @@
+"""``text2image``: prompt in, PNG/JPEG/WebP images out (diffusers SD / SDXL / FLUX class pipelines).
+
+Limits are checked before anything is loaded; sizes are checked against the model (its
+default size, and the multiple its VAE and patching need) before any GPU work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from handler.errors import InputTooLarge, InvalidInput
+from handler.runtime.hub import pretrained_source
+from handler.runtime.instances import InstancePool
+from handler.runtime.progress import Progress
+from handler.runtime.registry import PipelineKey
+from handler.tasks.base import JobContext, Runtime, Task
+
+ImageFormat = Literal["png", "jpeg", "webp"]
+_CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+_DEFAULT_STEPS = 30
+
+
+class ImageInput(BaseModel):
+    """Input of the ``text2image`` task."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    task: Literal["text2image"] = "text2image"
+    prompt: str = Field(min_length=1, max_length=4000)
+    negative_prompt: str | None = Field(None, max_length=4000)
+    model: str | None = Field(None, description="image model; default IMAGE_MODEL")
+    width: int | None = Field(None, ge=64, le=8192, description="default: the model's size")
+    height: int | None = Field(None, ge=64, le=8192)
+    num_images: int = Field(1, ge=1)
+    steps: int = Field(_DEFAULT_STEPS, ge=1)
+    guidance_scale: float | None = Field(None, ge=0.0, le=30.0, description="default: the model's")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    format: ImageFormat = "png"
+
+
+def dtype_for(device: str) -> torch.dtype:
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+# diffusers is imported where a pipeline is loaded: it costs seconds at start-up, and a
+# worker that only transcribes never needs it.
+DiffusionPipeline = Any
+
+
+def load_pipeline(name: str, runtime: Runtime) -> DiffusionPipeline:
+    from diffusers import DiffusionPipeline as AnyPipeline
+
+    source, options = pretrained_source(name, runtime.settings)
+    pipeline = AnyPipeline.from_pretrained(  # type: ignore[no-untyped-call]
+        source, dtype=dtype_for(runtime.device), **options
+    )
+    pipeline = pipeline.to(runtime.device)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def get_pipelines(runtime: Runtime, name: str) -> InstancePool[DiffusionPipeline]:
+    dtype = str(dtype_for(runtime.device)).removeprefix("torch.")
+    key = PipelineKey("text2image", name, runtime.device, dtype)
+    count = runtime.settings.model_instances
+    return runtime.registry.get(key, lambda: InstancePool.build(count, lambda: load_pipeline(name, runtime)))
+
+
+def preload(runtime: Runtime) -> None:
+    get_pipelines(runtime, runtime.settings.image_model)
+
+
+def _check_limits(ctx: JobContext, params: ImageInput) -> None:
+    settings = ctx.settings
+    if params.num_images > settings.max_images:
+        raise InputTooLarge(f"num_images: {params.num_images} is over the limit of {settings.max_images}",
+                            field="num_images")
+    if params.steps > settings.max_steps:
+        raise InputTooLarge(f"steps: {params.steps} is over the limit of {settings.max_steps}", field="steps")
+    if params.width and params.height and params.width * params.height > settings.max_image_pixels:
+        raise InputTooLarge(f"width x height: {params.width}x{params.height} is over the limit of "
+                            f"{settings.max_image_pixels} pixels", field="width")
+    if params.model not in (None, settings.image_model):
+        raise InvalidInput(f"model: {params.model!r} is not served here; use {settings.image_model!r}",
+                           field="model")
+
+
+def size_multiple(pipeline: DiffusionPipeline) -> int:
+    """What width and height must divide by: the VAE's factor (SD pipelines insist on 8 at least),
+    doubled for 2x2-patched latents (FLUX)."""
+    factor = max(8, int(getattr(pipeline, "vae_scale_factor", 8)))
+    return factor * 2 if "Flux" in type(pipeline).__name__ else factor
+
+
+def default_size(pipeline: DiffusionPipeline) -> int:
+    sample = getattr(pipeline, "default_sample_size", None)
+    if sample is None:
+        sample = pipeline.unet.config.sample_size
+    return int(sample) * int(getattr(pipeline, "vae_scale_factor", 8))
+
+
+def resolve_size(ctx: JobContext, pipeline: DiffusionPipeline, params: ImageInput) -> tuple[int, int]:
+    """The (width, height) to generate, checked against the model."""
+    default = default_size(pipeline)
+    width, height = params.width or default, params.height or default
+    multiple = size_multiple(pipeline)
+    for field, value in (("width", width), ("height", height)):
+        if value % multiple:
+            raise InvalidInput(f"{field}: {value} is not a multiple of {multiple}, as this model needs", field=field)
+    if width * height > ctx.settings.max_image_pixels:
+        raise InputTooLarge(f"width x height: {width}x{height} is over the limit of "
+                            f"{ctx.settings.max_image_pixels} pixels", field="width")
+    return width, height
+
+
+def _call_options(pipeline: DiffusionPipeline, params: ImageInput, width: int, height: int) -> dict[str, Any]:
+    accepted = inspect.signature(pipeline.__call__).parameters
+    if params.negative_prompt is not None and "negative_prompt" not in accepted:
+        raise InvalidInput("negative_prompt: this model does not take a negative prompt", field="negative_prompt")
+    options: dict[str, Any] = {
+        "prompt": params.prompt, "width": width, "height": height, "num_inference_steps": params.steps,
+        "num_images_per_prompt": params.num_images, "output_type": "pil",
+    }
+    if params.negative_prompt is not None:
+        options["negative_prompt"] = params.negative_prompt
+    if params.guidance_scale is not None:
+        options["guidance_scale"] = params.guidance_scale
+    return options
+
+
+def step_callback(ctx: JobContext, progress: Progress, total: int, label: str = "") -> Any:
+    """A diffusers ``callback_on_step_end``: stop when cancelled, report progress."""
+
+    def on_step_end(_pipeline: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        ctx.cancel.check()
+        progress.report(f"{label}step {step + 1}/{total}", force=step + 1 == total)
+        return kwargs
+
+    return on_step_end
+
+
+def _save(ctx: JobContext, images: list[Any], fmt: ImageFormat) -> list[tuple[Any, str]]:
+    saved = []
+    for index, image in enumerate(images):
+        name = f"image-{index}.{'jpg' if fmt == 'jpeg' else fmt}"
+        path = ctx.workdir / name
+        image.save(path, format=fmt.upper(), **({} if fmt == "png" else {"quality": 95}))
+        saved.append((path, name))
+    return saved
+
+
+async def run(ctx: JobContext, params: ImageInput) -> dict[str, Any]:
+    _check_limits(ctx, params)
+    model = params.model or ctx.settings.image_model
+    with ctx.timings.measure("load"):
+        pipelines = await asyncio.to_thread(get_pipelines, ctx.runtime, model)
+    width, height = resolve_size(ctx, pipelines.first, params)
+    options = _call_options(pipelines.first, params, width, height)
+    seed = params.seed if params.seed is not None else int(np.random.default_rng().integers(0, 2**32 - 1))
+    progress = Progress(ctx.job)
+
+    def work() -> list[Any]:
+        with pipelines.borrow(ctx.settings.generation_acquire_timeout) as pipeline, ctx.timings.measure("run"):
+            generator = torch.Generator("cpu").manual_seed(seed)
+            callback = step_callback(ctx, progress, params.steps)
+            return list(pipeline(**options, generator=generator, callback_on_step_end=callback).images)
+
+    images, waited_ms = await ctx.runtime.gate.run(work, token=ctx.cancel)
+    ctx.timings.add("queued", waited_ms)
+    files = []
+    with ctx.timings.measure("upload"):
+        for path, name in await asyncio.to_thread(_save, ctx, images, params.format):
+            stored = await asyncio.to_thread(ctx.storage.save, path, name=name,
+                                             content_type=_CONTENT_TYPES[params.format], request_id=ctx.request_id)
+            files.append(stored.as_dict())
+    return {"model": model, "seed": seed, "width": width, "height": height, "steps": params.steps,
+            "num_images": len(files), "files": files}
+
+
+TASK: Task[ImageInput] = Task(name="text2image", input_model=ImageInput, run=run, preload=preload)

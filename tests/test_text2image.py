@@ -1,0 +1,109 @@
+"""`text2image` on a tiny random-weight Stable Diffusion pipeline, loaded through the production path."""
+
+from __future__ import annotations
+
+import base64
+import io
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import assert_no_job_dirs, job, run_job
+from tests.jobserver import JobServer, WorkerProcess
+
+
+def images_of(result: dict) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(base64.b64decode(f["base64"]))) for f in result["files"]]
+
+
+@pytest.fixture
+def painter(make_worker, tiny_sd: Path):
+    return make_worker(IMAGE_MODEL=str(tiny_sd))
+
+
+@pytest.mark.parametrize(("fmt", "pil_format"), [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_images_in_each_format(painter, work_dir: Path, fmt: str, pil_format: str) -> None:
+    """Two 64x80 images come back in the asked format, with the seed and size used."""
+    result = run_job(painter, job(task="text2image", prompt="a red cat", width=64, height=80, num_images=2,
+                                  steps=2, seed=5, format=fmt))
+    assert "error" not in result, result
+    images = images_of(result)
+    assert [(i.format, i.size) for i in images] == [(pil_format, (64, 80))] * 2
+    assert (result["width"], result["height"], result["seed"], result["num_images"]) == (64, 80, 5, 2)
+    assert_no_job_dirs(work_dir)
+
+
+def test_model_default_size(painter) -> None:
+    """Without width/height the model's own size is used (sample size x VAE factor)."""
+    result = run_job(painter, job(task="text2image", prompt="a cat", steps=1, seed=1))
+    assert images_of(result)[0].size == (64, 64)
+
+
+def test_seed_decides_the_pixels(painter) -> None:
+    """Same seed and input: the same pixels; another seed: different pixels."""
+    def pixels(seed: int) -> np.ndarray:
+        result = run_job(painter, job(task="text2image", prompt="a blue house", width=64, height=64, steps=2,
+                                      seed=seed))
+        return np.asarray(images_of(result)[0])
+
+    first, again, other = pixels(11), pixels(11), pixels(12)
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "code", "field"),
+    [
+        ({"num_images": 9}, "INPUT_TOO_LARGE", "num_images"),
+        ({"steps": 1000}, "INPUT_TOO_LARGE", "steps"),
+        ({"width": 4096, "height": 4096}, "INPUT_TOO_LARGE", "width"),
+        ({"model": "someone/else"}, "INVALID_INPUT", "model"),
+    ],
+)
+def test_limits_are_checked_before_loading(make_worker, tiny_sd: Path, inputs: dict, code: str, field: str) -> None:
+    """Over-limit requests are refused before the pipeline is loaded."""
+    worker = make_worker(IMAGE_MODEL=str(tiny_sd), MAX_IMAGE_PIXELS=str(1024 * 1024))
+    before = set(worker.runtime.registry.loaded())
+    result = run_job(worker, job(task="text2image", prompt="x", **inputs))
+    assert result["error_code"] == code and result["field"] == field
+    assert {k.task for k in set(worker.runtime.registry.loaded()) - before} == set()
+
+
+def test_sizes_must_fit_the_model(painter) -> None:
+    """A width the VAE cannot divide is INVALID_INPUT naming the multiple."""
+    result = run_job(painter, job(task="text2image", prompt="x", width=66, height=64, steps=1))
+    assert result["error_code"] == "INVALID_INPUT" and result["field"] == "width"
+    assert "multiple of 8" in result["error"]
+
+
+def test_images_land_in_the_bucket(make_worker, tiny_sd: Path, bucket_env: dict) -> None:
+    """With a bucket, images are uploaded and download through their presigned URLs."""
+    worker = make_worker(IMAGE_MODEL=str(tiny_sd), **bucket_env)
+    result = run_job(worker, job(task="text2image", prompt="a tree", width=64, height=64, steps=1, seed=3))
+    (stored,) = result["files"]
+    assert stored["url"].startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(stored["url"], timeout=10) as response:  # noqa: S310 (loopback test server)
+        body = response.read()
+    assert len(body) == stored["size"]
+    assert Image.open(io.BytesIO(body)).size == (64, 64)
+
+
+@pytest.mark.integration
+def test_progress_reaches_the_job_server(tiny_sd: Path, model_dir: Path, tmp_path: Path) -> None:
+    """Through the real worker loop, step progress arrives on the job server while the job runs."""
+    work = tmp_path / "jobs"
+    work.mkdir()
+    with JobServer() as server:
+        worker = WorkerProcess(server, work, model_dir, IMAGE_MODEL=str(tiny_sd))
+        try:
+            server.submit("paint", {"task": "text2image", "prompt": "a boat", "width": 64, "height": 64,
+                                    "steps": 4, "seed": 2})
+            assert server.wait_for(1, 120)
+            assert "error" not in server.result("paint"), server.result("paint")
+            assert server.progress.get("paint"), "no progress update arrived"
+            assert server.progress["paint"][-1] == "step 4/4"
+        finally:
+            worker.stop()
