@@ -1,6 +1,7 @@
 # RunPod serverless media worker.
 #   docker build -t media-worker .
 #   docker build --build-arg WHISPER_MODEL=large-v3 -t media-worker:large .
+#   docker build --build-arg BAKE_MODELS=transcribe,speech,text2image -t media-worker:all .
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -25,11 +26,17 @@ WORKDIR /app
 COPY requirements.txt ./
 RUN pip install -r requirements.txt
 
-# Bake the configured Whisper weights into the image, readable by any user.
+# Bake the weights of the tasks in BAKE_MODELS into the image, readable by any user.
+ARG BAKE_MODELS=transcribe
 ARG WHISPER_MODEL=turbo
 ARG WHISPER_MODELS=""
-ENV WHISPER_MODEL=${WHISPER_MODEL} \
-    WHISPER_MODELS=${WHISPER_MODELS}
+ARG TTS_MODEL=facebook/mms-tts-eng
+ARG IMAGE_MODEL=stabilityai/stable-diffusion-xl-base-1.0
+ENV BAKE_MODELS=${BAKE_MODELS} \
+    WHISPER_MODEL=${WHISPER_MODEL} \
+    WHISPER_MODELS=${WHISPER_MODELS} \
+    TTS_MODEL=${TTS_MODEL} \
+    IMAGE_MODEL=${IMAGE_MODEL}
 COPY builder ./builder
 RUN python -m builder bake \
     && chmod -R a+rX "$MODEL_DIR"

