@@ -61,6 +61,11 @@ class Settings:
     tts_model: str = "facebook/mms-tts-eng"
     # IMAGE_MODEL: text-to-image diffusers pipeline (SD, SDXL, FLUX class), repo id or dir.
     image_model: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    # VIDEO_MODEL: text-to-video diffusers pipeline (Wan2.1 T2V, LTX-Video), repo id or dir.
+    video_model: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    # ENABLE_CPU_OFFLOAD: keep diffusers models in RAM and move each to the GPU when used
+    # (fits small GPUs, runs slower).
+    enable_cpu_offload: bool = False
     # DEVICE: auto (cuda when available), cuda or cpu.
     device: str = "auto"
     # PRELOAD: tasks whose default pipeline is loaded at start, off the job path (comma list).
@@ -127,6 +132,10 @@ class Settings:
     max_speech_chars: int = 5000
     # MAX_IMAGE_PIXELS: largest width x height of a generated image or video frame.
     max_image_pixels: int = 2048 * 2048
+    # MAX_VIDEO_DURATION_S: longest video text2video makes (narration included).
+    max_video_duration_s: float = 60.0
+    # MAX_VIDEO_FRAMES: most frames one text2video job may make.
+    max_video_frames: int = 1921
     # MAX_IMAGES: most images one text2image job may ask for.
     max_images: int = 4
     # MAX_STEPS: most inference steps a generation job may ask for.
@@ -260,6 +269,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         allow_model_download=env.get("ALLOW_MODEL_DOWNLOAD", _parse_bool, d.allow_model_download),
         tts_model=env.get("TTS_MODEL", str.strip, d.tts_model),
         image_model=env.get("IMAGE_MODEL", str.strip, d.image_model),
+        video_model=env.get("VIDEO_MODEL", str.strip, d.video_model),
+        enable_cpu_offload=env.get("ENABLE_CPU_OFFLOAD", _parse_bool, d.enable_cpu_offload),
+        max_video_duration_s=env.get("MAX_VIDEO_DURATION_S", _parse_positive_float, d.max_video_duration_s),
+        max_video_frames=env.get("MAX_VIDEO_FRAMES", _parse_positive_int, d.max_video_frames),
         max_speech_chars=env.get("MAX_SPEECH_CHARS", _parse_positive_int, d.max_speech_chars),
         max_image_pixels=env.get("MAX_IMAGE_PIXELS", _parse_positive_int, d.max_image_pixels),
         max_images=env.get("MAX_IMAGES", _parse_positive_int, d.max_images),

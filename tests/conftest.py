@@ -84,6 +84,22 @@ def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_wan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight Wan2.1 text-to-video pipeline saved with save_pretrained."""
+    from tests.tiny_models import build_wan
+
+    return build_wan(tmp_path_factory.mktemp("wan"))
+
+
+@pytest.fixture(scope="session")
+def tiny_ltx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight LTX-Video pipeline saved with save_pretrained."""
+    from tests.tiny_models import build_ltx
+
+    return build_ltx(tmp_path_factory.mktemp("ltx"))
+
+
+@pytest.fixture(scope="session")
 def speech_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("speech")
 

@@ -199,3 +199,95 @@ def write_wav(path: Path, samples: np.ndarray, sample_rate: int) -> None:
         out.setsampwidth(2)
         out.setframerate(sample_rate)
         out.writeframes(pcm.tobytes())
+
+
+class FrameWriter:
+    """Encode RGB frames, streamed in as they are generated, to an H.264 mp4 (no audio).
+
+    ``hold`` repeats the last frame that many times at the end (a short tail is held rather
+    than generated).
+    """
+
+    def __init__(self, path: Path, *, width: int, height: int, fps: int, hold: int = 0, timeout_s: float) -> None:
+        self.path = path
+        self.frames = 0
+        self._timeout_s = timeout_s
+        self._stderr = path.with_suffix(".log").open("w+b")
+        output = {"vcodec": "libx264", "pix_fmt": "yuv420p", "preset": "veryfast", "crf": 18, "r": fps}
+        if hold:
+            output["vf"] = f"tpad=stop_mode=clone:stop={hold}"
+        args: list[str] = (
+            ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", r=fps)
+            .output(str(path), **output)
+            .global_args("-v", "error", "-y")
+            .compile()
+        )
+        self._process = subprocess.Popen(args, stdin=subprocess.PIPE, stderr=self._stderr)
+
+    def write(self, frames: np.ndarray) -> None:
+        """``frames``: uint8 array of shape (count, height, width, 3)."""
+        assert self._process.stdin is not None
+        self._process.stdin.write(np.ascontiguousarray(frames, dtype=np.uint8).tobytes())
+        self.frames += len(frames)
+
+    def close(self) -> None:
+        assert self._process.stdin is not None
+        self._process.stdin.close()
+        try:
+            code = self._process.wait(timeout=self._timeout_s)
+        except subprocess.TimeoutExpired:
+            self.abort()
+            raise WorkerError(f"video encoding ran longer than {self._timeout_s:g}s") from None
+        self._stderr.seek(0)
+        detail = _tail(self._stderr.read())
+        self._stderr.close()
+        if code != 0:
+            raise WorkerError(f"video encoding failed ({detail})")
+
+    def abort(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._stderr.close()
+
+
+def finish_video(
+    video: Path, target: Path, *, audio: Path | None, subtitles: Path | None, burn: bool, font_size: int,
+    timeout_s: float,
+) -> None:
+    """Mux ``video`` with narration (AAC, padded with silence to the video's end) and captions.
+
+    Soft captions become an mp4 text stream; burned ones are drawn by libass. The output
+    starts playing before it has fully downloaded (``+faststart``). ``audio`` may come from
+    the user, so it is opened under the same lock-down as every user file. Paths are passed
+    relative to the job directory, so no file name needs escaping inside a filter.
+    """
+    workdir = video.parent
+    args = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", video.name]
+    if audio is not None:
+        for option, value in _LOCKDOWN.items():
+            args += [f"-{option}", value]
+        args += ["-i", f"file:{audio.name}"]
+    if subtitles is not None and not burn:
+        args += ["-i", subtitles.name]
+    args += ["-map", "0:v:0"]
+    if audio is not None:
+        args += ["-map", "1:a:0", "-c:a", "aac", "-b:a", "128k", "-af", "apad", "-shortest"]
+    if subtitles is not None and burn:
+        style = f"FontSize={font_size},Outline=2,Shadow=0,MarginV=20,Alignment=2"
+        args += ["-vf", f"subtitles={subtitles.name}:force_style='{style}'",
+                 "-c:v", "libx264", "-pix_fmt", "yuv420p", "-preset", "veryfast", "-crf", "18"]
+    else:
+        args += ["-c:v", "copy"]
+    if subtitles is not None and not burn:
+        args += ["-map", f"{2 if audio is not None else 1}:s:0", "-c:s", "mov_text", "-metadata:s:s:0",
+                 "language=eng"]
+    args += ["-movflags", "+faststart", target.name]
+    try:
+        done = subprocess.run(args, cwd=workdir, capture_output=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise WorkerError(f"muxing ran longer than {timeout_s:g}s") from exc
+    if done.returncode != 0:
+        if audio is not None and b"Invalid data" in done.stderr:
+            raise InvalidInput(f"audio: could not read the narration ({_tail(done.stderr)})", field="audio")
+        raise WorkerError(f"muxing failed ({_tail(done.stderr)})")

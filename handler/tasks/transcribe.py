@@ -130,6 +130,25 @@ def preload(runtime: Runtime) -> None:
     get_pipelines(runtime, runtime.settings.whisper_model)
 
 
+async def word_timings(ctx: JobContext, audio: np.ndarray) -> list[dict[str, Any]]:
+    """Words and their times in ``audio`` (16 kHz mono), with the default Whisper model.
+
+    Used for captions; runs in a GPU slot like any transcription.
+    """
+    with ctx.timings.measure("load"):
+        pipelines = await asyncio.to_thread(get_pipelines, ctx.runtime, ctx.settings.whisper_model)
+    params = TranscribeInput.model_construct(word_timestamps=True)
+
+    def work() -> list[dict[str, Any]]:
+        with pipelines.borrow(ctx.settings.generation_acquire_timeout) as pipeline:
+            result, _ = _recognise(pipeline, audio, params, ctx.cancel)
+        return _words(result)
+
+    words, waited_ms = await ctx.runtime.gate.run(work, token=ctx.cancel)
+    ctx.timings.add("queued", waited_ms)
+    return words
+
+
 def _model_name(ctx: JobContext, params: TranscribeInput) -> str:
     allowed = ctx.settings.allowed_whisper_models()
     name = params.model or ctx.settings.whisper_model

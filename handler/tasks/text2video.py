@@ -1,0 +1,302 @@
+"""``text2video``: prompt in, an mp4 of the asked duration and aspect ratio out, with optional
+narration (an audio input, or text spoken by the ``speech`` task) and captions.
+
+Stages: check inputs -> narration -> captions -> generate segments -> encode -> mux -> upload.
+Everything that can be refused is refused before the video model loads. Long videos are made
+of several generated segments, crossfaded where they meet (never slowed down); the video is
+as long as the narration when that is longer, so speech is never cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from handler.errors import InputTooLarge, InvalidInput, ModelLoadFailed
+from handler.io import media
+from handler.runtime.hub import pretrained_source
+from handler.runtime.instances import InstancePool
+from handler.runtime.progress import Progress
+from handler.runtime.registry import PipelineKey
+from handler.tasks import speech, transcribe
+from handler.tasks.base import JobContext, Runtime, Task
+from handler.tasks.captions import cues_from_words, write_srt
+from handler.tasks.text2image import dtype_for, step_callback
+from handler.tasks.video_plan import AspectRatio, Family, Resolution, SegmentPlan, family_of, frame_size, plan_segments
+
+Captions = Literal["none", "soft", "burned"]
+
+
+class VideoInput(BaseModel):
+    """Input of the ``text2video`` task."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    task: Literal["text2video"] = "text2video"
+    prompt: str = Field(min_length=1, max_length=4000)
+    negative_prompt: str | None = Field(None, max_length=4000)
+    model: str | None = Field(None, description="video model; default VIDEO_MODEL")
+    duration_s: float = Field(5.0, gt=0, description="seconds; longer when the narration is")
+    fps: int = Field(16, ge=4, le=60)
+    aspect_ratio: AspectRatio = "16:9"
+    resolution: Resolution = "480p"
+    num_inference_steps: int = Field(30, ge=1)
+    guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    audio: str | None = Field(None, description="narration track: https URL or s3://bucket/key")
+    audio_base64: str | None = Field(None, description="narration track, base64")
+    narration: str | None = Field(None, min_length=1, description="text to speak as narration")
+    captions: Captions = "none"
+
+    @model_validator(mode="after")
+    def _check(self) -> VideoInput:
+        given = [name for name in ("audio", "audio_base64", "narration") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of audio, audio_base64, narration (got {', '.join(given)})")
+        if self.captions != "none" and not given:
+            raise ValueError("captions: need narration (audio, audio_base64 or narration) to caption")
+        return self
+
+
+def load_pipeline(name: str, runtime: Runtime) -> Any:
+    from diffusers import DiffusionPipeline
+
+    source, options = pretrained_source(name, runtime.settings)
+    pipeline = DiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]
+        source, dtype=dtype_for(runtime.device), **options
+    )
+    if runtime.settings.enable_cpu_offload and runtime.device == "cuda":
+        pipeline.enable_model_cpu_offload()
+    else:
+        pipeline = pipeline.to(runtime.device)
+    vae = getattr(pipeline, "vae", None)
+    for switch in ("enable_tiling", "enable_slicing"):  # decode big frames in pieces
+        if hasattr(vae, switch):
+            getattr(vae, switch)()
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def get_pipelines(runtime: Runtime, name: str) -> InstancePool[Any]:
+    dtype = str(dtype_for(runtime.device)).removeprefix("torch.")
+    key = PipelineKey("text2video", name, runtime.device, dtype)
+    count = runtime.settings.model_instances
+    return runtime.registry.get(key, lambda: InstancePool.build(count, lambda: load_pipeline(name, runtime)))
+
+
+def preload(runtime: Runtime) -> None:
+    get_pipelines(runtime, runtime.settings.video_model)
+
+
+def model_family(ctx: JobContext, name: str) -> Family:
+    """The model's family from its model_index.json alone, so nothing heavy loads to learn it."""
+    from diffusers import DiffusionPipeline
+
+    source, options = pretrained_source(name, ctx.settings)
+    try:
+        config = DiffusionPipeline.load_config(source, **options)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadFailed(f"no video model {name!r}: {exc}") from exc
+    family = family_of(str(config.get("_class_name", "")))
+    if family is None:
+        raise InvalidInput(f"model: {config.get('_class_name')} is not a supported video pipeline", field="model")
+    return family
+
+
+def _check_request(ctx: JobContext, params: VideoInput, family: Family) -> tuple[int, int]:
+    settings = ctx.settings
+    if params.model not in (None, settings.video_model):
+        raise InvalidInput(f"model: {params.model!r} is not served here; use {settings.video_model!r}", field="model")
+    if params.num_inference_steps > settings.max_steps:
+        raise InputTooLarge(f"num_inference_steps: {params.num_inference_steps} is over the limit of "
+                            f"{settings.max_steps}", field="num_inference_steps")
+    width, height = frame_size(params.aspect_ratio, params.resolution, family)
+    if width * height > settings.max_image_pixels:
+        raise InputTooLarge(f"resolution: {width}x{height} is over the limit of {settings.max_image_pixels} "
+                            "pixels per frame", field="resolution")
+    _check_duration(ctx, params.duration_s, params.fps, field="duration_s")
+    if params.narration is not None:
+        speech.check_text(ctx, params.narration, field="narration")
+    return width, height
+
+
+def _check_duration(ctx: JobContext, duration_s: float, fps: int, *, field: str) -> int:
+    settings = ctx.settings
+    if duration_s > settings.max_video_duration_s:
+        raise InputTooLarge(f"{field}: {duration_s:.1f}s is over the limit of {settings.max_video_duration_s:g}s",
+                            field=field)
+    frames = math.ceil(duration_s * fps)
+    if frames > settings.max_video_frames:
+        raise InputTooLarge(f"{field}: {frames} frames is over the limit of {settings.max_video_frames}",
+                            field=field)
+    return frames
+
+
+async def _narration(ctx: JobContext, params: VideoInput) -> tuple[Path | None, np.ndarray | None]:
+    """The narration file, and its samples at 16 kHz when captions need them."""
+    if params.narration is not None:
+        pieces = speech.check_text(ctx, params.narration, field="narration")
+        samples, rate = await speech.synthesize(ctx, pieces, model=ctx.settings.tts_model, speaking_rate=1.0,
+                                                seed=params.seed or 0)
+        path = ctx.workdir / "narration.wav"
+        media.write_wav(path, samples, rate)
+    elif params.audio is not None or params.audio_base64 is not None:
+        path = ctx.workdir / "narration.input"
+        field = "audio" if params.audio is not None else "audio_base64"
+        with ctx.timings.measure("download"):
+            if params.audio is not None:
+                await asyncio.to_thread(ctx.inputs.from_url, params.audio, path, field=field)
+            else:
+                await asyncio.to_thread(ctx.inputs.from_base64, str(params.audio_base64), path, field=field)
+    else:
+        return None, None
+    audio, _info = await asyncio.to_thread(
+        media.load_audio, path, max_duration_s=ctx.settings.max_video_duration_s,
+        timeout_s=ctx.settings.media_timeout_s, field="audio" if params.narration is None else "narration",
+    )
+    return path, audio
+
+
+async def _captions(ctx: JobContext, audio: np.ndarray) -> Path:
+    with ctx.timings.measure("captions"):
+        words = await transcribe.word_timings(ctx, audio)
+        path = ctx.workdir / "captions.srt"
+        write_srt(cues_from_words(words), path)
+    return path
+
+
+def _to_uint8(frames: np.ndarray) -> np.ndarray:
+    scaled: np.ndarray = np.clip(frames, 0.0, 1.0) * 255.0 + 0.5
+    return scaled.astype(np.uint8)
+
+
+class _Joiner:
+    """Writes segments to the encoder, crossfading ``overlap`` frames where two meet."""
+
+    def __init__(self, writer: media.FrameWriter, plan: SegmentPlan) -> None:
+        self._writer = writer
+        self._plan = plan
+        self._pending: np.ndarray | None = None  # the previous segment's tail
+        self.poster: np.ndarray | None = None
+
+    def add(self, frames: np.ndarray, *, last: bool) -> None:
+        overlap = self._plan.overlap
+        if self._pending is not None:
+            weights = np.linspace(0.0, 1.0, overlap + 2, dtype=np.float32)[1:-1, None, None, None]
+            blended = self._pending.astype(np.float32) * (1 - weights) + frames[:overlap].astype(np.float32) * weights
+            self._emit(blended.round().astype(np.uint8))
+            frames = frames[overlap:]
+        if not last and overlap:
+            frames, self._pending = frames[:-overlap], frames[-overlap:]
+        self._emit(frames)
+
+    def _emit(self, frames: np.ndarray) -> None:
+        room = self._plan.frames - self._writer.frames
+        frames = frames[:room]
+        if len(frames):
+            if self.poster is None:
+                self.poster = frames[len(frames) // 2]
+            self._writer.write(frames)
+
+
+def _generate(ctx: JobContext, pipeline: Any, params: VideoInput, plan: SegmentPlan, writer: media.FrameWriter,
+              size: tuple[int, int], seed: int) -> np.ndarray:
+    width, height = size
+    joiner = _Joiner(writer, plan)
+    progress = Progress(ctx.job)
+    count = len(plan.segments)
+    options: dict[str, Any] = {"prompt": params.prompt, "height": height, "width": width,
+                               "num_inference_steps": params.num_inference_steps, "output_type": "np"}
+    if params.negative_prompt is not None:
+        options["negative_prompt"] = params.negative_prompt
+    if params.guidance_scale is not None:
+        options["guidance_scale"] = params.guidance_scale
+    for index, frames in enumerate(plan.segments):
+        ctx.cancel.check()
+        callback = step_callback(ctx, progress, params.num_inference_steps, label=f"segment {index + 1}/{count}, ")
+        generator = torch.Generator("cpu").manual_seed(seed + index)
+        output = pipeline(**options, num_frames=frames, generator=generator, callback_on_step_end=callback)
+        joiner.add(_to_uint8(np.asarray(output.frames[0])), last=index == count - 1)
+    assert joiner.poster is not None
+    poster: np.ndarray = joiner.poster
+    return poster
+
+
+async def _render(ctx: JobContext, params: VideoInput, plan: SegmentPlan, size: tuple[int, int], seed: int,
+                  model: str) -> tuple[Path, np.ndarray]:
+    with ctx.timings.measure("load"):
+        pipelines = await asyncio.to_thread(get_pipelines, ctx.runtime, model)
+    path = ctx.workdir / "frames.mp4"
+    writer = media.FrameWriter(path, width=size[0], height=size[1], fps=params.fps, hold=plan.hold,
+                               timeout_s=ctx.settings.media_timeout_s)
+
+    def work() -> np.ndarray:
+        with pipelines.borrow(ctx.settings.generation_acquire_timeout) as pipeline, ctx.timings.measure("generate"):
+            return _generate(ctx, pipeline, params, plan, writer, size, seed)
+
+    try:
+        poster, waited_ms = await ctx.runtime.gate.run(work, token=ctx.cancel)
+    except BaseException:
+        writer.abort()
+        raise
+    ctx.timings.add("queued", waited_ms)
+    with ctx.timings.measure("mux"):
+        await asyncio.to_thread(writer.close)
+    return path, poster
+
+
+async def _upload(ctx: JobContext, files: list[tuple[Path, str]]) -> list[dict[str, Any]]:
+    stored = []
+    with ctx.timings.measure("upload"):
+        for path, content_type in files:
+            saved = await asyncio.to_thread(ctx.storage.save, path, name=path.name, content_type=content_type,
+                                            request_id=ctx.request_id)
+            stored.append(saved.as_dict())
+    return stored
+
+
+async def run(ctx: JobContext, params: VideoInput) -> dict[str, Any]:
+    model = params.model or ctx.settings.video_model
+    family = await asyncio.to_thread(model_family, ctx, model)
+    size = _check_request(ctx, params, family)
+    seed = params.seed if params.seed is not None else int(np.random.default_rng().integers(0, 2**32 - 1))
+    narration, samples = await _narration(ctx, params)
+    duration = max(params.duration_s, samples.size / media.SAMPLE_RATE if samples is not None else 0.0)
+    total = _check_duration(ctx, duration, params.fps, field="audio" if samples is not None else "duration_s")
+    plan = plan_segments(total, family, fps=params.fps)
+    subtitles = await _captions(ctx, samples) if params.captions != "none" and samples is not None else None
+    frames_path, poster = await _render(ctx, params, plan, size, seed, model)
+    video = ctx.workdir / "video.mp4"
+    with ctx.timings.measure("mux"):
+        await asyncio.to_thread(
+            media.finish_video, frames_path, video, audio=narration, subtitles=subtitles,
+            burn=params.captions == "burned", font_size=14 if size[1] > size[0] else 18,
+            timeout_s=ctx.settings.media_timeout_s,
+        )
+    poster_path = ctx.workdir / "poster.jpg"
+    await asyncio.to_thread(_save_poster, poster, poster_path)
+    files = [(video, "video/mp4"), (poster_path, "image/jpeg")]
+    if subtitles is not None:
+        files.append((subtitles, "application/x-subrip"))
+    frames = plan.frames + plan.hold
+    return {
+        "model": model, "seed": seed, "width": size[0], "height": size[1], "fps": params.fps,
+        "frames": frames, "duration_s": round(frames / params.fps, 3), "segments": len(plan.segments),
+        "segment_frames": list(plan.segments), "narrated": narration is not None, "captions": params.captions,
+        "files": await _upload(ctx, files),
+    }
+
+
+def _save_poster(frame: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(frame).save(path, format="JPEG", quality=90)
+
+
+TASK: Task[VideoInput] = Task(name="text2video", input_model=VideoInput, run=run, preload=preload)
