@@ -132,6 +132,9 @@ class Settings:
     max_speech_chars: int = 5000
     # MAX_IMAGE_PIXELS: largest width x height of a generated image or video frame.
     max_image_pixels: int = 2048 * 2048
+    # VIDEO_CLIP_FRAMES: most frames one generated clip has (default: what the model family
+    # makes well, 81 for Wan, 121 for LTX); longer videos are joined from several clips.
+    video_clip_frames: int | None = None
     # MAX_VIDEO_DURATION_S: longest video text2video makes (narration included).
     max_video_duration_s: float = 60.0
     # MAX_VIDEO_FRAMES: most frames one text2video job may make.
@@ -271,6 +274,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         image_model=env.get("IMAGE_MODEL", str.strip, d.image_model),
         video_model=env.get("VIDEO_MODEL", str.strip, d.video_model),
         enable_cpu_offload=env.get("ENABLE_CPU_OFFLOAD", _parse_bool, d.enable_cpu_offload),
+        video_clip_frames=env.get("VIDEO_CLIP_FRAMES", _parse_positive_int, d.video_clip_frames),
         max_video_duration_s=env.get("MAX_VIDEO_DURATION_S", _parse_positive_float, d.max_video_duration_s),
         max_video_frames=env.get("MAX_VIDEO_FRAMES", _parse_positive_int, d.max_video_frames),
         max_speech_chars=env.get("MAX_SPEECH_CHARS", _parse_positive_int, d.max_speech_chars),

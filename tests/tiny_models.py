@@ -81,7 +81,7 @@ def _t5_tokenizer() -> object:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import T5TokenizerFast
 
-    words = "a the cat dog red blue house tree boat sea sky walk run on in".split()
+    words = ["a", "the", "cat", "dog", "red", "blue", "house", "tree", "boat", "sea", "sky", "walk", "run", "on", "in"]
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     vocab += [(f"\u2581{w}", -1.0) for w in words] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"]
     tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
@@ -117,7 +117,12 @@ def build_wan(target: Path) -> Path:
 
 def build_ltx(target: Path) -> Path:
     """An LTX-Video pipeline: T5 encoder (d_model 32), 8-channel VAE (decoder sized too), 1-layer transformer."""
-    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
     from transformers import T5Config, T5EncoderModel
 
     tokenizer = _t5_tokenizer()

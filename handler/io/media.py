@@ -253,7 +253,7 @@ class FrameWriter:
 
 def finish_video(
     video: Path, target: Path, *, audio: Path | None, subtitles: Path | None, burn: bool, font_size: int,
-    timeout_s: float,
+    duration_s: float, timeout_s: float,
 ) -> None:
     """Mux ``video`` with narration (AAC, padded with silence to the video's end) and captions.
 
@@ -272,7 +272,9 @@ def finish_video(
         args += ["-i", subtitles.name]
     args += ["-map", "0:v:0"]
     if audio is not None:
-        args += ["-map", "1:a:0", "-c:a", "aac", "-b:a", "128k", "-af", "apad", "-shortest"]
+        # Padded with silence and cut at the video's end (not -shortest: a subtitle stream
+        # that ends early would cut the video and the speech with it).
+        args += ["-map", "1:a:0", "-c:a", "aac", "-b:a", "128k", "-af", "apad"]
     if subtitles is not None and burn:
         style = f"FontSize={font_size},Outline=2,Shadow=0,MarginV=20,Alignment=2"
         args += ["-vf", f"subtitles={subtitles.name}:force_style='{style}'",
@@ -282,7 +284,7 @@ def finish_video(
     if subtitles is not None and not burn:
         args += ["-map", f"{2 if audio is not None else 1}:s:0", "-c:s", "mov_text", "-metadata:s:s:0",
                  "language=eng"]
-    args += ["-movflags", "+faststart", target.name]
+    args += ["-t", f"{duration_s:.3f}", "-movflags", "+faststart", target.name]
     try:
         done = subprocess.run(args, cwd=workdir, capture_output=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired as exc:

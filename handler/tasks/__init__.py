@@ -8,7 +8,9 @@ from typing import Any
 from handler.tasks import speech, system, text2image, text2video, transcribe
 from handler.tasks.base import Task
 
-TASKS: dict[str, Task[Any]] = {task.name: task for task in (transcribe.TASK, speech.TASK, text2image.TASK, text2video.TASK, system.TASK)}
+TASKS: dict[str, Task[Any]] = {
+    task.name: task for task in (transcribe.TASK, speech.TASK, text2image.TASK, text2video.TASK, system.TASK)
+}
 
 
 def load_task_modules(names: tuple[str, ...]) -> dict[str, Task[Any]]:

@@ -269,22 +269,22 @@ async def run(ctx: JobContext, params: VideoInput) -> dict[str, Any]:
     narration, samples = await _narration(ctx, params)
     duration = max(params.duration_s, samples.size / media.SAMPLE_RATE if samples is not None else 0.0)
     total = _check_duration(ctx, duration, params.fps, field="audio" if samples is not None else "duration_s")
-    plan = plan_segments(total, family, fps=params.fps)
+    plan = plan_segments(total, family, fps=params.fps, clip_frames=ctx.settings.video_clip_frames)
     subtitles = await _captions(ctx, samples) if params.captions != "none" and samples is not None else None
     frames_path, poster = await _render(ctx, params, plan, size, seed, model)
     video = ctx.workdir / "video.mp4"
+    frames = plan.frames + plan.hold
     with ctx.timings.measure("mux"):
         await asyncio.to_thread(
             media.finish_video, frames_path, video, audio=narration, subtitles=subtitles,
             burn=params.captions == "burned", font_size=14 if size[1] > size[0] else 18,
-            timeout_s=ctx.settings.media_timeout_s,
+            duration_s=frames / params.fps, timeout_s=ctx.settings.media_timeout_s,
         )
     poster_path = ctx.workdir / "poster.jpg"
     await asyncio.to_thread(_save_poster, poster, poster_path)
     files = [(video, "video/mp4"), (poster_path, "image/jpeg")]
     if subtitles is not None:
         files.append((subtitles, "application/x-subrip"))
-    frames = plan.frames + plan.hold
     return {
         "model": model, "seed": seed, "width": size[0], "height": size[1], "fps": params.fps,
         "frames": frames, "duration_s": round(frames / params.fps, 3), "segments": len(plan.segments),

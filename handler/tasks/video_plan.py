@@ -44,7 +44,7 @@ def frame_size(aspect: AspectRatio, resolution: Resolution, family: Family) -> t
     m = family.side_multiple
 
     def fit(value: float) -> int:
-        return max(m, int(round(value / m)) * m)
+        return max(m, round(value / m) * m)
 
     width, height = (long, short) if across >= down else (short, long)
     return fit(width), fit(height)
