@@ -103,7 +103,10 @@ class Gate:
         started = time.perf_counter()
         self._count(waiting=+1)
         try:
-            await asyncio.wait_for(semaphore.acquire(), timeout=self.acquire_timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the acquire completes, and the job would run after RunPod stopped it.
+            async with asyncio.timeout(self.acquire_timeout):
+                await semaphore.acquire()
         except TimeoutError:
             raise GenerationTimeout(
                 f"no GPU slot free within {self.acquire_timeout:g}s ({self.slots} slot(s) busy)"
