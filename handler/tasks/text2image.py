@@ -15,10 +15,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from handler.errors import InputTooLarge, InvalidInput
-from handler.runtime.hub import pretrained_source
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
-from handler.runtime.registry import PipelineKey
+from handler.tasks import diffusion
 from handler.tasks.base import JobContext, Runtime, Task
 
 ImageFormat = Literal["png", "jpeg", "webp"]
@@ -44,32 +43,12 @@ class ImageInput(BaseModel):
     format: ImageFormat = "png"
 
 
-def dtype_for(device: str) -> torch.dtype:
-    return torch.bfloat16 if device == "cuda" else torch.float32
-
-
-# diffusers is imported where a pipeline is loaded: it costs seconds at start-up, and a
-# worker that only transcribes never needs it.
+# A diffusers pipeline (typed loosely: diffusers has no type information).
 DiffusionPipeline = Any
 
 
-def load_pipeline(name: str, runtime: Runtime) -> DiffusionPipeline:
-    from diffusers import DiffusionPipeline as AnyPipeline
-
-    source, options = pretrained_source(name, runtime.settings)
-    pipeline = AnyPipeline.from_pretrained(  # type: ignore[no-untyped-call]
-        source, dtype=dtype_for(runtime.device), **options
-    )
-    pipeline = pipeline.to(runtime.device)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
 def get_pipelines(runtime: Runtime, name: str) -> InstancePool[DiffusionPipeline]:
-    dtype = str(dtype_for(runtime.device)).removeprefix("torch.")
-    key = PipelineKey("text2image", name, runtime.device, dtype)
-    count = runtime.settings.model_instances
-    return runtime.registry.get(key, lambda: InstancePool.build(count, lambda: load_pipeline(name, runtime)))
+    return diffusion.pipelines(runtime, "text2image", name)
 
 
 def preload(runtime: Runtime) -> None:

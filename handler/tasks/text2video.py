@@ -23,11 +23,10 @@ from handler.io import media
 from handler.runtime.hub import pretrained_source
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
-from handler.runtime.registry import PipelineKey
-from handler.tasks import speech, transcribe
+from handler.tasks import diffusion, speech, transcribe
 from handler.tasks.base import JobContext, Runtime, Task
 from handler.tasks.captions import cues_from_words, write_srt
-from handler.tasks.text2image import dtype_for, step_callback
+from handler.tasks.text2image import step_callback
 from handler.tasks.video_plan import AspectRatio, Family, Resolution, SegmentPlan, family_of, frame_size, plan_segments
 
 Captions = Literal["none", "soft", "burned"]
@@ -64,30 +63,8 @@ class VideoInput(BaseModel):
         return self
 
 
-def load_pipeline(name: str, runtime: Runtime) -> Any:
-    from diffusers import DiffusionPipeline
-
-    source, options = pretrained_source(name, runtime.settings)
-    pipeline = DiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]
-        source, dtype=dtype_for(runtime.device), **options
-    )
-    if runtime.settings.enable_cpu_offload and runtime.device == "cuda":
-        pipeline.enable_model_cpu_offload()
-    else:
-        pipeline = pipeline.to(runtime.device)
-    vae = getattr(pipeline, "vae", None)
-    for switch in ("enable_tiling", "enable_slicing"):  # decode big frames in pieces
-        if hasattr(vae, switch):
-            getattr(vae, switch)()
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
 def get_pipelines(runtime: Runtime, name: str) -> InstancePool[Any]:
-    dtype = str(dtype_for(runtime.device)).removeprefix("torch.")
-    key = PipelineKey("text2video", name, runtime.device, dtype)
-    count = runtime.settings.model_instances
-    return runtime.registry.get(key, lambda: InstancePool.build(count, lambda: load_pipeline(name, runtime)))
+    return diffusion.pipelines(runtime, "text2video", name)
 
 
 def preload(runtime: Runtime) -> None:
