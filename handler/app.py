@@ -221,7 +221,8 @@ class Worker:
         settings = self.settings
         device = self.runtime.device
         before = read_memory()
-        self.preload()
+        # The footprint is measured on what PRELOAD loads; with nothing named, on transcription.
+        self.preload(settings.preload or ("transcribe",))
         after = read_memory()
         footprint = model_bytes(before, after, device) // settings.model_instances
         free = free_for_models(after, device)
@@ -234,9 +235,9 @@ class Worker:
         log.info("gate.sized", **sizing)
         return sizing
 
-    def preload(self) -> None:
-        """Load the default pipeline of each task named in PRELOAD."""
-        for name in self.settings.preload:
+    def preload(self, names: tuple[str, ...] | None = None) -> None:
+        """Load the default pipeline of each task named (default: PRELOAD)."""
+        for name in self.settings.preload if names is None else names:
             task = self.tasks.get(name)
             if task is None or task.preload is None:
                 log.warning("preload.skipped", task=name)

@@ -98,7 +98,7 @@ def test_auto_slots_from_free_memory(make_settings) -> None:
     assert auto_slots(free=20 * gib, reserve=2 * gib, footprint=4 * gib, cap=8) == 4
     assert auto_slots(free=20 * gib, reserve=2 * gib, footprint=1 * gib, cap=8) == 8
     assert auto_slots(free=3 * gib, reserve=2 * gib, footprint=4 * gib, cap=8) == 1
-    worker = make(make_settings, MAX_CONCURRENT_GENERATIONS="auto", PRELOAD="transcribe", GENERATION_SLOTS_CAP="3")
+    worker = make(make_settings, MAX_CONCURRENT_GENERATIONS="auto", GENERATION_SLOTS_CAP="3")
     sizing = worker.size_gate()
     assert sizing["mode"] == "auto" and 1 <= sizing["slots"] <= 3
     assert worker.runtime.gate.slots == sizing["slots"]
