@@ -6,6 +6,7 @@ the worker process loads it through TASK_MODULES=tests.fixture_tasks.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 import time
@@ -81,8 +82,6 @@ async def run(ctx: JobContext, params: FixtureInput) -> dict[str, Any]:
     pipelines = pipelines_for(ctx, params.model)
     (ctx.workdir / "scratch.bin").write_bytes(b"x" * 1024)
     if params.url is not None:
-        import asyncio
-
         with ctx.timings.measure("download"):
             await asyncio.to_thread(ctx.inputs.from_url, params.url, ctx.workdir / "input.bin", field="url")
 

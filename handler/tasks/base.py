@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -21,6 +22,11 @@ from handler.runtime.registry import Registry
 from handler.runtime.stats import WorkerStats
 
 InputT = TypeVar("InputT", bound=BaseModel)
+
+
+def new_seed() -> int:
+    """A random seed for a job that gave none (the result reports it, so it can be replayed)."""
+    return secrets.randbelow(2**32 - 1)
 
 
 @dataclass

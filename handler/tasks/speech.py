@@ -22,7 +22,7 @@ from handler.runtime.cancel import CancelToken
 from handler.runtime.hub import pretrained_source
 from handler.runtime.instances import InstancePool
 from handler.runtime.registry import PipelineKey
-from handler.tasks.base import JobContext, Runtime, Task
+from handler.tasks.base import JobContext, Runtime, Task, new_seed
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
 _SOFT_BREAK = re.compile(r"(?<=[,])\s+|\s+")
@@ -144,10 +144,6 @@ async def synthesize(
     samples, waited_ms = await ctx.runtime.gate.run(work, token=ctx.cancel)
     ctx.timings.add("queued", waited_ms)
     return samples, pipelines.first.sample_rate
-
-
-def new_seed() -> int:
-    return int(np.random.default_rng().integers(0, 2**32 - 1))
 
 
 async def run(ctx: JobContext, params: SpeechInput) -> dict[str, Any]:

@@ -10,7 +10,6 @@ import asyncio
 import inspect
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,7 +17,7 @@ from handler.errors import InputTooLarge, InvalidInput
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
 from handler.tasks import diffusion
-from handler.tasks.base import JobContext, Runtime, Task
+from handler.tasks.base import JobContext, Runtime, Task, new_seed
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 _CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -141,7 +140,7 @@ async def run(ctx: JobContext, params: ImageInput) -> dict[str, Any]:
         pipelines = await asyncio.to_thread(get_pipelines, ctx.runtime, model)
     width, height = resolve_size(ctx, pipelines.first, params)
     options = _call_options(pipelines.first, params, width, height)
-    seed = params.seed if params.seed is not None else int(np.random.default_rng().integers(0, 2**32 - 1))
+    seed = params.seed if params.seed is not None else new_seed()
     progress = Progress(ctx.job)
 
     def work() -> list[Any]:

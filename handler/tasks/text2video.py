@@ -24,7 +24,7 @@ from handler.runtime.hub import pretrained_source
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
 from handler.tasks import diffusion, speech, transcribe
-from handler.tasks.base import JobContext, Runtime, Task
+from handler.tasks.base import JobContext, Runtime, Task, new_seed
 from handler.tasks.captions import cues_from_words, write_srt
 from handler.tasks.text2image import step_callback
 from handler.tasks.video_plan import AspectRatio, Family, Resolution, SegmentPlan, family_of, frame_size, plan_segments
@@ -242,7 +242,7 @@ async def run(ctx: JobContext, params: VideoInput) -> dict[str, Any]:
     model = params.model or ctx.settings.video_model
     family = await asyncio.to_thread(model_family, ctx, model)
     size = _check_request(ctx, params, family)
-    seed = params.seed if params.seed is not None else int(np.random.default_rng().integers(0, 2**32 - 1))
+    seed = params.seed if params.seed is not None else new_seed()
     narration, samples = await _narration(ctx, params)
     duration = max(params.duration_s, samples.size / media.SAMPLE_RATE if samples is not None else 0.0)
     total = _check_duration(ctx, duration, params.fps, field="audio" if samples is not None else "duration_s")
