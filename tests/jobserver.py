@@ -78,35 +78,19 @@ class JobServer:
         """Submit one job and wait for its result (a load client's `send`)."""
         job_id = f"load-{next(self._ids)}"
         self.submit(job_id, inputs)
-        deadline = time.monotonic() + timeout
         with self.changed:
-            while job_id not in self.results:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"no result for {job_id}")
-                self.changed.wait(remaining)
+            if not self.changed.wait_for(lambda: job_id in self.results, timeout):
+                raise TimeoutError(f"no result for {job_id}")
             return self.results[job_id][0]
 
     def wait_for(self, count: int, timeout: float) -> bool:
         """Wait until ``count`` jobs have a final result."""
-        deadline = time.monotonic() + timeout
         with self.changed:
-            while len(self.results) < count:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self.changed.wait(remaining)
-        return True
+            return self.changed.wait_for(lambda: len(self.results) >= count, timeout)
 
     def wait_taken(self, job_id: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
         with self.changed:
-            while job_id not in self.taken:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self.changed.wait(remaining)
-        return True
+            return self.changed.wait_for(lambda: job_id in self.taken, timeout)
 
     def result(self, job_id: str) -> dict[str, Any]:
         with self._lock:

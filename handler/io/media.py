@@ -85,11 +85,19 @@ def sniff_playlist(path: Path, *, field: str) -> None:
         raise InvalidInput(f"{field}: playlists and manifests are not accepted", field=field)
 
 
-def probe(path: Path, *, timeout_s: float, field: str) -> MediaInfo:
-    """Probe ``path``; anything that is not readable media is ``INVALID_INPUT``."""
+def _check_file(path: Path, *, field: str) -> None:
     if path.stat().st_size == 0:
         raise InvalidInput(f"{field}: the file is empty", field=field)
     sniff_playlist(path, field=field)
+
+
+def probe(path: Path, *, timeout_s: float, field: str) -> MediaInfo:
+    """Probe ``path``; anything that is not readable media is ``INVALID_INPUT``."""
+    _check_file(path, field=field)
+    return _ffprobe(path, timeout_s=timeout_s, field=field)
+
+
+def _ffprobe(path: Path, *, timeout_s: float, field: str) -> MediaInfo:
     args = ["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json"]
     for option, value in _LOCKDOWN.items():
         args += [f"-{option}", value]
@@ -158,14 +166,12 @@ def load_audio(
     used; the decoder is also capped at the duration limit, so it can never do unbounded
     work on a file the probe is about to refuse.
     """
-    if path.stat().st_size == 0:
-        raise InvalidInput(f"{field}: the file is empty", field=field)
-    sniff_playlist(path, field=field)
+    _check_file(path, field=field)
     decoder = subprocess.Popen(
         _decode_args(path, limit_s=max_duration_s + 1.0), stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
-        info = probe(path, timeout_s=timeout_s, field=field)
+        info = _ffprobe(path, timeout_s=timeout_s, field=field)
         check_audio(info, max_duration_s=max_duration_s, field=field)
         stdout, stderr = decoder.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired as exc:
