@@ -17,12 +17,13 @@ import structlog
 from pydantic import BaseModel, ValidationError
 
 from handler.config import Settings, load_settings
-from handler.errors import Cancelled, CudaFatal, InvalidInput, Overloaded, WorkerError
+from handler.errors import Cancelled, CudaFatal, InvalidInput, Overloaded, WorkerError, printable
 from handler.io.download import Downloader
 from handler.io.inputs import MediaInputs
 from handler.io.storage import InlineStorage, S3Storage, Storage, bucket_from_job
 from handler.io.workspace import job_workspace
 from handler.logs import get_logger
+from handler.runtime.cancel import CancelToken
 from handler.runtime.devices import resolve_device
 from handler.runtime.gate import Gate
 from handler.runtime.memory import auto_slots, free_for_models, model_bytes, read_memory
@@ -31,21 +32,21 @@ from handler.tasks import TASKS, load_task_modules
 from handler.tasks.base import JobContext, Runtime, Task
 
 log = get_logger(__name__)
-_MAX_SHOWN_VALUE = 80
 
 
 def validation_message(exc: ValidationError) -> tuple[str, str | None]:
-    """The first schema error as ``field: problem (got value)``, and the field's name."""
+    """The first schema error as ``field: problem (got value)``, and the field's name.
+
+    This is pydantic's edge. Field names and values come from the client: they are escaped
+    and shortened, so an echoed key can never forge a log line.
+    """
     error = exc.errors(include_url=False)[0]
-    field = ".".join(str(part) for part in error["loc"]) or None
-    problem = error["msg"].removeprefix("Value error, ")
+    field = printable(".".join(str(part) for part in error["loc"])) or None
+    problem = printable(error["msg"].removeprefix("Value error, "), limit=300)
     if error["type"] == "extra_forbidden":
         problem = "unknown field"
     elif error["type"] != "value_error" and "input" in error:
-        shown = repr(error["input"])
-        if len(shown) > _MAX_SHOWN_VALUE:
-            shown = shown[:_MAX_SHOWN_VALUE] + "..."
-        problem = f"{problem} (got {shown})"
+        problem = f"{problem} (got {printable(repr(error['input']))})"
     message = f"{field}: {problem}" if field else problem
     return message, field
 
@@ -74,12 +75,10 @@ class Worker:
             device=resolve_device(settings.device),
         )
         self.runtime.sizing.update(mode="fixed", slots=self.runtime.gate.slots)
-        # Set after a sticky CUDA error: this process must not take GPU work again.
-        self._fatal: CudaFatal | None = None
+        self.lifecycle = self.runtime.lifecycle
         # Jobs in flight, so a shutdown can cancel them; touched on the event loop only.
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._shutting_down = False
         self.downloader = Downloader(
             max_bytes=settings.download_max_bytes,
             timeout_s=settings.download_timeout_s,
@@ -116,10 +115,11 @@ class Worker:
         return task
 
     def storage_for(self, job: dict[str, Any]) -> Storage:
-        """The job's own s3Config, else the worker's bucket, else inline results."""
-        per_job = bucket_from_job(job)
+        """The job's own s3Config (checked like a download URL), else the worker's bucket, else inline."""
+        policy = self.downloader.policy
+        per_job = bucket_from_job(job, policy=policy, schemes=self.downloader.schemes)
         if per_job is not None:
-            return S3Storage(per_job, self.settings)
+            return S3Storage(per_job, self.settings, policy=policy)
         if self._bucket is not None:
             return self._bucket
         return InlineStorage(self.settings.inline_output_max_bytes)
@@ -156,7 +156,7 @@ class Worker:
             result = await self._run(task, params, job, request_id)
         except WorkerError as err:
             if isinstance(err, CudaFatal):
-                self._fatal = err
+                self.lifecycle.fail(err)
             log.warning("job.failed", code=err.code, error=err.message, field=err.field)
             return err.payload(request_id)
         except asyncio.CancelledError:
@@ -177,10 +177,7 @@ class Worker:
         """Refuse work up front when the GPU is gone or memory is nearly full."""
         if task.name == "system":  # the snapshot is how an operator sees why
             return
-        if self._shutting_down:
-            raise Cancelled("the worker is shutting down; send the job again")
-        if self._fatal is not None:
-            raise CudaFatal(self._fatal.message)
+        self.lifecycle.admit()
         use = read_memory()
         threshold = self.settings.memory_pressure_threshold
         if max(use.ram_fraction, use.vram_fraction) > threshold:
@@ -192,12 +189,18 @@ class Worker:
     async def _run(
         self, task: Task[Any], params: BaseModel, job: dict[str, Any], request_id: str
     ) -> dict[str, Any]:
-        storage = self.storage_for(job)
-        inputs = MediaInputs(self.settings, self.downloader, storage)
+        # A per-job endpoint is resolved (DNS) while it is checked: off the event loop.
+        storage = await asyncio.to_thread(self.storage_for, job) if "s3Config" in job else self.storage_for(job)
+        cancel = CancelToken()
+        inputs = MediaInputs(self.settings, self.downloader, storage, cancel)
         log.debug("job.start", task=task.name)
         with job_workspace(self.settings.job_root()) as workspace:
-            ctx = JobContext(self.runtime, request_id, job, workspace, inputs, storage)
-            output = await task.run(ctx, params)
+            ctx = JobContext(self.runtime, request_id, job, workspace, inputs, storage, cancel=cancel)
+            try:
+                output = await task.run(ctx, params)
+            except asyncio.CancelledError:
+                cancel.cancel()  # stops the job's threads: downloads, ffmpeg, model steps, uploads
+                raise
         return {**output, "request_id": request_id, "timings": ctx.timings.as_dict()}
 
     def begin_shutdown(self) -> None:
@@ -205,7 +208,7 @@ class Worker:
 
         Safe to call from a signal handler on the event loop's thread.
         """
-        self._shutting_down = True
+        self.lifecycle.drain()
         loop = self._loop
         grace = self.settings.shutdown_grace_s
         log.info("worker.shutdown", in_flight=len(self._in_flight), grace_s=grace)

@@ -23,6 +23,15 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+_MAX_SHOWN = 80
+
+
+def printable(text: str, *, limit: int = _MAX_SHOWN) -> str:
+    """``text`` safe to echo in a message or a log line: control characters (newlines, ANSI
+    escapes) escaped, and at most ``limit`` characters."""
+    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."
+
 
 class WorkerError(Exception):
     """Base of every error the handler reports; also the code for unexpected failures."""

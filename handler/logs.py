@@ -26,9 +26,16 @@ import structlog
 
 REDACTED = "[REDACTED]"
 
-_SECRET_KEY = re.compile(
+_SECRET_WORDS = (
     r"(secret|password|passwd|token|authorization|api[_-]?key|access[_-]?key|credential|"
-    r"signature|accessid|session[_-]?id)",
+    r"signature|accessid|session[_-]?id)"
+)
+_SECRET_KEY = re.compile(_SECRET_WORDS, re.IGNORECASE)
+# A secret-named key and its string value inside a printed dict or JSON text:
+# {'accessSecret': '...'} or {"accessSecret": "..."}, as libraries print whole jobs.
+_SECRET_PAIR = re.compile(
+    r"""(?P<key>(?P<q>['"])[\w.-]*""" + _SECRET_WORDS + r"""[\w.-]*(?P=q)\s*:\s*)"""
+    r"""(?P<vq>['"])(?:\\.|(?!(?P=vq)).)*(?P=vq)""",
     re.IGNORECASE,
 )
 _SIGNED_QUERY = re.compile(
@@ -70,7 +77,9 @@ def register_secret(value: str | None) -> None:
 
 
 def redact_text(text: str) -> str:
-    """``text`` with signed query strings, auth headers and registered secrets removed."""
+    """``text`` with signed query strings, auth headers, values of secret-named keys in printed
+    dicts, and registered secrets removed."""
+    text = _SECRET_PAIR.sub(lambda m: f"{m['key']}{m['vq']}{REDACTED}{m['vq']}", text)
     text = _SIGNED_QUERY.sub("?" + REDACTED, text)
     text = _AUTH_HEADER.sub(lambda m: m.group(1) + REDACTED, text)
     return _secrets.scrub(text)

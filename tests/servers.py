@@ -131,8 +131,23 @@ class SeaweedS3:
 Route = Callable[[BaseHTTPRequestHandler], None]
 
 
+class _CountingServer(ThreadingHTTPServer):
+    """Counts the TCP connections it accepts (a refused address must get none)."""
+
+    connections = 0
+
+    def get_request(self) -> Any:
+        request = super().get_request()
+        self.connections += 1
+        return request
+
+
 class HttpServer:
-    """A threaded HTTP server on loopback whose paths are answered by test functions."""
+    """A threaded HTTP server on loopback whose paths are answered by test functions.
+
+    Every method goes to the path's route (which reads ``request.command``); ``connections``
+    counts the TCP connections accepted.
+    """
 
     def __init__(self, routes: dict[str, Route]) -> None:
         routes_ = routes
@@ -145,16 +160,22 @@ class HttpServer:
                     return
                 route(self)
 
+            do_HEAD = do_PUT = do_POST = do_GET  # noqa: N815 (http.server's method names)
+
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self._server = _CountingServer((LOOPBACK, 0), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def url(self, path: str) -> str:
         return f"http://{LOOPBACK}:{self.port}{path}"
+
+    @property
+    def connections(self) -> int:
+        return self._server.connections
 
     def __enter__(self) -> HttpServer:
         self._thread.start()

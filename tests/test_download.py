@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from handler.errors import DownloadFailed, DownloadRefused, InputTooLarge
-from handler.io.download import AddressPolicy, Downloader
+from handler.io.addresses import AddressPolicy
+from handler.io.download import Downloader
 from tests.servers import HttpServer, redirect_to, serve_bytes
 
 LOOPBACK_ONLY = (ipaddress.ip_network("127.0.0.1/32"),)

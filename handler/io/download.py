@@ -1,83 +1,63 @@
 """Download a user-supplied URL without letting it reach the worker's own network.
 
 The guard sits where sockets are opened: a custom httpcore network backend resolves the
-host itself, refuses the connection if any resolved address is loopback, private,
-link-local, multicast or otherwise not globally routable (unless an operator allowed that
-network), and connects to the address it checked, so a DNS answer that changes between the
-check and the connect cannot slip through. Every redirect hop opens its connections through
-the same backend and is checked again; TLS still verifies the URL's hostname.
+host through the address policy (:mod:`handler.io.addresses`) and connects to the address
+it checked. Every redirect hop opens its connections through the same backend and is
+checked again; TLS still verifies the URL's hostname.
 
 Bytes and time are capped: the declared length is checked before reading, the running total
-while reading, and one deadline covers the whole download including redirects.
+while reading, and one deadline covers the whole download including redirects. A cancelled
+job's download stops at once: the cancel token shuts the socket a blocked read waits on.
+
+httpcore's errors are translated here, by :func:`httpcore_errors`, and nowhere else.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import contextlib
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import certifi
 import httpcore
 
-from handler.errors import DownloadFailed, DownloadRefused, InputTooLarge
+from handler.errors import DownloadFailed, DownloadRefused, InputTooLarge, WorkerError
+from handler.io.addresses import AddressPolicy, IPNetwork, Resolver, check_url, system_resolver
 from handler.logs import get_logger
+from handler.runtime.cancel import CancelToken
 
 log = get_logger(__name__)
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-Resolver = Callable[[str, int], list[IPAddress]]
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _USER_AGENT = b"runpod-media-worker"
 
 
-def system_resolver(host: str, port: int) -> list[IPAddress]:
-    """Every address the system resolver gives for ``host``, in its order."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    addresses: list[IPAddress] = []
-    for _family, _type, _proto, _name, sockaddr in infos:
-        address = ipaddress.ip_address(sockaddr[0])
-        if address not in addresses:
-            addresses.append(address)
-    return addresses
-
-
-class AddressPolicy:
-    """Which addresses a download may connect to."""
-
-    def __init__(self, allowed_networks: Iterable[IPNetwork] = ()) -> None:
-        self._allowed = tuple(allowed_networks)
-
-    def permits(self, address: IPAddress) -> bool:
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        if any(address in network for network in self._allowed):
-            return True
-        return address.is_global and not address.is_multicast
-
-    def check(self, host: str, addresses: Sequence[IPAddress]) -> None:
-        if not addresses:
-            raise DownloadFailed(f"{host} did not resolve to any address")
-        for address in addresses:
-            if not self.permits(address):
-                raise DownloadRefused(
-                    f"refused to connect to {host} ({address}): not a public address"
-                )
+@contextlib.contextmanager
+def httpcore_errors(field: str) -> Iterator[None]:
+    """httpcore's exceptions as the worker's: refused, timed out, or failed (retryable)."""
+    try:
+        yield
+    except httpcore.UnsupportedProtocol as exc:
+        raise DownloadRefused(f"{field}: unsupported URL", field=field) from exc
+    except httpcore.TimeoutException as exc:
+        raise DownloadFailed(f"{field}: download timed out", field=field) from exc
+    except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.ProxyError,
+            httpcore.ConnectionNotAvailable) as exc:
+        raise DownloadFailed(f"{field}: download failed ({type(exc).__name__})", field=field) from exc
+    except (UnicodeError, TypeError) as exc:  # a host or header httpcore cannot encode
+        raise DownloadRefused(f"{field}: the URL cannot be requested", field=field) from exc
 
 
 class GuardedBackend(httpcore.NetworkBackend):
     """httpcore backend that checks every address before it opens a TCP connection."""
 
-    def __init__(self, policy: AddressPolicy, resolver: Resolver = system_resolver) -> None:
+    def __init__(self, policy: AddressPolicy) -> None:
         self._policy = policy
-        self._resolver = resolver
         self._inner = httpcore.SyncBackend()
 
     def connect_tcp(
@@ -88,17 +68,11 @@ class GuardedBackend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
-        try:
-            addresses = self._resolver(host, port)
-        except (OSError, ValueError) as exc:
-            raise DownloadFailed(f"could not resolve {host}: {exc}") from exc
-        self._policy.check(host, addresses)
+        addresses = self._policy.resolve(host, port)
         last_error: Exception | None = None
         for address in addresses:
             try:
-                return self._inner.connect_tcp(
-                    str(address), port, timeout, local_address, socket_options
-                )
+                return self._inner.connect_tcp(str(address), port, timeout, local_address, socket_options)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 last_error = exc
         assert last_error is not None
@@ -124,42 +98,36 @@ class Downloader:
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
         self.max_redirects = max_redirects
-        self._schemes = {"https", "http"} if allow_http else {"https"}
+        self.schemes = frozenset({"https", "http"} if allow_http else {"https"})
+        self.policy = AddressPolicy(allowed_networks, resolver)
         self._pool = httpcore.ConnectionPool(
             ssl_context=ssl.create_default_context(cafile=certifi.where()),
-            network_backend=GuardedBackend(AddressPolicy(allowed_networks), resolver),
+            network_backend=GuardedBackend(self.policy),
             max_connections=32,
             retries=0,
         )
 
     def check_url(self, url: str, *, field: str) -> None:
         """Refuse schemes, credentials and malformed URLs before any network use."""
-        parts = urlsplit(url)
-        if parts.scheme not in self._schemes:
-            allowed = " or ".join(sorted(self._schemes))
-            raise DownloadRefused(f"{field}: URL scheme must be {allowed}", field=field)
-        if not parts.hostname:
-            raise DownloadRefused(f"{field}: URL has no host", field=field)
-        if parts.username or parts.password:
-            raise DownloadRefused(f"{field}: credentials in URLs are not accepted", field=field)
+        check_url(url, schemes=self.schemes, field=field)
 
-    def fetch(self, url: str, target: Path, *, field: str) -> int:
+    def fetch(self, url: str, target: Path, *, field: str, cancel: CancelToken | None = None) -> int:
         """Download ``url`` into ``target``; returns the number of bytes written."""
+        cancel = cancel or CancelToken()
         deadline = time.monotonic() + self.timeout_s
         for _hop in range(self.max_redirects + 1):
             self.check_url(url, field=field)
             try:
-                location = self._get(url, target, deadline=deadline, field=field)
-            except DownloadFailed as exc:
-                if exc.field is None:  # raised below httpcore, where the field is unknown
+                with httpcore_errors(field):
+                    location = self._get(url, target, deadline=deadline, field=field, cancel=cancel)
+            except WorkerError as exc:
+                if exc.field is None:  # raised below httpcore (the address guard), where the field is unknown
                     exc.field, exc.message = field, f"{field}: {exc.message}"
                 raise
             if location is None:
                 return target.stat().st_size
             url = urljoin(url, location)
-        raise DownloadFailed(
-            f"{field}: more than {self.max_redirects} redirects", field=field, retryable=False
-        )
+        raise DownloadFailed(f"{field}: more than {self.max_redirects} redirects", field=field, retryable=False)
 
     def _timeouts(self, deadline: float, *, field: str) -> dict[str, float]:
         remaining = deadline - time.monotonic()
@@ -167,45 +135,53 @@ class Downloader:
             raise DownloadFailed(f"{field}: download took longer than {self.timeout_s:g}s", field=field)
         return {"connect": remaining, "read": remaining, "write": remaining, "pool": remaining}
 
-    def _get(self, url: str, target: Path, *, deadline: float, field: str) -> str | None:
+    def _get(self, url: str, target: Path, *, deadline: float, field: str, cancel: CancelToken) -> str | None:
         """One request: the redirect location, or None once the body is in ``target``."""
+        cancel.check()
         headers = [(b"User-Agent", _USER_AGENT), (b"Accept-Encoding", b"identity")]
         extensions: dict[str, Any] = {"timeout": self._timeouts(deadline, field=field)}
-        try:
-            with self._pool.stream("GET", url, headers=headers, extensions=extensions) as response:
-                if response.status in _REDIRECTS:
-                    return _header(response, b"location") or _fail_redirect(field)
-                _check_status(response.status, field=field)
-                declared = _header(response, b"content-length")
-                if declared and declared.isdigit() and int(declared) > self.max_bytes:
-                    raise self._too_large(field)
-                self._save(response.iter_stream(), target, deadline=deadline, field=field)
-                return None
-        except httpcore.TimeoutException as exc:
-            raise DownloadFailed(f"{field}: download timed out", field=field) from exc
-        except httpcore.UnsupportedProtocol as exc:
-            raise DownloadRefused(f"{field}: unsupported URL", field=field) from exc
-        except (httpcore.NetworkError, httpcore.ProtocolError) as exc:
-            raise DownloadFailed(f"{field}: download failed: {exc}", field=field) from exc
+        with self._pool.stream("GET", url, headers=headers, extensions=extensions) as response:
+            if response.status in _REDIRECTS:
+                return _header(response, b"location") or _fail_redirect(field)
+            _check_status(response.status, field=field)
+            declared = _header(response, b"content-length")
+            if declared and declared.isdigit() and int(declared) > self.max_bytes:
+                raise self._too_large(field)
+            with cancel.on_cancel(lambda: _abort(response)):
+                self._save(response.iter_stream(), target, deadline=deadline, field=field, cancel=cancel)
+            return None
 
-    def _save(self, chunks: Iterable[bytes], target: Path, *, deadline: float, field: str) -> None:
+    def _save(
+        self, chunks: Iterable[bytes], target: Path, *, deadline: float, field: str, cancel: CancelToken
+    ) -> None:
         written = 0
         with target.open("wb") as out:
-            for chunk in chunks:
-                written += len(chunk)
-                if written > self.max_bytes:
-                    raise self._too_large(field)
-                if time.monotonic() > deadline:
-                    raise DownloadFailed(
-                        f"{field}: download took longer than {self.timeout_s:g}s", field=field
-                    )
-                out.write(chunk)
+            try:
+                for chunk in chunks:
+                    cancel.check()
+                    written += len(chunk)
+                    if written > self.max_bytes:
+                        raise self._too_large(field)
+                    if time.monotonic() > deadline:
+                        raise DownloadFailed(f"{field}: download took longer than {self.timeout_s:g}s", field=field)
+                    out.write(chunk)
+            except (httpcore.NetworkError, httpcore.ProtocolError):
+                cancel.check()  # the abort below broke the read: the job was cancelled
+                raise
 
     def _too_large(self, field: str) -> InputTooLarge:
         return InputTooLarge(f"{field}: download is larger than {self.max_bytes} bytes", field=field)
 
     def close(self) -> None:
         self._pool.close()
+
+
+def _abort(response: httpcore.Response) -> None:
+    """Unblock a read in another thread: shut the connection's socket down."""
+    stream = response.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if isinstance(sock, socket.socket):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _header(response: httpcore.Response, name: bytes) -> str | None:

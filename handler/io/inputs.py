@@ -15,6 +15,7 @@ from handler.config import Settings
 from handler.errors import InputTooLarge, InvalidInput
 from handler.io.download import Downloader
 from handler.io.storage import Storage
+from handler.runtime.cancel import CancelToken
 
 _DATA_URI = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
@@ -50,21 +51,24 @@ def parse_bucket_url(url: str, *, field: str) -> tuple[str, str]:
 
 
 class MediaInputs:
-    """Fetches one job's inputs into its directory."""
+    """Fetches one job's inputs into its directory; stops when the job is cancelled."""
 
-    def __init__(self, settings: Settings, downloader: Downloader, storage: Storage) -> None:
+    def __init__(
+        self, settings: Settings, downloader: Downloader, storage: Storage, cancel: CancelToken | None = None
+    ) -> None:
         self._settings = settings
         self._downloader = downloader
         self._storage = storage
+        self._cancel = cancel or CancelToken()
 
     def from_url(self, url: str, target: Path, *, field: str) -> int:
         """Fetch an ``https://`` (or allowed ``http://``) URL or an ``s3://`` object."""
         if url.lower().startswith("s3://"):
             bucket, key = parse_bucket_url(url, field=field)
             return self._storage.fetch_object(
-                bucket, key, target, max_bytes=self._settings.download_max_bytes, field=field
+                bucket, key, target, max_bytes=self._settings.download_max_bytes, field=field, cancel=self._cancel
             )
-        return self._downloader.fetch(url, target, field=field)
+        return self._downloader.fetch(url, target, field=field, cancel=self._cancel)
 
     def from_base64(self, data: str, target: Path, *, field: str) -> int:
         return decode_base64_to(data, target, max_bytes=self._settings.base64_max_bytes, field=field)

@@ -3,15 +3,21 @@
 User files are opened with ``-protocol_whitelist file`` and a demuxer whitelist of ordinary
 audio/video containers, so a playlist, manifest or concat list can never make ffmpeg open a
 URL or another local file. Commands are argument lists (ffmpeg-python builds the decode
-graph), each run has a deadline, and stderr goes into the error message. Nothing above this
-module knows ffmpeg's exit codes or messages.
+graph), each run has a deadline, and stderr goes into the error message with every file path
+replaced by the input's field name (a client never learns the worker's paths). A cancelled
+job's ffmpeg children are killed at once. Nothing above this module knows ffmpeg's exit codes
+or messages; subprocess's errors are translated in :func:`_run` and :func:`_watch`, nowhere else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import subprocess
+import threading
 import wave
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +26,7 @@ import ffmpeg
 import numpy as np
 
 from handler.errors import InputTooLarge, InvalidInput, WorkerError
+from handler.runtime.cancel import CancelToken
 
 # Demuxers a user file may be read with: real media containers only. HLS/DASH manifests,
 # concat lists, image sequences and every network protocol stay out.
@@ -49,6 +56,8 @@ SAMPLE_RATE = 16000
 # Decoded audio shorter than this share of the declared duration means a cut-off file.
 _MIN_DECODED_SHARE = 0.9
 _STDERR_TAIL = 400
+# An absolute path (optionally with ffmpeg's file: prefix) in a tool's message.
+_PATH = re.compile(r"(?<![\w.])(?:file:)?(?:/[^\s:'\"/]+)+/?")
 
 
 @dataclass(frozen=True)
@@ -63,18 +72,56 @@ class MediaInfo:
     has_video: bool
 
 
-def _tail(stderr: bytes) -> str:
-    text = stderr.decode("utf-8", "replace").strip()
+def _tail(stderr: bytes, name: str = "file") -> str:
+    """The end of a tool's message, each path in it replaced by ``name``."""
+    text = _PATH.sub(name, stderr.decode("utf-8", "replace")).strip()
     return text[-_STDERR_TAIL:] if text else "no details"
 
 
-def _run(args: list[str], *, timeout_s: float, field: str) -> subprocess.CompletedProcess[bytes]:
+def _start(args: list[str], **options: Any) -> subprocess.Popen[bytes]:
     try:
-        return subprocess.run(args, capture_output=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise InvalidInput(f"{field}: media tool ran longer than {timeout_s:g}s", field=field) from exc
+        return subprocess.Popen(args, **options)
     except FileNotFoundError as exc:
         raise WorkerError(f"{args[0]} is not installed") from exc
+    except OSError as exc:
+        raise WorkerError(f"{args[0]} could not start ({type(exc).__name__})") from exc
+
+
+@contextlib.contextmanager
+def _watch(process: subprocess.Popen[bytes], cancel: CancelToken | None) -> Iterator[None]:
+    """Kill ``process`` if the job is cancelled (or the block fails); raise Cancelled after."""
+    token = cancel or CancelToken()
+    try:
+        with token.on_cancel(process.kill):
+            yield
+    finally:
+        if process.poll() is None:
+            process.kill()
+        for stream in (process.stdin, process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+        process.wait()
+    token.check()
+
+
+def _run(
+    args: list[str], *, timeout_s: float, timeout_error: WorkerError, cancel: CancelToken | None = None,
+    cwd: Path | None = None,
+) -> tuple[int, bytes, bytes]:
+    """Run a tool to its end: (exit code, stdout, stderr); past ``timeout_s``, ``timeout_error``."""
+    process = _start(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
+    with _watch(process, cancel):
+        try:
+            stdout, stderr = process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            raise timeout_error from exc
+    if cancel is not None:
+        cancel.check()
+    return process.returncode, stdout, stderr
+
+
+def _too_slow(field: str, timeout_s: float) -> InvalidInput:
+    return InvalidInput(f"{field}: media tool ran longer than {timeout_s:g}s", field=field)
 
 
 def sniff_playlist(path: Path, *, field: str) -> None:
@@ -91,20 +138,22 @@ def _check_file(path: Path, *, field: str) -> None:
     sniff_playlist(path, field=field)
 
 
-def probe(path: Path, *, timeout_s: float, field: str) -> MediaInfo:
+def probe(path: Path, *, timeout_s: float, field: str, cancel: CancelToken | None = None) -> MediaInfo:
     """Probe ``path``; anything that is not readable media is ``INVALID_INPUT``."""
     _check_file(path, field=field)
-    return _ffprobe(path, timeout_s=timeout_s, field=field)
+    return _ffprobe(path, timeout_s=timeout_s, field=field, cancel=cancel)
 
 
-def _ffprobe(path: Path, *, timeout_s: float, field: str) -> MediaInfo:
+def _ffprobe(path: Path, *, timeout_s: float, field: str, cancel: CancelToken | None) -> MediaInfo:
     args = ["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json"]
     for option, value in _LOCKDOWN.items():
         args += [f"-{option}", value]
-    done = _run([*args, f"file:{path}"], timeout_s=timeout_s, field=field)
-    if done.returncode != 0:
-        raise InvalidInput(f"{field}: not a readable media file ({_tail(done.stderr)})", field=field)
-    return _media_info(done.stdout, field=field)
+    code, stdout, stderr = _run(
+        [*args, f"file:{path}"], timeout_s=timeout_s, timeout_error=_too_slow(field, timeout_s), cancel=cancel
+    )
+    if code != 0:
+        raise InvalidInput(f"{field}: not a readable media file ({_tail(stderr, field)})", field=field)
+    return _media_info(stdout, field=field)
 
 
 def _media_info(raw: bytes, *, field: str) -> MediaInfo:
@@ -156,7 +205,7 @@ def _decode_args(path: Path, *, limit_s: float) -> list[str]:
 
 
 def load_audio(
-    path: Path, *, max_duration_s: float, timeout_s: float, field: str
+    path: Path, *, max_duration_s: float, timeout_s: float, field: str, cancel: CancelToken | None = None
 ) -> tuple[np.ndarray, MediaInfo]:
     """Probe and decode ``path`` to mono float32 PCM at 16 kHz, as Whisper expects.
 
@@ -167,21 +216,18 @@ def load_audio(
     work on a file the probe is about to refuse.
     """
     _check_file(path, field=field)
-    decoder = subprocess.Popen(
+    decoder = _start(
         _decode_args(path, limit_s=max_duration_s + 1.0), stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    try:
-        info = _ffprobe(path, timeout_s=timeout_s, field=field)
+    with _watch(decoder, cancel):
+        info = _ffprobe(path, timeout_s=timeout_s, field=field, cancel=cancel)
         check_audio(info, max_duration_s=max_duration_s, field=field)
-        stdout, stderr = decoder.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired as exc:
-        raise InvalidInput(f"{field}: decoding ran longer than {timeout_s:g}s", field=field) from exc
-    finally:
-        if decoder.returncode is None:
-            decoder.kill()
-            decoder.communicate()
+        try:
+            stdout, stderr = decoder.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            raise InvalidInput(f"{field}: decoding ran longer than {timeout_s:g}s", field=field) from exc
     if decoder.returncode != 0:
-        raise InvalidInput(f"{field}: could not decode the audio ({_tail(stderr)})", field=field)
+        raise InvalidInput(f"{field}: could not decode the audio ({_tail(stderr, field)})", field=field)
     return _samples(stdout, info, field=field), info
 
 
@@ -211,13 +257,18 @@ class FrameWriter:
     """Encode RGB frames, streamed in as they are generated, to an H.264 mp4 (no audio).
 
     ``hold`` repeats the last frame that many times at the end (a short tail is held rather
-    than generated).
+    than generated). Every write has a deadline: an encoder that stops reading is killed, so
+    it can never hold a GPU slot; a cancelled job's encoder is killed too.
     """
 
-    def __init__(self, path: Path, *, width: int, height: int, fps: int, hold: int = 0, timeout_s: float) -> None:
+    def __init__(
+        self, path: Path, *, width: int, height: int, fps: int, hold: int = 0, timeout_s: float,
+        cancel: CancelToken | None = None,
+    ) -> None:
         self.path = path
         self.frames = 0
         self._timeout_s = timeout_s
+        self._cancel = cancel or CancelToken()
         self._stderr = path.with_suffix(".log").open("w+b")
         output = {"vcodec": "libx264", "pix_fmt": "yuv420p", "preset": "veryfast", "crf": 18, "r": fps}
         if hold:
@@ -228,24 +279,45 @@ class FrameWriter:
             .global_args("-v", "error", "-y")
             .compile()
         )
-        self._process = subprocess.Popen(args, stdin=subprocess.PIPE, stderr=self._stderr)
+        self._process = _start(args, stdin=subprocess.PIPE, stderr=self._stderr)
 
     def write(self, frames: np.ndarray) -> None:
         """``frames``: uint8 array of shape (count, height, width, 3)."""
         assert self._process.stdin is not None
-        self._process.stdin.write(np.ascontiguousarray(frames, dtype=np.uint8).tobytes())
+        data = np.ascontiguousarray(frames, dtype=np.uint8).tobytes()
+        stalled = threading.Timer(self._timeout_s, self._process.kill)
+        stalled.start()
+        try:
+            with self._cancel.on_cancel(self._process.kill):
+                self._process.stdin.write(data)
+                self._process.stdin.flush()
+        except (BrokenPipeError, ValueError) as exc:
+            self._cancel.check()
+            raise WorkerError(f"video encoding stopped ({self._detail()})") from exc
+        finally:
+            stalled.cancel()
         self.frames += len(frames)
+
+    def _detail(self) -> str:
+        if self._process.poll() is None:
+            return "still running"
+        if self._process.returncode < 0:
+            return f"encoder stalled for {self._timeout_s:g}s and was stopped"
+        self._stderr.seek(0)
+        return _tail(self._stderr.read())
 
     def close(self) -> None:
         assert self._process.stdin is not None
-        self._process.stdin.close()
+        with contextlib.suppress(BrokenPipeError):
+            self._process.stdin.close()
         try:
-            code = self._process.wait(timeout=self._timeout_s)
+            with self._cancel.on_cancel(self._process.kill):
+                code = self._process.wait(timeout=self._timeout_s)
         except subprocess.TimeoutExpired:
             self.abort()
             raise WorkerError(f"video encoding ran longer than {self._timeout_s:g}s") from None
-        self._stderr.seek(0)
-        detail = _tail(self._stderr.read())
+        self._cancel.check()
+        detail = self._detail()
         self._stderr.close()
         if code != 0:
             raise WorkerError(f"video encoding failed ({detail})")
@@ -254,12 +326,15 @@ class FrameWriter:
         if self._process.poll() is None:
             self._process.kill()
             self._process.wait()
+        if self._process.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                self._process.stdin.close()
         self._stderr.close()
 
 
 def finish_video(
     video: Path, target: Path, *, audio: Path | None, subtitles: Path | None, burn: bool, font_size: int,
-    duration_s: float, timeout_s: float,
+    duration_s: float, timeout_s: float, cancel: CancelToken | None = None, audio_field: str = "audio",
 ) -> None:
     """Mux ``video`` with narration (AAC, padded with silence to the video's end) and captions.
 
@@ -291,11 +366,12 @@ def finish_video(
         args += ["-map", f"{2 if audio is not None else 1}:s:0", "-c:s", "mov_text", "-metadata:s:s:0",
                  "language=eng"]
     args += ["-t", f"{duration_s:.3f}", "-movflags", "+faststart", target.name]
-    try:
-        done = subprocess.run(args, cwd=workdir, capture_output=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise WorkerError(f"muxing ran longer than {timeout_s:g}s") from exc
-    if done.returncode != 0:
-        if audio is not None and b"Invalid data" in done.stderr:
-            raise InvalidInput(f"audio: could not read the narration ({_tail(done.stderr)})", field="audio")
-        raise WorkerError(f"muxing failed ({_tail(done.stderr)})")
+    code, _stdout, stderr = _run(
+        args, timeout_s=timeout_s, timeout_error=WorkerError(f"muxing ran longer than {timeout_s:g}s"),
+        cancel=cancel, cwd=workdir,
+    )
+    if code != 0:
+        if audio is not None and b"Invalid data" in stderr:
+            raise InvalidInput(f"{audio_field}: could not read the narration ({_tail(stderr, audio_field)})",
+                               field=audio_field)
+        raise WorkerError(f"muxing failed ({_tail(stderr)})")

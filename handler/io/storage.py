@@ -1,45 +1,73 @@
 """Where output files go: an S3-compatible bucket (presigned URLs) or, with none, inline base64.
 
-This is the only module that imports botocore; its errors become ``UPLOAD_FAILED`` (or
-``DOWNLOAD_FAILED`` for bucket inputs) here. Object keys are built by the worker from the
-prefix, the date, the request id and a fixed file name, never from user strings.
+This is the only module that imports botocore, boto3 and s3transfer; their errors become the
+worker's in :func:`s3_errors`, one table for every call: ``UPLOAD_FAILED`` for writes,
+``DOWNLOAD_FAILED`` for bucket inputs, retryable only when the failure can heal.
 
-Checksums are computed only when the S3 API requires them: newer botocore defaults add CRC
-trailers that several S3-compatible stores reject.
+A job's own ``s3Config`` is checked completely at the door (:func:`bucket_from_job`): its
+endpoint passes the same address policy as download URLs, resolved there and again at every
+connect, and its bucket name must be a bucket name. The operator's bucket is trusted.
+
+Object keys are built by the worker from the prefix, the date, the request id and a fixed
+file name, never from user strings. Checksums are computed only when the S3 API requires
+them: newer botocore defaults add CRC trailers that several S3-compatible stores reject.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import boto3
-from boto3.exceptions import S3UploadFailedError
-from boto3.s3.transfer import TransferConfig
+import botocore.exceptions as boto_errors
+import s3transfer.exceptions as transfer_errors
+from boto3.exceptions import Boto3Error, RetriesExceededError, S3UploadFailedError
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from botocore.awsrequest import AWSHTTPConnectionPool, AWSHTTPSConnectionPool
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from s3transfer.exceptions import CancelledError as TransferCancelled
 
 from handler.config import BucketSettings, Settings
-from handler.errors import DownloadFailed, InputTooLarge, InvalidInput, UploadFailed
+from handler.errors import Cancelled, DownloadFailed, InputTooLarge, InvalidInput, UploadFailed, WorkerError
+from handler.io.addresses import AddressPolicy, check_url
 from handler.logs import get_logger, register_secret
+from handler.runtime.cancel import CancelToken
 
 log = get_logger(__name__)
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 _DOTS = re.compile(r"\.{2,}")
+# S3's bucket naming rules, with the upper case and underscores some compatible stores allow.
+_BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]")
+_MAX_CONFIG_CHARS = 2048
 MIB = 1024 * 1024
+_READ_CHUNK = MIB
 # Multipart settings: 16 MiB parts keep part counts low for multi-GB videos.
-_TRANSFER = TransferConfig(
-    multipart_threshold=16 * MIB, multipart_chunksize=16 * MIB, max_concurrency=10
-)
-# S3 error codes that the same request will keep getting.
-_PERMANENT_STATUS = range(400, 500)
+_TRANSFER = TransferConfig(multipart_threshold=16 * MIB, multipart_chunksize=16 * MIB, max_concurrency=10)
+# What the store says about a request that may succeed if sent again.
+_TRANSIENT_STATUS = frozenset({408, 429})
 _TRANSIENT_CODES = frozenset({"RequestTimeout", "SlowDown", "Throttling", "TooManyRequests"})
+# botocore errors of the network or the store's answer: another try may get through. Every
+# other botocore error is about the request or its configuration and would fail again.
+_TRANSIENT_BOTOCORE: tuple[type[Exception], ...] = (
+    boto_errors.ConnectionError, boto_errors.HTTPClientError, boto_errors.IncompleteReadError,
+    boto_errors.ChecksumError, boto_errors.FlexibleChecksumError, boto_errors.CapacityNotAvailableError,
+    boto_errors.CredentialRetrievalError, boto_errors.MetadataRetrievalError, boto_errors.TokenRetrievalError,
+    transfer_errors.RetriesExceededError, transfer_errors.FatalError, RetriesExceededError,
+)
+# s3transfer's own errors share no base class.
+_TRANSFER_ERRORS: tuple[type[Exception], ...] = (
+    TransferCancelled, transfer_errors.InvalidSubscriberMethodError, transfer_errors.RetriesExceededError,
+    transfer_errors.S3CopyFailedError, transfer_errors.S3DownloadFailedError, transfer_errors.S3UploadFailedError,
+    transfer_errors.S3ValidationError, transfer_errors.TransferNotDoneError,
+)
 
 
 @dataclass(frozen=True)
@@ -63,9 +91,13 @@ class Storage(Protocol):
     # Whether saved files outlive the result (a bucket), or travel inside it (inline).
     durable: bool
 
-    def save(self, path: Path, *, name: str, content_type: str, request_id: str) -> StoredFile: ...
+    def save(
+        self, path: Path, *, name: str, content_type: str, request_id: str, cancel: CancelToken | None = None
+    ) -> StoredFile: ...
 
-    def fetch_object(self, bucket: str, key: str, target: Path, *, max_bytes: int, field: str) -> int: ...
+    def fetch_object(
+        self, bucket: str, key: str, target: Path, *, max_bytes: int, field: str, cancel: CancelToken | None = None
+    ) -> int: ...
 
 
 def object_key(prefix: str, request_id: str, name: str) -> str:
@@ -75,24 +107,106 @@ def object_key(prefix: str, request_id: str, name: str) -> str:
     return "/".join(part for part in (prefix, day, request_id, safe) if part)
 
 
-def bucket_from_job(job: dict[str, Any]) -> BucketSettings | None:
-    """RunPod's per-request ``s3Config``, if the job carries one."""
+def _s3_error(exc: BaseException, *, field: str | None, bucket: str) -> WorkerError:
+    """The worker's error for a boto3/botocore/s3transfer failure (field None: an upload)."""
+    if isinstance(exc, S3UploadFailedError | transfer_errors.S3UploadFailedError) and exc.__context__ is not None:
+        exc = exc.__context__  # boto3 wraps the real cause of a managed upload
+    if isinstance(exc, boto_errors.HTTPClientError) and isinstance(exc.kwargs.get("error"), WorkerError):
+        return exc.kwargs["error"]  # type: ignore[no-any-return]  # the address guard refused a connect
+    if isinstance(exc, TransferCancelled) and not isinstance(exc, transfer_errors.FatalError):
+        return Cancelled("the job was cancelled")
+    if isinstance(exc, boto_errors.ClientError):
+        return _client_error(exc, field=field, bucket=bucket)
+    retryable = isinstance(exc, _TRANSIENT_BOTOCORE)
+    what = type(exc).__name__
+    if field is None:
+        return UploadFailed(f"storage unreachable or refused for bucket {bucket!r} ({what})", retryable=retryable)
+    return DownloadFailed(f"{field}: bucket read failed ({what})", field=field, retryable=retryable)
+
+
+def _client_error(exc: boto_errors.ClientError, *, field: str | None, bucket: str) -> WorkerError:
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+    code = str(exc.response.get("Error", {}).get("Code", "unknown"))
+    retryable = code in _TRANSIENT_CODES or status in _TRANSIENT_STATUS or not 400 <= status < 500
+    if field is None:
+        return UploadFailed(f"storage refused the upload to {bucket!r} ({code})", retryable=retryable)
+    if status == 404 or code in ("NoSuchKey", "404"):
+        return DownloadFailed(f"{field}: no such object in the bucket", field=field, retryable=False)
+    return DownloadFailed(f"{field}: bucket read failed ({code})", field=field, retryable=retryable)
+
+
+@contextlib.contextmanager
+def s3_errors(*, bucket: str, field: str | None = None) -> Iterator[None]:
+    """Translate every boto3, botocore and s3transfer error raised in the block."""
+    try:
+        yield
+    except (boto_errors.BotoCoreError, boto_errors.ClientError, boto_errors.UndefinedModelAttributeError,
+            Boto3Error, *_TRANSFER_ERRORS) as exc:
+        raise _s3_error(exc, field=field, bucket=bucket) from exc
+
+
+def bucket_from_job(job: dict[str, Any], *, policy: AddressPolicy, schemes: frozenset[str]) -> BucketSettings | None:
+    """RunPod's per-request ``s3Config``, checked completely, or None if the job has none.
+
+    Runs before any work of the job; resolves the endpoint's host, so call it off the event loop.
+    """
     raw = job.get("s3Config")
     if raw is None:
         return None
     if not isinstance(raw, dict):
-        raise InvalidInput("s3Config must be an object", field="s3Config")
+        raise InvalidInput("s3Config: must be an object", field="s3Config")
     required = ("accessId", "accessSecret", "bucketName", "endpointUrl")
-    missing = [name for name in required if not isinstance(raw.get(name), str) or not raw[name]]
-    if missing:
-        raise InvalidInput(f"s3Config is missing {', '.join(missing)}", field="s3Config")
+    for name in required:
+        value = raw.get(name)
+        if not isinstance(value, str) or not value.strip() or len(value) > _MAX_CONFIG_CHARS:
+            raise InvalidInput(f"s3Config.{name}: required, a non-empty string", field=f"s3Config.{name}")
     register_secret(raw["accessSecret"])
+    unknown = sorted(set(raw) - set(required))
+    if unknown:
+        raise InvalidInput("s3Config: unknown field", field=f"s3Config.{unknown[0]}"[:80])
+    if not _BUCKET_NAME.fullmatch(raw["bucketName"]) or ".." in raw["bucketName"]:
+        raise InvalidInput("s3Config.bucketName: not a valid bucket name", field="s3Config.bucketName")
+    field = "s3Config.endpointUrl"
+    parts = check_url(raw["endpointUrl"], schemes=schemes, field=field)
+    try:
+        assert parts.hostname is not None
+        policy.resolve(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    except WorkerError as exc:
+        exc.field, exc.message = field, f"{field}: {exc.message}"
+        raise
     return BucketSettings(
-        endpoint_url=raw["endpointUrl"],
-        access_key_id=raw["accessId"],
-        secret_access_key=raw["accessSecret"],
+        endpoint_url=raw["endpointUrl"], access_key_id=raw["accessId"], secret_access_key=raw["accessSecret"],
         name=raw["bucketName"],
     )
+
+
+def _guarded_pool(base: type[Any], policy: AddressPolicy) -> type[Any]:
+    """A botocore connection pool whose connections go only to addresses the policy permits."""
+
+    class GuardedConnection(base.ConnectionCls):  # type: ignore[name-defined,misc]
+        def _new_conn(self) -> Any:
+            host: str = self._dns_host  # type: ignore[has-type]
+            checked = policy.resolve(host, self.port)
+            self._dns_host = str(checked[0])
+            try:
+                return super()._new_conn()
+            finally:
+                self._dns_host = host
+
+    return type(f"Guarded{base.__name__}", (base,), {"ConnectionCls": GuardedConnection})
+
+
+def _guard_connections(client: Any, policy: AddressPolicy) -> None:
+    """Route every connection of ``client`` through the address policy.
+
+    botocore offers no public hook where sockets open, so its session's pool classes are
+    replaced; tests/test_storage.py proves the guard holds (a refused endpoint gets no connection).
+    """
+    session = client._endpoint.http_session
+    classes = {"http": _guarded_pool(AWSHTTPConnectionPool, policy),
+               "https": _guarded_pool(AWSHTTPSConnectionPool, policy)}
+    session._pool_classes_by_scheme = classes
+    session._manager.pool_classes_by_scheme = classes
 
 
 class S3Storage:
@@ -100,7 +214,7 @@ class S3Storage:
 
     durable = True
 
-    def __init__(self, bucket: BucketSettings, settings: Settings) -> None:
+    def __init__(self, bucket: BucketSettings, settings: Settings, *, policy: AddressPolicy | None = None) -> None:
         register_secret(bucket.secret_access_key)
         self.bucket = bucket
         self._prefix = settings.bucket_prefix
@@ -114,58 +228,78 @@ class S3Storage:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        self.client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=bucket.endpoint_url,
-            aws_access_key_id=bucket.access_key_id,
-            aws_secret_access_key=bucket.secret_access_key,
-            region_name=bucket.region or "us-east-1",
-            config=config,
-        )
+        try:
+            with s3_errors(bucket=bucket.name, field="s3Config" if policy else None):
+                self.client = boto3.session.Session().client(
+                    "s3", endpoint_url=bucket.endpoint_url, aws_access_key_id=bucket.access_key_id,
+                    aws_secret_access_key=bucket.secret_access_key, region_name=bucket.region or "us-east-1",
+                    config=config,
+                )
+        except ValueError as exc:  # botocore's own check of the endpoint URL
+            raise InvalidInput("s3Config.endpointUrl: not a valid endpoint", field="s3Config.endpointUrl") from exc
+        if policy is not None:
+            _guard_connections(self.client, policy)
 
-    def save(self, path: Path, *, name: str, content_type: str, request_id: str) -> StoredFile:
+    def save(
+        self, path: Path, *, name: str, content_type: str, request_id: str, cancel: CancelToken | None = None
+    ) -> StoredFile:
         key = object_key(self._prefix, request_id, name)
         size = path.stat().st_size
         started = time.perf_counter()
-        try:
-            self.client.upload_file(
-                str(path),
-                self.bucket.name,
-                key,
-                ExtraArgs={"ContentType": content_type},
-                Config=_TRANSFER,
-            )
+        with s3_errors(bucket=self.bucket.name):
+            self._upload(path, key, content_type, cancel or CancelToken())
             url = self.client.generate_presigned_url(
-                "get_object",
-                Params={"Bucket": self.bucket.name, "Key": key},
-                ExpiresIn=self._expiry_s,
+                "get_object", Params={"Bucket": self.bucket.name, "Key": key}, ExpiresIn=self._expiry_s
             )
-        except (BotoCoreError, ClientError, S3UploadFailedError) as exc:
-            raise _upload_error(exc, self.bucket.name) from exc
         ms = (time.perf_counter() - started) * 1000
         log.info("upload.done", key=key, bytes=size, ms=round(ms, 1))
         return StoredFile(name=name, content_type=content_type, size=size, key=key, url=url)
 
-    def fetch_object(self, bucket: str, key: str, target: Path, *, max_bytes: int, field: str) -> int:
+    def _upload(self, path: Path, key: str, content_type: str, cancel: CancelToken) -> None:
+        cancel.check()
+        with create_transfer_manager(self.client, _TRANSFER) as manager:
+            future = manager.upload(str(path), self.bucket.name, key, extra_args={"ContentType": content_type})
+            with cancel.on_cancel(future.cancel):
+                future.result()
+
+    def fetch_object(
+        self, bucket: str, key: str, target: Path, *, max_bytes: int, field: str, cancel: CancelToken | None = None
+    ) -> int:
         if bucket != self.bucket.name:
-            raise InvalidInput(
-                f"{field}: only objects in the job's bucket can be read, not {bucket!r}", field=field
-            )
+            raise InvalidInput(f"{field}: only objects in the job's bucket can be read", field=field)
+        cancel = cancel or CancelToken()
+        cancel.check()
+        with s3_errors(bucket=bucket, field=field):
+            response = self.client.get_object(Bucket=bucket, Key=key)
+            body = response["Body"]
+            try:
+                if int(response.get("ContentLength") or 0) > max_bytes:
+                    raise _too_large(field, max_bytes)
+                with cancel.on_cancel(body.close):
+                    return _save_stream(body, target, max_bytes=max_bytes, field=field, cancel=cancel)
+            finally:
+                body.close()
+
+
+def _save_stream(body: Any, target: Path, *, max_bytes: int, field: str, cancel: CancelToken) -> int:
+    """Copy an object's body to ``target``, counting what really arrives against the cap."""
+    written = 0
+    with target.open("wb") as out:
         try:
-            head = self.client.head_object(Bucket=bucket, Key=key)
-            if int(head.get("ContentLength", 0)) > max_bytes:
-                raise InputTooLarge(f"{field}: object is larger than {max_bytes} bytes", field=field)
-            self.client.download_file(bucket, key, str(target))
-        except ClientError as exc:
-            status = _status(exc)
-            if status == 404:
-                raise DownloadFailed(
-                    f"{field}: no object {key!r} in the bucket", field=field, retryable=False
-                ) from exc
-            raise DownloadFailed(f"{field}: bucket read failed ({_code(exc)})", field=field) from exc
-        except BotoCoreError as exc:
-            raise DownloadFailed(f"{field}: bucket unreachable: {exc}", field=field) from exc
-        return target.stat().st_size
+            for chunk in body.iter_chunks(_READ_CHUNK):
+                cancel.check()
+                written += len(chunk)
+                if written > max_bytes:
+                    raise _too_large(field, max_bytes)
+                out.write(chunk)
+        except Exception:
+            cancel.check()  # a read broken by the cancel callback is a cancellation
+            raise
+    return written
+
+
+def _too_large(field: str, max_bytes: int) -> InputTooLarge:
+    return InputTooLarge(f"{field}: object is larger than {max_bytes} bytes", field=field)
 
 
 class InlineStorage:
@@ -178,7 +312,9 @@ class InlineStorage:
         self._used_lock = threading.Lock()
         self._used = 0
 
-    def save(self, path: Path, *, name: str, content_type: str, request_id: str) -> StoredFile:
+    def save(
+        self, path: Path, *, name: str, content_type: str, request_id: str, cancel: CancelToken | None = None
+    ) -> StoredFile:
         size = path.stat().st_size
         with self._used_lock:
             if self._used + size > self._max_bytes:
@@ -190,23 +326,7 @@ class InlineStorage:
         encoded = base64.b64encode(path.read_bytes()).decode("ascii")
         return StoredFile(name=name, content_type=content_type, size=size, base64=encoded)
 
-    def fetch_object(self, bucket: str, key: str, target: Path, *, max_bytes: int, field: str) -> int:
+    def fetch_object(
+        self, bucket: str, key: str, target: Path, *, max_bytes: int, field: str, cancel: CancelToken | None = None
+    ) -> int:
         raise InvalidInput(f"{field}: s3:// inputs need a configured bucket", field=field)
-
-
-def _status(exc: ClientError) -> int:
-    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-
-
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", "unknown"))
-
-
-def _upload_error(exc: Exception, bucket: str) -> UploadFailed:
-    # boto3 wraps client errors of managed uploads in S3UploadFailedError (as __context__).
-    cause = exc.__context__ if isinstance(exc, S3UploadFailedError) else exc
-    if isinstance(cause, ClientError):
-        code = _code(cause)
-        retryable = code in _TRANSIENT_CODES or _status(cause) not in _PERMANENT_STATUS
-        return UploadFailed(f"storage refused the upload to {bucket!r} ({code})", retryable=retryable)
-    return UploadFailed(f"storage unreachable for bucket {bucket!r}: {type(cause).__name__}")

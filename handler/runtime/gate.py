@@ -21,30 +21,18 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-import torch
-
-from handler.errors import CudaFatal, GenerationTimeout, GpuOutOfMemory
+from handler.errors import GenerationTimeout
 from handler.logs import get_logger
 from handler.runtime.cancel import CancelToken
-from handler.runtime.devices import clear_cuda_cache
+from handler.runtime.devices import clear_cuda_cache, cuda_errors
+from handler.runtime.threads import LateErrorHook, in_thread
 
 T = TypeVar("T")
 log = get_logger(__name__)
 
-# CUDA errors after which the context is unusable: only a new process recovers.
-_STICKY_CUDA_ERRORS = (
-    "illegal memory access",
-    "unspecified launch failure",
-    "device-side assert triggered",
-    "misaligned address",
-    "illegal instruction",
-    "uncorrectable ecc error",
-    "cuda error: unknown error",
-)
 
-
-def is_sticky_cuda_error(exc: BaseException) -> bool:
-    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _STICKY_CUDA_ERRORS)
+def _log_late_error(exc: BaseException) -> None:
+    log.error("gpu.late_error", error=repr(exc))
 
 
 class Gate:
@@ -93,11 +81,14 @@ class Gate:
                 semaphore = self._semaphores[loop] = asyncio.Semaphore(self.slots)
             return semaphore
 
-    async def run(self, work: Callable[[], T], *, token: CancelToken | None = None) -> tuple[T, float]:
+    async def run(
+        self, work: Callable[[], T], *, token: CancelToken | None = None, on_late_error: LateErrorHook = _log_late_error
+    ) -> tuple[T, float]:
         """Run ``work`` in a slot; returns its result and the ms spent waiting for the slot.
 
         If the calling task is cancelled while ``work`` runs, ``token`` is cancelled so the
-        work can stop at its next step; the slot is freed when it has.
+        work can stop at its next step; the slot is freed when it has, and what the work
+        raises after that goes to ``on_late_error``.
         """
         semaphore = self._semaphore()
         started = time.perf_counter()
@@ -117,17 +108,21 @@ class Gate:
         self._count(busy=+1)
         loop = asyncio.get_running_loop()
         release = _ReleaseOnce(lambda: self._release(semaphore, loop))
+
+        def guarded() -> T:
+            try:
+                return self._guarded(work)
+            finally:
+                release()
+
         try:
-            future = self._executor.submit(self._guarded, work)
-        except BaseException:
-            release()
-            raise
-        future.add_done_callback(lambda _f: release())
-        try:
-            return await asyncio.wrap_future(future), waited_ms
+            return await in_thread(guarded, on_late_error=on_late_error, executor=self._executor), waited_ms
         except asyncio.CancelledError:
             if token is not None:
                 token.cancel()
+            raise
+        except RuntimeError:  # the executor refused the work (shut down): nothing will release the slot
+            release()
             raise
 
     def _release(self, semaphore: asyncio.Semaphore, loop: asyncio.AbstractEventLoop) -> None:
@@ -147,18 +142,8 @@ class Gate:
     def _guarded(work: Callable[[], T]) -> T:
         clear_cuda_cache()
         try:
-            return work()
-        except torch.cuda.OutOfMemoryError as exc:
-            clear_cuda_cache(collect=True)
-            log.warning("gpu.oom", error=str(exc).splitlines()[0] if str(exc) else "")
-            raise GpuOutOfMemory(
-                "CUDA ran out of memory for this request; try a smaller one"
-            ) from exc
-        except RuntimeError as exc:
-            if is_sticky_cuda_error(exc):
-                log.error("gpu.fatal", error=str(exc).splitlines()[0])
-                raise CudaFatal("the GPU is in an unrecoverable state; the worker will restart") from exc
-            raise
+            with cuda_errors():
+                return work()
         finally:
             # After a sticky error every CUDA call fails; that must not hide the error.
             with contextlib.suppress(RuntimeError):

@@ -2,7 +2,9 @@
 
 Lookups go lock-free first; on a miss the caller takes the lock of that key only (so two
 different models load in parallel), looks again, loads, and publishes. A load that fails
-is not cached: the next request tries again.
+is not cached: the next request tries again. A load that runs out of GPU memory is
+``GPU_OOM`` and a sticky CUDA error during a load is ``CUDA_FATAL``, as in model code; any
+other failure is ``MODEL_LOAD_FAILED``, its details in the log, not in the client's message.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, TypeVar
 
 from handler.errors import GenerationTimeout, ModelLoadFailed, WorkerError
 from handler.logs import get_logger
+from handler.runtime.devices import cuda_errors
 from handler.runtime.memory import model_bytes, read_memory
 
 T = TypeVar("T")
@@ -79,12 +82,15 @@ class Registry:
         started = time.perf_counter()
         before = read_memory()
         try:
-            pipeline = loader()
+            with cuda_errors():
+                pipeline = loader()
         except WorkerError:
             raise
         except Exception as exc:
             log.warning("pipeline.load.failed", task=key.task, model=key.model, error=repr(exc))
-            raise ModelLoadFailed(f"could not load model {key.model!r}: {exc}") from exc
+            raise ModelLoadFailed(
+                f"could not load model {key.model!r} ({type(exc).__name__}); the worker log has the details"
+            ) from exc
         load_ms = (time.perf_counter() - started) * 1000
         memory = model_bytes(before, read_memory(), key.device)
         self._pipelines[key] = LoadedPipeline(pipeline, load_ms, time.time(), memory)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +19,17 @@ from handler.io.storage import Storage
 from handler.io.workspace import Workspace
 from handler.runtime.cancel import CancelToken
 from handler.runtime.gate import Gate
+from handler.runtime.instances import InstancePool
+from handler.runtime.lifecycle import Lifecycle
 from handler.runtime.registry import Registry
 from handler.runtime.stats import WorkerStats
+from handler.runtime.threads import in_thread
 
 InputT = TypeVar("InputT", bound=BaseModel)
+T = TypeVar("T")
+P = TypeVar("P")
+# An output file: where it is, the name the client sees, its content type.
+OutputFile = tuple[Path, str, str]
 
 
 def new_seed() -> int:
@@ -59,6 +67,7 @@ class Runtime:
     gate: Gate
     device: str
     stats: WorkerStats = field(default_factory=WorkerStats)
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
     # How the GPU slots were sized (fixed, or auto with its figures), for `system`.
     sizing: dict[str, Any] = field(default_factory=dict)
 
@@ -85,6 +94,55 @@ class JobContext:
     def workdir(self) -> Path:
         """The job's private directory (created on first use, removed after the job)."""
         return self.workspace.path
+
+    async def in_thread(self, work: Callable[[], T]) -> T:
+        """Blocking IO off the event loop; a late failure after cancellation is still reported."""
+        return await in_thread(work, on_late_error=self.runtime.lifecycle.late_error)
+
+    async def load(self, get_pool: Callable[[], InstancePool[P]]) -> InstancePool[P]:
+        """A model's instances, loaded on first use (timed as ``load``)."""
+        with self.timings.measure("load"):
+            return await self.in_thread(get_pool)
+
+    async def on_model(self, pool: InstancePool[P], work: Callable[[P], T], *, stage: str = "run") -> T:
+        """Run ``work`` with an instance of ``pool`` to itself, in a GPU slot.
+
+        The one recipe for model work: the gate's slot and acquire timeout, an exclusive
+        instance, CUDA errors translated, the job's cancel token, ``queued`` and ``stage`` timings.
+        """
+
+        def borrowed() -> T:
+            with pool.borrow(self.settings.generation_acquire_timeout) as instance, self.timings.measure(stage):
+                return work(instance)
+
+        result, waited_ms = await self.runtime.gate.run(
+            borrowed, token=self.cancel, on_late_error=self.runtime.lifecycle.late_error
+        )
+        self.timings.add("queued", waited_ms)
+        return result
+
+    async def fetch_media(
+        self, target: Path, *, url: str | None, data: str | None, fields: tuple[str, str]
+    ) -> str:
+        """Bring the job's media (a URL or base64) to ``target``; returns the field it came from."""
+        url_field, data_field = fields
+        with self.timings.measure("download"):
+            if url is not None:
+                await self.in_thread(functools.partial(self.inputs.from_url, url, target, field=url_field))
+                return url_field
+            assert data is not None
+            await self.in_thread(functools.partial(self.inputs.from_base64, data, target, field=data_field))
+            return data_field
+
+    async def save_files(self, files: Sequence[OutputFile]) -> list[dict[str, Any]]:
+        """Store the job's output files, in order (timed as ``upload``)."""
+        stored = []
+        with self.timings.measure("upload"):
+            for path, name, content_type in files:
+                save = functools.partial(self.storage.save, path, name=name, content_type=content_type,
+                                         request_id=self.request_id, cancel=self.cancel)
+                stored.append((await self.in_thread(save)).as_dict())
+        return stored
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ pieces joined with a short pause; ``text2video`` uses the same code for its narr
 
 from __future__ import annotations
 
-import asyncio
 import re
 import threading
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ _PAUSE_S = 0.2
 class SpeechInput(BaseModel):
     """Input of the ``speech`` task."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     task: Literal["speech"] = "speech"
     text: str = Field(min_length=1, description="what to say")
@@ -72,6 +71,10 @@ class SpeechPipeline:
     @property
     def sample_rate(self) -> int:
         return int(self.model.config.sampling_rate)
+
+    def speakable(self, pieces: list[str]) -> list[str]:
+        """The pieces the tokenizer makes any input of (emoji alone make none)."""
+        return [piece for piece in pieces if len(self.tokenizer(piece)["input_ids"]) > 0]
 
     def synthesize(self, pieces: list[str], *, speaking_rate: float, seed: int, cancel: CancelToken) -> np.ndarray:
         pause = np.zeros(int(_PAUSE_S * self.sample_rate), dtype=np.float32)
@@ -131,18 +134,23 @@ def model_name(ctx: JobContext, requested: str | None) -> str:
 
 
 async def synthesize(
-    ctx: JobContext, pieces: list[str], *, model: str, speaking_rate: float, seed: int
+    ctx: JobContext, pieces: list[str], *, model: str, speaking_rate: float, seed: int, field: str = "text"
 ) -> tuple[np.ndarray, int]:
-    """Narration samples (float32, mono) and their rate; loads the model and takes a GPU slot."""
-    with ctx.timings.measure("load"):
-        pipelines = await asyncio.to_thread(get_pipelines, ctx.runtime, model)
+    """Narration samples (float32, mono) and their rate; loads the model and takes a GPU slot.
 
-    def work() -> np.ndarray:
-        with pipelines.borrow(ctx.settings.generation_acquire_timeout) as pipeline, ctx.timings.measure("speech"):
-            return pipeline.synthesize(pieces, speaking_rate=speaking_rate, seed=seed, cancel=ctx.cancel)
-
-    samples, waited_ms = await ctx.runtime.gate.run(work, token=ctx.cancel)
-    ctx.timings.add("queued", waited_ms)
+    Text with nothing the model can say is refused before the GPU slot.
+    """
+    pipelines = await ctx.load(lambda: get_pipelines(ctx.runtime, model))
+    pieces = pipelines.first.speakable(pieces)
+    if not pieces:
+        raise InvalidInput(f"{field}: nothing speakable (no letters the voice knows)", field=field)
+    samples = await ctx.on_model(
+        pipelines,
+        lambda pipeline: pipeline.synthesize(pieces, speaking_rate=speaking_rate, seed=seed, cancel=ctx.cancel),
+        stage="speech",
+    )
+    if samples.size == 0:
+        raise InvalidInput(f"{field}: nothing speakable", field=field)
     return samples, pipelines.first.sample_rate
 
 
@@ -153,17 +161,14 @@ async def run(ctx: JobContext, params: SpeechInput) -> dict[str, Any]:
     samples, rate = await synthesize(ctx, pieces, model=model, speaking_rate=params.speaking_rate, seed=seed)
     path = ctx.workdir / "speech.wav"
     media.write_wav(path, samples, rate)
-    with ctx.timings.measure("upload"):
-        stored = await asyncio.to_thread(
-            ctx.storage.save, path, name="speech.wav", content_type="audio/wav", request_id=ctx.request_id
-        )
+    files = await ctx.save_files([(path, "speech.wav", "audio/wav")])
     return {
         "model": model,
         "seed": seed,
         "sample_rate": rate,
         "duration_s": round(samples.size / rate, 3),
         "sentences": len(pieces),
-        "files": [stored.as_dict()],
+        "files": files,
     }
 
 

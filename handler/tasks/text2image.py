@@ -6,7 +6,6 @@ default size, and the multiple its VAE and patching need) before any GPU work.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from typing import Any, Literal
 
@@ -27,7 +26,7 @@ _DEFAULT_STEPS = 30
 class ImageInput(BaseModel):
     """Input of the ``text2image`` task."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     task: Literal["text2image"] = "text2image"
     prompt: str = Field(min_length=1, max_length=4000)
@@ -136,27 +135,20 @@ def _save(ctx: JobContext, images: list[Any], fmt: ImageFormat) -> list[tuple[An
 async def run(ctx: JobContext, params: ImageInput) -> dict[str, Any]:
     _check_limits(ctx, params)
     model = params.model or ctx.settings.image_model
-    with ctx.timings.measure("load"):
-        pipelines = await asyncio.to_thread(get_pipelines, ctx.runtime, model)
+    pipelines = await ctx.load(lambda: get_pipelines(ctx.runtime, model))
     width, height = resolve_size(ctx, pipelines.first, params)
     options = _call_options(pipelines.first, params, width, height)
     seed = params.seed if params.seed is not None else new_seed()
     progress = Progress(ctx.job)
 
-    def work() -> list[Any]:
-        with pipelines.borrow(ctx.settings.generation_acquire_timeout) as pipeline, ctx.timings.measure("run"):
-            generator = torch.Generator("cpu").manual_seed(seed)
-            callback = step_callback(ctx, progress, params.steps)
-            return list(pipeline(**options, generator=generator, callback_on_step_end=callback).images)
+    def work(pipeline: DiffusionPipeline) -> list[Any]:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        callback = step_callback(ctx, progress, params.steps)
+        return list(pipeline(**options, generator=generator, callback_on_step_end=callback).images)
 
-    images, waited_ms = await ctx.runtime.gate.run(work, token=ctx.cancel)
-    ctx.timings.add("queued", waited_ms)
-    files = []
-    with ctx.timings.measure("upload"):
-        for path, name in await asyncio.to_thread(_save, ctx, images, params.format):
-            stored = await asyncio.to_thread(ctx.storage.save, path, name=name,
-                                             content_type=_CONTENT_TYPES[params.format], request_id=ctx.request_id)
-            files.append(stored.as_dict())
+    images = await ctx.on_model(pipelines, work)
+    saved = await ctx.in_thread(lambda: _save(ctx, images, params.format))
+    files = await ctx.save_files([(path, name, _CONTENT_TYPES[params.format]) for path, name in saved])
     return {"model": model, "seed": seed, "width": width, "height": height, "steps": params.steps,
             "num_images": len(files), "files": files}
 

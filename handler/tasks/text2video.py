@@ -9,7 +9,7 @@ as long as the narration when that is longer, so speech is never cut.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from handler.errors import InputTooLarge, InvalidInput, ModelLoadFailed
 from handler.io import media
+from handler.logs import get_logger
 from handler.runtime.hub import pretrained_source
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
@@ -30,12 +31,13 @@ from handler.tasks.text2image import step_callback
 from handler.tasks.video_plan import AspectRatio, Family, Resolution, SegmentPlan, family_of, frame_size, plan_segments
 
 Captions = Literal["none", "soft", "burned"]
+log = get_logger(__name__)
 
 
 class VideoInput(BaseModel):
     """Input of the ``text2video`` task."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     task: Literal["text2video"] = "text2video"
     prompt: str = Field(min_length=1, max_length=4000)
@@ -79,27 +81,34 @@ def model_family(ctx: JobContext, name: str) -> Family:
     try:
         config = DiffusionPipeline.load_config(source, **options)
     except (OSError, ValueError) as exc:
-        raise ModelLoadFailed(f"no video model {name!r}: {exc}") from exc
+        log.warning("video.model_missing", model=name, error=repr(exc))
+        raise ModelLoadFailed(
+            f"no video model {name!r} ({type(exc).__name__}); the worker log has the details"
+        ) from exc
     family = family_of(str(config.get("_class_name", "")))
     if family is None:
         raise InvalidInput(f"model: {config.get('_class_name')} is not a supported video pipeline", field="model")
     return family
 
 
-def _check_request(ctx: JobContext, params: VideoInput, family: Family) -> tuple[int, int]:
+def _check_limits(ctx: JobContext, params: VideoInput) -> None:
+    """Everything that needs no model: checked before the model's files are even read."""
     settings = ctx.settings
     if params.model not in (None, settings.video_model):
         raise InvalidInput(f"model: {params.model!r} is not served here; use {settings.video_model!r}", field="model")
     if params.num_inference_steps > settings.max_steps:
         raise InputTooLarge(f"num_inference_steps: {params.num_inference_steps} is over the limit of "
                             f"{settings.max_steps}", field="num_inference_steps")
-    width, height = frame_size(params.aspect_ratio, params.resolution, family)
-    if width * height > settings.max_image_pixels:
-        raise InputTooLarge(f"resolution: {width}x{height} is over the limit of {settings.max_image_pixels} "
-                            "pixels per frame", field="resolution")
     _check_duration(ctx, params.duration_s, params.fps, field="duration_s")
     if params.narration is not None:
         speech.check_text(ctx, params.narration, field="narration")
+
+
+def _frame_size(ctx: JobContext, params: VideoInput, family: Family) -> tuple[int, int]:
+    width, height = frame_size(params.aspect_ratio, params.resolution, family)
+    if width * height > ctx.settings.max_image_pixels:
+        raise InputTooLarge(f"resolution: {width}x{height} is over the limit of {ctx.settings.max_image_pixels} "
+                            "pixels per frame", field="resolution")
     return width, height
 
 
@@ -115,29 +124,26 @@ def _check_duration(ctx: JobContext, duration_s: float, fps: int, *, field: str)
     return frames
 
 
-async def _narration(ctx: JobContext, params: VideoInput) -> tuple[Path | None, np.ndarray | None]:
-    """The narration file, and its samples at 16 kHz when captions need them."""
+async def _narration(ctx: JobContext, params: VideoInput) -> tuple[Path | None, np.ndarray | None, str]:
+    """The narration file, its samples at 16 kHz, and the input field it came from."""
     if params.narration is not None:
-        pieces = speech.check_text(ctx, params.narration, field="narration")
+        field = "narration"
+        pieces = speech.check_text(ctx, params.narration, field=field)
         samples, rate = await speech.synthesize(ctx, pieces, model=ctx.settings.tts_model, speaking_rate=1.0,
-                                                seed=params.seed or 0)
+                                                seed=params.seed or 0, field=field)
         path = ctx.workdir / "narration.wav"
         media.write_wav(path, samples, rate)
     elif params.audio is not None or params.audio_base64 is not None:
         path = ctx.workdir / "narration.input"
-        field = "audio" if params.audio is not None else "audio_base64"
-        with ctx.timings.measure("download"):
-            if params.audio is not None:
-                await asyncio.to_thread(ctx.inputs.from_url, params.audio, path, field=field)
-            else:
-                await asyncio.to_thread(ctx.inputs.from_base64, str(params.audio_base64), path, field=field)
+        field = await ctx.fetch_media(path, url=params.audio, data=params.audio_base64,
+                                      fields=("audio", "audio_base64"))
     else:
-        return None, None
-    audio, _info = await asyncio.to_thread(
+        return None, None, "duration_s"
+    audio, _info = await ctx.in_thread(functools.partial(
         media.load_audio, path, max_duration_s=ctx.settings.max_video_duration_s,
-        timeout_s=ctx.settings.media_timeout_s, field="audio" if params.narration is None else "narration",
-    )
-    return path, audio
+        timeout_s=ctx.settings.media_timeout_s, field=field, cancel=ctx.cancel,
+    ))
+    return path, audio, field
 
 
 async def _captions(ctx: JobContext, audio: np.ndarray) -> Path:
@@ -207,66 +213,53 @@ def _generate(ctx: JobContext, pipeline: Any, params: VideoInput, plan: SegmentP
 
 async def _render(ctx: JobContext, params: VideoInput, plan: SegmentPlan, size: tuple[int, int], seed: int,
                   model: str) -> tuple[Path, np.ndarray]:
-    with ctx.timings.measure("load"):
-        pipelines = await asyncio.to_thread(get_pipelines, ctx.runtime, model)
+    pipelines = await ctx.load(lambda: get_pipelines(ctx.runtime, model))
     path = ctx.workdir / "frames.mp4"
     writer = media.FrameWriter(path, width=size[0], height=size[1], fps=params.fps, hold=plan.hold,
-                               timeout_s=ctx.settings.media_timeout_s)
-
-    def work() -> np.ndarray:
-        with pipelines.borrow(ctx.settings.generation_acquire_timeout) as pipeline, ctx.timings.measure("generate"):
-            return _generate(ctx, pipeline, params, plan, writer, size, seed)
-
+                               timeout_s=ctx.settings.media_timeout_s, cancel=ctx.cancel)
     try:
-        poster, waited_ms = await ctx.runtime.gate.run(work, token=ctx.cancel)
+        poster = await ctx.on_model(
+            pipelines, lambda pipeline: _generate(ctx, pipeline, params, plan, writer, size, seed), stage="generate"
+        )
     except BaseException:
         writer.abort()
         raise
-    ctx.timings.add("queued", waited_ms)
     with ctx.timings.measure("mux"):
-        await asyncio.to_thread(writer.close)
+        await ctx.in_thread(writer.close)
     return path, poster
 
 
-async def _upload(ctx: JobContext, files: list[tuple[Path, str]]) -> list[dict[str, Any]]:
-    stored = []
-    with ctx.timings.measure("upload"):
-        for path, content_type in files:
-            saved = await asyncio.to_thread(ctx.storage.save, path, name=path.name, content_type=content_type,
-                                            request_id=ctx.request_id)
-            stored.append(saved.as_dict())
-    return stored
-
-
 async def run(ctx: JobContext, params: VideoInput) -> dict[str, Any]:
+    _check_limits(ctx, params)
     model = params.model or ctx.settings.video_model
-    family = await asyncio.to_thread(model_family, ctx, model)
-    size = _check_request(ctx, params, family)
+    family = await ctx.in_thread(lambda: model_family(ctx, model))
+    size = _frame_size(ctx, params, family)
     seed = params.seed if params.seed is not None else new_seed()
-    narration, samples = await _narration(ctx, params)
+    narration, samples, narration_field = await _narration(ctx, params)
     duration = max(params.duration_s, samples.size / media.SAMPLE_RATE if samples is not None else 0.0)
-    total = _check_duration(ctx, duration, params.fps, field="audio" if samples is not None else "duration_s")
+    total = _check_duration(ctx, duration, params.fps, field=narration_field)
     plan = plan_segments(total, family, fps=params.fps, clip_frames=ctx.settings.video_clip_frames)
     subtitles = await _captions(ctx, samples) if params.captions != "none" and samples is not None else None
     frames_path, poster = await _render(ctx, params, plan, size, seed, model)
     video = ctx.workdir / "video.mp4"
     frames = plan.frames + plan.hold
     with ctx.timings.measure("mux"):
-        await asyncio.to_thread(
+        await ctx.in_thread(functools.partial(
             media.finish_video, frames_path, video, audio=narration, subtitles=subtitles,
             burn=params.captions == "burned", font_size=14 if size[1] > size[0] else 18,
-            duration_s=frames / params.fps, timeout_s=ctx.settings.media_timeout_s,
-        )
+            duration_s=frames / params.fps, timeout_s=ctx.settings.media_timeout_s, cancel=ctx.cancel,
+            audio_field=narration_field,
+        ))
     poster_path = ctx.workdir / "poster.jpg"
-    await asyncio.to_thread(_save_poster, poster, poster_path)
-    files = [(video, "video/mp4"), (poster_path, "image/jpeg")]
+    await ctx.in_thread(lambda: _save_poster(poster, poster_path))
+    files = [(video, video.name, "video/mp4"), (poster_path, poster_path.name, "image/jpeg")]
     if subtitles is not None:
-        files.append((subtitles, "application/x-subrip"))
+        files.append((subtitles, subtitles.name, "application/x-subrip"))
     return {
         "model": model, "seed": seed, "width": size[0], "height": size[1], "fps": params.fps,
         "frames": frames, "duration_s": round(frames / params.fps, 3), "segments": len(plan.segments),
         "segment_frames": list(plan.segments), "narrated": narration is not None, "captions": params.captions,
-        "files": await _upload(ctx, files),
+        "files": await ctx.save_files(files),
     }
 
 

@@ -6,7 +6,7 @@ its clients can switch endpoints without changes.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import io
 import json
 import re
@@ -30,14 +30,15 @@ from handler.tasks.whisper_pipeline import WhisperPipeline, load_whisper
 TextFormat = Literal["plain_text", "formatted_text", "srt", "vtt"]
 # Peak amplitude below which audio is digital silence: nothing to transcribe.
 _SILENCE_PEAK = 1e-4
-_SUPPRESS_TOKENS = re.compile(r"-1|\d+(,\d+)*")
+# Token ids as worker-faster_whisper's clients send them: "-1", "-1,50362", "1, 2, 3".
+_SUPPRESS_TOKENS = re.compile(r"\s*-?\d{1,6}\s*(,\s*-?\d{1,6}\s*)*")
 _INPUT_NAME = "input.media"
 
 
 class TranscribeInput(BaseModel):
     """Input of the ``transcribe`` task."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     task: Literal["transcribe"] = "transcribe"
     audio: str | None = Field(None, description="https URL or s3://bucket/key of the media")
@@ -48,17 +49,19 @@ class TranscribeInput(BaseModel):
     translation: TextFormat = "plain_text"
     language: str | None = Field(None, description="spoken language; detected when omitted")
     temperature: float = Field(0.0, ge=0.0, le=1.0)
-    temperature_increment_on_fallback: float | None = Field(0.2, gt=0.0, le=1.0)
+    # At least 0.1: at most 11 temperatures, so fallback can decode a window at most 11 times.
+    temperature_increment_on_fallback: float | None = Field(0.2, ge=0.1, le=1.0)
     best_of: int = Field(5, ge=1, le=10)
     beam_size: int = Field(5, ge=1, le=10)
-    patience: float | None = Field(None, gt=0.0)
+    # Beam search keeps beam_size * patience candidates: bounded like the beam.
+    patience: float | None = Field(None, gt=0.0, le=2.0)
     length_penalty: float | None = Field(None, ge=0.0, le=1.0)
-    suppress_tokens: str = "-1"
+    suppress_tokens: str = Field("-1", max_length=2000, description='"-1" or comma-separated token ids')
     initial_prompt: str | None = Field(None, max_length=4000)
     condition_on_previous_text: bool = True
-    compression_ratio_threshold: float | None = 2.4
-    logprob_threshold: float | None = -1.0
-    no_speech_threshold: float | None = 0.6
+    compression_ratio_threshold: float | None = Field(2.4, ge=1.0, le=10.0)
+    logprob_threshold: float | None = Field(-1.0, ge=-20.0, le=0.0)
+    no_speech_threshold: float | None = Field(0.6, ge=0.0, le=1.0)
     enable_vad: bool = False
     word_timestamps: bool = False
 
@@ -70,6 +73,7 @@ class TranscribeInput(BaseModel):
             raise ValueError("enable_vad: voice activity detection is not supported by this worker")
         if not _SUPPRESS_TOKENS.fullmatch(self.suppress_tokens):
             raise ValueError("suppress_tokens must be -1 or comma-separated token ids")
+        self.suppress_tokens = ",".join(str(int(t)) for t in self.suppress_tokens.split(","))
         if self.language is not None:
             self.language = _language_code(self.language)
         return self
@@ -109,6 +113,16 @@ def _temperatures(start: float, increment: float | None) -> tuple[float, ...]:
     return tuple(float(t) for t in np.arange(start, 1.0 + 1e-6, increment))
 
 
+def _check_suppress_tokens(pipeline: WhisperPipeline, params: TranscribeInput) -> None:
+    """Token ids must exist in the served model's vocabulary (on CUDA, one that does not is a
+    device-side assert that kills the worker)."""
+    vocabulary = int(pipeline.model.dims.n_vocab)
+    for token in (int(t) for t in params.suppress_tokens.split(",")):
+        if token != -1 and not 0 <= token < vocabulary:
+            raise InvalidInput(f"suppress_tokens: {token} is not a token of model {pipeline.name!r} "
+                               f"(ids 0-{vocabulary - 1}, or -1)", field="suppress_tokens")
+
+
 def _pipeline_key(runtime: Runtime, model: str) -> PipelineKey:
     dtype = str(default_dtype(runtime.device)).removeprefix("torch.")
     return PipelineKey("transcribe", model, runtime.device, dtype)
@@ -135,18 +149,11 @@ async def word_timings(ctx: JobContext, audio: np.ndarray) -> list[dict[str, Any
 
     Used for captions; runs in a GPU slot like any transcription.
     """
-    with ctx.timings.measure("load"):
-        pipelines = await asyncio.to_thread(get_pipelines, ctx.runtime, ctx.settings.whisper_model)
+    pipelines = await ctx.load(lambda: get_pipelines(ctx.runtime, ctx.settings.whisper_model))
     params = TranscribeInput.model_construct(word_timestamps=True)
-
-    def work() -> list[dict[str, Any]]:
-        with pipelines.borrow(ctx.settings.generation_acquire_timeout) as pipeline:
-            result, _ = _recognise(pipeline, audio, params, ctx.cancel)
-        return _words(result)
-
-    words, waited_ms = await ctx.runtime.gate.run(work, token=ctx.cancel)
-    ctx.timings.add("queued", waited_ms)
-    return words
+    result, _ = await ctx.on_model(pipelines, lambda pipeline: _recognise(pipeline, audio, params, ctx.cancel),
+                                   stage="captions_run")
+    return _words(result)
 
 
 def _model_name(ctx: JobContext, params: TranscribeInput) -> str:
@@ -173,20 +180,13 @@ def _check_language_support(pipeline: WhisperPipeline, params: TranscribeInput) 
 
 async def _fetch_audio(ctx: JobContext, params: TranscribeInput) -> tuple[np.ndarray, float]:
     target = ctx.workdir / _INPUT_NAME
-    timeout = ctx.settings.media_timeout_s
-    with ctx.timings.measure("download"):
-        if params.audio is not None:
-            await asyncio.to_thread(ctx.inputs.from_url, params.audio, target, field="audio")
-            field = "audio"
-        else:
-            assert params.audio_base64 is not None
-            await asyncio.to_thread(ctx.inputs.from_base64, params.audio_base64, target, field="audio_base64")
-            field = "audio_base64"
+    field = await ctx.fetch_media(target, url=params.audio, data=params.audio_base64,
+                                  fields=("audio", "audio_base64"))
     with ctx.timings.measure("decode"):
-        audio, info = await asyncio.to_thread(
+        audio, info = await ctx.in_thread(functools.partial(
             media.load_audio, target, max_duration_s=ctx.settings.max_audio_duration_s,
-            timeout_s=timeout, field=field,
-        )
+            timeout_s=ctx.settings.media_timeout_s, field=field, cancel=ctx.cancel,
+        ))
     return audio, info.audio_duration_s
 
 
@@ -259,26 +259,18 @@ async def _store(ctx: JobContext, result: dict[str, Any], output: dict[str, Any]
         path = ctx.workdir / "transcript.json"
         path.write_text(json.dumps(output, ensure_ascii=False), encoding="utf-8")
         files.append((path, "transcript.json", "application/json"))
-    stored = []
-    with ctx.timings.measure("upload"):
-        for path, name, content_type in files:
-            saved = await asyncio.to_thread(
-                ctx.storage.save, path, name=name, content_type=content_type, request_id=ctx.request_id
-            )
-            stored.append(saved.as_dict())
-    return stored
+    return await ctx.save_files(files)
 
 
 async def run(ctx: JobContext, params: TranscribeInput) -> dict[str, Any]:
     model = _model_name(ctx, params)
     audio, duration_s = await _fetch_audio(ctx, params)
-    with ctx.timings.measure("load"):
-        pipelines = await asyncio.to_thread(get_pipelines, ctx.runtime, model)
+    pipelines = await ctx.load(lambda: get_pipelines(ctx.runtime, model))
     _check_language_support(pipelines.first, params)
-    (result, translation), waited_ms = await ctx.runtime.gate.run(
-        lambda: _timed_recognise(ctx, pipelines, audio, params), token=ctx.cancel
+    _check_suppress_tokens(pipelines.first, params)
+    result, translation = await ctx.on_model(
+        pipelines, lambda pipeline: _recognise(pipeline, audio, params, ctx.cancel)
     )
-    ctx.timings.add("queued", waited_ms)
     output: dict[str, Any] = {
         "transcription": format_text(result, params.transcription),
         "translation": format_text(translation, params.translation) if translation else None,
@@ -292,13 +284,6 @@ async def run(ctx: JobContext, params: TranscribeInput) -> dict[str, Any]:
         output["word_timestamps"] = _words(result)
     output["files"] = await _store(ctx, result, output)
     return output
-
-
-def _timed_recognise(
-    ctx: JobContext, pipelines: InstancePool[WhisperPipeline], audio: np.ndarray, params: TranscribeInput
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    with pipelines.borrow(ctx.settings.generation_acquire_timeout) as pipeline, ctx.timings.measure("run"):
-        return _recognise(pipeline, audio, params, ctx.cancel)
 
 
 TASK: Task[TranscribeInput] = Task(

@@ -23,8 +23,10 @@ from whisper.model import ModelDimensions, Whisper
 
 from handler.config import Settings
 from handler.errors import ModelLoadFailed
+from handler.logs import get_logger
 from handler.runtime.cancel import CancelToken
 
+log = get_logger(__name__)
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -59,8 +61,9 @@ def load_whisper(name: str, settings: Settings, device: str) -> Whisper:
         return load_checkpoint(path, device, default_heads=whisper._ALIGNMENT_HEADS.get(name))
     if name in whisper._MODELS and settings.allow_model_download:
         return whisper.load_model(name, device=device, download_root=str(path.parent))
+    log.warning("whisper.weights_missing", model=name, path=str(path))
     raise ModelLoadFailed(
-        f"no weights for Whisper model {name!r} at {path} (bake them with builder/, "
+        f"no weights for Whisper model {name!r} in MODEL_DIR (bake them with builder/, "
         "or allow downloads with ALLOW_MODEL_DOWNLOAD=true)"
     )
 

@@ -1,0 +1,42 @@
+"""Blocking work in a thread, awaited by a job that may be cancelled.
+
+The job's context (its request id in every log line) goes with the work. If the job is
+cancelled while the work runs, the work is left to stop at its next check of the job's
+cancel token, and whatever it raises after that is still reported, never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from typing import TypeVar
+
+from handler.errors import Cancelled
+
+T = TypeVar("T")
+LateErrorHook = Callable[[BaseException], None]
+
+# Downloads, decoding and uploads: blocking IO, never GPU work (the gate has its own threads).
+_io = ThreadPoolExecutor(max_workers=32, thread_name_prefix="io")
+
+
+async def in_thread(
+    work: Callable[[], T], *, on_late_error: LateErrorHook, executor: Executor | None = None
+) -> T:
+    """Run ``work`` on ``executor`` (default: the IO threads) and return its result."""
+    future = (executor or _io).submit(contextvars.copy_context().run, work)
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(lambda done: _report_late(done, on_late_error))
+        raise
+
+
+def _report_late(future: Future[T], on_late_error: LateErrorHook) -> None:
+    if future.cancelled():
+        return
+    exc = future.exception()
+    if exc is not None and not isinstance(exc, Cancelled):
+        on_late_error(exc)
