@@ -26,15 +26,15 @@ import structlog
 
 REDACTED = "[REDACTED]"
 
-_SECRET_WORDS = (
+_SENSITIVE_WORDS = (
     r"(secret|password|passwd|token|authorization|api[_-]?key|access[_-]?key|credential|"
     r"signature|accessid|session[_-]?id)"
 )
-_SECRET_KEY = re.compile(_SECRET_WORDS, re.IGNORECASE)
+_SECRET_KEY = re.compile(_SENSITIVE_WORDS, re.IGNORECASE)
 # A secret-named key and its string value inside a printed dict or JSON text:
 # {'accessSecret': '...'} or {"accessSecret": "..."}, as libraries print whole jobs.
 _SECRET_PAIR = re.compile(
-    r"""(?P<key>(?P<q>['"])[\w.-]*""" + _SECRET_WORDS + r"""[\w.-]*(?P=q)\s*:\s*)"""
+    r"""(?P<key>(?P<q>['"])[\w.-]*""" + _SENSITIVE_WORDS + r"""[\w.-]*(?P=q)\s*:\s*)"""
     r"""(?P<vq>['"])(?:\\.|(?!(?P=vq)).)*(?P=vq)""",
     re.IGNORECASE,
 )
