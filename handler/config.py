@@ -44,6 +44,10 @@ class Settings:
 
     # Running on RunPod (RUNPOD_ENDPOINT_ID set): logs are JSON instead of console text.
     on_runpod: bool = False
+    # RUNPOD_POD_ID: this worker's id on RunPod (reported by `system`; the host name elsewhere).
+    worker_id: str | None = None
+    # RUNPOD_WEBHOOK_POST_OUTPUT: set by RunPod's job loop; progress updates are posted only then.
+    post_progress: bool = False
     # LOG_LEVEL: level of the worker's own log lines.
     log_level: str = "INFO"
     # LOG_FORMAT: auto (JSON on RunPod, console elsewhere), json or console.
@@ -70,6 +74,8 @@ class Settings:
     device: str = "auto"
     # PRELOAD: tasks whose default pipeline is loaded at start, off the job path (comma list).
     preload: tuple[str, ...] = ()
+    # BAKE_MODELS: tasks whose models builder/ bakes into the image (comma list; image builds only).
+    bake_models: tuple[str, ...] = ("transcribe",)
 
     # TASK_MODULES: extra task modules to serve (comma list of importable names, each with TASK).
     task_modules: tuple[str, ...] = ()
@@ -264,6 +270,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     d = Settings()
     return Settings(
         on_runpod=env.text("RUNPOD_ENDPOINT_ID") is not None,
+        worker_id=env.text("RUNPOD_POD_ID"),
+        post_progress=env.text("RUNPOD_WEBHOOK_POST_OUTPUT") is not None,
         log_level=env.get("LOG_LEVEL", _parse_level, d.log_level),
         log_format=env.get("LOG_FORMAT", _parse_choice("auto", "json", "console"), d.log_format),
         whisper_model=env.get("WHISPER_MODEL", str.strip, d.whisper_model),
@@ -283,6 +291,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_steps=env.get("MAX_STEPS", _parse_positive_int, d.max_steps),
         device=env.get("DEVICE", _parse_choice("auto", "cuda", "cpu"), d.device),
         preload=env.get("PRELOAD", _parse_list, d.preload),
+        bake_models=env.get("BAKE_MODELS", _parse_list, d.bake_models),
         task_modules=env.get("TASK_MODULES", _parse_list, d.task_modules),
         max_concurrent_jobs=env.get("MAX_CONCURRENT_JOBS", _parse_positive_int, d.max_concurrent_jobs),
         max_concurrent_generations=env.get(

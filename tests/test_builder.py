@@ -88,11 +88,15 @@ def test_cli_imports_the_packaged_model(tmp_path: Path) -> None:
 def test_bake_plan_follows_bake_models(tmp_path: Path) -> None:
     """BAKE_MODELS picks what is baked: Whisper for transcribe, the configured repos for the others."""
     from builder.__main__ import bake_plan
+    from handler.config import load_settings
 
-    assert bake_plan({}) == (True, [])
-    assert bake_plan({"BAKE_MODELS": "speech,text2image", "TTS_MODEL": "org/tts"}) == (
+    def plan(env: dict[str, str]) -> tuple[bool, list[str]]:
+        return bake_plan(load_settings(env))
+
+    assert plan({}) == (True, [])
+    assert plan({"BAKE_MODELS": "speech,text2image", "TTS_MODEL": "org/tts"}) == (
         False, ["org/tts", "stabilityai/stable-diffusion-xl-base-1.0"])
-    assert bake_plan({"BAKE_MODELS": "speech", "TTS_MODEL": str(tmp_path)}) == (False, [])  # a local dir
-    assert bake_plan({"BAKE_MODELS": "text2video"}) == (False, ["Wan-AI/Wan2.1-T2V-1.3B-Diffusers"])
+    assert plan({"BAKE_MODELS": "speech", "TTS_MODEL": str(tmp_path)}) == (False, [])  # a local dir
+    assert plan({"BAKE_MODELS": "text2video"}) == (False, ["Wan-AI/Wan2.1-T2V-1.3B-Diffusers"])
     with pytest.raises(SystemExit):
-        bake_plan({"BAKE_MODELS": "paint"})
+        plan({"BAKE_MODELS": "paint"})

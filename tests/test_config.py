@@ -86,3 +86,23 @@ def test_ram_filesystem_moves_job_directories_to_shm(tmp_path) -> None:
     assert load_settings({"WORK_DIR": str(tmp_path)}).job_root() == tmp_path
     shm = load_settings({"WORK_DIR": str(tmp_path), "USE_RAM_FILESYSTEM": "true"}).job_root()
     assert shm == (Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path)
+
+
+def test_settings_have_one_reader() -> None:
+    """Only config.py reads the environment (the SDK's own log level in __main__ aside): builder/ and
+    every handler module get their values from the one Settings object, with its one set of defaults."""
+    readers = []
+    for path in sorted([*(ROOT / "handler").rglob("*.py"), *(ROOT / "builder").rglob("*.py")]):
+        if path.name == "config.py" and path.parent.name == "handler":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if ("os.environ" in line or "getenv" in line) and "RUNPOD_LOG_LEVEL" not in line:
+                readers.append(f"{path.relative_to(ROOT)}:{number}")
+    assert readers == []
+
+
+def test_runpod_variables_come_through_settings() -> None:
+    """The pod id and the progress switch are settings like any other."""
+    settings = load_settings({"RUNPOD_POD_ID": "pod-7", "RUNPOD_WEBHOOK_POST_OUTPUT": "http://x/$ID"})
+    assert settings.worker_id == "pod-7" and settings.post_progress is True
+    assert load_settings({}).post_progress is False and load_settings({}).bake_models == ("transcribe",)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import Any
@@ -15,14 +14,14 @@ log = get_logger(__name__)
 class Progress:
     """Throttled progress messages for one job; silent outside the production job loop."""
 
-    def __init__(self, job: dict[str, Any], *, min_interval_s: float = 1.0) -> None:
+    def __init__(self, job: dict[str, Any], *, enabled: bool, min_interval_s: float = 1.0) -> None:
         self._job = job
         self._min_interval_s = min_interval_s
         self._last = -float("inf")
         # Guards _last: model callbacks may come from any thread.
         self._last_lock = threading.Lock()
-        # Local test mode has no job-done URL to post to.
-        self._enabled = bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT")) and "id" in job
+        # Local test mode has no job-done URL to post to (Settings.post_progress is off).
+        self._enabled = enabled and "id" in job
 
     def report(self, message: str, *, force: bool = False) -> bool:
         """Send ``message`` unless one went out less than the interval ago; True if sent."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from typing import Any, Literal
@@ -34,7 +33,7 @@ def _pipelines(ctx: JobContext) -> list[dict[str, Any]]:
 async def run(ctx: JobContext, params: SystemInput) -> dict[str, Any]:
     runtime = ctx.runtime
     return {
-        "worker_id": os.environ.get("RUNPOD_POD_ID", socket.gethostname()),
+        "worker_id": ctx.settings.worker_id or socket.gethostname(),
         "version": __version__,
         "time": round(time.time(), 3),
         "device": runtime.device,

@@ -139,7 +139,7 @@ async def run(ctx: JobContext, params: ImageInput) -> dict[str, Any]:
     width, height = resolve_size(ctx, pipelines.first, params)
     options = _call_options(pipelines.first, params, width, height)
     seed = params.seed if params.seed is not None else new_seed()
-    progress = Progress(ctx.job)
+    progress = Progress(ctx.job, enabled=ctx.settings.post_progress)
 
     def work(pipeline: DiffusionPipeline) -> list[Any]:
         generator = torch.Generator("cpu").manual_seed(seed)

@@ -192,7 +192,7 @@ def _generate(ctx: JobContext, pipeline: Any, params: VideoInput, plan: SegmentP
               size: tuple[int, int], seed: int) -> np.ndarray:
     width, height = size
     joiner = _Joiner(writer, plan)
-    progress = Progress(ctx.job)
+    progress = Progress(ctx.job, enabled=ctx.settings.post_progress)
     count = len(plan.segments)
     options: dict[str, Any] = {"prompt": params.prompt, "height": height, "width": width,
                                "num_inference_steps": params.num_inference_steps, "output_type": "np"}
