@@ -275,7 +275,7 @@ class S3Storage:
             try:
                 if int(response.get("ContentLength") or 0) > max_bytes:
                     raise _too_large(field, max_bytes)
-                with cancel.on_cancel(body.close):
+                with cancel.on_cancel(lambda: _abort_read(body)):
                     return _save_stream(body, target, max_bytes=max_bytes, field=field, cancel=cancel)
             finally:
                 body.close()
@@ -296,6 +296,16 @@ def _save_stream(body: Any, target: Path, *, max_bytes: int, field: str, cancel:
             cancel.check()  # a read broken by the cancel callback is a cancellation
             raise
     return written
+
+
+def _abort_read(body: Any) -> None:
+    """Unblock a read of ``body`` in another thread: shut its socket down (closing would not wake it)."""
+    raw = getattr(body, "_raw_stream", None)  # botocore's StreamingBody over urllib3's response
+    shutdown = getattr(raw, "shutdown", None)
+    if shutdown is not None:
+        shutdown()
+    else:
+        body.close()
 
 
 def _too_large(field: str, max_bytes: int) -> InputTooLarge:
