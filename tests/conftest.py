@@ -160,6 +160,17 @@ def make_worker(make_settings: SettingsFactory, shared_registry: Registry) -> Ca
     return make
 
 
+@pytest.fixture
+def make_fresh_worker(make_settings: SettingsFactory) -> Callable[..., Worker]:
+    """A worker with a registry of its own: for tests that check what a job loads (the shared
+    registry already holds what earlier tests loaded, which would hide a load)."""
+
+    def make(**env: str) -> Worker:
+        return Worker(make_settings(**env), registry=Registry(load_wait_timeout=120))
+
+    return make
+
+
 def run_job(worker: Worker, job: dict[str, Any]) -> dict[str, Any]:
     result = asyncio.run(worker.handle(job))
     remember_presigned(result)

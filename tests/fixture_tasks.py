@@ -28,7 +28,9 @@ class FixtureInput(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     task: Literal["fixture"] = "fixture"
-    action: Literal["ok", "sleep", "raise", "oom", "cuda_fatal", "allocate"] = "ok"
+    action: Literal["ok", "sleep", "raise", "oom", "cuda_fatal", "allocate", "fatal_after_cancel"] = "ok"
+    # How loading the model goes: fine, out of GPU memory, or a sticky CUDA error.
+    load: Literal["ok", "oom", "cuda_fatal"] = "ok"
     seconds: float = 0.0
     # For "allocate": gibibytes to take on the GPU (a real CUDA out-of-memory when too many).
     gigabytes: float = 0.0
@@ -67,30 +69,41 @@ class FixturePipeline:
                 del block
             elif action == "cuda_fatal":
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            elif action == "fatal_after_cancel":  # a kernel fault that surfaces after the job was stopped
+                while not cancel.cancelled:
+                    time.sleep(0.01)
+                raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
             return "done"
         finally:
             with self._lock:
                 self.running -= 1
 
 
-def pipelines_for(ctx: JobContext, model: str) -> InstancePool[FixturePipeline]:
+def _load(how: str) -> FixturePipeline:
+    if how == "oom":
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 30.00 GiB")
+    if how == "cuda_fatal":
+        raise torch.AcceleratorError("CUDA error: device-side assert triggered")
+    return FixturePipeline()
+
+
+def pipelines_for(ctx: JobContext, model: str, load: str = "ok") -> InstancePool[FixturePipeline]:
     key = PipelineKey("fixture", model, ctx.runtime.device, "float32")
-    return ctx.runtime.registry.get(key, lambda: InstancePool.build(ctx.settings.model_instances, FixturePipeline))
+    return ctx.runtime.registry.get(key, lambda: InstancePool.build(ctx.settings.model_instances,
+                                                                    lambda: _load(load)))
 
 
 async def run(ctx: JobContext, params: FixtureInput) -> dict[str, Any]:
-    pipelines = pipelines_for(ctx, params.model)
+    pipelines = pipelines_for(ctx, params.model, params.load)
     (ctx.workdir / "scratch.bin").write_bytes(b"x" * 1024)
     if params.url is not None:
         with ctx.timings.measure("download"):
             await asyncio.to_thread(ctx.inputs.from_url, params.url, ctx.workdir / "input.bin", field="url")
 
-    def work() -> tuple[str, int]:
-        with pipelines.borrow(10) as pipeline, ctx.timings.measure("run"):
-            return pipeline(params.action, params.seconds, ctx.cancel, params.gigabytes), pipeline.id
+    def work(pipeline: FixturePipeline) -> tuple[str, int]:
+        return pipeline(params.action, params.seconds, ctx.cancel, params.gigabytes), pipeline.id
 
-    (output, instance), waited_ms = await ctx.runtime.gate.run(work, token=ctx.cancel)
-    ctx.timings.add("queued", waited_ms)
+    output, instance = await ctx.on_model(pipelines, work)
     return {"output": output, "instance": instance, "model": params.model}
 
 

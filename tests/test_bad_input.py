@@ -34,6 +34,11 @@ HLS = b"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile:///etc/passwd\n#EXT
         ({"audio": "http://example.com/a.mp3"}, "DOWNLOAD_FAILED", "audio"),
         ({"audio": "file:///etc/passwd"}, "DOWNLOAD_FAILED", "audio"),
         ({"audio": "s3://some-bucket/key.mp3"}, "INVALID_INPUT", "audio"),
+        ({"audio": "https://①②⑦.0.0.1/a.mp3"}, "DOWNLOAD_FAILED", "audio"),
+        ({"audio": "http://[::1"}, "INVALID_INPUT", "audio"),
+        ({"audio": "https://[::7f00:1]/a.mp3"}, "DOWNLOAD_FAILED", "audio"),
+        ({"audio": "https://[64:ff9b::a9fe:a9fe]/latest/meta-data/"}, "DOWNLOAD_FAILED", "audio"),
+        ({"audio": "https://[2002:a9fe:a9fe::]/a.mp3"}, "DOWNLOAD_FAILED", "audio"),
     ],
 )
 def test_bad_jobs_get_their_code(make_worker, work_dir: Path, inputs: dict, code: str, field: str | None) -> None:
@@ -88,6 +93,7 @@ def test_bad_media_is_invalid_input(make_worker, work_dir: Path, speech_mp3: Pat
     result = run_job(worker, job(audio_base64=base64.b64encode(payload).decode()))
     assert result["error_code"] == "INVALID_INPUT", result
     assert result["field"] == "audio_base64"
+    assert str(work_dir) not in result["error"] and "input.media" not in result["error"]  # no worker paths
     assert_no_job_dirs(work_dir)
     good = run_job(worker, job(audio_base64=b64(speech_mp3)))
     assert media.recognised(good["transcription"]) >= 0.7
@@ -123,3 +129,32 @@ def test_data_uri_base64_is_accepted(make_worker, speech_mp3: Path) -> None:
     """audio_base64 may be a data: URI, as browsers produce."""
     result = run_job(make_worker(), job(audio_base64="data:audio/mpeg;base64," + b64(speech_mp3)))
     assert media.recognised(result["transcription"]) >= 0.7
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("temperature_increment_on_fallback", 1e-7), ("temperature_increment_on_fallback", 1e-12),
+     ("patience", 1000.0), ("patience", 1e308), ("logprob_threshold", -1e9), ("logprob_threshold", 5.0),
+     ("compression_ratio_threshold", 1e9), ("compression_ratio_threshold", 0.0), ("no_speech_threshold", 5.0),
+     ("temperature", float("nan")), ("no_speech_threshold", float("inf")), ("suppress_tokens", "1," * 1500),
+     ("initial_prompt", "x" * 5000)],
+)
+def test_decoding_options_are_bounded(make_worker, option: str, value: object) -> None:
+    """Every decoding option is bounded so one job's work stays bounded: values past the bounds (which
+    would build millions of fallback temperatures or search for minutes) are INVALID_INPUT naming the field."""
+    result = run_job(make_worker(), job(audio="https://example.com/a.mp3", **{option: value}))
+    assert (result["error_code"], result["field"], result["retryable"]) == ("INVALID_INPUT", option, False)
+
+
+@pytest.mark.parametrize("tokens", ["99999", "-1,51864", "-5"])
+def test_suppress_tokens_outside_the_vocabulary(make_worker, speech_mp3: Path, tokens: str) -> None:
+    """Token ids the served model does not have are INVALID_INPUT (on CUDA they would be a device-side
+    assert that kills the worker), found before the GPU slot."""
+    result = run_job(make_worker(), job(audio_base64=b64(speech_mp3), suppress_tokens=tokens))
+    assert (result["error_code"], result["field"]) == ("INVALID_INPUT", "suppress_tokens"), result
+
+
+def test_suppress_tokens_as_peers_send_them(make_worker, speech_mp3: Path) -> None:
+    """The spellings worker-faster_whisper's clients send ("-1,50362", spaces after commas) work."""
+    result = run_job(make_worker(), job(audio_base64=b64(speech_mp3), suppress_tokens="-1, 50362"))
+    assert media.recognised(result["transcription"]) >= 0.7, result

@@ -6,16 +6,22 @@ import asyncio
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from handler.app import Worker
 from handler.logs import configure_logging, get_logger, redact_sdk_logs, register_secret
 from handler.runtime.registry import Registry
-from tests.conftest import CAPTURED_LOGS
+from tests.conftest import CAPTURED_LOGS, remember_secret
 from tests.fixture_tasks import TABLE
 
+ROOT = Path(__file__).resolve().parents[1]
 PRESIGNED = (
     "http://127.0.0.1:8333/b/outputs/x.srt?X-Amz-Algorithm=AWS4-HMAC-SHA256"
     "&X-Amz-Credential=AKIDLEAK123%2F20261122%2Fus-east-1%2Fs3%2Faws4_request"
@@ -96,3 +102,27 @@ def test_console_format_is_readable(json_logs: io.StringIO) -> None:
     line = buffer.getvalue()
     assert "upload.done" in line and "key=outputs/a.srt" in line and "bytes=12" in line
     assert not line.lstrip().startswith("{")
+
+
+def test_sdk_debug_output_in_local_mode_has_no_secret_and_no_forged_line(tmp_path: Path) -> None:
+    """`python -m handler --test_input` with RUNPOD_LOG_LEVEL=DEBUG: the SDK prints the raw job before
+    the worker has seen its s3Config, yet the secret never appears (secret-named keys are redacted in
+    any printed dict); an unknown key carrying a newline and ANSI escapes is echoed escaped, so it
+    cannot forge a log line."""
+    secret = remember_secret("sdk-debug-" + uuid.uuid4().hex)
+    payload = {
+        "input": {"audio": "https://example.com/a.mp3", "x\nFORGED | ERROR | fake line\x1b[31m": 1},
+        "s3Config": {"accessId": "AKDEBUG12345", "accessSecret": secret, "bucketName": "bucket",
+                     "endpointUrl": "https://s3.example.com"},
+    }
+    env = {**os.environ, "RUNPOD_LOG_LEVEL": "DEBUG", "WORK_DIR": str(tmp_path), "DEVICE": "cpu",
+           "ALLOW_MODEL_DOWNLOAD": "false"}
+    done = subprocess.run([sys.executable, "-m", "handler", "--test_input", json.dumps(payload)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    CAPTURED_LOGS.write(output)
+    assert "Retrieved local job" in output  # the SDK did print the raw job
+    assert "unknown field" in output
+    assert secret not in output
+    assert "\x1b" not in output
+    assert not [line for line in output.splitlines() if line.startswith("FORGED")]

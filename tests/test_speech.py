@@ -45,13 +45,20 @@ def test_same_seed_same_audio_other_seed_other_audio(speaker) -> None:
     assert first["files"][0]["base64"] != other["files"][0]["base64"]
 
 
-def test_long_text_is_refused_before_loading(make_worker, tiny_vits: Path) -> None:
-    """Text over MAX_SPEECH_CHARS is INPUT_TOO_LARGE, and no model was loaded for it."""
-    worker = make_worker(TTS_MODEL=str(tiny_vits), MAX_SPEECH_CHARS="20")
-    loaded = set(worker.runtime.registry.loaded())
+def test_long_text_is_refused_before_loading(make_fresh_worker, tiny_vits: Path) -> None:
+    """Text over MAX_SPEECH_CHARS is INPUT_TOO_LARGE, and no model was loaded for it (a registry of
+    its own shows it)."""
+    worker = make_fresh_worker(TTS_MODEL=str(tiny_vits), MAX_SPEECH_CHARS="20")
     result = run_job(worker, job(task="speech", text="This sentence is longer than twenty characters."))
     assert result["error_code"] == "INPUT_TOO_LARGE" and result["field"] == "text"
-    assert set(worker.runtime.registry.loaded()) == loaded
+    assert worker.runtime.registry.loaded() == {}
+
+
+@pytest.mark.parametrize("text", ["😀😀", "🎉 🎉 ✨", "\u200b\u200b"])
+def test_nothing_speakable_is_refused(speaker, text: str) -> None:
+    """Text the voice has no letters for is INVALID_INPUT, never a 0-second WAV."""
+    result = run_job(speaker, job(task="speech", text=text))
+    assert result["error_code"] == "INVALID_INPUT" and result["field"] == "text", result
 
 
 def test_only_the_configured_model_is_served(speaker) -> None:

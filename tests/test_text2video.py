@@ -155,17 +155,35 @@ def test_burned_captions_change_the_frames(wan_worker, speech_wav: Path, tmp_pat
         ({"narration": "x" * 100}, {"MAX_SPEECH_CHARS": "10"}, "INPUT_TOO_LARGE", "narration"),
     ],
 )
-def test_refused_before_any_pipeline_loads(make_worker, tiny_wan: Path, tiny_vits: Path, work_dir: Path,
+def test_refused_before_any_pipeline_loads(make_fresh_worker, tiny_wan: Path, tiny_vits: Path, work_dir: Path,
                                            inputs: dict, env: dict, code: str, field: str | None) -> None:
-    """Over-limit and impossible requests get their code before any model is loaded."""
-    worker = make_worker(VIDEO_MODEL=str(tiny_wan), TTS_MODEL=str(tiny_vits), **env)
-    before = set(worker.runtime.registry.loaded())
+    """Over-limit and impossible requests get their code before any model is loaded (a registry of
+    its own shows it)."""
+    worker = make_fresh_worker(VIDEO_MODEL=str(tiny_wan), TTS_MODEL=str(tiny_vits), **env)
     result = run_job(worker, video_job(**inputs))
     assert result["error_code"] == code, result
     if field:
         assert result["field"] == field
-    assert set(worker.runtime.registry.loaded()) == before
+    assert worker.runtime.registry.loaded() == {}
     assert_no_job_dirs(work_dir)
+
+
+def test_limits_come_before_the_model_is_even_read(make_fresh_worker, tmp_path: Path, work_dir: Path) -> None:
+    """On a worker whose video model is missing, a request over the limits is INPUT_TOO_LARGE (not
+    MODEL_LOAD_FAILED): the limits are checked before model_index.json is read."""
+    worker = make_fresh_worker(VIDEO_MODEL=str(tmp_path / "no-such-model"))
+    result = run_job(worker, video_job(duration_s=10_000.0))
+    assert (result["error_code"], result["field"]) == ("INPUT_TOO_LARGE", "duration_s"), result
+    missing = run_job(worker, video_job(duration_s=1.0))
+    assert missing["error_code"] == "MODEL_LOAD_FAILED" and "huggingface" not in missing["error"]
+
+
+def test_oversized_narration_names_its_own_field(make_worker, tiny_wan: Path, speech_wav: Path) -> None:
+    """A narration given as audio_base64 that is longer than the video limit is reported on
+    audio_base64, the field the client sent."""
+    worker = make_worker(VIDEO_MODEL=str(tiny_wan), MAX_VIDEO_DURATION_S="1")
+    result = run_job(worker, video_job(duration_s=0.5, audio_base64=b64(speech_wav)))
+    assert (result["error_code"], result["field"]) == ("INPUT_TOO_LARGE", "audio_base64"), result
 
 
 def test_unsupported_model_class_is_refused(make_worker, tiny_sd: Path) -> None:

@@ -63,10 +63,11 @@ def test_two_hundred_jobs_each_answered_once(server: JobServer, tmp_path: Path, 
             output = output_of(posts[0])
             assert len(output["request_id"]) == 32
             code = output.get("error_code", "success")
-            assert code in ("success", "TIMEOUT", "OVERLOADED"), (job_id, posts[0])
+            assert code == "success", (job_id, posts[0])
             outcomes[code] = outcomes.get(code, 0) + 1
         speech_results = [output_of(server.result(f"job-{i}")) for i in range(0, 200, 20)]
-        assert all("please" in r["transcription"].lower() for r in speech_results if "error_code" not in r)
+        assert len(speech_results) == 10
+        assert all("please" in r["transcription"].lower() for r in speech_results)
         assert worker.job_dirs() == []
         server.submit("after", {"task": "system"})
         assert server.wait_for(201, timeout=30)

@@ -26,11 +26,13 @@ async def in_thread(
     work: Callable[[], T], *, on_late_error: LateErrorHook, executor: Executor | None = None
 ) -> T:
     """Run ``work`` on ``executor`` (default: the IO threads) and return its result."""
-    future = (executor or _io).submit(contextvars.copy_context().run, work)
+    context = contextvars.copy_context()
+    future = (executor or _io).submit(context.run, work)
     try:
         return await asyncio.wrap_future(future)
     except asyncio.CancelledError:
-        future.add_done_callback(lambda done: _report_late(done, on_late_error))
+        # Reported in the job's context, so the log line still carries its request id.
+        future.add_done_callback(lambda done: _report_late(done, lambda exc: context.run(on_late_error, exc)))
         raise
 
 
