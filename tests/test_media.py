@@ -14,11 +14,19 @@ from tests import media as samples
 
 
 def child_processes() -> list[str]:
+    """This process's ffmpeg/ffprobe children (servers that session fixtures started are not counted)."""
     pid = os.getpid()
     children: list[str] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         children += (task / "children").read_text().split()
-    return children
+    return [child for child in children if b"ff" in _program(child)]
+
+
+def _program(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:  # ended meanwhile
+        return b""
 
 
 def test_decodes_what_whisper_would(speech_wav: Path) -> None:

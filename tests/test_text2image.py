@@ -92,6 +92,7 @@ def test_images_land_in_the_bucket(make_worker, tiny_sd: Path, bucket_env: dict)
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_progress_reaches_the_job_server(tiny_sd: Path, model_dir: Path, tmp_path: Path) -> None:
     """Through the real worker loop, step progress arrives on the job server while the job runs."""
     work = tmp_path / "jobs"

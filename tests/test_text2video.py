@@ -104,6 +104,7 @@ def test_seed_decides_the_frames(wan_worker, tmp_path: Path) -> None:
     assert first != other
 
 
+@pytest.mark.slow
 def test_narration_from_speech_with_soft_captions(wan_worker, speech_wav: Path, tmp_path: Path) -> None:
     """espeak speech as `audio` with soft captions: AAC and a subtitle stream whose text has the spoken words;
     the video runs as long as the speech."""
@@ -130,6 +131,7 @@ def test_narration_text_is_spoken(wan_worker, tmp_path: Path) -> None:
     assert [s["codec_name"] for s in streams(info, "audio")] == ["aac"]
 
 
+@pytest.mark.slow
 def test_burned_captions_change_the_frames(wan_worker, speech_wav: Path, tmp_path: Path) -> None:
     """Burned captions draw text into the frames: compared with the same render without captions,
     frames differ where a caption is shown."""
@@ -193,6 +195,7 @@ def test_unsupported_model_class_is_refused(make_worker, tiny_sd: Path) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_outputs_in_the_bucket_and_progress_on_the_job_server(tiny_wan: Path, model_dir: Path, tmp_path: Path,
                                                              bucket_env: dict, speech_wav: Path) -> None:
     """Through the real worker loop: progress arrives per segment and step, and the mp4, poster and

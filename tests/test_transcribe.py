@@ -110,6 +110,7 @@ def test_decode_options_match_faster_whisper_names() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_local_mode_runs_test_input(model_dir: Path, speech_wav: Path, tmp_path: Path) -> None:
     """`python -m handler --test_input` (RunPod's local mode) prints the transcript and exits 0."""
     # Opus keeps the JSON well under the kernel's limit for one argument (128 KiB).

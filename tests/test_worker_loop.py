@@ -41,6 +41,7 @@ def output_of(body: dict[str, Any]) -> dict[str, Any]:
     return body.get("output", {})
 
 
+@pytest.mark.slow
 def test_two_hundred_jobs_each_answered_once(server: JobServer, tmp_path: Path, model_dir: Path,
                                             speech_dir: Path) -> None:
     """200 jobs, 8 held, 1 slot: every job answered exactly once, with a request id; nothing left behind."""
@@ -79,6 +80,7 @@ def test_two_hundred_jobs_each_answered_once(server: JobServer, tmp_path: Path, 
         assert stop(worker) == 0
 
 
+@pytest.mark.slow
 def test_stop_channel_cancels_waiting_and_running_jobs(server: JobServer, tmp_path: Path, model_dir: Path) -> None:
     """A job stopped while running, and one stopped while waiting for the slot, answer CANCELLED;
     the slot is free for the next job within a second, and no job directory is left."""
@@ -109,6 +111,7 @@ def test_stop_channel_cancels_waiting_and_running_jobs(server: JobServer, tmp_pa
         assert stop(worker) == 0
 
 
+@pytest.mark.slow
 def test_sigterm_answers_the_job_and_exits_cleanly(server: JobServer, tmp_path: Path, model_dir: Path) -> None:
     """SIGTERM during a long job: it is answered (CANCELLED after the grace period) and the process
     exits 0 within the grace period plus shutdown; a short job in flight finishes normally."""
@@ -128,6 +131,7 @@ def test_sigterm_answers_the_job_and_exits_cleanly(server: JobServer, tmp_path: 
     assert worker.job_dirs() == []
 
 
+@pytest.mark.slow
 def test_recycling_through_the_loop(server: JobServer, tmp_path: Path, model_dir: Path) -> None:
     """MAX_JOBS_PER_WORKER=3: RunPod is told to stop the pod on the third result (stopPod)."""
     worker = start(server, tmp_path, model_dir, MAX_JOBS_PER_WORKER="3")
