@@ -248,6 +248,36 @@ def test_cancelled_token_answers_cancelled(gate: Gate) -> None:
     assert run.items_of("waiting") == []
 
 
+def test_job_cancelled_while_its_batch_waits_for_a_slot_never_runs(gate: Gate) -> None:
+    """A batch is formed while the only slot is held by other work; one of its two jobs has its
+    token cancelled before the slot frees: that job gets Cancelled and its items never reach
+    run_batch, and the other job's items run and are answered."""
+    run = Recorder()
+    batcher: Batcher[Item, str] = Batcher(run, gate=gate, max_batch=8, window_s=0.0)
+    token = CancelToken()
+
+    async def scenario() -> tuple[BaseException | list[str], list[str]]:
+        holder = asyncio.create_task(gate.run(lambda: time.sleep(0.5)))
+        await asyncio.sleep(0.05)
+        both = asyncio.gather(
+            batcher.submit("k", items("cancelled", 2), cancel=token),
+            batcher.submit("k", items("kept", 2), cancel=CancelToken()),
+            return_exceptions=True,
+        )
+        await asyncio.sleep(0.1)
+        assert gate.waiting == 1  # one batch, both jobs in it, waiting for the slot
+        token.cancel()
+        cancelled, kept = await both
+        await holder
+        assert not isinstance(kept, BaseException)
+        return cancelled, kept
+
+    cancelled, kept = within(10, scenario())
+    assert isinstance(cancelled, Cancelled)
+    assert kept == expected("kept", 2)
+    assert run.batches == [items("kept", 2)]
+
+
 def test_oom_batches_are_retried_in_halves(gate: Gate) -> None:
     """The fixture raises torch's CUDA OOM for any batch over 1 item (the real gate maps it to
     GpuOutOfMemory): the batch of 8 is retried as 4, 2, then 1, and every job still succeeds."""
@@ -300,7 +330,7 @@ def test_other_errors_fail_only_the_jobs_in_that_batch(gate: Gate) -> None:
     broken, fine = within(10, scenario())
     assert isinstance(broken, ValueError)
     assert fine == expected("fine", 2)
-    assert run.batches.count(items("broken", 2)) == 1
+    assert run.items_of("broken") == items("broken", 2)  # one batch, not retried item by item
 
 
 def test_no_slot_in_time_is_a_timeout(gate: Gate) -> None:
