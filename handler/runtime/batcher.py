@@ -258,15 +258,29 @@ class _Dispatcher(Generic[ItemT, ResultT]):
             del self._queues[key]
 
     async def _dispatch(self) -> None:
-        while self._queues:
-            self._changed.clear()
-            self._sweep()
-            self._start_ready()
-            try:
-                async with asyncio.timeout(self._next_look()):
-                    await self._changed.wait()
-            except TimeoutError:
-                pass
+        try:
+            while self._queues:
+                self._changed.clear()
+                self._sweep()
+                self._start_ready()
+                try:
+                    async with asyncio.timeout(self._next_look()):
+                        await self._changed.wait()
+                except TimeoutError:
+                    pass
+        except BaseException as exc:
+            self._abandon(exc)
+            raise
+
+    def _abandon(self, error: BaseException) -> None:
+        """The dispatcher is stopping early (its loop is closing): no waiting job is left hanging."""
+        for queue in self._queues.values():
+            for entry in queue:
+                if isinstance(error, asyncio.CancelledError):
+                    entry.request.future.cancel()
+                else:
+                    entry.request.fail(error)
+        self._queues.clear()
 
     def _sweep(self) -> None:
         """Drop entries of requests that ended; answer those whose token was cancelled."""
