@@ -137,6 +137,9 @@ class JobServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out in two writes; with Nagle on, the body waits for the
+            # client's delayed ACK (~40 ms a reply), a stall RunPod's own API does not add.
+            disable_nagle_algorithm = True
 
             def _reply(self, status: int, payload: Any = None) -> None:
                 body = b"" if payload is None else json.dumps(payload).encode()
