@@ -3,6 +3,7 @@ holding one job at a time (the default), with no idle second between jobs."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from collections.abc import Iterator
@@ -101,3 +102,42 @@ def test_stop_channel_cancels_the_held_job_and_the_next_runs_at_once(
         assert output_of(server.result("next"))["output"] == "done"
     finally:
         assert finish(worker) == 0
+
+
+def test_a_queued_job_starts_at_once_in_process() -> None:
+    """In process, through the SDK's own local-test hooks (jobs_fetcher, jobs_handler): 20 jobs in a
+    row at 1 held each start within milliseconds of being fetched (the SDK's run loop looked at its
+    queue every 0.1 s), and the next is fetched as soon as one ends."""
+    from handler.runtime.scaler import PromptJobScaler
+
+    fetched: dict[str, float] = {}
+    started: dict[str, float] = {}
+    pending = [{"id": f"local-{i}", "input": {}} for i in range(20)]
+
+    async def fetch(_session: object, _wanted: int) -> list[dict[str, Any]] | None:
+        if not pending:
+            await asyncio.sleep(0.01)  # an empty long-poll
+            return None
+        job = pending.pop(0)
+        fetched[job["id"]] = time.perf_counter()
+        return [job]
+
+    async def handle(_session: object, _config: object, job: dict[str, Any]) -> None:
+        started[job["id"]] = time.perf_counter()
+        await asyncio.sleep(0.005)
+        if len(started) == 20:
+            scaler.kill_worker()
+
+    scaler = PromptJobScaler({"handler": handle, "jobs_fetcher": fetch, "jobs_handler": handle})
+    assert scaler.jobs_fetcher is fetch  # the hooks apply only without RUNPOD_WEBHOOK_GET_JOB
+
+    async def scenario() -> None:
+        async with asyncio.timeout(20):
+            await asyncio.gather(scaler.get_jobs(None), scaler.run_jobs(None))
+
+    began = time.perf_counter()
+    asyncio.run(scenario())
+    assert sorted(started) == sorted(fetched) and len(started) == 20
+    delays = sorted(started[job] - fetched[job] for job in started)
+    assert delays[10] < 0.02, f"median {delays[10] * 1000:.1f} ms from fetch to start"
+    assert time.perf_counter() - began < 2  # the SDK's loop slept up to 1 s after each job
