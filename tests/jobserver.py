@@ -137,6 +137,9 @@ class JobServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out in two writes; with Nagle on, the body waits for the
+            # client's delayed ACK (~40 ms a reply), a stall RunPod's own API does not add.
+            disable_nagle_algorithm = True
 
             def _reply(self, status: int, payload: Any = None) -> None:
                 body = b"" if payload is None else json.dumps(payload).encode()
@@ -183,9 +186,9 @@ class JobServer:
 
 
 class WorkerProcess:
-    """`python -m handler` pointed at a JobServer."""
+    """`python -m handler` pointed at a JobServer (run from ``cwd``: another checkout, for a baseline)."""
 
-    def __init__(self, server: JobServer, work_dir: Path, model_dir: Path, **env: str) -> None:
+    def __init__(self, server: JobServer, work_dir: Path, model_dir: Path, *, cwd: Path = ROOT, **env: str) -> None:
         self.work_dir = work_dir
         self.log_path = work_dir.parent / f"worker-{time.monotonic_ns()}.log"
         full_env = {
@@ -194,7 +197,7 @@ class WorkerProcess:
             "DEVICE": "cpu", "PYTHONUNBUFFERED": "1", **env,
         }
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "handler"], cwd=ROOT, env=full_env,
+            self.process = subprocess.Popen([sys.executable, "-m", "handler"], cwd=cwd, env=full_env,
                                             stdout=log, stderr=subprocess.STDOUT)
 
     def stop(self) -> int:

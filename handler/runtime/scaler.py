@@ -1,0 +1,122 @@
+"""The SDK's job loop, waking when a job ends or arrives instead of on its timers.
+
+runpod-python's ``JobScaler`` polls: its fetch loop sleeps a second whenever the worker holds
+as many jobs as it may, and its run loop looks at the queue every 0.1 s. With one job held
+(the default) every job therefore paid up to a second of idle time before the next was even
+asked for. :class:`PromptJobScaler` keeps the SDK's loops, protocol and shutdown, and only
+replaces those two waits with events, each still bounded by the SDK's own interval:
+
+* ``set_scale`` (called by the SDK's ``get_jobs`` before each fetch) returns once there is
+  room for a job, woken by the end of a job, so ``get_jobs`` fetches at once instead of sleeping;
+* ``run_jobs`` starts a fetched job as soon as it is queued.
+
+SDK internals relied on (check them on an SDK upgrade): ``JobScaler.get_jobs`` calls
+``set_scale`` first and sleeps only when ``current_concurrency - current_occupancy() <= 0``;
+``handle_job``, ``kill_worker``, ``is_alive``, ``jobs_queue``, ``jobs_tasks`` and
+``current_concurrency``; and ``runpod.serverless.worker.run_worker`` building its scaler as
+``rp_scale.JobScaler(config)`` at call time (see :func:`prompt_job_loop`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from runpod.serverless.modules import rp_scale
+
+from handler.logs import get_logger
+
+log = get_logger(__name__)
+
+# The SDK's own intervals: how long the fetch loop slept when full, and the run loop's poll.
+# They remain as the bounds of each wait, so liveness and concurrency are re-read as often.
+_ROOM_WAIT_S = 1.0
+_RUN_POLL_S = 0.1
+
+
+class PromptJobScaler(rp_scale.JobScaler):  # type: ignore[misc]  # the SDK has no type hints
+    """``JobScaler`` whose fetch and run loops wake on job ends and arrivals."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        # Set when a job ends or the worker is told to stop: the fetch loop looks for room.
+        self._job_ended = asyncio.Event()
+
+    async def set_scale(self) -> None:
+        """The SDK's scaling step, then wait until a job may be fetched or the worker stops."""
+        while True:
+            self._job_ended.clear()
+            await super().set_scale()
+            if not self.is_alive() or self.current_occupancy() < self.current_concurrency:
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_ROOM_WAIT_S):
+                    await self._job_ended.wait()
+
+    async def handle_job(self, session: Any, job: dict[str, Any]) -> None:
+        try:
+            await super().handle_job(session, job)
+        finally:
+            self._job_ended.set()
+
+    def kill_worker(self) -> None:
+        super().kill_worker()
+        self._job_ended.set()
+
+    async def run_jobs(self, session: Any) -> None:
+        """Start each queued job at once; when stopping, drain like the SDK does."""
+        tasks: set[asyncio.Task[None]] = set()
+        while self.is_alive() or not self.jobs_queue.empty():
+            while len(tasks) < self.current_concurrency and not self.jobs_queue.empty():
+                self._start(session, tasks, self.jobs_queue.get_nowait())
+            await self._until_job_ends_or_arrives(session, tasks)
+        await self._drain(tasks)
+
+    def _start(self, session: Any, tasks: set[asyncio.Task[None]], job: dict[str, Any]) -> None:
+        task = asyncio.create_task(self.handle_job(session, job))
+        tasks.add(task)
+        self.jobs_tasks[job["id"]] = task
+
+    async def _until_job_ends_or_arrives(self, session: Any, tasks: set[asyncio.Task[None]]) -> None:
+        waits: set[asyncio.Future[Any]] = set(tasks)
+        arrival: asyncio.Task[dict[str, Any]] | None = None
+        if len(tasks) < self.current_concurrency:
+            arrival = asyncio.create_task(self.jobs_queue.get())
+            waits.add(arrival)
+        try:
+            done, _pending = await asyncio.wait(waits, timeout=_RUN_POLL_S, return_when=asyncio.FIRST_COMPLETED)
+            for ended in tasks & done:
+                tasks.discard(ended)
+                if not ended.cancelled() and ended.exception() is not None:
+                    log.error("scaler.job_failed", error=repr(ended.exception()))
+        finally:
+            # A job taken off the queue is always started; a get still waiting leaves it there.
+            if arrival is not None and not arrival.done():
+                arrival.cancel()
+            elif arrival is not None and not arrival.cancelled():
+                self._start(session, tasks, arrival.result())
+
+    @staticmethod
+    async def _drain(tasks: set[asyncio.Task[None]]) -> None:
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                log.error("scaler.drain_failed", error=repr(result))
+
+
+@contextlib.contextmanager
+def prompt_job_loop() -> Iterator[None]:
+    """Make ``runpod.serverless.start`` run :class:`PromptJobScaler` for the duration.
+
+    ``run_worker`` looks ``rp_scale.JobScaler`` up when it starts, so swapping the name keeps
+    everything else ``start`` does (arguments, local test and API modes, fitness checks,
+    heartbeat) exactly the SDK's.
+    """
+    original = rp_scale.JobScaler
+    rp_scale.JobScaler = PromptJobScaler
+    try:
+        yield
+    finally:
+        rp_scale.JobScaler = original
