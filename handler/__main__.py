@@ -16,7 +16,7 @@ from typing import Any
 os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
 
 from handler.app import get_worker
-from handler.config import SettingsError, load_settings
+from handler.config import SettingsError, library_environment, load_settings
 from handler.logs import configure_logging, get_logger, redact_sdk_logs
 
 
@@ -26,6 +26,8 @@ def main() -> None:
     except SettingsError as exc:
         print(f"invalid configuration: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
+    # Before any model library is imported: they read these once, at import.
+    os.environ.update(library_environment(settings))
     json_logs = settings.log_format == "json" or (settings.log_format == "auto" and settings.on_runpod)
     configure_logging(level=settings.log_level, json=json_logs)
     redact_sdk_logs()

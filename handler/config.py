@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 T = TypeVar("T")
 
@@ -34,8 +37,35 @@ class BucketSettings:
     endpoint_url: str | None
     access_key_id: str
     secret_access_key: str = field(repr=False)
-    name: str
+    # None: the bucket runpod's rp_upload would use, named after the month ("11-26").
+    name: str | None
     region: str | None = None
+
+    def bucket_name(self) -> str:
+        return self.name or time.strftime("%m-%y")
+
+
+# A virtual-hosted bucket endpoint: the bucket is the host's first labels.
+_VIRTUAL_HOSTED = (
+    re.compile(r"(?P<bucket>.+)\.(?P<service>s3[.-](?:(?P<region>[a-z0-9-]+)\.)?amazonaws\.com)"),
+    re.compile(r"(?P<bucket>.+)\.(?P<service>(?P<region>[a-z0-9-]+)\.digitaloceanspaces\.com)"),
+)
+
+
+def split_bucket_endpoint(url: str) -> tuple[str, str | None, str | None]:
+    """``https://<bucket>.s3.<region>.amazonaws.com`` -> (``https://s3.<region>.amazonaws.com``,
+    bucket, region): the bucket goes in the request, not twice in the key. Other URLs pass as
+    they are, with the region runpod's rp_upload reads from them (``.s3.<region>.``)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    for pattern in _VIRTUAL_HOSTED:
+        found = pattern.fullmatch(host)
+        if found:
+            netloc = found["service"] + (f":{parts.port}" if parts.port else "")
+            return urlunsplit((parts.scheme, netloc, "", "", "")), found["bucket"], found["region"]
+    aws = re.fullmatch(r"s3[.-](?P<region>[a-z0-9-]+)\.amazonaws\.com", host)
+    region = aws["region"] if aws else url.split(".s3.")[1].split(".")[0] if ".s3." in url else None
+    return url, None, region
 
 
 @dataclass(frozen=True)
@@ -57,10 +87,17 @@ class Settings:
     whisper_model: str = "turbo"
     # WHISPER_MODELS: other model names a job may ask for in `model` (comma separated).
     whisper_models: tuple[str, ...] = ()
+    # WHISPER_MODEL_MAP: names a job may send that another served model answers, e.g.
+    # `base=turbo,large-v3=turbo` (clients of other workers always send their own name).
+    whisper_model_map: tuple[tuple[str, str], ...] = ()
     # MODEL_DIR: where baked weights live (whisper/<name>.pt, written by builder/).
     model_dir: Path = Path("/models")
-    # ALLOW_MODEL_DOWNLOAD: fetch official weights missing from MODEL_DIR at load time.
+    # ALLOW_MODEL_DOWNLOAD: fetch weights missing from MODEL_DIR at load time. Off, the worker
+    # makes no network call for models at all (the model libraries are put in offline mode).
     allow_model_download: bool = True
+    # RUNPOD_HF_CACHE: RunPod's cached Hugging Face models (an endpoint's model cache); a repo id
+    # found there is used without a download.
+    runpod_hf_cache: Path = Path("/runpod-volume/huggingface-cache/hub")
     # TTS_MODEL: speech model (VITS / MMS-TTS class), a Hugging Face repo id or a local dir.
     tts_model: str = "facebook/mms-tts-eng"
     # IMAGE_MODEL: text-to-image diffusers pipeline (SD, SDXL, FLUX class), repo id or dir.
@@ -170,6 +207,15 @@ class Settings:
         return (self.whisper_model, *self.whisper_models)
 
 
+def library_environment(settings: Settings) -> dict[str, str]:
+    """Variables the model libraries read when imported: with downloads off, huggingface_hub,
+    transformers and diffusers never reach the network (not even for request headers)."""
+    if settings.allow_model_download:
+        return {}
+    return {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
 def _parse_bool(raw: str) -> bool:
     value = raw.strip().lower()
     if value in _TRUE:
@@ -195,6 +241,16 @@ def _parse_positive_float(raw: str) -> float:
 
 def _parse_list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _parse_pairs(raw: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in _parse_list(raw):
+        name, sep, target = (part.strip() for part in item.partition("="))
+        if not sep or not name or not target:
+            raise ValueError(f"expected name=model pairs, got {item!r}")
+        pairs.append((name, target))
+    return tuple(pairs)
 
 
 def _parse_networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -247,26 +303,38 @@ class _Env:
 
 
 def _bucket(env: _Env) -> BucketSettings | None:
-    names = ("BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY", "BUCKET_NAME")
-    access_key, secret, name = (env.text(n) for n in names)
+    """The operator's bucket, from the variables runpod's rp_upload reads (BUCKET_NAME optional)."""
+    names = ("BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY")
+    access_key, secret = (env.text(n) for n in names)
+    name, endpoint = env.text("BUCKET_NAME"), env.text("BUCKET_ENDPOINT_URL")
     if access_key is None and secret is None and name is None:
         return None
-    missing = [n for n, value in zip(names, (access_key, secret, name), strict=True) if not value]
+    missing = [n for n, value in zip(names, (access_key, secret), strict=True) if not value]
     if missing:
         raise SettingsError(f"bucket configuration is incomplete: {', '.join(missing)} not set")
-    assert access_key and secret and name
-    return BucketSettings(
-        endpoint_url=env.text("BUCKET_ENDPOINT_URL"),
-        access_key_id=access_key,
-        secret_access_key=secret,
-        name=name,
-        region=env.text("BUCKET_REGION"),
-    )
+    assert access_key and secret
+    region = None
+    if endpoint is not None:
+        endpoint, hosted, region = split_bucket_endpoint(endpoint)
+        if hosted and name and hosted != name:
+            raise SettingsError(f"BUCKET_ENDPOINT_URL names bucket {hosted!r} but BUCKET_NAME is {name!r}")
+        name = name or hosted
+    return BucketSettings(endpoint_url=endpoint, access_key_id=access_key, secret_access_key=secret, name=name,
+                          region=env.text("BUCKET_REGION") or region)
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Parse the settings from ``environ`` (default: ``os.environ``)."""
-    env = _Env(os.environ if environ is None else environ)
+    settings = _read(_Env(os.environ if environ is None else environ))
+    served = settings.allowed_whisper_models()
+    for name, target in settings.whisper_model_map:
+        if target not in served:
+            raise SettingsError(f"WHISPER_MODEL_MAP maps {name!r} to {target!r}, which is not served "
+                                f"(WHISPER_MODEL, WHISPER_MODELS: {', '.join(served)})")
+    return settings
+
+
+def _read(env: _Env) -> Settings:
     d = Settings()
     return Settings(
         on_runpod=env.text("RUNPOD_ENDPOINT_ID") is not None,
@@ -276,8 +344,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         log_format=env.get("LOG_FORMAT", _parse_choice("auto", "json", "console"), d.log_format),
         whisper_model=env.get("WHISPER_MODEL", str.strip, d.whisper_model),
         whisper_models=env.get("WHISPER_MODELS", _parse_list, d.whisper_models),
+        whisper_model_map=env.get("WHISPER_MODEL_MAP", _parse_pairs, d.whisper_model_map),
         model_dir=env.get("MODEL_DIR", Path, d.model_dir),
         allow_model_download=env.get("ALLOW_MODEL_DOWNLOAD", _parse_bool, d.allow_model_download),
+        runpod_hf_cache=env.get("RUNPOD_HF_CACHE", Path, d.runpod_hf_cache),
         tts_model=env.get("TTS_MODEL", str.strip, d.tts_model),
         image_model=env.get("IMAGE_MODEL", str.strip, d.image_model),
         video_model=env.get("VIDEO_MODEL", str.strip, d.video_model),

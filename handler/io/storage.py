@@ -229,7 +229,7 @@ class S3Storage:
             response_checksum_validation="when_required",
         )
         try:
-            with s3_errors(bucket=bucket.name, field="s3Config" if policy else None):
+            with s3_errors(bucket=bucket.bucket_name(), field="s3Config" if policy else None):
                 self.client = boto3.session.Session().client(
                     "s3", endpoint_url=bucket.endpoint_url, aws_access_key_id=bucket.access_key_id,
                     aws_secret_access_key=bucket.secret_access_key, region_name=bucket.region or "us-east-1",
@@ -246,26 +246,27 @@ class S3Storage:
         key = object_key(self._prefix, request_id, name)
         size = path.stat().st_size
         started = time.perf_counter()
-        with s3_errors(bucket=self.bucket.name):
-            self._upload(path, key, content_type, cancel or CancelToken())
+        bucket = self.bucket.bucket_name()
+        with s3_errors(bucket=bucket):
+            self._upload(path, bucket, key, content_type, cancel or CancelToken())
             url = self.client.generate_presigned_url(
-                "get_object", Params={"Bucket": self.bucket.name, "Key": key}, ExpiresIn=self._expiry_s
+                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self._expiry_s
             )
         ms = (time.perf_counter() - started) * 1000
         log.info("upload.done", key=key, bytes=size, ms=round(ms, 1))
         return StoredFile(name=name, content_type=content_type, size=size, key=key, url=url)
 
-    def _upload(self, path: Path, key: str, content_type: str, cancel: CancelToken) -> None:
+    def _upload(self, path: Path, bucket: str, key: str, content_type: str, cancel: CancelToken) -> None:
         cancel.check()
         with create_transfer_manager(self.client, _TRANSFER) as manager:
-            future = manager.upload(str(path), self.bucket.name, key, extra_args={"ContentType": content_type})
+            future = manager.upload(str(path), bucket, key, extra_args={"ContentType": content_type})
             with cancel.on_cancel(future.cancel):
                 future.result()
 
     def fetch_object(
         self, bucket: str, key: str, target: Path, *, max_bytes: int, field: str, cancel: CancelToken | None = None
     ) -> int:
-        if bucket != self.bucket.name:
+        if bucket != self.bucket.bucket_name():
             raise InvalidInput(f"{field}: only objects in the job's bucket can be read", field=field)
         cancel = cancel or CancelToken()
         cancel.check()

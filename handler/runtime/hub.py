@@ -1,4 +1,10 @@
-"""Where Hugging Face models come from: a local directory, or the baked cache in MODEL_DIR."""
+"""Where Hugging Face models come from: a local directory, RunPod's model cache, or the baked cache.
+
+A repo id is looked up, without any network call, in RunPod's cached models
+(``RUNPOD_HF_CACHE``, mounted on endpoints that enable the model cache) and then in
+MODEL_DIR/huggingface (where builder/ bakes them); only a repo found in neither is
+downloaded, and only when ALLOW_MODEL_DOWNLOAD is on.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +18,18 @@ def hf_cache_dir(model_dir: Path) -> Path:
     return model_dir / "huggingface"
 
 
-def pretrained_source(name: str, settings: Settings) -> tuple[str, dict[str, Any]]:
-    """``from_pretrained`` arguments for ``name``: a directory as is, a repo id from the cache.
+def cached(cache: Path, repo_id: str) -> bool:
+    """Whether the Hugging Face cache at ``cache`` holds a snapshot of ``repo_id``."""
+    snapshots = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    return snapshots.is_dir() and any(snapshots.iterdir())
 
-    Repo ids resolve in MODEL_DIR/huggingface (where builder/ bakes them) and reach the hub
-    only when ALLOW_MODEL_DOWNLOAD is on.
-    """
+
+def pretrained_source(name: str, settings: Settings) -> tuple[str, dict[str, Any]]:
+    """``from_pretrained`` arguments for ``name``: a directory as is, a repo id from a cache."""
     if Path(name).is_dir():
         return name, {}
+    for cache in (settings.runpod_hf_cache, hf_cache_dir(settings.model_dir)):
+        if cached(cache, name):
+            return name, {"cache_dir": str(cache), "local_files_only": True}
     return name, {"cache_dir": str(hf_cache_dir(settings.model_dir)),
                   "local_files_only": not settings.allow_model_download}

@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 import secrets
 import time
+import types
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, Union, get_args, get_origin
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from handler.config import Settings
 from handler.io.inputs import MediaInputs
@@ -30,6 +31,29 @@ T = TypeVar("T")
 P = TypeVar("P")
 # An output file: where it is, the name the client sees, its content type.
 OutputFile = tuple[Path, str, str]
+
+
+class TaskInput(BaseModel):
+    """Base of every task's input: unknown fields are errors, types are strict, numbers finite,
+    and ``null`` for a field that has no meaning for null is "not given" (its default applies),
+    as clients of other workers send ``"seed": null`` or ``"image_url": null``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_not_given(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {key: value for key, value in data.items() if value is not None or _takes_null(cls, key)}
+
+
+def _takes_null(model: type[BaseModel], name: str) -> bool:
+    field = model.model_fields.get(name)
+    if field is None:
+        return True  # not a field (an alias, or unknown): leave it to validation
+    annotation = field.annotation
+    return get_origin(annotation) in (Union, types.UnionType) and type(None) in get_args(annotation)
 
 
 def new_seed() -> int:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from handler.errors import InputTooLarge, InvalidInput
 from handler.io import media
@@ -21,7 +21,7 @@ from handler.runtime.cancel import CancelToken
 from handler.runtime.hub import pretrained_source
 from handler.runtime.instances import InstancePool
 from handler.runtime.registry import PipelineKey
-from handler.tasks.base import JobContext, Runtime, Task, new_seed
+from handler.tasks.base import JobContext, Runtime, Task, TaskInput, new_seed
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
 _SOFT_BREAK = re.compile(r"(?<=[,])\s+|\s+")
@@ -30,10 +30,8 @@ _MAX_PIECE_CHARS = 400
 _PAUSE_S = 0.2
 
 
-class SpeechInput(BaseModel):
+class SpeechInput(TaskInput):
     """Input of the ``speech`` task."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     task: Literal["speech"] = "speech"
     text: str = Field(min_length=1, description="what to say")

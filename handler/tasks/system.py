@@ -6,17 +6,13 @@ import socket
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
-
 from handler import __version__
 from handler.runtime.memory import read_memory
-from handler.tasks.base import JobContext, Task
+from handler.tasks.base import JobContext, Task, TaskInput
 
 
-class SystemInput(BaseModel):
+class SystemInput(TaskInput):
     """Input of the ``system`` task: nothing but the task name."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     task: Literal["system"] = "system"
 

@@ -10,23 +10,21 @@ import inspect
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from handler.errors import InputTooLarge, InvalidInput
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
 from handler.tasks import diffusion
-from handler.tasks.base import JobContext, Runtime, Task, new_seed
+from handler.tasks.base import JobContext, Runtime, Task, TaskInput, new_seed
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 _CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _DEFAULT_STEPS = 30
 
 
-class ImageInput(BaseModel):
+class ImageInput(TaskInput):
     """Input of the ``text2image`` task."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     task: Literal["text2image"] = "text2image"
     prompt: str = Field(min_length=1, max_length=4000)

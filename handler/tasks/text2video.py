@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from handler.errors import InputTooLarge, InvalidInput, ModelLoadFailed
 from handler.io import media
@@ -25,7 +25,7 @@ from handler.runtime.hub import pretrained_source
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
 from handler.tasks import diffusion, speech, transcribe
-from handler.tasks.base import JobContext, Runtime, Task, new_seed
+from handler.tasks.base import JobContext, Runtime, Task, TaskInput, new_seed
 from handler.tasks.captions import cues_from_words, write_srt
 from handler.tasks.text2image import step_callback
 from handler.tasks.video_plan import AspectRatio, Family, Resolution, SegmentPlan, family_of, frame_size, plan_segments
@@ -34,10 +34,8 @@ Captions = Literal["none", "soft", "burned"]
 log = get_logger(__name__)
 
 
-class VideoInput(BaseModel):
+class VideoInput(TaskInput):
     """Input of the ``text2video`` task."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     task: Literal["text2video"] = "text2video"
     prompt: str = Field(min_length=1, max_length=4000)

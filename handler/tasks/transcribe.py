@@ -11,23 +11,33 @@ import io
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 from whisper.utils import WriteSRT, WriteVTT
 
-from handler.errors import InvalidInput
+from handler.errors import InvalidInput, printable
 from handler.io import media
 from handler.runtime.cancel import CancelToken
 from handler.runtime.devices import default_dtype
 from handler.runtime.instances import InstancePool
 from handler.runtime.registry import PipelineKey
-from handler.tasks.base import JobContext, Runtime, Task
+from handler.tasks.base import JobContext, Runtime, Task, TaskInput
 from handler.tasks.whisper_pipeline import WhisperPipeline, load_whisper
 
 TextFormat = Literal["plain_text", "formatted_text", "srt", "vtt"]
+
+
+def _format_name(value: Any) -> Any:
+    """``"plain text"``, ``"Plain-Text"``: the spellings other workers' clients send, as ``plain_text``."""
+    if isinstance(value, str):
+        return value.strip().lower().replace(" ", "_").replace("-", "_")
+    return value
+
+
+Format = Annotated[TextFormat, BeforeValidator(_format_name)]
 # Peak amplitude below which audio is digital silence: nothing to transcribe.
 _SILENCE_PEAK = 1e-4
 # Token ids as worker-faster_whisper's clients send them: "-1", "-1,50362", "1, 2, 3".
@@ -35,18 +45,16 @@ _SUPPRESS_TOKENS = re.compile(r"\s*-?\d{1,6}\s*(,\s*-?\d{1,6}\s*)*")
 _INPUT_NAME = "input.media"
 
 
-class TranscribeInput(BaseModel):
+class TranscribeInput(TaskInput):
     """Input of the ``transcribe`` task."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     task: Literal["transcribe"] = "transcribe"
     audio: str | None = Field(None, description="https URL or s3://bucket/key of the media")
     audio_base64: str | None = Field(None, description="the media file, base64")
     model: str | None = Field(None, description="Whisper model; default WHISPER_MODEL")
-    transcription: TextFormat = "plain_text"
+    transcription: Format = "plain_text"
     translate: bool = False
-    translation: TextFormat = "plain_text"
+    translation: Format = "plain_text"
     language: str | None = Field(None, description="spoken language; detected when omitted")
     temperature: float = Field(0.0, ge=0.0, le=1.0)
     # At least 0.1: at most 11 temperatures, so fallback can decode a window at most 11 times.
@@ -157,11 +165,18 @@ async def word_timings(ctx: JobContext, audio: np.ndarray) -> list[dict[str, Any
 
 
 def _model_name(ctx: JobContext, params: TranscribeInput) -> str:
-    allowed = ctx.settings.allowed_whisper_models()
-    name = params.model or ctx.settings.whisper_model
-    if name not in allowed:
-        raise InvalidInput(f"model: {name!r} is not served here; one of {', '.join(allowed)}", field="model")
-    return name
+    """The served model a job gets: its own choice, or the one WHISPER_MODEL_MAP maps it to."""
+    settings = ctx.settings
+    allowed = settings.allowed_whisper_models()
+    name = params.model or settings.whisper_model
+    if name in allowed:
+        return name
+    mapped = dict(settings.whisper_model_map).get(name)
+    if mapped is not None:
+        return mapped
+    accepted = [*allowed, *(alias for alias, _ in settings.whisper_model_map)]
+    raise InvalidInput(f"model: {printable(name)!r} is not served here; one of {', '.join(accepted)}",
+                       field="model")
 
 
 def _check_language_support(pipeline: WhisperPipeline, params: TranscribeInput) -> None:
@@ -223,9 +238,11 @@ def format_text(result: dict[str, Any], fmt: TextFormat) -> str:
 
 
 def _segments(result: dict[str, Any]) -> list[dict[str, Any]]:
-    keys = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
+    """Segments as worker-faster_whisper returns them (ids counted from 1, as faster-whisper does)."""
+    keys = ("seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
             "compression_ratio", "no_speech_prob")
-    return [{key: _plain(segment.get(key)) for key in keys} for segment in result["segments"]]
+    return [{"id": number, **{key: _plain(segment.get(key)) for key in keys}}
+            for number, segment in enumerate(result["segments"], 1)]
 
 
 def _words(result: dict[str, Any]) -> list[dict[str, Any]]:
