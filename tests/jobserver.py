@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -211,3 +212,47 @@ class WorkerProcess:
 
     def job_dirs(self) -> list[Path]:
         return list(self.work_dir.iterdir())
+
+
+class LocalApi:
+    """`python -m handler --rp_serve_api` (the SDK's local HTTP API) on a free loopback port."""
+
+    def __init__(self, work_dir: Path, **env: str) -> None:
+        from tests.servers import free_port_block
+
+        self.port = free_port_block(1)
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        self.log_path = work_dir / f"api-{time.monotonic_ns()}.log"
+        full_env = {**os.environ, "WORK_DIR": str(work_dir), "DEVICE": "cpu", "ALLOW_MODEL_DOWNLOAD": "false", **env}
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "handler", "--rp_serve_api", "--rp_api_host", LOOPBACK,
+                 "--rp_api_port", str(self.port)], cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+
+    def __enter__(self) -> LocalApi:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/docs", timeout=1).close()  # noqa: S310 (loopback)
+                return self
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    self.__exit__()
+                    raise RuntimeError(self.log_path.read_text(errors="replace")[-2000:]) from None
+                time.sleep(0.3)
+
+    def runsync(self, inputs: dict[str, Any], timeout: float = 300) -> dict[str, Any]:
+        """POST /runsync {"input": inputs}; the SDK's reply."""
+        request = urllib.request.Request(f"{self.url}/runsync", data=json.dumps({"input": inputs}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (loopback)
+            reply: dict[str, Any] = json.loads(response.read())
+        return reply
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()

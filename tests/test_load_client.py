@@ -14,7 +14,7 @@ import pytest
 
 from bench.load import http_sender, outcome_of, run_load
 from tests.conftest import CAPTURED_LOGS
-from tests.servers import free_port_block
+from tests.jobserver import LocalApi
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,35 +31,19 @@ def test_outcomes_are_read_from_either_shape() -> None:
 
 def test_load_client_against_the_local_api(tmp_path: Path, model_dir: Path) -> None:
     """8 clients, 40 jobs on the local API: successes, final failures and retried OOMs are counted."""
-    port = free_port_block(1)
-    env = {**os.environ, "TASK_MODULES": "tests.fixture_tasks", "WORK_DIR": str(tmp_path), "DEVICE": "cpu",
-           "MODEL_DIR": str(model_dir), "WHISPER_MODEL": "tiny.en", "ALLOW_MODEL_DOWNLOAD": "false"}
-    log_path = tmp_path / "api.log"
-    with log_path.open("wb") as log:
-        api = subprocess.Popen(
-            [sys.executable, "-m", "handler", "--rp_serve_api", "--rp_api_host", "127.0.0.1",
-             "--rp_api_port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    env = {"TASK_MODULES": "tests.fixture_tasks", "MODEL_DIR": str(model_dir), "WHISPER_MODEL": "tiny.en"}
+    api = LocalApi(tmp_path, **env)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/docs", timeout=1).close()  # noqa: S310 (loopback)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, log_path.read_text()[-2000:]
-                time.sleep(0.3)
-        jobs = [{"task": "fixture", "action": "sleep", "seconds": 0.02}] * 30 + [{"task": "fixture", "colour": 1}] * 5
-        jobs += [{"task": "fixture", "action": "oom"}] * 5
-        summary = run_load(http_sender(f"{url}/runsync"), jobs, clients=8, attempts=2, backoff_s=0.01)
-        result = summary.as_dict()
-        assert result["jobs"] == 40
-        assert result["outcomes"] == {"success": 30, "INVALID_INPUT": 5, "GPU_OOM": 5}
-        assert result["retries"] == 5  # each OOM retried once, INVALID_INPUT never
-        assert result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"]
-        assert result["throughput_jobs_s"] > 0
-        json.dumps(result)
+        with api:
+            jobs = [{"task": "fixture", "action": "sleep", "seconds": 0.02}] * 30
+            jobs += [{"task": "fixture", "colour": 1}] * 5 + [{"task": "fixture", "action": "oom"}] * 5
+            summary = run_load(http_sender(f"{api.url}/runsync"), jobs, clients=8, attempts=2, backoff_s=0.01)
     finally:
-        api.terminate()
-        api.wait(30)
-        CAPTURED_LOGS.write(log_path.read_text(errors="replace"))
+        CAPTURED_LOGS.write(api.log_path.read_text(errors="replace"))
+    result = summary.as_dict()
+    assert result["jobs"] == 40
+    assert result["outcomes"] == {"success": 30, "INVALID_INPUT": 5, "GPU_OOM": 5}
+    assert result["retries"] == 5  # each OOM retried once, INVALID_INPUT never
+    assert result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"]
+    assert result["throughput_jobs_s"] > 0
+    json.dumps(result)

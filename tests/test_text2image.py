@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from handler.tasks.text2image import ImageInput
 from tests.conftest import assert_no_job_dirs, job, run_job
 from tests.jobserver import JobServer, WorkerProcess
 
@@ -58,7 +59,10 @@ def test_seed_decides_the_pixels(painter) -> None:
     ("inputs", "code", "field"),
     [
         ({"num_images": 9}, "INPUT_TOO_LARGE", "num_images"),
-        ({"steps": 1000}, "INPUT_TOO_LARGE", "steps"),
+        ({"steps": 1000}, "INPUT_TOO_LARGE", "num_inference_steps"),
+        ({"num_inference_steps": 1000}, "INPUT_TOO_LARGE", "num_inference_steps"),
+        ({"scheduler": "K_EULER"}, "INVALID_INPUT", "scheduler"),
+        ({"image_url": "https://example.com/a.png", "strength": 0.3}, "INVALID_INPUT", "strength"),
         ({"width": 4096, "height": 4096}, "INPUT_TOO_LARGE", "width"),
         ({"model": "someone/else"}, "INVALID_INPUT", "model"),
     ],
@@ -108,3 +112,29 @@ def test_progress_reaches_the_job_server(tiny_sd: Path, model_dir: Path, tmp_pat
             assert server.progress["paint"][-1] == "step 4/4"
         finally:
             worker.stop()
+
+
+SDXL_TEST_INPUT = {  # runpod-workers/worker-sdxl's test_input.json, verbatim
+    "prompt": "A majestic steampunk dragon soaring through a cloudy sky, intricate clockwork details, golden hour "
+              "lighting, highly detailed",
+    "negative_prompt": "blurry, low quality, deformed, ugly, text, watermark, signature",
+    "height": 1024, "width": 1024, "num_inference_steps": 25, "refiner_inference_steps": 50, "guidance_scale": 7.5,
+    "strength": 0.3, "high_noise_frac": 0.8, "seed": 42, "scheduler": "K_EULER", "num_images": 1, "image_url": None,
+}
+README_TEXT = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def test_worker_sdxl_clients_are_refused_only_on_listed_fields(painter) -> None:
+    """worker-sdxl's own test input is refused only on a field the README lists as unsupported, naming
+    it; without those fields (null is "not given") the same request completes with the same vocabulary
+    (at 64x64 and 2 steps: the tiny CPU model would take minutes at 1024x1024)."""
+    refused = run_job(painter, job(task="text2image", **SDXL_TEST_INPUT))
+    assert refused["error_code"] == "INVALID_INPUT", refused
+    assert refused["field"] in ImageInput.unsupported and "not supported by this worker" in refused["error"]
+    for name in ImageInput.unsupported:
+        assert f"`{name}`" in README_TEXT
+    supported = {k: (None if k in ImageInput.unsupported else v) for k, v in SDXL_TEST_INPUT.items()}
+    done = run_job(painter, job(task="text2image", **{**supported, "width": 64, "height": 64,
+                                                      "num_inference_steps": 2}))
+    assert "error" not in done, done
+    assert (done["width"], done["height"], done["num_inference_steps"], done["seed"]) == (64, 64, 2, 42)

@@ -225,3 +225,27 @@ def test_outputs_in_the_bucket_and_progress_on_the_job_server(tiny_wan: Path, mo
             assert worker.job_dirs() == []
         finally:
             worker.stop()
+
+
+@pytest.mark.parametrize(
+    ("inputs", "code", "field"),
+    [({"width": 200, "height": 112}, "INVALID_INPUT", "width"),  # 200 is not a multiple of 16
+     ({"width": 128}, "INVALID_INPUT", None),
+     ({"width": 128, "height": 64, "aspect_ratio": "1:1"}, "INVALID_INPUT", None),
+     ({"width": 4096, "height": 4096}, "INPUT_TOO_LARGE", "width")],
+)
+def test_explicit_size_is_checked(wan_worker, inputs: dict, code: str, field: str | None) -> None:
+    """width/height replace aspect_ratio + resolution: both or neither, never with them, each a
+    multiple of the family's, within the pixel limit."""
+    result = run_job(wan_worker, video_job(resolution=None, **inputs))
+    assert result["error_code"] == code, result
+    if field:
+        assert result["field"] == field
+
+
+def test_explicit_size_and_nulls(wan_worker) -> None:
+    """An explicit 96x64 (multiples of 16) is generated as asked; null optional fields mean "not given"."""
+    result = run_job(wan_worker, video_job(width=96, height=64, resolution=None, seed=None, negative_prompt=None,
+                                           guidance_scale=None))
+    assert "error" not in result, result
+    assert (result["width"], result["height"]) == (96, 64)

@@ -10,11 +10,12 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar, Union, get_args, get_origin
+from typing import Any, ClassVar, Generic, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from handler.config import Settings
+from handler.errors import InvalidInput
 from handler.io.inputs import MediaInputs
 from handler.io.storage import Storage
 from handler.io.workspace import Workspace
@@ -39,13 +40,19 @@ class TaskInput(BaseModel):
     as clients of other workers send ``"seed": null`` or ``"image_url": null``."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    # Fields other workers take that this one cannot honour, and why: refused by name, not as unknown.
+    unsupported: ClassVar[dict[str, str]] = {}
 
     @model_validator(mode="before")
     @classmethod
     def _null_means_not_given(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        return {key: value for key, value in data.items() if value is not None or _takes_null(cls, key)}
+        for name, reason in cls.unsupported.items():
+            if data.get(name) is not None:
+                raise InvalidInput(f"{name}: not supported by this worker ({reason})", field=name)
+        return {key: value for key, value in data.items()
+                if value is not None or (key not in cls.unsupported and _takes_null(cls, key))}
 
 
 def _takes_null(model: type[BaseModel], name: str) -> bool:

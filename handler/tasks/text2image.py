@@ -7,10 +7,10 @@ default size, and the multiple its VAE and patching need) before any GPU work.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from handler.errors import InputTooLarge, InvalidInput
 from handler.runtime.instances import InstancePool
@@ -24,7 +24,15 @@ _DEFAULT_STEPS = 30
 
 
 class ImageInput(TaskInput):
-    """Input of the ``text2image`` task."""
+    """Input of the ``text2image`` task (field names of diffusers and worker-sdxl)."""
+
+    unsupported: ClassVar[dict[str, str]] = {
+        "refiner_inference_steps": "the SDXL refiner is not part of this worker; the base model runs alone",
+        "high_noise_frac": "the SDXL refiner is not part of this worker; the base model runs alone",
+        "strength": "image-to-image is not supported; send a prompt only",
+        "image_url": "image-to-image is not supported; send a prompt only",
+        "scheduler": "the model's own scheduler is used",
+    }
 
     task: Literal["text2image"] = "text2image"
     prompt: str = Field(min_length=1, max_length=4000)
@@ -33,7 +41,10 @@ class ImageInput(TaskInput):
     width: int | None = Field(None, ge=64, le=8192, description="default: the model's size")
     height: int | None = Field(None, ge=64, le=8192)
     num_images: int = Field(1, ge=1)
-    steps: int = Field(_DEFAULT_STEPS, ge=1)
+    num_inference_steps: int = Field(
+        _DEFAULT_STEPS, ge=1, validation_alias=AliasChoices("num_inference_steps", "steps"),
+        description="denoising steps (`steps` is accepted too)",
+    )
     guidance_scale: float | None = Field(None, ge=0.0, le=30.0, description="default: the model's")
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     format: ImageFormat = "png"
@@ -56,8 +67,9 @@ def _check_limits(ctx: JobContext, params: ImageInput) -> None:
     if params.num_images > settings.max_images:
         raise InputTooLarge(f"num_images: {params.num_images} is over the limit of {settings.max_images}",
                             field="num_images")
-    if params.steps > settings.max_steps:
-        raise InputTooLarge(f"steps: {params.steps} is over the limit of {settings.max_steps}", field="steps")
+    if params.num_inference_steps > settings.max_steps:
+        raise InputTooLarge(f"num_inference_steps: {params.num_inference_steps} is over the limit of "
+                            f"{settings.max_steps}", field="num_inference_steps")
     if params.width and params.height and params.width * params.height > settings.max_image_pixels:
         raise InputTooLarge(f"width x height: {params.width}x{params.height} is over the limit of "
                             f"{settings.max_image_pixels} pixels", field="width")
@@ -99,7 +111,7 @@ def _call_options(pipeline: DiffusionPipeline, params: ImageInput, width: int, h
     if params.negative_prompt is not None and "negative_prompt" not in accepted:
         raise InvalidInput("negative_prompt: this model does not take a negative prompt", field="negative_prompt")
     options: dict[str, Any] = {
-        "prompt": params.prompt, "width": width, "height": height, "num_inference_steps": params.steps,
+        "prompt": params.prompt, "width": width, "height": height, "num_inference_steps": params.num_inference_steps,
         "num_images_per_prompt": params.num_images, "output_type": "pil",
     }
     if params.negative_prompt is not None:
@@ -141,14 +153,14 @@ async def run(ctx: JobContext, params: ImageInput) -> dict[str, Any]:
 
     def work(pipeline: DiffusionPipeline) -> list[Any]:
         generator = torch.Generator("cpu").manual_seed(seed)
-        callback = step_callback(ctx, progress, params.steps)
+        callback = step_callback(ctx, progress, params.num_inference_steps)
         return list(pipeline(**options, generator=generator, callback_on_step_end=callback).images)
 
     images = await ctx.on_model(pipelines, work)
     saved = await ctx.in_thread(lambda: _save(ctx, images, params.format))
     files = await ctx.save_files([(path, name, _CONTENT_TYPES[params.format]) for path, name in saved])
-    return {"model": model, "seed": seed, "width": width, "height": height, "steps": params.steps,
-            "num_images": len(files), "files": files}
+    return {"model": model, "seed": seed, "width": width, "height": height,
+            "num_inference_steps": params.num_inference_steps, "num_images": len(files), "files": files}
 
 
 TASK: Task[ImageInput] = Task(name="text2image", input_model=ImageInput, run=run, preload=preload)

@@ -45,6 +45,9 @@ class VideoInput(TaskInput):
     fps: int = Field(16, ge=4, le=60)
     aspect_ratio: AspectRatio = "16:9"
     resolution: Resolution = "480p"
+    width: int | None = Field(None, ge=64, le=4096, description="explicit frame width, instead of aspect_ratio "
+                              "and resolution (a multiple of the model's: 16 for Wan, 32 for LTX)")
+    height: int | None = Field(None, ge=64, le=4096, description="explicit frame height, with width")
     num_inference_steps: int = Field(30, ge=1)
     guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
@@ -60,6 +63,10 @@ class VideoInput(TaskInput):
             raise ValueError(f"give at most one of audio, audio_base64, narration (got {', '.join(given)})")
         if self.captions != "none" and not given:
             raise ValueError("captions: need narration (audio, audio_base64 or narration) to caption")
+        if (self.width is None) != (self.height is None):
+            raise ValueError("give both width and height, or neither (then aspect_ratio and resolution decide)")
+        if self.width is not None and {"aspect_ratio", "resolution"} & self.model_fields_set:
+            raise ValueError("give width and height, or aspect_ratio and resolution, not both")
         return self
 
 
@@ -100,13 +107,25 @@ def _check_limits(ctx: JobContext, params: VideoInput) -> None:
     _check_duration(ctx, params.duration_s, params.fps, field="duration_s")
     if params.narration is not None:
         speech.check_text(ctx, params.narration, field="narration")
+    if params.width is not None and params.height is not None and params.width * params.height > \
+            settings.max_image_pixels:
+        raise InputTooLarge(f"width: {params.width}x{params.height} is over the limit of "
+                            f"{settings.max_image_pixels} pixels per frame", field="width")
 
 
 def _frame_size(ctx: JobContext, params: VideoInput, family: Family) -> tuple[int, int]:
-    width, height = frame_size(params.aspect_ratio, params.resolution, family)
+    if params.width is not None and params.height is not None:
+        width, height, field = params.width, params.height, "width"
+        for name, value in (("width", width), ("height", height)):
+            if value % family.side_multiple:
+                raise InvalidInput(f"{name}: {value} is not a multiple of {family.side_multiple}, as "
+                                   f"{family.name} models need", field=name)
+    else:
+        width, height = frame_size(params.aspect_ratio, params.resolution, family)
+        field = "resolution"
     if width * height > ctx.settings.max_image_pixels:
-        raise InputTooLarge(f"resolution: {width}x{height} is over the limit of {ctx.settings.max_image_pixels} "
-                            "pixels per frame", field="resolution")
+        raise InputTooLarge(f"{field}: {width}x{height} is over the limit of {ctx.settings.max_image_pixels} "
+                            "pixels per frame", field=field)
     return width, height
 
 
