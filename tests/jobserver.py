@@ -243,8 +243,10 @@ class LocalApi:
 
     def runsync(self, inputs: dict[str, Any], timeout: float = 300) -> dict[str, Any]:
         """POST /runsync {"input": inputs}; the SDK's reply."""
-        request = urllib.request.Request(f"{self.url}/runsync", data=json.dumps({"input": inputs}).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(  # noqa: S310 (loopback)
+            f"{self.url}/runsync", data=json.dumps({"input": inputs}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (loopback)
             reply: dict[str, Any] = json.loads(response.read())
         return reply
