@@ -42,3 +42,16 @@ def test_requirements_do_not_pull_a_cuda_torch_in_ci() -> None:
     """requirements.txt leaves torch to the Dockerfile and .ci/run, which pick the build."""
     requirements = (ROOT / "requirements.txt").read_text()
     assert not re.search(r"^torch\b", requirements, re.MULTILINE)
+
+
+def test_the_bake_step_has_what_builder_imports() -> None:
+    """Every handler module builder/ imports is copied into the image before `python -m builder bake` runs."""
+    before_bake = DOCKERFILE.split("RUN python -m builder bake", 1)[0]
+    copied = {source for args in (shlex.split(line[len("COPY "):]) for line in before_bake.splitlines()
+                                  if line.startswith("COPY ")) for source in args[:-1]}
+    for path in (ROOT / "builder").glob("*.py"):
+        for module in re.findall(r"^from (handler(?:\.\w+)*) import", path.read_text(), re.MULTILINE):
+            parts = module.split(".")
+            needed = {"/".join(parts[:i]) + "/__init__.py" for i in range(1, len(parts))}
+            needed.add("/".join(parts) + ".py")
+            assert needed <= copied or "handler" in copied, (path.name, module, needed - copied)

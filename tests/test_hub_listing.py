@@ -1,0 +1,114 @@
+"""The RunPod Hub listing: .runpod/hub.json and tests.json in RunPod's format, consistent with the worker."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from handler.app import Worker
+from handler.config import load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+HUB = json.loads((ROOT / ".runpod" / "hub.json").read_text())
+TESTS = json.loads((ROOT / ".runpod" / "tests.json").read_text())
+ENV_TYPES = {"string": str, "number": (int, float), "boolean": bool, "huggingface": str}
+
+
+def settings_read() -> set[str]:
+    """Every variable config.py reads."""
+    source = (ROOT / "handler" / "config.py").read_text()
+    names = set(re.findall(r'env\.(?:get|text)\(\s*"([A-Z0-9_]+)"', source))
+    return names | set(re.findall(r'"(BUCKET_[A-Z_]+)"', source))
+
+
+def cuda_of_base_image() -> tuple[int, int]:
+    found = re.search(r"^FROM nvidia/cuda:(\d+)\.(\d+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert found
+    return int(found[1]), int(found[2])
+
+
+def test_hub_json_has_the_required_fields() -> None:
+    """title, description, type serverless, a category, and a config with runsOn, containerDiskInGb,
+    gpuIds, gpuCount and allowedCudaVersions of the right types."""
+    assert isinstance(HUB["title"], str) and HUB["title"]
+    assert isinstance(HUB["description"], str) and HUB["description"]
+    assert HUB["type"] == "serverless"
+    assert HUB["category"] in ("audio", "image", "video", "language", "embedding")
+    config = HUB["config"]
+    assert config["runsOn"] == "GPU"
+    assert isinstance(config["containerDiskInGb"], int) and 10 <= config["containerDiskInGb"] <= 200
+    assert isinstance(config["gpuIds"], str) and config["gpuIds"]
+    assert config["gpuCount"] == 1
+
+
+def test_cuda_versions_follow_the_dockerfile() -> None:
+    """Every allowed host CUDA version can run the image's CUDA base (the driver must be at least as new)."""
+    base = cuda_of_base_image()
+    for listing in (HUB["config"], TESTS["config"]):
+        versions = listing["allowedCudaVersions"]
+        assert versions and all(isinstance(v, str) for v in versions)
+        assert all(tuple(int(p) for p in v.split(".")) >= base for v in versions), versions
+
+
+def test_every_env_entry_is_a_real_setting_with_a_typed_default() -> None:
+    """Each env key is a variable the worker reads; its input has a name, a known type and a default
+    of that type that the worker's own parser accepts."""
+    known = settings_read()
+    keys = [entry["key"] for entry in HUB["config"]["env"]]
+    assert len(keys) == len(set(keys))
+    for entry in HUB["config"]["env"]:
+        assert entry["key"] in known, entry["key"]
+        spec = entry["input"]
+        assert spec["name"] and spec["description"]
+        assert spec["type"] in ENV_TYPES
+        assert isinstance(spec["default"], ENV_TYPES[spec["type"]]), entry
+        load_settings({entry["key"]: str(spec["default"]).lower() if spec["type"] == "boolean"
+                       else str(spec["default"])})
+
+
+def test_presets_set_real_settings() -> None:
+    """The presets (transcription only, all tasks) only set listed variables, to values the worker accepts."""
+    listed = {entry["key"] for entry in HUB["config"]["env"]}
+    names = [preset["name"] for preset in HUB["config"]["presets"]]
+    assert "Transcription only" in names and "All tasks" in names
+    for preset in HUB["config"]["presets"]:
+        assert set(preset["defaults"]) <= listed
+        load_settings({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in preset["defaults"].items()})
+
+
+def test_tests_json_inputs_pass_the_workers_validation() -> None:
+    """tests.json runs jobs that need no network: the shipped test_input.json and a `system` job; each
+    passes the worker's own validation, and the test env only sets real settings."""
+    shipped = json.loads((ROOT / "test_input.json").read_text())["input"]
+    inputs = [test["input"] for test in TESTS["tests"]]
+    assert shipped in inputs and {"task": "system"} in inputs
+    worker = Worker(load_settings({}))
+    for test in TESTS["tests"]:
+        assert test["name"] and isinstance(test["timeout"], int)
+        task, params = worker.route({"id": test["name"], "input": test["input"]})
+        assert task.name in ("transcribe", "system")
+        if task.name == "transcribe":
+            assert params.audio is None  # base64: no download needed
+    assert {entry["key"] for entry in TESTS["config"]["env"]} <= settings_read()
+    assert TESTS["config"]["gpuCount"] == 1 and TESTS["config"]["gpuTypeId"]
+
+
+def test_hub_entry_file_starts_the_same_worker(tmp_path: Path) -> None:
+    """.runpod/handler.py (the Hub looks for a handler file) imports the real `handler` package, not itself."""
+    done = subprocess.run([sys.executable, str(ROOT / ".runpod" / "handler.py"), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "WHISPER_MODEL_MAP": "x=not-served"})
+    assert "invalid configuration" in done.stderr and "WHISPER_MODEL_MAP" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("path", [".runpod/hub.json", ".runpod/tests.json"])
+def test_files_are_plain_json(path: str) -> None:
+    """Both files parse as JSON objects (the Hub reads them as such)."""
+    data: Any = json.loads((ROOT / path).read_text())
+    assert isinstance(data, dict)
