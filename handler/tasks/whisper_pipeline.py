@@ -24,6 +24,7 @@ from whisper.model import ModelDimensions, Whisper
 from handler.config import Settings
 from handler.errors import ModelLoadFailed
 from handler.logs import get_logger
+from handler.runtime import identity
 from handler.runtime.cancel import CancelToken
 
 log = get_logger(__name__)
@@ -52,6 +53,16 @@ def load_checkpoint(path: Path, device: str, *, default_heads: bytes | None = No
     if heads is not None:
         model.set_alignment_heads(heads)
     return model.to(device)
+
+
+def model_identity(name: str, settings: Settings) -> str | None:
+    """The weights of model ``name``: the hash of the baked file, else the hash openai-whisper's
+    download URL pins; None when there are none to know (the load would fail anyway)."""
+    path = checkpoint_path(name, settings.model_dir)
+    if path.is_file():
+        return identity.file_identity(path)
+    official = whisper._MODELS.get(name)
+    return f"sha256:{official.split('/')[-2]}" if official else None
 
 
 def load_whisper(name: str, settings: Settings, device: str) -> Whisper:
