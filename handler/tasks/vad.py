@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +67,10 @@ def _vad_model() -> Any:
         if _model is None:
             from silero_vad import load_silero_vad  # type: ignore[import-untyped]
 
-            _model = load_silero_vad()
+            with warnings.catch_warnings():
+                # The wheel ships TorchScript; torch 2.13 deprecates torch.jit.load but loads it fine.
+                warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", DeprecationWarning)
+                _model = load_silero_vad()
         return _model
 
 
