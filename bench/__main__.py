@@ -1,10 +1,13 @@
-"""``python -m bench [overhead|transcription|upload ...]``: print each figure against its baseline."""
+"""``python -m bench [overhead|transcription|upload|batched ...]``: print each figure against its baseline.
+
+``batched`` (about 20 minutes on 2 CPU cores) runs only when named.
+"""
 
 from __future__ import annotations
 
 import sys
 
-from bench import loop, overhead, transcription, upload
+from bench import batched, loop, overhead, transcription, upload
 from bench.common import HEADER, Comparison, quiet_logs
 
 
@@ -27,6 +30,8 @@ def main(names: list[str]) -> None:
             print(facts)
         elif name == "loop":
             rows.extend(loop.loop_overhead())
+        elif name == "batched":
+            rows.extend(batched.measure())
         else:
             sys.exit(f"unknown benchmark {name!r}")
         print(rows[-1].row(), flush=True)
