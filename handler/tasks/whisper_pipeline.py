@@ -24,6 +24,7 @@ from whisper.model import ModelDimensions, Whisper
 from handler.config import Settings
 from handler.errors import ModelLoadFailed
 from handler.runtime.cancel import CancelToken
+from handler.tasks import whisper_batch
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -95,3 +96,18 @@ class WhisperPipeline:
             finally:
                 hook.remove()
         return result
+
+    def transcribe_batched(
+        self,
+        audio: np.ndarray,
+        *,
+        cancel: CancelToken,
+        batch_size: int = whisper_batch.DEFAULT_BATCH_SIZE,
+        enable_vad: bool = True,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """``whisper_batch.transcribe_batched`` with this instance held; same options as :meth:`transcribe`."""
+        with self._in_use:
+            return whisper_batch.transcribe_batched(
+                self.model, audio, options=options, batch_size=batch_size, enable_vad=enable_vad, cancel=cancel
+            )
