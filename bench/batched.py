@@ -134,9 +134,12 @@ def _faster_whisper_engines(ct2_path: str) -> list[Engine]:
 
 
 def _time(engine: Engine, audio: np.ndarray) -> None:
+    threads = torch.get_num_threads()
     started = time.perf_counter()
     engine.text = engine.run(audio)
     engine.times.append(time.perf_counter() - started)
+    if torch.get_num_threads() != threads:  # a library changed it: later engines would not compare
+        raise RuntimeError(f"{engine.name} changed torch's threads from {threads} to {torch.get_num_threads()}")
 
 
 def _report(engines: list[Engine], script: str, audio_s: float) -> list[Comparison]:
@@ -171,7 +174,8 @@ def measure(runs: int | None = None) -> list[Comparison]:
     print(f"VAD chunks: {len(vad.speech_chunks(audio))}, fixed windows: {len(vad.fixed_chunks(audio))}", flush=True)
     engines = _openai_engines(model) + _faster_whisper_engines(ct2_path)
     for engine in engines:  # warm-up: first calls pay for lazy loads and allocator growth
-        engine.run(audio[: 20 * SAMPLE_RATE])
+        _time(engine, audio[: 20 * SAMPLE_RATE])
+        engine.times.clear()
     for index in range(runs):
         for engine in engines if index % 2 == 0 else engines[::-1]:
             _time(engine, audio)

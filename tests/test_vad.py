@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from handler.tasks import vad
 from handler.tasks.vad import Chunk
 from tests import clips, media
 
+_ROOT = Path(__file__).resolve().parents[1]
 # Louder than any sample of a pause, quieter than the peaks of every spoken word.
 _LOUD = 0.05
 # RMS over the 100 ms around a cut below which it sits in a pause, not in a word (espeak's pauses
@@ -146,3 +150,20 @@ def test_chunk_times_are_in_seconds() -> None:
     """Chunk edges in samples convert to seconds at 16 kHz."""
     chunk = Chunk(16_000, 40_000)
     assert (chunk.start_s, chunk.end_s, chunk.duration_s) == (1.0, 2.5, 1.5)
+
+
+def test_loading_the_vad_leaves_torch_threads_alone() -> None:
+    """silero_vad's import sets torch to one thread process-wide; the worker's other models must keep theirs.
+
+    Run in a fresh interpreter, where silero_vad is not imported yet.
+    """
+    code = (
+        "import numpy, torch\n"
+        "torch.set_num_threads(2)\n"
+        "from handler.tasks import vad\n"
+        "vad.speech_chunks(numpy.zeros(16000, dtype=numpy.float32))\n"
+        "print(torch.get_num_threads())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "2"

@@ -65,13 +65,23 @@ def _vad_model() -> Any:
         return _model
     with _model_load_lock:
         if _model is None:
-            from silero_vad import load_silero_vad  # type: ignore[import-untyped]
-
-            with warnings.catch_warnings():
-                # The wheel ships TorchScript; torch 2.13 deprecates torch.jit.load but loads it fine.
-                warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", DeprecationWarning)
-                _model = load_silero_vad()
+            _model = _load_model()
         return _model
+
+
+def _load_model() -> Any:
+    # Importing silero_vad runs torch.set_num_threads(1) for the whole process, which would
+    # leave every later CPU inference of the worker (Whisper included) on one core.
+    threads = torch.get_num_threads()
+    try:
+        from silero_vad import load_silero_vad  # type: ignore[import-untyped]
+
+        with warnings.catch_warnings():
+            # The wheel ships TorchScript; torch 2.13 deprecates torch.jit.load but loads it fine.
+            warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", DeprecationWarning)
+            return load_silero_vad()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def speech_regions(
@@ -90,9 +100,9 @@ def speech_regions(
     A pause must last ``min_silence_ms`` to end a region. Neighbours closer than twice the pad
     share the gap between them at its middle.
     """
+    model = _vad_model()  # first: it imports silero_vad without its side effect on torch threads
     from silero_vad import get_speech_timestamps
 
-    model = _vad_model()
     with _model_state_lock, torch.no_grad():
         spans = get_speech_timestamps(
             torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)), model,
