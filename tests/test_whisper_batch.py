@@ -143,9 +143,9 @@ def test_fallback_decodes_only_the_failing_chunks_again(
     gap_start, gap_end = clip.gaps[0]
     silence = Chunk(gap_start + 1600, gap_end - 1600)
     mixed = [chunks[0], silence, chunks[2], Chunk(clip.gaps[2][0] + 1600, clip.gaps[2][1] - 1600)]
-    options = {**BEAM, "temperature": (0.0, 0.5, 1.0), "best_of": 2, "logprob_threshold": 0.0}
+    options = {**GREEDY, "temperature": (0.0, 0.5, 1.0), "best_of": 2, "logprob_threshold": 0.0}
     result = whisper_batch.transcribe_chunks(model, clip.audio, mixed, options=options, batch_size=4)
-    assert decoder_runs == [4 * 5, 2 * 2, 2 * 2]  # 4 chunks x 5 beams, then 2 chunks x best_of 2, twice
+    assert decoder_runs == [4, 2 * 2, 2 * 2]  # 4 chunks greedy, then 2 chunks x best_of 2, twice
     assert {segment["seek"] for segment in result["segments"]} == {mixed[0].start // 160, mixed[2].start // 160}
     assert {segment["temperature"] for segment in result["segments"]} == {1.0}
 
@@ -215,13 +215,14 @@ def test_decode_options_of_the_transcribe_task_are_accepted(model: Any) -> None:
     assert settings.language == "en" and settings.fp16 is False
 
 
-def test_pipeline_runs_the_batched_path_with_the_transcribe_options(model: Any, clip: clips.Clip) -> None:
-    """WhisperPipeline.transcribe_batched takes the task's decode options as whisper.transcribe does."""
+def test_pipeline_decodes_chunks_with_the_transcribe_options(model: Any, clip: clips.Clip) -> None:
+    """WhisperPipeline.transcribe_chunks takes the task's decode options as whisper.transcribe does."""
     from handler.tasks.transcribe import TranscribeInput
     from handler.tasks.whisper_pipeline import WhisperPipeline
 
     options = TranscribeInput.model_validate({"audio": "https://example.com/a.mp3"}).decode_options()
     options.update(GREEDY)
     pipeline = WhisperPipeline(model, "tiny.en", "cpu")
-    result = pipeline.transcribe_batched(clip.audio, cancel=CancelToken(), task="transcribe", batch_size=2, **options)
+    chunks = vad.fixed_chunks(clip.audio, max_chunk_s=12.0)
+    result = pipeline.transcribe_chunks(clip.audio, chunks, cancel=CancelToken(), task="transcribe", **options)
     assert media.recognised(result["text"]) >= 0.8, result["text"]

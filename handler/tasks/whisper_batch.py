@@ -14,6 +14,12 @@ Public API::
     decode_with_fallback(model, features, settings) -> list[DecodingResult]
     BatchDecodingTask   # openai-whisper's DecodingTask, fixed for batches of beams/samples
 
+Wiring it into the ``transcribe`` task (``batch_size`` 1 keeps ``whisper.transcribe``)::
+
+    chunks = vad.speech_chunks(audio) if params.enable_vad else vad.fixed_chunks(audio)  # CPU, before the slot
+    result = pipeline.transcribe_chunks(audio, chunks, cancel=ctx.cancel, task="transcribe",
+                                        batch_size=params.batch_size, **params.decode_options())
+
 ``audio`` is 16 kHz mono float32 (``media.load_audio``). ``options`` is the dict that
 ``TranscribeInput.decode_options()`` builds, plus ``task`` ("transcribe" or "translate").
 The result has the shape of ``whisper.transcribe``'s::
