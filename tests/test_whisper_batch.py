@@ -57,7 +57,6 @@ def _tokens_per_chunk(result: dict[str, Any]) -> dict[int, list[int]]:
     return by_seek
 
 
-@pytest.mark.slow
 def test_beam_search_in_a_batch_gives_the_tokens_of_one_chunk_at_a_time(
     model: Any, clip: clips.Clip, chunks: list[Chunk], beam_batched: dict[str, Any]
 ) -> None:
@@ -81,7 +80,6 @@ def test_greedy_in_a_batch_gives_the_tokens_of_one_chunk_at_a_time(
     assert _tokens_per_chunk(batched) == _tokens_per_chunk(alone)
 
 
-@pytest.mark.slow
 def test_batched_transcript_has_the_words_of_sequential_whisper(
     model: Any, clip: clips.Clip, beam_batched: dict[str, Any]
 ) -> None:
@@ -96,14 +94,25 @@ def test_batched_transcript_has_the_words_of_sequential_whisper(
     assert beam_batched["text"] == "".join(segment["text"] for segment in beam_batched["segments"])
 
 
-def test_segments_are_ordered_and_inside_their_chunks(beam_batched: dict[str, Any], chunks: list[Chunk]) -> None:
-    """Segment times are in recording time, in order, each inside the chunk (so the audio) it came from."""
-    segments = beam_batched["segments"]
+def _assert_ordered_inside_chunks(result: dict[str, Any], chunks: list[Chunk]) -> None:
+    segments = result["segments"]
     assert [segment["id"] for segment in segments] == list(range(len(segments)))
     assert all(a["start"] <= b["start"] and a["end"] <= b["end"] for a, b in itertools.pairwise(segments))
     for segment in segments:
         chunk = next(c for c in chunks if c.start // 160 == segment["seek"])
         assert chunk.start_s - 0.01 <= segment["start"] <= segment["end"] <= chunk.end_s, (segment, chunk)
+
+
+def test_segments_are_ordered_and_inside_their_chunks(
+    model: Any, clip: clips.Clip, chunks: list[Chunk], beam_batched: dict[str, Any]
+) -> None:
+    """Segment times are in recording time, in order, each inside the chunk (so the audio) it came from.
+
+    Both from the timestamp tokens alone and after word timings have moved segment edges.
+    """
+    _assert_ordered_inside_chunks(beam_batched, chunks)
+    greedy = whisper_batch.transcribe_chunks(model, clip.audio, chunks, options=GREEDY, batch_size=4)
+    _assert_ordered_inside_chunks(greedy, chunks)
 
 
 def test_word_timings_are_monotonic_and_inside_the_audio(beam_batched: dict[str, Any], clip: clips.Clip) -> None:
