@@ -115,7 +115,7 @@ def _openai_engines(model: Any) -> list[Engine]:
 
 
 def _faster_whisper_engines(ct2_path: str) -> list[Engine]:
-    from faster_whisper import BatchedInferencePipeline, WhisperModel
+    from faster_whisper import BatchedInferencePipeline, WhisperModel  # type: ignore[import-untyped]
 
     threads = os.cpu_count() or 1
     fp32 = WhisperModel(ct2_path, device="cpu", compute_type="float32", cpu_threads=threads)

@@ -45,7 +45,7 @@ def gapped(tmp_path_factory: pytest.TempPathFactory) -> clips.Clip:
 def long_speech(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
     """About 53 s of espeak-ng speech with no pause longer than between two words."""
     directory = tmp_path_factory.mktemp("vad-long")
-    audio = whisper.load_audio(str(media.speak(_LONG_TEXT, directory / "long.wav")))
+    audio: np.ndarray = whisper.load_audio(str(media.speak(_LONG_TEXT, directory / "long.wav")))
     assert len(audio) > 45 * clips.SAMPLE_RATE
     return audio
 
