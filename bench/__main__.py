@@ -1,6 +1,6 @@
 """``python -m bench [overhead|transcription|upload|batched ...]``: print each figure against its baseline.
 
-``batched`` (about 20 minutes on 2 CPU cores) runs only when named.
+``batched`` (about 15 minutes on 2 CPU cores) runs only when named.
 """
 
 from __future__ import annotations
