@@ -1,10 +1,14 @@
-"""``python -m bench [overhead|transcription|upload ...]``: print each figure against its baseline."""
+"""``python -m bench [overhead|transcription|upload|pipelining|soak|loop|prompt|batched ...]``: print each
+figure against its baseline.
+
+``prompt`` and ``batched`` (about 15 minutes on 2 CPU cores) run only when named.
+"""
 
 from __future__ import annotations
 
 import sys
 
-from bench import loop, overhead, transcription, upload
+from bench import batched, loop, overhead, transcription, upload
 from bench.common import HEADER, Comparison, quiet_logs
 
 
@@ -29,6 +33,8 @@ def main(names: list[str]) -> None:
             rows.extend(loop.loop_overhead())
         elif name == "prompt":
             rows.extend(loop.prompt_loop())
+        elif name == "batched":
+            rows.extend(batched.measure())
         else:
             sys.exit(f"unknown benchmark {name!r}")
         print(rows[-1].row(), flush=True)
