@@ -235,39 +235,53 @@ def transcribe_chunks(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size!r}")
     settings = BatchSettings.from_options(model, options or {})
-    mel = log_mel_spectrogram(audio, model.dims.n_mels, padding=N_SAMPLES, device=model.device)
-    content_frames = mel.shape[-1] - N_FRAMES
-    windows = [_window(chunk, content_frames, len(audio) / SAMPLE_RATE) for chunk in chunks]
-    windows = [window for window in windows if window.frames > 0]
+    inputs = prepare_windows(model, audio, chunks)
     segments: list[dict[str, Any]] = []
-    with _cancellable(model, cancel):
-        for start in range(0, len(windows), batch_size):
+    with cancellable(model, cancel):
+        for start in range(0, len(inputs), batch_size):
             if cancel is not None:
                 cancel.check()
-            settings = _transcribe_batch(model, mel, windows[start : start + batch_size], settings, segments)
-    return _result(segments, settings.language)
+            settings, found = decode_windows(model, inputs[start : start + batch_size], settings)
+            segments.extend(segment for window in found for segment in window)
+    return result_of(segments, settings.language)
 
 
-def _transcribe_batch(
-    model: Whisper, mel: Tensor, windows: list[_Window], settings: BatchSettings, segments: list[dict[str, Any]]
-) -> BatchSettings:
-    """Decode one batch and append its segments; returns the settings with the language known."""
-    mels = torch.stack([pad_or_trim(mel[:, w.seek : w.seek + w.frames], N_FRAMES) for w in windows])
+@dataclass(frozen=True)
+class WindowInput:
+    """One chunk ready for the model: its log-mel, padded to 30 s, and its place in the recording."""
+
+    mel: Tensor  # (n_mels, N_FRAMES), on the CPU
+    window: _Window
+
+
+def prepare_windows(model: Whisper, audio: np.ndarray, chunks: Sequence[Chunk]) -> list[WindowInput]:
+    """The chunks' log-mel windows, computed on the CPU (before any GPU slot is taken)."""
+    mel = log_mel_spectrogram(audio, model.dims.n_mels, padding=N_SAMPLES)
+    content_frames = mel.shape[-1] - N_FRAMES
+    windows = [_window(chunk, content_frames, len(audio) / SAMPLE_RATE) for chunk in chunks]
+    return [WindowInput(pad_or_trim(mel[:, w.seek : w.seek + w.frames], N_FRAMES), w) for w in windows if w.frames > 0]
+
+
+def decode_windows(
+    model: Whisper, inputs: Sequence[WindowInput], settings: BatchSettings
+) -> tuple[BatchSettings, list[list[dict[str, Any]]]]:
+    """One encoder pass and one decoder loop for all ``inputs`` (windows of one or several
+    recordings, decoded alike); each window's segments, and the settings with the language known."""
+    mels = torch.stack([item.mel for item in inputs]).to(model.device)
     mels = mels.half() if settings.fp16 else mels
     with torch.no_grad():
         features = model.encoder(mels)
     settings = _with_language(model, settings, features)
     results = decode_with_fallback(model, features, settings)
     tokenizer = _tokenizer(model, settings)
-    for window, result, window_mel in zip(windows, results, mels, strict=True):
-        if settings.is_silent(result):
-            continue
-        found = _segments(result, window, tokenizer)
-        if settings.word_timestamps and found:
-            last_speech = segments[-1]["end"] if segments else 0.0
-            _add_words(model, tokenizer, found, window_mel, window, last_speech)
-        segments.extend(found)
-    return settings
+    found: list[list[dict[str, Any]]] = []
+    for item, result, window_mel in zip(inputs, results, mels, strict=True):
+        segments = [] if settings.is_silent(result) else _segments(result, item.window, tokenizer)
+        if settings.word_timestamps and segments:
+            # Windows are independent: speech before this one is not known here.
+            _add_words(model, tokenizer, segments, window_mel, item.window, item.window.offset_s)
+        found.append(segments)
+    return settings, found
 
 
 def decode_with_fallback(model: Whisper, features: Tensor, settings: BatchSettings) -> list[DecodingResult]:
@@ -364,13 +378,14 @@ def _clip(value: float, low: float, high: float) -> float:
     return float(min(max(value, low), high))
 
 
-def _result(segments: list[dict[str, Any]], language: str | None) -> dict[str, Any]:
+def result_of(segments: list[dict[str, Any]], language: str | None) -> dict[str, Any]:
+    """Segments (in time order) as ``whisper.transcribe``'s result."""
     numbered = [{"id": index, **segment} for index, segment in enumerate(segments)]
     return {"text": "".join(segment["text"] for segment in segments), "segments": numbered, "language": language}
 
 
 @contextmanager
-def _cancellable(model: Whisper, cancel: CancelToken | None) -> Iterator[None]:
+def cancellable(model: Whisper, cancel: CancelToken | None) -> Iterator[None]:
     """Check ``cancel`` before every decoder step while inside the block."""
     if cancel is None:
         yield
