@@ -90,6 +90,11 @@ class Settings:
     # WHISPER_MODEL_MAP: names a job may send that another served model answers, e.g.
     # `base=turbo,large-v3=turbo` (clients of other workers always send their own name).
     whisper_model_map: tuple[tuple[str, str], ...] = ()
+    # WHISPER_BATCH_SIZE: chunks of a recording (and of the jobs a worker holds) decoded together
+    # by default; 1 keeps openai-whisper's sequential transcribe (without VAD).
+    whisper_batch_size: int = 8
+    # WHISPER_BATCH_WINDOW_MS: how long a batch waits for chunks of other jobs before it runs.
+    whisper_batch_window_ms: float = 10.0
     # MODEL_DIR: where baked weights live (whisper/<name>.pt, written by builder/).
     model_dir: Path = Path("/models")
     # ALLOW_MODEL_DOWNLOAD: fetch weights missing from MODEL_DIR at load time. Off, the worker
@@ -362,6 +367,10 @@ def _read(env: _Env) -> Settings:
         whisper_model=env.get("WHISPER_MODEL", str.strip, d.whisper_model),
         whisper_models=env.get("WHISPER_MODELS", _parse_list, d.whisper_models),
         whisper_model_map=env.get("WHISPER_MODEL_MAP", _parse_pairs, d.whisper_model_map),
+        whisper_batch_size=env.get("WHISPER_BATCH_SIZE", _parse_positive_int, d.whisper_batch_size),
+        whisper_batch_window_ms=env.get(
+            "WHISPER_BATCH_WINDOW_MS", lambda raw: max(0.0, float(raw)), d.whisper_batch_window_ms
+        ),
         model_dir=env.get("MODEL_DIR", Path, d.model_dir),
         allow_model_download=env.get("ALLOW_MODEL_DOWNLOAD", _parse_bool, d.allow_model_download),
         runpod_hf_cache=env.get("RUNPOD_HF_CACHE", Path, d.runpod_hf_cache),

@@ -22,7 +22,6 @@ HLS = b"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile:///etc/passwd\n#EXT
         ({"audio": "https://example.com/a.mp3", "temperature": "hot"}, "INVALID_INPUT", "temperature"),
         ({"audio": "https://example.com/a.mp3", "beam_size": 99}, "INVALID_INPUT", "beam_size"),
         ({"audio": "https://example.com/a.mp3", "transcription": "docx"}, "INVALID_INPUT", "transcription"),
-        ({"audio": "https://example.com/a.mp3", "enable_vad": True}, "INVALID_INPUT", None),
         ({"audio": "https://example.com/a.mp3", "audio_base64": "AAAA"}, "INVALID_INPUT", None),
         ({"task": "transcribe"}, "INVALID_INPUT", None),
         ({"task": "paint"}, "INVALID_INPUT", "task"),

@@ -21,13 +21,14 @@ and are touched only on that loop's thread.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from handler.errors import Cancelled, GpuOutOfMemory, WorkerError
 from handler.logs import get_logger
@@ -244,7 +245,8 @@ class _Dispatcher(Generic[ItemT, ResultT]):
         queue.extend(_Entry(request, index) for index in range(len(request.items)))
         self._changed.set()
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._dispatch())
+            # A context of its own: batches serve many jobs, so none of their request ids belongs here.
+            self._task = asyncio.get_running_loop().create_task(self._dispatch(), context=contextvars.Context())
 
     def withdraw(self, key: Hashable, request: _Request[ItemT, ResultT]) -> None:
         """Take a request's items that are still waiting out of the queue."""
@@ -335,3 +337,19 @@ class _Dispatcher(Generic[ItemT, ResultT]):
             return _DISPATCH_POLL_S
         oldest = min(queue[0].queued_at for queue in self._queues.values())
         return max(0.0, min(_DISPATCH_POLL_S, oldest + self._batcher.window_s - time.monotonic()))
+
+
+class Batchers:
+    """One batcher per key (say, a model and its batch size), made on first use and then shared."""
+
+    def __init__(self) -> None:
+        # Guards _made; a batcher is cheap to make, so it is made under the lock.
+        self._made_lock = threading.Lock()
+        self._made: dict[Hashable, Batcher[Any, Any]] = {}
+
+    def get(self, key: Hashable, make: Callable[[], Batcher[ItemT, ResultT]]) -> Batcher[ItemT, ResultT]:
+        with self._made_lock:
+            found = self._made.get(key)
+            if found is None:
+                found = self._made[key] = make()
+            return found

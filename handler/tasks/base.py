@@ -20,6 +20,7 @@ from handler.io.inputs import MediaInputs
 from handler.io.result_cache import ResultCache, cache_key
 from handler.io.storage import S3Storage, Storage
 from handler.io.workspace import Workspace
+from handler.runtime.batcher import Batchers
 from handler.runtime.cancel import CancelToken
 from handler.runtime.flights import SingleFlight
 from handler.runtime.gate import Gate
@@ -106,6 +107,8 @@ class Runtime:
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     # Identical cacheable jobs held at once compute once.
     flights: SingleFlight[dict[str, Any]] = field(default_factory=SingleFlight)
+    # Batches shared by the jobs this worker holds (transcription chunks), per model.
+    batchers: Batchers = field(default_factory=Batchers)
     # How the GPU slots were sized (fixed, or auto with its figures), for `system`.
     sizing: dict[str, Any] = field(default_factory=dict)
 

@@ -25,6 +25,7 @@ from handler.runtime.devices import default_dtype
 from handler.runtime.identity import file_identity
 from handler.runtime.instances import InstancePool
 from handler.runtime.registry import PipelineKey
+from handler.tasks import chunked, whisper_batch
 from handler.tasks.base import JobContext, Runtime, Task, TaskInput
 from handler.tasks.whisper_pipeline import WhisperPipeline, load_whisper, model_identity
 
@@ -72,15 +73,15 @@ class TranscribeInput(TaskInput):
     compression_ratio_threshold: float | None = Field(2.4, ge=1.0, le=10.0)
     logprob_threshold: float | None = Field(-1.0, ge=-20.0, le=0.0)
     no_speech_threshold: float | None = Field(0.6, ge=0.0, le=1.0)
-    enable_vad: bool = False
+    enable_vad: bool = Field(False, description="decode only speech, found by Silero VAD")
     word_timestamps: bool = False
+    batch_size: int | None = Field(None, ge=1, le=64, description="chunks decoded together (default "
+                                   "WHISPER_BATCH_SIZE); 1 without VAD is openai-whisper's sequential transcribe")
 
     @model_validator(mode="after")
     def _check(self) -> TranscribeInput:
         if (self.audio is None) == (self.audio_base64 is None):
             raise ValueError("give exactly one of audio or audio_base64")
-        if self.enable_vad:
-            raise ValueError("enable_vad: voice activity detection is not supported by this worker")
         if not _SUPPRESS_TOKENS.fullmatch(self.suppress_tokens):
             raise ValueError("suppress_tokens must be -1 or comma-separated token ids")
         self.suppress_tokens = ",".join(str(int(t)) for t in self.suppress_tokens.split(","))
@@ -221,8 +222,8 @@ def _empty_result(language: str | None) -> dict[str, Any]:
 def _recognise(
     pipeline: WhisperPipeline, audio: np.ndarray, params: TranscribeInput, cancel: CancelToken
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Transcription, and translation when asked; runs inside a GPU slot."""
-    if audio.size == 0 or float(np.abs(audio).max()) < _SILENCE_PEAK:
+    """Transcription, and translation when asked, by ``whisper.transcribe``; runs inside a GPU slot."""
+    if _is_silent(audio):
         empty = _empty_result(params.language)
         return empty, (empty if params.translate else None)
     options = params.decode_options()
@@ -231,6 +232,38 @@ def _recognise(
     if params.translate:
         translation = pipeline.transcribe(audio, task="translate", cancel=cancel, **options)
     return result, translation
+
+
+def _batch_size(ctx: JobContext, params: TranscribeInput) -> int:
+    return params.batch_size or ctx.settings.whisper_batch_size
+
+
+async def _recognise_job(
+    ctx: JobContext, pipelines: InstancePool[WhisperPipeline], audio: np.ndarray, params: TranscribeInput
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Transcription (and translation): openai-whisper's own sequential path for ``batch_size`` 1
+    without VAD, else chunks in batches shared with the worker's other jobs."""
+    if _batch_size(ctx, params) == 1 and not params.enable_vad:
+        return await ctx.on_model(pipelines, lambda pipeline: _recognise(pipeline, audio, params, ctx.cancel))
+    if _is_silent(audio):
+        empty = _empty_result(params.language)
+        return empty, (empty if params.translate else None)
+    model = pipelines.first.model
+    with ctx.timings.measure("chunk"):
+        chunks = await ctx.in_thread(lambda: chunked.find_chunks(audio, enable_vad=params.enable_vad))
+        windows = await ctx.in_thread(lambda: whisper_batch.prepare_windows(model, audio, chunks))
+    options = params.decode_options()
+    result = await chunked.recognise(ctx, pipelines, windows, options={**options, "task": "transcribe"},
+                                     batch_size=_batch_size(ctx, params))
+    translation = None
+    if params.translate:
+        translation = await chunked.recognise(ctx, pipelines, windows, options={**options, "task": "translate"},
+                                              batch_size=_batch_size(ctx, params), label="translation ")
+    return result, translation
+
+
+def _is_silent(audio: np.ndarray) -> bool:
+    return audio.size == 0 or float(np.abs(audio).max()) < _SILENCE_PEAK
 
 
 def format_text(result: dict[str, Any], fmt: TextFormat) -> str:
@@ -309,9 +342,7 @@ async def _transcribe(
     pipelines = await ctx.load(lambda: get_pipelines(ctx.runtime, model))
     _check_language_support(pipelines.first, params)
     _check_suppress_tokens(pipelines.first, params)
-    result, translation = await ctx.on_model(
-        pipelines, lambda pipeline: _recognise(pipeline, audio, params, ctx.cancel)
-    )
+    result, translation = await _recognise_job(ctx, pipelines, audio, params)
     output: dict[str, Any] = {
         "transcription": format_text(result, params.transcription),
         "translation": format_text(translation, params.translation) if translation else None,

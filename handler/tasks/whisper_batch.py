@@ -302,6 +302,14 @@ def decode_with_fallback(model: Whisper, features: Tensor, settings: BatchSettin
     return [results[index] for index in range(features.shape[0])]
 
 
+def detect_language(model: Whisper, settings: BatchSettings, first: WindowInput) -> BatchSettings:
+    """``settings`` with the language detected on one window (one encoder pass)."""
+    mel = first.mel.unsqueeze(0).to(model.device)
+    with torch.no_grad():
+        features = model.encoder(mel.half() if settings.fp16 else mel)
+    return _with_language(model, settings, features)
+
+
 def _with_language(model: Whisper, settings: BatchSettings, features: Tensor) -> BatchSettings:
     """Settings with the language set: as given, or detected on the first window."""
     if settings.language is not None:

@@ -131,3 +131,19 @@ class WhisperPipeline:
             return whisper_batch.transcribe_chunks(
                 self.model, audio, chunks, options=options, batch_size=batch_size, cancel=cancel
             )
+
+    def decode_windows(
+        self, inputs: Sequence[whisper_batch.WindowInput], settings: whisper_batch.BatchSettings
+    ) -> list[list[dict[str, Any]]]:
+        """``whisper_batch.decode_windows`` with this instance held: windows of several jobs at once."""
+        with self._in_use:
+            return whisper_batch.decode_windows(self.model, inputs, settings)[1]
+
+    def with_language(
+        self, settings: whisper_batch.BatchSettings, first: whisper_batch.WindowInput
+    ) -> whisper_batch.BatchSettings:
+        """``settings`` with the language known: as given, else detected on the recording's first window."""
+        if settings.language is not None:
+            return settings
+        with self._in_use:
+            return whisper_batch.detect_language(self.model, settings, first)

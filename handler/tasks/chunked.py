@@ -1,0 +1,104 @@
+"""Transcription in chunks, in batches shared by every job the worker holds.
+
+A recording is cut into chunks of at most 30 s (speech found by Silero VAD, or fixed windows
+cut at quiet points), their log-mel windows are computed on the CPU, and the windows go to the
+model's batcher: windows of every job held by this worker with the same decoding settings
+join the same batches (one encoder pass, one decoder loop), each job getting back its own
+segments. The batcher keeps each job's cancellation and error its own, and retries a batch
+that ran out of GPU memory in halves (:mod:`handler.runtime.batcher`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from handler.runtime.batcher import Batcher
+from handler.runtime.instances import InstancePool
+from handler.runtime.progress import Progress
+from handler.tasks import vad, whisper_batch
+from handler.tasks.base import JobContext
+from handler.tasks.whisper_pipeline import WhisperPipeline
+
+Segments = list[dict[str, Any]]
+
+
+class ChunkProgress:
+    """One job's chunks in the batches: when the first began (its queued time ends there), and
+    ``chunk i/n`` reported (throttled) as they come back."""
+
+    def __init__(self, progress: Progress, total: int, label: str) -> None:
+        self._progress = progress
+        # The job's context: its lines carry its request id, whichever job's batch reports them.
+        self._context = contextvars.copy_context()
+        self._total = total
+        self._label = label
+        # Guards _done and first_started: batches of one job may run on different GPU threads.
+        self._done_lock = threading.Lock()
+        self._done = 0
+        self.first_started: float | None = None
+
+    def started(self) -> None:
+        with self._done_lock:
+            if self.first_started is None:
+                self.first_started = time.perf_counter()
+
+    def advance(self) -> None:
+        with self._done_lock:  # also keeps the context entered by one thread at a time
+            self._done += 1
+            message = f"{self._label}chunk {self._done}/{self._total}"
+            self._context.run(self._progress.report, message, force=self._done == self._total)
+
+
+@dataclass(frozen=True, eq=False)
+class _Item:
+    """One window of one job, with the settings its batch is decoded with."""
+
+    window: whisper_batch.WindowInput
+    settings: whisper_batch.BatchSettings
+    progress: ChunkProgress
+
+
+def find_chunks(audio: np.ndarray, *, enable_vad: bool) -> list[vad.Chunk]:
+    """Speech chunks (VAD) or windows covering everything, each at most 30 s; on the CPU."""
+    return vad.speech_chunks(audio) if enable_vad else vad.fixed_chunks(audio)
+
+
+def _batcher(ctx: JobContext, pipelines: InstancePool[WhisperPipeline], batch_size: int) -> Batcher[_Item, Segments]:
+    def run_batch(items: list[_Item]) -> list[Segments]:
+        for item in items:
+            item.progress.started()
+        with pipelines.borrow(ctx.settings.generation_acquire_timeout) as pipeline:
+            found = pipeline.decode_windows([item.window for item in items], items[0].settings)
+        for item in items:
+            item.progress.advance()
+        return found
+
+    def make() -> Batcher[_Item, Segments]:
+        return Batcher(run_batch, gate=ctx.runtime.gate, max_batch=batch_size,
+                       window_s=ctx.settings.whisper_batch_window_ms / 1000)
+
+    return ctx.runtime.batchers.get((id(pipelines), batch_size), make)
+
+
+async def recognise(
+    ctx: JobContext, pipelines: InstancePool[WhisperPipeline], windows: list[whisper_batch.WindowInput], *,
+    options: dict[str, Any], batch_size: int, label: str = "",
+) -> dict[str, Any]:
+    """The transcript of a job's ``windows`` (``whisper.transcribe``'s result shape)."""
+    settings = whisper_batch.BatchSettings.from_options(pipelines.first.model, options)
+    if settings.language is None and windows:  # detected once, so the job's windows decode alike
+        settings = await ctx.on_model(pipelines, lambda p: p.with_language(settings, windows[0]), stage="language")
+    progress = ChunkProgress(Progress(ctx.job, enabled=ctx.settings.post_progress), len(windows), label)
+    items = [_Item(window, settings, progress) for window in windows]
+    submitted = time.perf_counter()
+    found = await _batcher(ctx, pipelines, batch_size).submit(settings, items, cancel=ctx.cancel)
+    started = progress.first_started or submitted
+    ctx.timings.add("queued", (started - submitted) * 1000)
+    ctx.timings.add("run", (time.perf_counter() - started) * 1000)
+    return whisper_batch.result_of([segment for window in found for segment in window], settings.language)
