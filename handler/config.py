@@ -148,6 +148,11 @@ class Settings:
     bucket_prefix: str = "outputs"
     # PRESIGN_EXPIRY_S: lifetime of the presigned GET URLs in results.
     presign_expiry_s: int = 3600
+    # UPLOAD_PREFIX: key prefix of the presigned uploads the `upload` task hands out (give it a
+    # bucket lifecycle rule); only objects under it may be deleted after reading.
+    upload_prefix: str = "uploads"
+    # UPLOAD_EXPIRY_S: lifetime of a presigned upload (POST) URL.
+    upload_expiry_s: int = 900
     # UPLOAD_MAX_ATTEMPTS: attempts per S3 request (botocore standard retry mode).
     upload_max_attempts: int = 3
     # S3_CONNECT_TIMEOUT_S, S3_READ_TIMEOUT_S: socket timeouts of S3 requests.
@@ -251,6 +256,13 @@ def _parse_pairs(raw: str) -> tuple[tuple[str, str], ...]:
             raise ValueError(f"expected name=model pairs, got {item!r}")
         pairs.append((name, target))
     return tuple(pairs)
+
+
+def _parse_prefix(raw: str) -> str:
+    prefix = raw.strip().strip("/")
+    if not prefix:
+        raise ValueError("must not be empty: uploads need a prefix of their own")
+    return prefix
 
 
 def _parse_networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -384,6 +396,8 @@ def _read(env: _Env) -> Settings:
         bucket=_bucket(env),
         bucket_prefix=env.get("BUCKET_PREFIX", lambda raw: raw.strip().strip("/"), d.bucket_prefix),
         presign_expiry_s=env.get("PRESIGN_EXPIRY_S", _parse_positive_int, d.presign_expiry_s),
+        upload_prefix=env.get("UPLOAD_PREFIX", _parse_prefix, d.upload_prefix),
+        upload_expiry_s=env.get("UPLOAD_EXPIRY_S", _parse_positive_int, d.upload_expiry_s),
         upload_max_attempts=env.get("UPLOAD_MAX_ATTEMPTS", _parse_positive_int, d.upload_max_attempts),
         s3_connect_timeout_s=env.get(
             "S3_CONNECT_TIMEOUT_S", _parse_positive_float, d.s3_connect_timeout_s

@@ -61,14 +61,26 @@ class MediaInputs:
         self._storage = storage
         self._cancel = cancel or CancelToken()
 
-    def from_url(self, url: str, target: Path, *, field: str) -> int:
-        """Fetch an ``https://`` (or allowed ``http://``) URL or an ``s3://`` object."""
-        if url.lower().startswith("s3://"):
-            bucket, key = parse_bucket_url(url, field=field)
-            return self._storage.fetch_object(
-                bucket, key, target, max_bytes=self._settings.download_max_bytes, field=field, cancel=self._cancel
-            )
-        return self._downloader.fetch(url, target, field=field, cancel=self._cancel)
+    def from_url(self, url: str, target: Path, *, field: str, delete_after_read: bool = False) -> int:
+        """Fetch an ``https://`` (or allowed ``http://``) URL or an ``s3://`` object.
+
+        ``delete_after_read`` removes an uploaded object (under UPLOAD_PREFIX) once it is here.
+        """
+        if not url.lower().startswith("s3://"):
+            if delete_after_read:
+                raise InvalidInput("delete_after_read: only s3:// uploads can be deleted", field="delete_after_read")
+            return self._downloader.fetch(url, target, field=field, cancel=self._cancel)
+        bucket, key = parse_bucket_url(url, field=field)
+        prefix = self._settings.upload_prefix + "/"
+        if delete_after_read and not key.startswith(prefix):
+            raise InvalidInput(f"delete_after_read: only uploads ({prefix}...) can be deleted",
+                               field="delete_after_read")
+        size = self._storage.fetch_object(
+            bucket, key, target, max_bytes=self._settings.download_max_bytes, field=field, cancel=self._cancel
+        )
+        if delete_after_read:
+            self._storage.delete_object(bucket, key, field=field)
+        return size
 
     def from_base64(self, data: str, target: Path, *, field: str) -> int:
         return decode_base64_to(data, target, max_bytes=self._settings.base64_max_bytes, field=field)

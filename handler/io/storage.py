@@ -99,6 +99,19 @@ class Storage(Protocol):
         self, bucket: str, key: str, target: Path, *, max_bytes: int, field: str, cancel: CancelToken | None = None
     ) -> int: ...
 
+    def presign_upload(self, key: str, *, max_bytes: int, expires_s: int) -> PresignedUpload: ...
+
+    def delete_object(self, bucket: str, key: str, *, field: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class PresignedUpload:
+    """Where and how a client uploads one file itself: an S3 presigned POST (a form)."""
+
+    url: str
+    fields: dict[str, str]
+    reference: str  # s3://bucket/key, for the next job's media field
+
 
 def object_key(prefix: str, request_id: str, name: str) -> str:
     """``prefix/YYYY/MM/DD/request_id/name`` with ``name`` reduced to safe characters."""
@@ -281,6 +294,20 @@ class S3Storage:
             finally:
                 body.close()
 
+    def presign_upload(self, key: str, *, max_bytes: int, expires_s: int) -> PresignedUpload:
+        """A presigned POST for ``key``: the store itself refuses a body over ``max_bytes``."""
+        bucket = self.bucket.bucket_name()
+        with s3_errors(bucket=bucket):
+            post = self.client.generate_presigned_post(
+                Bucket=bucket, Key=key, Conditions=[["content-length-range", 1, max_bytes]], ExpiresIn=expires_s
+            )
+        return PresignedUpload(url=post["url"], fields=dict(post["fields"]), reference=f"s3://{bucket}/{key}")
+
+    def delete_object(self, bucket: str, key: str, *, field: str) -> None:
+        with s3_errors(bucket=bucket, field=field):
+            self.client.delete_object(Bucket=bucket, Key=key)
+        log.info("input.deleted", key=key)
+
 
 def _save_stream(body: Any, target: Path, *, max_bytes: int, field: str, cancel: CancelToken) -> int:
     """Copy an object's body to ``target``, counting what really arrives against the cap."""
@@ -340,4 +367,10 @@ class InlineStorage:
     def fetch_object(
         self, bucket: str, key: str, target: Path, *, max_bytes: int, field: str, cancel: CancelToken | None = None
     ) -> int:
+        raise InvalidInput(f"{field}: s3:// inputs need a configured bucket", field=field)
+
+    def presign_upload(self, key: str, *, max_bytes: int, expires_s: int) -> PresignedUpload:
+        raise InvalidInput("upload: uploads need a bucket (configure one, or send s3Config)")
+
+    def delete_object(self, bucket: str, key: str, *, field: str) -> None:
         raise InvalidInput(f"{field}: s3:// inputs need a configured bucket", field=field)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from handler.tasks import speech, system, text2image, text2video, transcribe
+from handler.tasks import speech, system, text2image, text2video, transcribe, upload
 from handler.tasks.base import Task
 
 TASKS: dict[str, Task[Any]] = {
-    task.name: task for task in (transcribe.TASK, speech.TASK, text2image.TASK, text2video.TASK, system.TASK)
+    task.name: task
+    for task in (transcribe.TASK, speech.TASK, text2image.TASK, text2video.TASK, upload.TASK, system.TASK)
 }
 
 

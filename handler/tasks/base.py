@@ -153,13 +153,15 @@ class JobContext:
         return result
 
     async def fetch_media(
-        self, target: Path, *, url: str | None, data: str | None, fields: tuple[str, str]
+        self, target: Path, *, url: str | None, data: str | None, fields: tuple[str, str],
+        delete_after_read: bool = False,
     ) -> str:
         """Bring the job's media (a URL or base64) to ``target``; returns the field it came from."""
         url_field, data_field = fields
         with self.timings.measure("download"):
             if url is not None:
-                await self.in_thread(functools.partial(self.inputs.from_url, url, target, field=url_field))
+                await self.in_thread(functools.partial(self.inputs.from_url, url, target, field=url_field,
+                                                       delete_after_read=delete_after_read))
                 return url_field
             assert data is not None
             await self.in_thread(functools.partial(self.inputs.from_base64, data, target, field=data_field))

@@ -51,6 +51,7 @@ class TranscribeInput(TaskInput):
     task: Literal["transcribe"] = "transcribe"
     audio: str | None = Field(None, description="https URL or s3://bucket/key of the media")
     audio_base64: str | None = Field(None, description="the media file, base64")
+    delete_after_read: bool = Field(False, description="delete the uploaded s3:// object once it has been read")
     model: str | None = Field(None, description="Whisper model; default WHISPER_MODEL")
     transcription: Format = "plain_text"
     translate: bool = False
@@ -196,7 +197,7 @@ def _check_language_support(pipeline: WhisperPipeline, params: TranscribeInput) 
 async def _fetch_audio(ctx: JobContext, params: TranscribeInput) -> tuple[np.ndarray, float]:
     target = ctx.workdir / _INPUT_NAME
     field = await ctx.fetch_media(target, url=params.audio, data=params.audio_base64,
-                                  fields=("audio", "audio_base64"))
+                                  fields=("audio", "audio_base64"), delete_after_read=params.delete_after_read)
     with ctx.timings.measure("decode"):
         audio, info = await ctx.in_thread(functools.partial(
             media.load_audio, target, max_duration_s=ctx.settings.max_audio_duration_s,
