@@ -1,10 +1,10 @@
-"""HTTP to a worker endpoint: the SDK's local API or RunPod's, which differ only in base URL and auth.
+"""HTTP to a worker endpoint: the SDK's local API or RunPod's, which differ in base URL, auth and one method.
 
-Both serve ``POST /run`` (queue a job, answer its id), ``GET /status/{id}`` and ``POST
-/runsync``. Long jobs go through ``/run`` and ``/status`` so that no HTTP request is held open
-for a whole transcription on RunPod (whose ``/status`` answers at once; the local API's answers
-when the job is done, which the same loop handles). urllib's errors are translated here, and only
-here, into ``ApiError``::
+Both serve ``POST /run`` (queue a job, answer its id), ``/status/{id}`` (GET on RunPod, POST
+on the local API) and ``POST /runsync``. Long jobs go through ``/run`` and ``/status`` so that
+no HTTP request is held open for a whole transcription on RunPod (whose ``/status`` answers at
+once; the local API's answers when the job is done, which the same loop handles). urllib's
+errors are translated here, and only here, into ``ApiError``::
 
     ApiError (code, retryable)
       HTTP_<status>   the endpoint answered an error status: 408, 425, 429 and 5xx retryable
@@ -59,12 +59,12 @@ def http_errors(what: str) -> Iterator[None]:
         raise ApiError("CONNECTION", f"{what}: {reason}", retryable=True) from exc
 
 
-def request_json(url: str, *, body: Any = None, headers: Mapping[str, str] | None = None,
+def request_json(url: str, *, body: Any = None, method: str | None = None, headers: Mapping[str, str] | None = None,
                  timeout: float = REQUEST_TIMEOUT_S, what: str = "request") -> dict[str, Any]:
-    """GET (no body) or POST (a JSON body) ``url``; its JSON object reply."""
+    """GET (no body) or POST (a JSON body) ``url``, unless ``method`` says otherwise; its JSON object reply."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(  # noqa: S310 (the URL is the user's endpoint)
-        url, data=data, method="GET" if data is None else "POST",
+        url, data=data, method=method or ("GET" if data is None else "POST"),
         headers={"Content-Type": "application/json", "Accept": "application/json", **(headers or {})},
     )
     with http_errors(what), urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
@@ -97,11 +97,13 @@ class Endpoint:
 
     base_url: str
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # RunPod documents GET /status/{id}; the SDK's local API routes only POST there.
+    status_method: str = "GET"
 
     @classmethod
     def local(cls, url: str) -> Endpoint:
         """The SDK's local API (``python -m handler --rp_serve_api``): no auth."""
-        return cls(url.rstrip("/"))
+        return cls(url.rstrip("/"), status_method="POST")
 
     @classmethod
     def runpod(cls, endpoint_id: str, api_key: str, *, api_base: str = RUNPOD_API) -> Endpoint:
@@ -122,7 +124,8 @@ class Endpoint:
 
     def status(self, job_id: str, *, timeout: float) -> dict[str, Any]:
         """``/status/{id}``: the job's status, and its output once it has one."""
-        return request_json(self.url(f"status/{job_id}"), headers=self.headers, timeout=timeout, what="status")
+        return request_json(self.url(f"status/{job_id}"), method=self.status_method, headers=self.headers,
+                            timeout=timeout, what="status")
 
     def runsync(self, job_input: dict[str, Any], *, timeout: float) -> dict[str, Any]:
         """``/runsync``: run a job and answer its result in the one request (short jobs)."""

@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from client import outputs
-from client.api import Endpoint
+from client.api import RUNPOD_API, Endpoint
 from client.display import Display, summary_table
 from client.retry import Backoff
 from client.transcribe import INLINE_LIMIT, FileResult, Settings, transcribe_files
@@ -101,7 +101,7 @@ def _endpoint(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Endp
     key = os.environ.get("RUNPOD_API_KEY", "").strip()
     if not key:
         parser.error("--endpoint needs RUNPOD_API_KEY in the environment")
-    return Endpoint.runpod(args.endpoint, key, api_base=os.environ.get("RUNPOD_API_BASE") or "https://api.runpod.ai/v2")
+    return Endpoint.runpod(args.endpoint, key, api_base=os.environ.get("RUNPOD_ENDPOINT_BASE_URL") or RUNPOD_API)
 
 
 def _check_files(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[Path]:

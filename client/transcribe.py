@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from client import outputs
-from client.api import ApiError, Endpoint, Polling, remaining, run_job
-from client.retry import Backoff, Outcome, Wait, error_message, outcome_of, with_retries
+from client.api import ApiError, Endpoint, Polling, remaining
+from client.jobs import attempt
+from client.retry import Backoff, Outcome, Wait, with_retries
 from client.upload import post_file, upload_target
 
 # Base64 of a file inline in /run stays under this, so the body stays under RunPod's 10 MB.
@@ -103,14 +104,6 @@ def fits_inline(path: Path, limit: int) -> bool:
     return 4 * -(-path.stat().st_size // 3) <= limit
 
 
-def outcome(reply: dict[str, Any]) -> Outcome:
-    """The outcome of a final /status reply; a completed job must carry an output dict."""
-    code, retryable = outcome_of(reply)
-    if code == "success" and not isinstance(reply.get("output"), dict):
-        return Outcome("NO_OUTPUT", False, "the job completed without an output (RunPod drops results over ~20 MB)")
-    return Outcome(code, retryable, error_message(reply), reply)
-
-
 class _Job:
     """One file's attempts: the state they share."""
 
@@ -125,17 +118,17 @@ class _Job:
     def attempt(self) -> Outcome:
         try:
             job_input = self._inline_input() if self.inline else self._uploaded_input()
-            self.report.update(self.path, "running", total=None)
-            return outcome(self._run(job_input))
         except _Failed as exc:
             return exc.outcome
         except ApiError as exc:
             return Outcome(exc.code, exc.retryable, str(exc))
         except OSError as exc:  # the local file (urllib's OSErrors are ApiErrors by now)
             return Outcome("READ_FAILED", False, f"{self.path.name}: {exc.strerror or exc}")
+        self.report.update(self.path, "running")
+        return self._run(job_input)
 
-    def _run(self, job_input: dict[str, Any]) -> dict[str, Any]:
-        return run_job(self.endpoint, job_input, deadline=self.deadline, polling=self.settings.polling,
+    def _run(self, job_input: dict[str, Any]) -> Outcome:
+        return attempt(self.endpoint, job_input, deadline=self.deadline, polling=self.settings.polling,
                        on_status=self._on_status)
 
     def _on_status(self, reply: dict[str, Any]) -> None:
@@ -156,8 +149,7 @@ class _Job:
     def _uploaded_input(self) -> dict[str, Any]:
         size = self.path.stat().st_size
         self.report.update(self.path, "uploading", completed=0, total=size)
-        reply = self._run({"task": "upload", "file_name": self.path.name, "size": size})
-        result = outcome(reply)
+        result = self._run({"task": "upload", "file_name": self.path.name, "size": size})
         if not result.ok:
             raise _Failed(result)
         assert result.reply is not None
