@@ -1,16 +1,16 @@
-"""``python -m bench [overhead|transcription|upload ...]``: print each figure against its baseline."""
+"""``python -m bench [overhead|transcription|upload|client ...]``: print each figure against its baseline."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import loop, overhead, transcription, upload
+from bench import client, loop, overhead, transcription, upload
 from bench.common import HEADER, Comparison, quiet_logs
 
 
 def main(names: list[str]) -> None:
     quiet_logs()
-    chosen = names or ["overhead", "transcription", "upload", "pipelining", "soak", "loop"]
+    chosen = names or ["overhead", "transcription", "upload", "pipelining", "soak", "loop", "client"]
     rows: list[Comparison] = []
     for name in chosen:
         if name == "overhead":
@@ -27,6 +27,8 @@ def main(names: list[str]) -> None:
             print(facts)
         elif name == "loop":
             rows.extend(loop.loop_overhead())
+        elif name == "client":
+            rows.append(client.measure())
         elif name == "prompt":
             rows.extend(loop.prompt_loop())
         else:

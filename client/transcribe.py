@@ -66,8 +66,9 @@ class FileResult:
     wall_s: float = 0.0
     # The audio's duration, as the worker measured it.
     duration_s: float | None = None
-    # The worker's own time for the job (timings.total_ms).
+    # The worker's own time for the job (timings.total_ms), and the model's part of it (run_ms).
     job_s: float | None = None
+    run_s: float | None = None
     written: list[Path] = field(default_factory=list)
 
     @property
@@ -85,7 +86,7 @@ class FileResult:
         return {
             "file": str(self.path), "outcome": self.code, "message": self.message, "via": self.via,
             "attempts": self.attempts, "wall_s": round(self.wall_s, 3), "duration_s": self.duration_s,
-            "job_s": self.job_s, "real_time_factor": self.real_time_factor,
+            "job_s": self.job_s, "run_s": self.run_s, "real_time_factor": self.real_time_factor,
             "waits": [{"code": w.code, "delay_s": w.delay_s, "ceiling_s": w.ceiling_s} for w in self.waits],
             "written": [str(p) for p in self.written],
         }
@@ -188,14 +189,18 @@ def transcribe_file(endpoint: Endpoint, path: Path, settings: Settings, *, repor
 def _finish(result: FileResult, output: dict[str, Any], settings: Settings, report: Report, deadline: float) -> None:
     duration = output.get("duration_s")
     result.duration_s = float(duration) if isinstance(duration, int | float) else None
-    total_ms = (output.get("timings") or {}).get("total_ms")
-    result.job_s = total_ms / 1000 if isinstance(total_ms, int | float) else None
+    timings = output.get("timings") or {}
+    result.job_s, result.run_s = _seconds(timings.get("total_ms")), _seconds(timings.get("run_ms"))
     report.update(result.path, "writing")
     try:
         result.written = outputs.write(output, result.path, out_dir=settings.out_dir, formats=settings.formats,
                                        timeout=remaining(deadline, cap=120))
     except (ApiError, outputs.OutputMissing, OSError) as exc:
         result.code, result.message = "OUTPUT_FAILED", str(exc)
+
+
+def _seconds(ms: Any) -> float | None:
+    return ms / 1000 if isinstance(ms, int | float) else None
 
 
 def transcribe_files(endpoint: Endpoint, paths: list[Path], settings: Settings, *, clients: int, report: Report,
