@@ -114,7 +114,10 @@ class _Job:
         self.settings = settings
         self.report = report
         self.deadline = deadline
-        self.inline = fits_inline(path, settings.inline_limit)
+        try:
+            self.inline = fits_inline(path, settings.inline_limit)
+        except OSError:  # gone since it was checked: the attempt's read says so as READ_FAILED
+            self.inline = True
 
     def attempt(self) -> Outcome:
         try:
