@@ -1,10 +1,14 @@
-"""``python -m bench [overhead|transcription|upload|client ...]``: print each figure against its baseline."""
+"""``python -m bench [overhead|transcription|upload|pipelining|soak|loop|client|prompt|batched ...]``: print
+each figure against its baseline.
+
+``prompt`` and ``batched`` (about 15 minutes on 2 CPU cores) run only when named.
+"""
 
 from __future__ import annotations
 
 import sys
 
-from bench import client, loop, overhead, transcription, upload
+from bench import batched, client, loop, overhead, transcription, upload
 from bench.common import HEADER, Comparison, quiet_logs
 
 
@@ -31,6 +35,8 @@ def main(names: list[str]) -> None:
             rows.append(client.measure())
         elif name == "prompt":
             rows.extend(loop.prompt_loop())
+        elif name == "batched":
+            rows.extend(batched.measure())
         else:
             sys.exit(f"unknown benchmark {name!r}")
         print(rows[-1].row(), flush=True)

@@ -34,7 +34,7 @@ JOB_FIELDS: tuple[tuple[str, Any], ...] = (
     ("patience", float), ("length_penalty", float), ("suppress_tokens", str),
     ("condition_on_previous_text", bool), ("compression_ratio_threshold", float),
     ("logprob_threshold", float), ("no_speech_threshold", float),
-    ("transcription", _TEXT_FORMATS), ("translation", _TEXT_FORMATS),
+    ("transcription", _TEXT_FORMATS), ("translation", _TEXT_FORMATS), ("cache", bool),
 )
 
 

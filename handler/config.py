@@ -148,6 +148,11 @@ class Settings:
     bucket_prefix: str = "outputs"
     # PRESIGN_EXPIRY_S: lifetime of the presigned GET URLs in results.
     presign_expiry_s: int = 3600
+    # RESULT_CACHE: answer a request seen before (same task, model weights, output-affecting
+    # fields and media bytes) from the bucket, on any worker; needs a bucket.
+    result_cache: bool = True
+    # RESULT_CACHE_PREFIX: key prefix of the result cache's entries.
+    result_cache_prefix: str = "cache"
     # UPLOAD_PREFIX: key prefix of the presigned uploads the `upload` task hands out (give it a
     # bucket lifecycle rule); only objects under it may be deleted after reading.
     upload_prefix: str = "uploads"
@@ -397,6 +402,8 @@ def _read(env: _Env) -> Settings:
         bucket_prefix=env.get("BUCKET_PREFIX", lambda raw: raw.strip().strip("/"), d.bucket_prefix),
         presign_expiry_s=env.get("PRESIGN_EXPIRY_S", _parse_positive_int, d.presign_expiry_s),
         upload_prefix=env.get("UPLOAD_PREFIX", _parse_prefix, d.upload_prefix),
+        result_cache=env.get("RESULT_CACHE", _parse_bool, d.result_cache),
+        result_cache_prefix=env.get("RESULT_CACHE_PREFIX", _parse_prefix, d.result_cache_prefix),
         upload_expiry_s=env.get("UPLOAD_EXPIRY_S", _parse_positive_int, d.upload_expiry_s),
         upload_max_attempts=env.get("UPLOAD_MAX_ATTEMPTS", _parse_positive_int, d.upload_max_attempts),
         s3_connect_timeout_s=env.get(

@@ -70,6 +70,10 @@ _TRANSFER_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+class ObjectMissing(DownloadFailed):
+    """The bucket has no such object: an input error for a job, a miss for the result cache."""
+
+
 @dataclass(frozen=True)
 class StoredFile:
     """One output file as the client sees it."""
@@ -144,7 +148,7 @@ def _client_error(exc: boto_errors.ClientError, *, field: str | None, bucket: st
     if field is None:
         return UploadFailed(f"storage refused the upload to {bucket!r} ({code})", retryable=retryable)
     if status == 404 or code in ("NoSuchKey", "404"):
-        return DownloadFailed(f"{field}: no such object in the bucket", field=field, retryable=False)
+        return ObjectMissing(f"{field}: no such object in the bucket", field=field, retryable=False)
     return DownloadFailed(f"{field}: bucket read failed ({code})", field=field, retryable=retryable)
 
 
@@ -262,9 +266,7 @@ class S3Storage:
         bucket = self.bucket.bucket_name()
         with s3_errors(bucket=bucket):
             self._upload(path, bucket, key, content_type, cancel or CancelToken())
-            url = self.client.generate_presigned_url(
-                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self._expiry_s
-            )
+        url = self.presign(key)
         ms = (time.perf_counter() - started) * 1000
         log.info("upload.done", key=key, bytes=size, ms=round(ms, 1))
         return StoredFile(name=name, content_type=content_type, size=size, key=key, url=url)
@@ -293,6 +295,43 @@ class S3Storage:
                     return _save_stream(body, target, max_bytes=max_bytes, field=field, cancel=cancel)
             finally:
                 body.close()
+
+    def read_small(self, key: str, *, max_bytes: int) -> bytes | None:
+        """A small object of the worker's own (a cache entry), or None if there is none."""
+        bucket = self.bucket.bucket_name()
+        try:
+            with s3_errors(bucket=bucket, field="cache"):
+                body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
+                try:
+                    data: bytes = body.read(max_bytes + 1)
+                finally:
+                    body.close()
+        except ObjectMissing:
+            return None
+        return data if len(data) <= max_bytes else None
+
+    def write_small(self, key: str, data: bytes, *, content_type: str = "application/json") -> None:
+        bucket = self.bucket.bucket_name()
+        with s3_errors(bucket=bucket):
+            self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
+
+    def exists(self, key: str) -> bool:
+        bucket = self.bucket.bucket_name()
+        try:
+            with s3_errors(bucket=bucket, field="cache"):
+                self.client.head_object(Bucket=bucket, Key=key)
+        except ObjectMissing:
+            return False
+        return True
+
+    def presign(self, key: str) -> str:
+        """A fresh presigned GET URL for an object of this bucket."""
+        bucket = self.bucket.bucket_name()
+        with s3_errors(bucket=bucket):
+            url: str = self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self._expiry_s
+            )
+        return url
 
     def presign_upload(self, key: str, *, max_bytes: int, expires_s: int) -> PresignedUpload:
         """A presigned POST for ``key``: the store itself refuses a body over ``max_bytes``."""

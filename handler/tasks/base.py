@@ -12,14 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from handler.config import Settings
 from handler.errors import InvalidInput
 from handler.io.inputs import MediaInputs
-from handler.io.storage import Storage
+from handler.io.result_cache import ResultCache, cache_key
+from handler.io.storage import S3Storage, Storage
 from handler.io.workspace import Workspace
 from handler.runtime.cancel import CancelToken
+from handler.runtime.flights import SingleFlight
 from handler.runtime.gate import Gate
 from handler.runtime.instances import InstancePool
 from handler.runtime.lifecycle import Lifecycle
@@ -40,6 +42,9 @@ class TaskInput(BaseModel):
     as clients of other workers send ``"seed": null`` or ``"image_url": null``."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    cache: bool = Field(True, description="answer from (and store into) the result cache, when the worker has one")
+
     # Fields other workers take that this one cannot honour, and why: refused by name, not as unknown.
     unsupported: ClassVar[dict[str, str]] = {}
 
@@ -99,6 +104,8 @@ class Runtime:
     device: str
     stats: WorkerStats = field(default_factory=WorkerStats)
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    # Identical cacheable jobs held at once compute once.
+    flights: SingleFlight[dict[str, Any]] = field(default_factory=SingleFlight)
     # How the GPU slots were sized (fixed, or auto with its figures), for `system`.
     sizing: dict[str, Any] = field(default_factory=dict)
 
@@ -166,6 +173,41 @@ class JobContext:
             assert data is not None
             await self.in_thread(functools.partial(self.inputs.from_base64, data, target, field=data_field))
             return data_field
+
+    def cache_key(
+        self, params: TaskInput, *, model: str | None, media: str | None = None, exclude: Sequence[str] = ()
+    ) -> str | None:
+        """The result cache's key for this job: its task, the model's identity (None: unknown, so
+        not cacheable), every validated input field but ``exclude`` (defaults filled in), the media
+        hash. None when the job opted out."""
+        if not params.cache or model is None:
+            return None
+        fields = params.model_dump(mode="json", exclude={"task", "cache", "model", *exclude})
+        return cache_key(task=str(getattr(params, "task", "")), model=model, fields=fields, media=media)
+
+    async def cached(self, key: str | None, compute: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """The task's output for ``key``: from the bucket's result cache, from an identical job in
+        flight on this worker, or computed (and then stored). ``key`` None: not cacheable."""
+        cache = self._result_cache() if key is not None else None
+        if cache is None or key is None:
+            return {**await compute(), "cached": False}
+        with self.timings.measure("cache"):
+            hit = await self.in_thread(lambda: cache.lookup(key))
+        if hit is not None:
+            return {**hit, "cached": True}
+
+        async def compute_and_store() -> dict[str, Any]:
+            output = await compute()
+            await self.in_thread(lambda: cache.store(key, output))
+            return output
+
+        output, shared = await self.runtime.flights.run((cache.scope, key), compute_and_store)
+        return {**output, "cached": shared}
+
+    def _result_cache(self) -> ResultCache | None:
+        if not self.settings.result_cache or not isinstance(self.storage, S3Storage):
+            return None
+        return ResultCache(self.storage, self.settings.result_cache_prefix)
 
     async def save_files(self, files: Sequence[OutputFile]) -> list[dict[str, Any]]:
         """Store the job's output files, in order (timed as ``upload``)."""

@@ -22,10 +22,11 @@ from handler.errors import InvalidInput, printable
 from handler.io import media
 from handler.runtime.cancel import CancelToken
 from handler.runtime.devices import default_dtype
+from handler.runtime.identity import file_identity
 from handler.runtime.instances import InstancePool
 from handler.runtime.registry import PipelineKey
 from handler.tasks.base import JobContext, Runtime, Task, TaskInput
-from handler.tasks.whisper_pipeline import WhisperPipeline, load_whisper
+from handler.tasks.whisper_pipeline import WhisperPipeline, load_whisper, model_identity
 
 TextFormat = Literal["plain_text", "formatted_text", "srt", "vtt"]
 
@@ -151,6 +152,8 @@ def get_pipelines(runtime: Runtime, model: str) -> InstancePool[WhisperPipeline]
 
 def preload(runtime: Runtime) -> None:
     get_pipelines(runtime, runtime.settings.whisper_model)
+    if runtime.settings.result_cache:  # hash the weights now, not in the first job
+        model_identity(runtime.settings.whisper_model, runtime.settings)
 
 
 async def word_timings(ctx: JobContext, audio: np.ndarray) -> list[dict[str, Any]]:
@@ -194,10 +197,15 @@ def _check_language_support(pipeline: WhisperPipeline, params: TranscribeInput) 
         )
 
 
-async def _fetch_audio(ctx: JobContext, params: TranscribeInput) -> tuple[np.ndarray, float]:
+async def _fetch(ctx: JobContext, params: TranscribeInput) -> tuple[Path, str]:
+    """The job's media file in its directory, and the field it came from."""
     target = ctx.workdir / _INPUT_NAME
     field = await ctx.fetch_media(target, url=params.audio, data=params.audio_base64,
                                   fields=("audio", "audio_base64"), delete_after_read=params.delete_after_read)
+    return target, field
+
+
+async def _decode(ctx: JobContext, target: Path, field: str) -> tuple[np.ndarray, float]:
     with ctx.timings.measure("decode"):
         audio, info = await ctx.in_thread(functools.partial(
             media.load_audio, target, max_duration_s=ctx.settings.max_audio_duration_s,
@@ -282,7 +290,22 @@ async def _store(ctx: JobContext, result: dict[str, Any], output: dict[str, Any]
 
 async def run(ctx: JobContext, params: TranscribeInput) -> dict[str, Any]:
     model = _model_name(ctx, params)
-    audio, duration_s = await _fetch_audio(ctx, params)
+    target, field = await _fetch(ctx, params)
+    key = ctx.cache_key(
+        params, model=await ctx.in_thread(lambda: model_identity(model, ctx.settings)),
+        media=await ctx.in_thread(lambda: file_identity(target)), exclude=_NOT_IN_RESULT,
+    )
+    return await ctx.cached(key, lambda: _transcribe(ctx, params, model, target, field))
+
+
+# Input fields that do not change the result: where the media came from, what happens to it after.
+_NOT_IN_RESULT = ("audio", "audio_base64", "delete_after_read")
+
+
+async def _transcribe(
+    ctx: JobContext, params: TranscribeInput, model: str, target: Path, field: str
+) -> dict[str, Any]:
+    audio, duration_s = await _decode(ctx, target, field)
     pipelines = await ctx.load(lambda: get_pipelines(ctx.runtime, model))
     _check_language_support(pipelines.first, params)
     _check_suppress_tokens(pipelines.first, params)

@@ -1,0 +1,201 @@
+"""Where to cut a recording into windows of at most 30 s for batched Whisper decoding.
+
+Two ways, both returning :class:`Chunk` spans of the original audio (16 kHz mono float32),
+in time order, never overlapping, each at most ``max_chunk_s`` long:
+
+- :func:`speech_chunks` (``enable_vad``): Silero VAD finds the speech; neighbouring speech
+  regions are merged greedily into chunks of up to ``max_chunk_s``. Cuts fall only in silence
+  between regions. A region longer than ``max_chunk_s`` is split by Silero itself
+  (``max_speech_duration_s``) at the last pause over ~100 ms before the limit, and only where
+  there is none, hard at the limit. Silence and non-speech noise give no chunks at all.
+- :func:`fixed_chunks` (VAD off): consecutive windows of ``max_chunk_s``, each cut moved back to
+  the quietest 100 ms within ``search_s`` before the boundary. In continuous speech with no pause
+  in that stretch a cut can still land inside a word; that word may then be lost or garbled.
+
+The Silero model ships inside the ``silero_vad`` wheel (no download) and is loaded once per
+process on first use. It is small and runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+SAMPLE_RATE = 16000
+MAX_CHUNK_S = 30.0
+
+_model: Any = None
+_model_load_lock = threading.Lock()  # guards loading ``_model`` (once per process)
+# Silero's model carries recurrent state from one 32 ms window to the next, so one recording
+# at a time may run through it.
+_model_state_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A span ``[start, end)`` of the recording, in samples at 16 kHz."""
+
+    start: int
+    end: int
+
+    @property
+    def start_s(self) -> float:
+        return self.start / SAMPLE_RATE
+
+    @property
+    def end_s(self) -> float:
+        return self.end / SAMPLE_RATE
+
+    @property
+    def duration_s(self) -> float:
+        return (self.end - self.start) / SAMPLE_RATE
+
+
+def _vad_model() -> Any:
+    """Silero VAD, loaded on first use (double-checked: look, lock, look again, load, publish)."""
+    global _model
+    if _model is not None:
+        return _model
+    with _model_load_lock:
+        if _model is None:
+            _model = _load_model()
+        return _model
+
+
+def _load_model() -> Any:
+    # Importing silero_vad runs torch.set_num_threads(1) for the whole process, which would
+    # leave every later CPU inference of the worker (Whisper included) on one core.
+    threads = torch.get_num_threads()
+    try:
+        from silero_vad import load_silero_vad  # type: ignore[import-untyped]
+
+        with warnings.catch_warnings():
+            # The wheel ships TorchScript; torch 2.13 deprecates torch.jit.load but loads it fine.
+            warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", DeprecationWarning)
+            return load_silero_vad()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def speech_regions(
+    audio: np.ndarray,
+    *,
+    max_region_s: float = MAX_CHUNK_S,
+    threshold: float = 0.5,
+    min_silence_ms: int = 300,
+    speech_pad_ms: int = 200,
+) -> list[Chunk]:
+    """Silero's speech regions, each padded by ``speech_pad_ms`` and at most ``max_region_s`` long.
+
+    A longer region is cut at its last pause of ~100 ms before the limit: the last, not the
+    longest, so chunks come out near the limit and fewer windows need decoding.
+
+    A pause must last ``min_silence_ms`` to end a region. Neighbours closer than twice the pad
+    share the gap between them at its middle.
+    """
+    model = _vad_model()  # first: it imports silero_vad without its side effect on torch threads
+    from silero_vad import get_speech_timestamps
+
+    with _model_state_lock, _one_torch_thread(), torch.no_grad():
+        spans = get_speech_timestamps(
+            torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)), model,
+            threshold=threshold, sampling_rate=SAMPLE_RATE, max_speech_duration_s=max_region_s,
+            min_silence_duration_ms=min_silence_ms, speech_pad_ms=speech_pad_ms,
+            use_max_poss_sil_at_max_speech=False,
+        )
+    return [Chunk(int(span["start"]), int(span["end"])) for span in spans]
+
+
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Run Silero on one thread: its many tiny steps (one per 32 ms) run 2-4x slower on more.
+
+    The setting is process-wide; it is held only for the VAD pass (about 1 s per 2 minutes of
+    audio) and only under the model's lock, so two passes never fight over it.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def merge_regions(regions: list[Chunk], *, max_samples: int) -> list[Chunk]:
+    """Neighbouring regions joined greedily while the joined span stays within ``max_samples``.
+
+    The silence between two chunks belongs to neither. A region over the limit (Silero keeps
+    them under it; this is the guard) is cut hard into equal parts.
+    """
+    chunks: list[Chunk] = []
+    for part in (part for region in regions for part in _split_hard(region, max_samples)):
+        if chunks and part.end - chunks[-1].start <= max_samples:
+            chunks[-1] = Chunk(chunks[-1].start, part.end)
+        else:
+            chunks.append(part)
+    return chunks
+
+
+def _split_hard(region: Chunk, max_samples: int) -> list[Chunk]:
+    parts = math.ceil((region.end - region.start) / max_samples)
+    if parts <= 1:
+        return [region]
+    bounds = np.linspace(region.start, region.end, parts + 1).round().astype(int)
+    return [Chunk(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+
+def speech_chunks(audio: np.ndarray, *, max_chunk_s: float = MAX_CHUNK_S, **vad: Any) -> list[Chunk]:
+    """Speech of ``audio`` as chunks of at most ``max_chunk_s``, cut only in pauses.
+
+    ``vad`` passes ``threshold``, ``min_silence_ms`` or ``speech_pad_ms`` on to
+    :func:`speech_regions`. Audio with no speech gives ``[]``.
+    """
+    _check_window(max_chunk_s)
+    regions = speech_regions(audio, max_region_s=max_chunk_s, **vad)
+    return merge_regions(regions, max_samples=int(max_chunk_s * SAMPLE_RATE))
+
+
+def fixed_chunks(
+    audio: np.ndarray, *, max_chunk_s: float = MAX_CHUNK_S, search_s: float = 2.0, frame_ms: int = 100
+) -> list[Chunk]:
+    """The whole of ``audio`` in consecutive chunks of at most ``max_chunk_s``.
+
+    Each cut sits in the middle of the quietest ``frame_ms`` (by mean energy) among the last
+    ``search_s`` before the window's limit, so a pause near the boundary is where it cuts.
+    """
+    _check_window(max_chunk_s)
+    window, search = int(max_chunk_s * SAMPLE_RATE), int(search_s * SAMPLE_RATE)
+    frame = int(frame_ms * SAMPLE_RATE / 1000)
+    chunks: list[Chunk] = []
+    start = 0
+    while len(audio) - start > window:
+        cut = _quietest_point(audio, start + max(window - search, frame), start + window, frame)
+        chunks.append(Chunk(start, cut))
+        start = cut
+    if len(audio) > start:
+        chunks.append(Chunk(start, len(audio)))
+    return chunks
+
+
+def _quietest_point(audio: np.ndarray, lo: int, hi: int, frame: int) -> int:
+    """The centre of the ``frame``-long stretch of lowest energy that lies within ``[lo, hi)``."""
+    power = np.square(audio[lo:hi], dtype=np.float64)
+    if len(power) < frame:
+        return hi
+    running = np.concatenate(([0.0], np.cumsum(power)))
+    sums = running[frame:] - running[:-frame]  # sums[i]: energy of audio[lo + i : lo + i + frame]
+    return lo + int(np.argmin(sums)) + frame // 2
+
+
+def _check_window(max_chunk_s: float) -> None:
+    if not 1.0 <= max_chunk_s <= MAX_CHUNK_S:
+        raise ValueError(f"max_chunk_s must be between 1 and {MAX_CHUNK_S} s, not {max_chunk_s!r}")

@@ -1,0 +1,397 @@
+"""Batched Whisper decoding: several 30 s windows of one recording through the model at once.
+
+``whisper.transcribe`` walks a recording one 30 s window at a time, each window conditioned on
+the text of the one before. Here the recording is first cut into independent chunks of at most
+30 s (:mod:`handler.tasks.vad`), and ``batch_size`` of them share one encoder pass and one
+decoder loop, greedy or beam search.
+
+Public API::
+
+    transcribe_batched(model, audio, *, options=None, batch_size=DEFAULT_BATCH_SIZE,
+                       enable_vad=True, cancel=None) -> dict
+    transcribe_chunks(model, audio, chunks, *, options=None, batch_size=DEFAULT_BATCH_SIZE,
+                      cancel=None) -> dict
+    decode_with_fallback(model, features, settings) -> list[DecodingResult]
+    BatchDecodingTask   # openai-whisper's DecodingTask, fixed for batches of beams/samples
+
+Wiring it into the ``transcribe`` task (``batch_size`` 1 keeps ``whisper.transcribe``)::
+
+    chunks = vad.speech_chunks(audio) if params.enable_vad else vad.fixed_chunks(audio)  # CPU, before the slot
+    result = pipeline.transcribe_chunks(audio, chunks, cancel=ctx.cancel, task="transcribe",
+                                        batch_size=params.batch_size, **params.decode_options())
+
+``audio`` is 16 kHz mono float32 (``media.load_audio``). ``options`` is the dict that
+``TranscribeInput.decode_options()`` builds, plus ``task`` ("transcribe" or "translate").
+The result has the shape of ``whisper.transcribe``'s::
+
+    {"text": str, "language": str | None,
+     "segments": [{"id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
+                   "compression_ratio", "no_speech_prob", "words" (with word_timestamps)}]}
+
+Times are seconds in the whole recording, clipped to the chunk they come from (so to the
+audio), segments in time order, ``seek`` the first mel frame of the chunk. With VAD the
+silence between chunks is never decoded and yields no segments.
+
+Differences from ``whisper.transcribe``, by design:
+
+- ``condition_on_previous_text`` is accepted and ignored: chunks are independent (that is what
+  lets them run together), so no chunk sees the text of the one before. ``initial_prompt`` is
+  the prompt of every chunk.
+- Temperature fallback is per chunk: only the chunks whose result fails
+  ``compression_ratio_threshold`` / ``logprob_threshold`` are decoded again at the next
+  temperature, together in one batch, from the encoder output already computed.
+- Each chunk's last segment is kept even when Whisper did not close it with a timestamp
+  (``whisper.transcribe`` would decode that stretch again in its next window; here there is
+  none): it ends at the end of the chunk.
+- An unset ``language`` on a multilingual model is detected once, on the first chunk.
+
+The caller must hold the model for itself for the whole call (``WhisperPipeline`` does):
+decoding installs key/value-cache hooks and a cancellation hook on it. fp16 is used on CUDA only.
+
+Memory: for beam search or best-of over more than one chunk, the encoder output is repeated
+per beam (see :class:`BatchDecodingTask`), so the decoder's cross-attention keys and values
+take ``batch_size * beam_size`` times one window's (large-v3 in fp16: ~250 MB per window and
+beam, so batch 8 x beam 5 is ~10 GB on top of the weights).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
+from whisper.decoding import DecodingOptions, DecodingResult, DecodingTask
+from whisper.model import Whisper
+from whisper.timing import add_word_timestamps
+from whisper.tokenizer import Tokenizer, get_tokenizer
+
+from handler.runtime.cancel import CancelToken
+from handler.tasks.vad import Chunk, fixed_chunks, speech_chunks
+
+# Chunks decoded together; chosen from bench/batched.py (see bench/RESULTS.md).
+DEFAULT_BATCH_SIZE = 8
+# Seconds per timestamp token: one encoder position is two mel frames.
+_TIME_PRECISION = 2 * HOP_LENGTH / SAMPLE_RATE
+_DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+# DecodingOptions fields taken from ``options`` as they are (None: openai-whisper's default).
+_PASSED_ON = ("beam_size", "best_of", "patience", "length_penalty", "suppress_tokens")
+_OPTIONS = frozenset({
+    *_PASSED_ON, "task", "language", "temperature", "compression_ratio_threshold", "logprob_threshold",
+    "no_speech_threshold", "word_timestamps", "initial_prompt", "condition_on_previous_text",
+})
+
+
+class BatchDecodingTask(DecodingTask):  # type: ignore[misc]  # whisper ships no type hints
+    """openai-whisper's ``DecodingTask``, able to run beam search or best-of on several windows.
+
+    Upstream (20250625) repeats the prompt tokens ``n_group`` times per window (one row per beam
+    or sample) but keeps the encoder output at one row per window. With one window, attention
+    broadcasts the single row over all beams; with ``n`` windows, the decoder's cross-attention
+    gets ``n * n_group`` query rows against ``n`` key/value rows and fails ("The size of tensor a
+    (10) must match the size of tensor b (2) at non-singleton dimension 0"). ``run`` even slices
+    ``audio_features[:: n_group]`` afterwards, which only makes sense for repeated features.
+    Repeating them per beam here, as ``run`` expects, fixes both; language detection still
+    sees one row per window. A single window keeps upstream's broadcast (less memory).
+    """
+
+    def _get_audio_features(self, mel: Tensor) -> Tensor:
+        features: Tensor = super()._get_audio_features(mel)
+        if self.n_group == 1 or features.shape[0] == 1:
+            return features
+        return features.repeat_interleave(self.n_group, dim=0)
+
+    def _detect_language(self, audio_features: Tensor, tokens: Tensor) -> Any:
+        if self.n_group > 1 and audio_features.shape[0] == tokens.shape[0] * self.n_group:
+            audio_features = audio_features[:: self.n_group]
+        return super()._detect_language(audio_features, tokens)
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """What ``options`` asks of the decoding, checked and with whisper.transcribe's defaults."""
+
+    temperatures: tuple[float, ...]
+    compression_ratio_threshold: float | None
+    logprob_threshold: float | None
+    no_speech_threshold: float | None
+    word_timestamps: bool
+    language: str | None
+    task: str
+    prompt: str | None
+    fp16: bool
+    decoding: tuple[tuple[str, Any], ...]  # the _PASSED_ON options that are set
+
+    @classmethod
+    def from_options(cls, model: Whisper, options: Mapping[str, Any]) -> BatchSettings:
+        unknown = sorted(set(options) - _OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown decoding options: {', '.join(unknown)}")
+        language = options.get("language") or (None if model.is_multilingual else "en")
+        return cls(
+            temperatures=_temperatures(options.get("temperature", _DEFAULT_TEMPERATURES)),
+            compression_ratio_threshold=options.get("compression_ratio_threshold", 2.4),
+            logprob_threshold=options.get("logprob_threshold", -1.0),
+            no_speech_threshold=options.get("no_speech_threshold", 0.6),
+            word_timestamps=bool(options.get("word_timestamps", False)),
+            language=language,
+            task=options.get("task", "transcribe"),
+            prompt=options.get("initial_prompt"),
+            fp16=model.device.type == "cuda",
+            decoding=tuple((key, options[key]) for key in _PASSED_ON if options.get(key) is not None),
+        )
+
+    def at(self, temperature: float) -> DecodingOptions:
+        """DecodingOptions for one temperature: beams when greedy, best-of when sampling."""
+        decoding = dict(self.decoding)
+        if temperature > 0:
+            decoding.pop("beam_size", None)
+            decoding.pop("patience", None)
+        else:
+            decoding.pop("best_of", None)
+        return DecodingOptions(
+            task=self.task, language=self.language, temperature=temperature, prompt=self.prompt,
+            fp16=self.fp16, **decoding,
+        )
+
+    def needs_fallback(self, result: DecodingResult) -> bool:
+        """As whisper.transcribe: too repetitive or too unlikely, unless it is silence."""
+        failed = (
+            self.compression_ratio_threshold is not None
+            and result.compression_ratio > self.compression_ratio_threshold
+        ) or (self.logprob_threshold is not None and result.avg_logprob < self.logprob_threshold)
+        return failed and not (self._no_speech(result) and self.logprob_threshold is not None
+                               and result.avg_logprob < self.logprob_threshold)
+
+    def is_silent(self, result: DecodingResult) -> bool:
+        """As whisper.transcribe: skip a window that is likely no speech, unless its text is likely."""
+        if not self._no_speech(result):
+            return False
+        return self.logprob_threshold is None or result.avg_logprob <= self.logprob_threshold
+
+    def _no_speech(self, result: DecodingResult) -> bool:
+        return self.no_speech_threshold is not None and result.no_speech_prob > self.no_speech_threshold
+
+
+def _temperatures(value: float | Sequence[float]) -> tuple[float, ...]:
+    temperatures = (float(value),) if isinstance(value, int | float) else tuple(float(t) for t in value)
+    if not temperatures:
+        raise ValueError("temperature: give at least one temperature")
+    return temperatures
+
+
+@dataclass(frozen=True)
+class _Window:
+    """A chunk as the model sees it: mel frames ``[seek, seek + frames)``, padded to 30 s."""
+
+    seek: int
+    frames: int
+    end_s: float  # where the chunk's audio ends; no timestamp goes past it
+
+    @property
+    def offset_s(self) -> float:
+        return float(self.seek * HOP_LENGTH / SAMPLE_RATE)
+
+
+def _window(chunk: Chunk, content_frames: int, audio_s: float) -> _Window:
+    seek = min(chunk.start // HOP_LENGTH, content_frames)
+    end = min(math.ceil(chunk.end / HOP_LENGTH), content_frames, seek + N_FRAMES)
+    return _Window(seek, end - seek, min(chunk.end_s, audio_s))
+
+
+def transcribe_batched(
+    model: Whisper,
+    audio: np.ndarray,
+    *,
+    options: Mapping[str, Any] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    enable_vad: bool = True,
+    cancel: CancelToken | None = None,
+) -> dict[str, Any]:
+    """Transcribe ``audio`` in batches of chunks: speech chunks with VAD, else 30 s windows."""
+    chunks = speech_chunks(audio) if enable_vad else fixed_chunks(audio)
+    return transcribe_chunks(model, audio, chunks, options=options, batch_size=batch_size, cancel=cancel)
+
+
+def transcribe_chunks(
+    model: Whisper,
+    audio: np.ndarray,
+    chunks: Sequence[Chunk],
+    *,
+    options: Mapping[str, Any] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    cancel: CancelToken | None = None,
+) -> dict[str, Any]:
+    """Transcribe the given ``chunks`` of ``audio`` (each at most 30 s), ``batch_size`` at a time.
+
+    Raises ``Cancelled`` at the next decoder step (or between batches) once ``cancel`` is set.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size!r}")
+    settings = BatchSettings.from_options(model, options or {})
+    inputs = prepare_windows(model, audio, chunks)
+    segments: list[dict[str, Any]] = []
+    with cancellable(model, cancel):
+        for start in range(0, len(inputs), batch_size):
+            if cancel is not None:
+                cancel.check()
+            settings, found = decode_windows(model, inputs[start : start + batch_size], settings)
+            segments.extend(segment for window in found for segment in window)
+    return result_of(segments, settings.language)
+
+
+@dataclass(frozen=True)
+class WindowInput:
+    """One chunk ready for the model: its log-mel, padded to 30 s, and its place in the recording."""
+
+    mel: Tensor  # (n_mels, N_FRAMES), on the CPU
+    window: _Window
+
+
+def prepare_windows(model: Whisper, audio: np.ndarray, chunks: Sequence[Chunk]) -> list[WindowInput]:
+    """The chunks' log-mel windows, computed on the CPU (before any GPU slot is taken)."""
+    mel = log_mel_spectrogram(audio, model.dims.n_mels, padding=N_SAMPLES)
+    content_frames = mel.shape[-1] - N_FRAMES
+    windows = [_window(chunk, content_frames, len(audio) / SAMPLE_RATE) for chunk in chunks]
+    return [WindowInput(pad_or_trim(mel[:, w.seek : w.seek + w.frames], N_FRAMES), w) for w in windows if w.frames > 0]
+
+
+def decode_windows(
+    model: Whisper, inputs: Sequence[WindowInput], settings: BatchSettings
+) -> tuple[BatchSettings, list[list[dict[str, Any]]]]:
+    """One encoder pass and one decoder loop for all ``inputs`` (windows of one or several
+    recordings, decoded alike); each window's segments, and the settings with the language known."""
+    mels = torch.stack([item.mel for item in inputs]).to(model.device)
+    mels = mels.half() if settings.fp16 else mels
+    with torch.no_grad():
+        features = model.encoder(mels)
+    settings = _with_language(model, settings, features)
+    results = decode_with_fallback(model, features, settings)
+    tokenizer = _tokenizer(model, settings)
+    found: list[list[dict[str, Any]]] = []
+    for item, result, window_mel in zip(inputs, results, mels, strict=True):
+        segments = [] if settings.is_silent(result) else _segments(result, item.window, tokenizer)
+        if settings.word_timestamps and segments:
+            # Windows are independent: speech before this one is not known here.
+            _add_words(model, tokenizer, segments, window_mel, item.window, item.window.offset_s)
+        found.append(segments)
+    return settings, found
+
+
+def decode_with_fallback(model: Whisper, features: Tensor, settings: BatchSettings) -> list[DecodingResult]:
+    """One result per row of ``features`` (encoder output, one row per window).
+
+    All rows are decoded at the first temperature; then only the rows that still need a
+    fallback are decoded again, together, at the next one.
+    """
+    results: dict[int, DecodingResult] = {}
+    pending = list(range(features.shape[0]))
+    for temperature in settings.temperatures:
+        decoded = BatchDecodingTask(model, settings.at(temperature)).run(features[pending])
+        for index, result in zip(pending, decoded, strict=True):
+            results[index] = result
+        pending = [index for index, result in zip(pending, decoded, strict=True) if settings.needs_fallback(result)]
+        if not pending:
+            break
+    return [results[index] for index in range(features.shape[0])]
+
+
+def _with_language(model: Whisper, settings: BatchSettings, features: Tensor) -> BatchSettings:
+    """Settings with the language set: as given, or detected on the first window."""
+    if settings.language is not None:
+        return settings
+    _, probabilities = model.detect_language(features[:1])
+    return replace(settings, language=max(probabilities[0], key=probabilities[0].get))
+
+
+def _tokenizer(model: Whisper, settings: BatchSettings) -> Tokenizer:
+    return get_tokenizer(
+        model.is_multilingual, num_languages=model.num_languages, language=settings.language, task=settings.task
+    )
+
+
+def _segments(result: DecodingResult, window: _Window, tokenizer: Tokenizer) -> list[dict[str, Any]]:
+    """Segments of one window's tokens, in recording time, clipped to the window's audio."""
+    found = []
+    for piece in _pieces(list(result.tokens), tokenizer.timestamp_begin):
+        start, end = _piece_span(piece, window, tokenizer.timestamp_begin)
+        found.append({
+            "seek": window.seek,
+            "start": start,
+            "end": end,
+            "text": tokenizer.decode([token for token in piece if token < tokenizer.eot]),
+            "tokens": piece,
+            "temperature": result.temperature,
+            "avg_logprob": result.avg_logprob,
+            "compression_ratio": result.compression_ratio,
+            "no_speech_prob": result.no_speech_prob,
+        })
+    return found
+
+
+def _pieces(tokens: list[int], timestamp_begin: int) -> list[list[int]]:
+    """Tokens cut between each two consecutive timestamps (as whisper.transcribe), text-less pieces dropped."""
+    cuts = [i for i in range(1, len(tokens)) if tokens[i - 1] >= timestamp_begin and tokens[i] >= timestamp_begin]
+    bounds = [0, *cuts, len(tokens)]
+    pieces = [tokens[a:b] for a, b in itertools.pairwise(bounds)]
+    return [piece for piece in pieces if any(token < timestamp_begin for token in piece)]
+
+
+def _piece_span(piece: list[int], window: _Window, timestamp_begin: int) -> tuple[float, float]:
+    """Start and end of a piece: its timestamps, else the window's edges; clipped to the window."""
+    start = window.offset_s + _TIME_PRECISION * (piece[0] - timestamp_begin if piece[0] >= timestamp_begin else 0)
+    end = window.end_s
+    if piece[-1] >= timestamp_begin and len(piece) > 1:
+        end = window.offset_s + _TIME_PRECISION * (piece[-1] - timestamp_begin)
+    start = min(max(start, window.offset_s), window.end_s)
+    return start, min(max(end, start), window.end_s)
+
+
+def _add_words(
+    model: Whisper,
+    tokenizer: Tokenizer,
+    segments: list[dict[str, Any]],
+    mel: Tensor,
+    window: _Window,
+    last_speech: float,
+) -> None:
+    """Word timings of one window's segments (openai-whisper's alignment), kept inside the window."""
+    add_word_timestamps(
+        segments=segments, model=model, tokenizer=tokenizer, mel=mel, num_frames=window.frames,
+        last_speech_timestamp=last_speech,
+    )
+    for segment in segments:
+        for word in segment["words"]:
+            word["start"] = _clip(word["start"], window.offset_s, window.end_s)
+            word["end"] = _clip(word["end"], word["start"], window.end_s)
+        segment["start"] = _clip(segment["start"], window.offset_s, window.end_s)
+        segment["end"] = _clip(segment["end"], segment["start"], window.end_s)
+
+
+def _clip(value: float, low: float, high: float) -> float:
+    return float(min(max(value, low), high))
+
+
+def result_of(segments: list[dict[str, Any]], language: str | None) -> dict[str, Any]:
+    """Segments (in time order) as ``whisper.transcribe``'s result."""
+    numbered = [{"id": index, **segment} for index, segment in enumerate(segments)]
+    return {"text": "".join(segment["text"] for segment in segments), "segments": numbered, "language": language}
+
+
+@contextmanager
+def cancellable(model: Whisper, cancel: CancelToken | None) -> Iterator[None]:
+    """Check ``cancel`` before every decoder step while inside the block."""
+    if cancel is None:
+        yield
+        return
+    hook = model.decoder.register_forward_pre_hook(lambda _module, _args: cancel.check())
+    try:
+        yield
+    finally:
+        hook.remove()
