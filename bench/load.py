@@ -18,7 +18,6 @@ import random
 import statistics
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,39 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Codes a client may retry (the contract's table); used when only the error string arrives.
-RETRYABLE = frozenset({"DOWNLOAD_FAILED", "TIMEOUT", "GPU_OOM", "UPLOAD_FAILED", "OVERLOADED", "CANCELLED",
-                       "INTERNAL", "CUDA_FATAL"})
-RUNPOD_API = "https://api.runpod.ai/v2"
+from client.api import RUNPOD_API, ApiError, Endpoint, request_json
+from client.retry import RETRYABLE, Backoff, Outcome, outcome_of, with_retries
+
+__all__ = ["RETRYABLE", "Summary", "http_sender", "outcome_of", "run_load"]
 
 Send = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-def outcome_of(response: dict[str, Any]) -> tuple[str, bool]:
-    """(code, retryable) of a /runsync-style response or a job-done body."""
-    output = response.get("output")
-    if isinstance(output, dict) and "error_code" in output:
-        return output["error_code"], bool(output.get("retryable"))
-    error = response.get("error")
-    if error:
-        code = str(error).split(":", 1)[0].strip()
-        return code, code in RETRYABLE
-    if response.get("status") not in (None, "COMPLETED"):
-        return str(response["status"]), True
-    return "success", False
-
-
 def http_sender(url: str, *, headers: dict[str, str] | None = None, timeout: float = 600) -> Send:
-    """POST ``{"input": ...}`` to a /runsync URL."""
+    """POST ``{"input": ...}`` to a /runsync URL (the client's HTTP edge; its errors are ``ApiError``)."""
 
     def send(job_input: dict[str, Any]) -> dict[str, Any]:
-        request = urllib.request.Request(  # noqa: S310 (the URL is the operator's target)
-            url, data=json.dumps({"input": job_input}).encode(), method="POST",
-            headers={"Content-Type": "application/json", **(headers or {})},
-        )
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-            result: dict[str, Any] = json.loads(response.read())
-            return result
+        return request_json(url, body={"input": job_input}, headers=headers, timeout=timeout, what="runsync")
 
     return send
 
@@ -87,28 +66,35 @@ class Summary:
         }
 
 
+def _attempt(send: Send, job_input: dict[str, Any]) -> Outcome:
+    try:
+        return Outcome(*outcome_of(send(job_input)))
+    except ApiError as exc:
+        return Outcome(f"CLIENT:{exc.code}", exc.retryable)
+    except OSError as exc:  # a sender other than http_sender (a JobServer's) may raise these
+        return Outcome(f"CLIENT:{type(exc).__name__}", True)
+
+
 def run_load(send: Send, jobs: list[dict[str, Any]], *, clients: int, attempts: int = 4,
-             backoff_s: float = 0.5) -> Summary:
-    """Send every job once (plus retries for retryable failures), ``clients`` at a time."""
+             backoff_s: float = 0.5, deadline_s: float = 3600.0) -> Summary:
+    """Send every job once (plus retries for retryable failures), ``clients`` at a time.
+
+    Retries follow the client's policy: exponential backoff with full jitter, at most
+    ``attempts`` tries and ``deadline_s`` seconds per job.
+    """
     summary = Summary()
     summary_lock = threading.Lock()
+    policy = Backoff(base_s=backoff_s, attempts=attempts)
+    rng = random.Random()
 
     def one(job_input: dict[str, Any]) -> None:
         started = time.perf_counter()
-        code, retries = "NO_ANSWER", 0
-        for attempt in range(attempts):
-            try:
-                code, retryable = outcome_of(send(job_input))
-            except OSError as exc:
-                code, retryable = f"CLIENT:{type(exc).__name__}", True
-            if not retryable or attempt == attempts - 1:
-                break
-            retries += 1
-            time.sleep(backoff_s * 2**attempt * random.uniform(0.5, 1.5))
+        retried = with_retries(lambda: _attempt(send, job_input), policy,
+                               deadline=time.monotonic() + deadline_s, rng=rng)
         with summary_lock:
             summary.latencies_s.append(time.perf_counter() - started)
-            summary.outcomes[code] += 1
-            summary.retries += retries
+            summary.outcomes[retried.outcome.code] += 1
+            summary.retries += len(retried.waits)
 
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=clients) as pool:
@@ -134,10 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attempts", type=int, default=4)
     args = parser.parse_args(argv)
     if args.target == "api":
-        send = http_sender(args.url.rstrip("/") + "/runsync")
+        endpoint = Endpoint.local(args.url)
     else:
-        endpoint, key = os.environ["RUNPOD_ENDPOINT_ID"], os.environ["RUNPOD_API_KEY"]
-        send = http_sender(f"{RUNPOD_API}/{endpoint}/runsync", headers={"Authorization": f"Bearer {key}"})
+        endpoint = Endpoint.runpod(os.environ["RUNPOD_ENDPOINT_ID"], os.environ["RUNPOD_API_KEY"], api_base=RUNPOD_API)
+    send = http_sender(endpoint.url("runsync"), headers=dict(endpoint.headers))
     summary = run_load(send, _mix(args.mix, args.jobs), clients=args.clients, attempts=args.attempts)
     print(json.dumps(summary.as_dict(), indent=2))
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from handler.errors import GenerationTimeout
 from handler.runtime.cancel import CancelToken
 from handler.runtime.instances import InstancePool
 from handler.runtime.registry import PipelineKey
@@ -22,13 +23,16 @@ from handler.tasks import TASKS
 from handler.tasks.base import JobContext, Task
 
 _ids = itertools.count()
+# Attempts seen per key by the "flaky" action (a client's retries of one job share a key).
+_flaky_attempts: dict[str, int] = {}
+_flaky_lock = threading.Lock()
 
 
 class FixtureInput(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     task: Literal["fixture"] = "fixture"
-    action: Literal["ok", "sleep", "raise", "oom", "cuda_fatal", "allocate", "fatal_after_cancel"] = "ok"
+    action: Literal["ok", "sleep", "raise", "oom", "cuda_fatal", "allocate", "fatal_after_cancel", "flaky"] = "ok"
     # How loading the model goes: fine, out of GPU memory, or a sticky CUDA error.
     load: Literal["ok", "oom", "cuda_fatal"] = "ok"
     seconds: float = 0.0
@@ -37,6 +41,9 @@ class FixtureInput(BaseModel):
     model: str = "fixture-model"
     # Fetched through the real guarded downloader before the GPU slot, like a media input.
     url: str | None = None
+    # For "flaky": the first `failures` jobs with this key answer TIMEOUT, later ones succeed.
+    key: str = ""
+    failures: int = 0
 
 
 class FixturePipeline:
@@ -93,7 +100,18 @@ def pipelines_for(ctx: JobContext, model: str, load: str = "ok") -> InstancePool
                                                                     lambda: _load(load)))
 
 
+def _flaky(params: FixtureInput) -> int:
+    """This attempt's number for the key; TIMEOUT (no slot) for the first ``failures``."""
+    with _flaky_lock:
+        attempt = _flaky_attempts[params.key] = _flaky_attempts.get(params.key, 0) + 1
+    if attempt <= params.failures:
+        raise GenerationTimeout(f"fixture: attempt {attempt} of {params.key!r} gets no slot")
+    return attempt
+
+
 async def run(ctx: JobContext, params: FixtureInput) -> dict[str, Any]:
+    if params.action == "flaky":
+        return {"output": "done", "attempt": _flaky(params), "model": params.model}
     pipelines = pipelines_for(ctx, params.model, params.load)
     (ctx.workdir / "scratch.bin").write_bytes(b"x" * 1024)
     if params.url is not None:

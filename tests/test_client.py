@@ -1,0 +1,320 @@
+"""The transcription client (``python -m client``) against the real worker's local API."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client.api import Endpoint
+from client.cli import main
+from client.jobs import run_with_retries
+from client.retry import Backoff, Outcome, with_retries
+from tests import media
+from tests.conftest import CAPTURED_LOGS
+from tests.jobserver import LOOPBACK, ROOT, LocalApi
+from tests.servers import SeaweedS3
+
+pytestmark = pytest.mark.integration
+# Greedy decoding: the same words from tiny.en, in a fraction of the time.
+FAST = ["--beam-size", "1", "--best-of", "1"]
+
+
+def b64_len(path: Path) -> int:
+    return 4 * -(-path.stat().st_size // 3)
+
+
+@pytest.fixture(scope="module")
+def clips(speech_wav: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Speech in five formats (the WAV the largest) and one file that is not media."""
+    directory = tmp_path_factory.mktemp("clips")
+    made = {
+        "meeting.mp3": media.encode(speech_wav, directory / "meeting.mp3", "-ar", "16000"),
+        "call.ogg": media.encode(speech_wav, directory / "call.ogg", "-ar", "16000"),
+        "memo.m4a": media.encode(speech_wav, directory / "memo.m4a", "-ar", "16000"),
+        "lecture.flac": media.encode(speech_wav, directory / "lecture.flac", "-ar", "16000"),
+        "interview.wav": media.encode(speech_wav, directory / "interview.wav", "-ar", "22050"),
+    }
+    notes = directory / "notes.wav"
+    notes.write_text("These are meeting notes, not a recording.\n" * 20)
+    made["notes.wav"] = notes
+    return made
+
+
+@pytest.fixture
+def worker_env(model_dir: Path) -> dict[str, str]:
+    return {"MODEL_DIR": str(model_dir), "WHISPER_MODEL": "tiny.en", "TASK_MODULES": "tests.fixture_tasks"}
+
+
+@pytest.fixture
+def local_api(tmp_path: Path, worker_env: dict[str, str]) -> Iterator[LocalApi]:
+    """The real worker's local API, no bucket (outputs come back inline)."""
+    api = LocalApi(tmp_path, **worker_env)
+    try:
+        with api:
+            yield api
+    finally:
+        CAPTURED_LOGS.write(api.log_path.read_text(errors="replace"))
+
+
+def uploads_left(s3: SeaweedS3, bucket: str) -> list[str]:
+    listing = s3.client().list_objects_v2(Bucket=bucket, Prefix="uploads/")
+    return [item["Key"] for item in listing.get("Contents", [])]
+
+
+def test_six_files_three_clients(tmp_path: Path, worker_env: dict[str, str], bucket_env: dict[str, str],
+                                 s3: SeaweedS3, clips: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """Six files, three in flight, against the real worker with a bucket: four go inline, the one over
+    the inline limit through the upload task (a presigned POST, deleted once read), and all five come
+    back as SRT, VTT and JSON (fetched from presigned URLs) with the spoken words; the file that is not
+    media fails once with INVALID_INPUT, is named with its code in the summary, and the exit status is 1."""
+    big = clips["interview.wav"]
+    limit = max(b64_len(path) for name, path in clips.items() if name != "interview.wav") + 1
+    assert b64_len(big) > limit
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    api = LocalApi(tmp_path, **worker_env, **bucket_env)
+    try:
+        with api:
+            status = main(["transcribe", *map(str, clips.values()), "--url", api.url, "--clients", "3",
+                           "--out", str(out), "--format", "srt,vtt,json", "--inline-limit", str(limit),
+                           "--report", str(report), "--no-progress", *FAST])
+    finally:
+        CAPTURED_LOGS.write(api.log_path.read_text(errors="replace"))
+    assert status == 1
+    files = {Path(entry["file"]).name: entry for entry in json.loads(report.read_text())["files"]}
+    assert (files["notes.wav"]["outcome"], files["notes.wav"]["attempts"]) == ("INVALID_INPUT", 1)
+    assert files["interview.wav"]["via"] == "upload"
+    for name in clips.keys() - {"notes.wav"}:
+        assert files[name]["outcome"] == "success", files[name]
+        assert files[name]["via"] == ("upload" if name == "interview.wav" else "inline")
+        stem = Path(name).stem
+        transcript = json.loads((out / f"{stem}.json").read_text())
+        assert media.recognised(transcript["transcription"]) >= 0.7, (name, transcript["transcription"])
+        srt, vtt = (out / f"{stem}.srt").read_text(), (out / f"{stem}.vtt").read_text()
+        assert "-->" in srt and media.recognised(srt) >= 0.7, srt
+        assert vtt.startswith("WEBVTT") and media.recognised(vtt) >= 0.7, vtt
+        assert files[name]["duration_s"] > 3 and files[name]["real_time_factor"] > 0
+    assert not list(out.glob("notes.*"))
+    assert uploads_left(s3, bucket_env["BUCKET_NAME"]) == []
+    summary = capsys.readouterr().out
+    assert "notes.wav" in summary and "INVALID_INPUT" in summary and "5 of 6 files transcribed" in summary
+
+
+def test_timeouts_are_retried_with_growing_jittered_delays(local_api: LocalApi) -> None:
+    """A job the worker answers TIMEOUT twice is tried a third time and succeeds; each wait is within
+    its full-jitter bound and the bounds double (0.2 s, then 0.4 s); a job that keeps failing stops
+    after the attempts allowed, with its last code."""
+    endpoint = Endpoint.local(local_api.url)
+    policy = Backoff(base_s=0.2, cap_s=5.0, attempts=5)
+    started = time.monotonic()
+    retried = run_with_retries(endpoint, lambda: {"task": "fixture", "action": "flaky", "key": "a", "failures": 2},
+                               policy, deadline=started + 120, rng=random.Random(3))
+    elapsed = time.monotonic() - started
+    assert retried.outcome.ok and retried.outcome.reply is not None
+    assert (retried.attempts, retried.outcome.reply["output"]["attempt"]) == (3, 3)
+    assert [wait.code for wait in retried.waits] == ["TIMEOUT", "TIMEOUT"]
+    assert [wait.ceiling_s for wait in retried.waits] == [0.2, 0.4]
+    assert all(0 <= wait.delay_s <= wait.ceiling_s for wait in retried.waits)
+    assert elapsed >= sum(wait.delay_s for wait in retried.waits)
+    stuck = run_with_retries(endpoint, lambda: {"task": "fixture", "action": "flaky", "key": "b", "failures": 99},
+                             Backoff(base_s=0.01, attempts=3), deadline=time.monotonic() + 60, rng=random.Random(3))
+    assert (stuck.outcome.code, stuck.attempts, len(stuck.waits)) == ("TIMEOUT", 3, 2)
+
+
+def test_full_jitter_bounds_and_growth() -> None:
+    """Delays are uniform in [0, min(cap, base * 2**k)]: never outside the bound, their mean about half
+    the bound, so the expected wait doubles per retry until the cap."""
+    policy = Backoff(base_s=1.0, cap_s=8.0, attempts=10)
+    rng = random.Random(0)
+    assert [policy.ceiling(k) for k in range(5)] == [1, 2, 4, 8, 8]
+    means = []
+    for retry in range(4):
+        delays = [policy.delay(retry, rng) for _ in range(4000)]
+        assert all(0 <= delay <= policy.ceiling(retry) for delay in delays)
+        means.append(statistics.fmean(delays))
+        assert means[-1] == pytest.approx(policy.ceiling(retry) / 2, rel=0.05)
+    assert means == sorted(means) and means[-1] > 6 * means[0]
+
+
+def test_retries_stop_at_a_final_code_and_before_the_deadline() -> None:
+    """A code that is not retryable is never retried, and a wait that would end past the deadline is
+    not made: the last outcome stands at once."""
+    calls: list[str] = []
+    slept: list[float] = []
+
+    def fail(code: str, retryable: bool) -> Outcome:
+        calls.append(code)
+        return Outcome(code, retryable)
+
+    final = with_retries(lambda: fail("INVALID_INPUT", False), Backoff(base_s=0.0), deadline=time.monotonic() + 60,
+                         rng=random.Random(1), sleep=slept.append)
+    assert (final.attempts, final.outcome.code, slept) == (1, "INVALID_INPUT", [])
+    late = with_retries(lambda: fail("GPU_OOM", True), Backoff(base_s=1000.0, cap_s=1000.0), rng=random.Random(1),
+                        deadline=time.monotonic() + 0.5, sleep=slept.append)
+    assert (late.attempts, late.outcome.code, slept) == (1, "GPU_OOM", [])
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "client", "transcribe", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=240, env={**os.environ, **(env or {})})
+
+
+def test_the_cli_as_a_process_writes_inline_outputs_beside_the_file(local_api: LocalApi, tmp_path: Path,
+                                                                   clips: dict[str, Path]) -> None:
+    """``python -m client transcribe`` as a real process, no bucket on the worker: the SRT comes back
+    inline (base64) and the JSON is the result itself, both written beside the input; exit status 0,
+    a summary table on stdout, the bars' final state on stderr."""
+    clip = tmp_path / "meeting.mp3"
+    clip.write_bytes(clips["meeting.mp3"].read_bytes())
+    done = run_cli(str(clip), "--url", local_api.url, "--format", "srt,json", *FAST)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert media.recognised((tmp_path / "meeting.srt").read_text()) >= 0.7
+    result = json.loads((tmp_path / "meeting.json").read_text())
+    assert media.recognised(result["transcription"]) >= 0.7 and "files" not in result
+    assert not (tmp_path / "meeting.vtt").exists()
+    assert "meeting.mp3" in done.stdout and "1 of 1 files transcribed" in done.stdout
+    assert "done" in done.stderr
+
+
+def test_usage_errors_exit_2(tmp_path: Path, clips: dict[str, Path]) -> None:
+    """A missing file, an unknown format, --endpoint without RUNPOD_API_KEY, and two inputs that would
+    write the same output are usage errors: exit status 2 before any request."""
+    clip = str(clips["meeting.mp3"])
+    (tmp_path / "meeting.wav").write_bytes(b"x")
+    cases = [[str(tmp_path / "missing.wav")], [clip, "--format", "srt,docx"], [clip, "--endpoint", "abc"],
+             [clip, str(tmp_path / "meeting.wav"), "--out", str(tmp_path)], [clip, "--clients", "0"]]
+    for args in cases:
+        with pytest.raises(SystemExit) as exited:
+            main(["transcribe", *args, "--url", "http://127.0.0.1:9"] if "--endpoint" not in args
+                 else ["transcribe", *args])
+        assert exited.value.code == 2, args
+
+
+class RunPodStandIn:
+    """RunPod's endpoint API on loopback, in front of the local API: Bearer auth on every request,
+    ``/<endpoint>/run`` queues, ``/<endpoint>/status/<id>`` answers at once (IN_QUEUE, then IN_PROGRESS
+    with a progress message, then the result), as RunPod's does."""
+
+    def __init__(self, local: str, endpoint: str, key: str) -> None:
+        self.local, self.prefix, self.key = local, f"/{endpoint}/", key
+        self.seen: list[tuple[str, str]] = []  # (path, Authorization) of each request
+        self.results: dict[str, dict[str, Any] | None] = {}
+        self._lock = threading.Lock()  # guards seen and results
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                stand_in.answer(self)
+
+            do_POST = do_GET  # noqa: N815 (http.server's method names)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self._server.daemon_threads = True
+        self.base = f"http://{LOOPBACK}:{self._server.server_address[1]}"
+
+    def answer(self, request: BaseHTTPRequestHandler) -> None:
+        auth = request.headers.get("Authorization", "")
+        with self._lock:
+            self.seen.append((request.path, auth))
+        body = request.rfile.read(int(request.headers.get("Content-Length", "0")))
+        if auth != f"Bearer {self.key}":
+            return self._reply(request, 401, {"error": "Unauthorized"})
+        route = request.path.removeprefix(self.prefix)
+        if route == "run":
+            return self._reply(request, 200, self._run(body))
+        if route.startswith("status/"):
+            return self._reply(request, 200, self._status(route.removeprefix("status/")))
+        return self._reply(request, 404, {"error": "no route"})
+
+    def _run(self, body: bytes) -> dict[str, Any]:
+        with urllib.request.urlopen(urllib.request.Request(  # noqa: S310 (loopback)
+                f"{self.local}/run", data=body, headers={"Content-Type": "application/json"}), timeout=30) as reply:
+            job_id = json.loads(reply.read())["id"]
+        with self._lock:
+            self.results[job_id] = None
+        threading.Thread(target=self._wait, args=(job_id,), daemon=True).start()
+        return {"id": job_id, "status": "IN_QUEUE"}
+
+    def _wait(self, job_id: str) -> None:
+        time.sleep(0.6)  # long enough for the client to see the job queued and then in progress
+        status = urllib.request.Request(f"{self.local}/status/{job_id}", method="POST")  # noqa: S310 (loopback)
+        with urllib.request.urlopen(status, timeout=200) as reply:  # noqa: S310
+            result = json.loads(reply.read())
+        with self._lock:
+            self.results[job_id] = result
+
+    def _status(self, job_id: str) -> dict[str, Any]:
+        with self._lock:
+            polls = sum(path.endswith(job_id) for path, _ in self.seen)
+            result = self.results.get(job_id)
+        if result is not None:
+            return result
+        if polls <= 1:
+            return {"id": job_id, "status": "IN_QUEUE"}
+        return {"id": job_id, "status": "IN_PROGRESS", "output": "chunk 1/2"}
+
+    @staticmethod
+    def _reply(request: BaseHTTPRequestHandler, status: int, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload).encode()
+        request.send_response(status)
+        request.send_header("Content-Type", "application/json")
+        request.send_header("Content-Length", str(len(data)))
+        request.end_headers()
+        request.wfile.write(data)
+
+    def __enter__(self) -> RunPodStandIn:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_a_runpod_endpoint_with_the_same_code_and_no_key_in_sight(local_api: LocalApi, tmp_path: Path,
+                                                                  clips: dict[str, Path]) -> None:
+    """``--endpoint`` talks to RunPod's routes (``/<id>/run``, ``/<id>/status/<job>``) with the API key
+    as a Bearer token, polls through IN_QUEUE and IN_PROGRESS to the result, and writes the outputs;
+    a wrong key is a final HTTP_401 (one attempt, exit 1); the key is printed in neither case."""
+    key = "rpa_" + os.urandom(12).hex()
+    clip = tmp_path / "call.ogg"
+    clip.write_bytes(clips["call.ogg"].read_bytes())
+    with RunPodStandIn(local_api.url, "ep-test", key) as runpod:
+        env = {"RUNPOD_ENDPOINT_BASE_URL": runpod.base, "RUNPOD_API_KEY": key}
+        done = run_cli(str(clip), "--endpoint", "ep-test", "--format", "vtt", *FAST, env=env)
+        refused = run_cli(str(clip), "--endpoint", "ep-test", "--report", str(tmp_path / "r.json"),
+                          env={**env, "RUNPOD_API_KEY": "rpa_wrong"})
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert media.recognised((tmp_path / "call.vtt").read_text()) >= 0.7
+    paths = [path for path, _ in runpod.seen]
+    assert "/ep-test/run" in paths and sum("/ep-test/status/" in path for path in paths) >= 3
+    assert {auth for _, auth in runpod.seen} == {f"Bearer {key}", "Bearer rpa_wrong"}
+    failed = json.loads((tmp_path / "r.json").read_text())["files"][0]
+    assert (refused.returncode, failed["outcome"], failed["attempts"]) == (1, "HTTP_401", 1)
+    for run in (done, refused):
+        assert key not in run.stdout + run.stderr and "rpa_wrong" not in run.stdout + run.stderr
+
+
+def test_a_worker_that_is_not_there_is_a_connection_failure(tmp_path: Path, clips: dict[str, Path]) -> None:
+    """Nothing listening: each attempt fails with CONNECTION (retryable), retried up to --attempts,
+    then the file fails for good with exit status 1."""
+    report = tmp_path / "report.json"
+    status = main(["transcribe", str(clips["meeting.mp3"]), "--url", "http://127.0.0.1:9", "--attempts", "2",
+                   "--backoff", "0.01", "--out", str(tmp_path), "--report", str(report), "--no-progress"])
+    entry = json.loads(report.read_text())["files"][0]
+    assert (status, entry["outcome"], entry["attempts"]) == (1, "CONNECTION", 2)
