@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import batched, client, loop, overhead, transcription, upload
+from bench import batched, client, loop, overhead, shared, transcription, upload
 from bench.common import HEADER, Comparison, quiet_logs
 
 
@@ -37,6 +37,8 @@ def main(names: list[str]) -> None:
             rows.extend(loop.prompt_loop())
         elif name == "batched":
             rows.extend(batched.measure())
+        elif name == "shared":
+            rows.extend(shared.measure())
         else:
             sys.exit(f"unknown benchmark {name!r}")
         print(rows[-1].row(), flush=True)

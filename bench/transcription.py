@@ -38,7 +38,9 @@ def measure(runs: int = 20) -> Comparison:
     clip = make_clip(work)
     worker = Worker(bench_settings(model_dir))
     # No temperature fallback: it samples at random, which would make run times noise.
-    inputs = {"audio_base64": base64.b64encode(clip.read_bytes()).decode(), "temperature_increment_on_fallback": None}
+    # batch_size 1: the handler's own openai-whisper path, the same decoding as the baseline.
+    inputs = {"audio_base64": base64.b64encode(clip.read_bytes()).decode(), "temperature_increment_on_fallback": None,
+              "batch_size": 1}
     job = {"id": "bench", "input": inputs}
     options = TranscribeInput.model_validate(inputs).decode_options()
     model = asyncio.run(_warm(worker, job))
