@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import batched, client, loop, overhead, shared, transcription, upload
+from bench import batched, bucket, client, loop, overhead, scaleout, shared, transcription, upload
 from bench.common import HEADER, Comparison, quiet_logs
 
 
@@ -39,6 +39,12 @@ def main(names: list[str]) -> None:
             rows.extend(batched.measure())
         elif name == "shared":
             rows.extend(shared.measure())
+        elif name == "cache":
+            rows.append(bucket.cache_hit())
+        elif name == "upload_post":
+            rows.append(bucket.upload_post())
+        elif name == "scaleout":
+            rows.extend(scaleout.measure())
         else:
             sys.exit(f"unknown benchmark {name!r}")
         print(rows[-1].row(), flush=True)

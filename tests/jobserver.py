@@ -38,6 +38,8 @@ class JobServer:
         self._pending: deque[dict[str, Any]] = deque()
         self._to_stop: list[str] = []
         self.results: dict[str, list[dict[str, Any]]] = {}
+        # Which worker (its RUNPOD_POD_ID) posted each result.
+        self.answered_by: dict[str, list[str]] = {}
         self.progress: dict[str, list[Any]] = {}
         self.taken: list[str] = []
         self.pings = 0
@@ -125,8 +127,10 @@ class JobServer:
             stops, self._to_stop = self._to_stop, []
             return stops
 
-    def _done(self, job_id: str, body: dict[str, Any]) -> None:
+    def _done(self, job_id: str, body: dict[str, Any], worker: str = "") -> None:
         with self.changed:
+            if body.get("status") != "IN_PROGRESS":
+                self.answered_by.setdefault(job_id, []).append(worker)
             if body.get("status") == "IN_PROGRESS":
                 self.progress.setdefault(job_id, []).append(body.get("output"))
             else:
@@ -175,7 +179,8 @@ class JobServer:
                 length = int(self.headers.get("Content-Length", "0"))
                 body = json.loads(self.rfile.read(length) or b"{}")
                 if parts.path.startswith(("/job-done/", "/job-stream/")):
-                    server._done(parts.path.rstrip("/").split("/")[-1], body)
+                    *_, worker, job_id = parts.path.rstrip("/").split("/")
+                    server._done(job_id, body, worker)
                     self._reply(200, {})
                 else:
                     self._reply(404)

@@ -130,3 +130,17 @@ def test_the_setting_turns_it_off(counting_worker, s3: SeaweedS3, bucket: str, s
     for _ in range(2):
         assert run_job(worker, job(audio_base64=b64(speech_wav), **FAST))["cached"] is False
     assert cache_entries(s3, bucket) == []
+
+
+def test_generation_is_cached_only_with_a_seed(counting_worker, tiny_sd: Path) -> None:
+    """A seeded image request is answered from the cache the second time (same pixels: same files);
+    without a seed every request computes (a new random seed each time)."""
+    worker = counting_worker(IMAGE_MODEL=str(tiny_sd))
+    seeded = {"task": "text2image", "prompt": "a red cube", "width": 64, "height": 64, "num_inference_steps": 2,
+              "seed": 7}
+    first = run_job(worker, job(**seeded))
+    again = run_job(worker, job(**seeded))
+    assert (first["cached"], again["cached"]) == (False, True), again
+    assert again["files"][0]["key"] == first["files"][0]["key"]
+    unseeded = {k: v for k, v in seeded.items() if k != "seed"}
+    assert [run_job(worker, job(**unseeded))["cached"] for _ in range(2)] == [False, False]

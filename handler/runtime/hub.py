@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from handler.config import Settings
+from handler.runtime.identity import directory_identity
 
 
 def hf_cache_dir(model_dir: Path) -> Path:
@@ -33,3 +34,15 @@ def pretrained_source(name: str, settings: Settings) -> tuple[str, dict[str, Any
             return name, {"cache_dir": str(cache), "local_files_only": True}
     return name, {"cache_dir": str(hf_cache_dir(settings.model_dir)),
                   "local_files_only": not settings.allow_model_download}
+
+
+def model_identity(name: str, settings: Settings) -> str | None:
+    """What the weights of ``name`` are (for the result cache): a directory's file hashes, or the
+    revision of the cached snapshot; None when the model is not on this machine yet."""
+    if Path(name).is_dir():
+        return directory_identity(Path(name))
+    for cache in (settings.runpod_hf_cache, hf_cache_dir(settings.model_dir)):
+        ref = cache / f"models--{name.replace('/', '--')}" / "refs" / "main"
+        if cached(cache, name) and ref.is_file():
+            return f"revision:{ref.read_text().strip()}"
+    return None

@@ -13,6 +13,7 @@ import torch
 from pydantic import AliasChoices, Field
 
 from handler.errors import InputTooLarge, InvalidInput
+from handler.runtime.hub import model_identity
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
 from handler.tasks import diffusion
@@ -145,6 +146,12 @@ def _save(ctx: JobContext, images: list[Any], fmt: ImageFormat) -> list[tuple[An
 async def run(ctx: JobContext, params: ImageInput) -> dict[str, Any]:
     _check_limits(ctx, params)
     model = params.model or ctx.settings.image_model
+    # Only a seeded request has one answer to remember.
+    identity = await ctx.in_thread(lambda: model_identity(model, ctx.settings)) if params.seed is not None else None
+    return await ctx.cached(ctx.cache_key(params, model=identity), lambda: _generate(ctx, params, model))
+
+
+async def _generate(ctx: JobContext, params: ImageInput, model: str) -> dict[str, Any]:
     pipelines = await ctx.load(lambda: get_pipelines(ctx.runtime, model))
     width, height = resolve_size(ctx, pipelines.first, params)
     options = _call_options(pipelines.first, params, width, height)

@@ -1,0 +1,72 @@
+"""Scale-out as RunPod runs it: several real worker processes, one job server, one shared bucket."""
+
+from __future__ import annotations
+
+import base64
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import media
+from tests.conftest import CAPTURED_LOGS, remember_presigned
+from tests.jobserver import JobServer, WorkerProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def start(server: JobServer, root: Path, model_dir: Path, name: str, env: dict[str, str]) -> WorkerProcess:
+    work = root / name
+    work.mkdir()
+    return WorkerProcess(server, work, model_dir, RUNPOD_POD_ID=name, **env)
+
+
+def stop(worker: WorkerProcess) -> None:
+    worker.stop()
+    CAPTURED_LOGS.write(worker.log_path.read_text(errors="replace"))
+
+
+def output(server: JobServer, job_id: str) -> dict[str, Any]:
+    posts = server.results[job_id]
+    assert len(posts) == 1, posts
+    result: dict[str, Any] = posts[0].get("output", {})
+    remember_presigned(result)
+    return result
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_workers_share_one_queue_and_one_cache(workers: int, tmp_path: Path, model_dir: Path, speech_wav: Path,
+                                              bucket_env: dict[str, str]) -> None:
+    """N workers on one job server and one bucket: every job is answered exactly once across them; a
+    transcription computed by one worker is a result-cache hit when a later worker (started after the
+    first one stopped) gets the same job."""
+    speech = base64.b64encode(speech_wav.read_bytes()).decode()
+    job = {"audio_base64": speech, "beam_size": 1, "best_of": 1}
+    with JobServer() as server:
+        first = start(server, tmp_path, model_dir, "first", bucket_env)
+        try:
+            server.submit("computed", job)
+            assert server.wait_for(1, 120)
+        finally:
+            stop(first)
+        assert output(server, "computed")["cached"] is False
+        pool = [start(server, tmp_path, model_dir, f"w{i}", bucket_env) for i in range(workers)]
+        try:
+            server.submit("again", job)
+            for i in range(8 * workers):
+                server.submit(f"f{i}", {"task": "fixture", "action": "sleep", "seconds": 0.3})
+            assert server.wait_for(2 + 8 * workers, 180), f"only {len(server.results)} answered"
+        finally:
+            for worker in pool:
+                stop(worker)
+        again = output(server, "again")
+        assert again["cached"] is True and media.recognised(again["transcription"]) >= 0.7
+        assert server.answered_by["again"][0] != "first"
+        answered = Counter(by[0] for job_id, by in server.answered_by.items() if job_id.startswith("f"))
+        assert sum(answered.values()) == 8 * workers
+        assert all(len(by) == 1 for by in server.answered_by.values())
+        if workers > 1:
+            assert len(answered) > 1, answered  # the queue really was shared
+        for worker in pool:
+            assert worker.job_dirs() == []
