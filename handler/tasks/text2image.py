@@ -13,7 +13,6 @@ import torch
 from pydantic import AliasChoices, Field
 
 from handler.errors import InputTooLarge, InvalidInput
-from handler.runtime.hub import model_identity
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
 from handler.tasks import diffusion
@@ -147,8 +146,8 @@ async def run(ctx: JobContext, params: ImageInput) -> dict[str, Any]:
     _check_limits(ctx, params)
     model = params.model or ctx.settings.image_model
     # Only a seeded request has one answer to remember.
-    identity = await ctx.in_thread(lambda: model_identity(model, ctx.settings)) if params.seed is not None else None
-    return await ctx.cached(ctx.cache_key(params, model=identity), lambda: _generate(ctx, params, model))
+    key = await ctx.generation_key(params, model, deterministic=params.seed is not None)
+    return await ctx.cached(key, lambda: _generate(ctx, params, model))
 
 
 async def _generate(ctx: JobContext, params: ImageInput, model: str) -> dict[str, Any]:

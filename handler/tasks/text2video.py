@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 from handler.errors import InputTooLarge, InvalidInput, ModelLoadFailed
 from handler.io import media
 from handler.logs import get_logger
-from handler.runtime.hub import model_identity, pretrained_source
+from handler.runtime.hub import pretrained_source
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
 from handler.tasks import diffusion, speech, transcribe
@@ -251,8 +251,8 @@ async def run(ctx: JobContext, params: VideoInput) -> dict[str, Any]:
     model = params.model or ctx.settings.video_model
     # A seeded request without a narration file has one answer to remember (a file would need hashing).
     cacheable = params.seed is not None and params.audio is None and params.audio_base64 is None
-    identity = await ctx.in_thread(lambda: model_identity(model, ctx.settings)) if cacheable else None
-    return await ctx.cached(ctx.cache_key(params, model=identity), lambda: _make(ctx, params, model))
+    key = await ctx.generation_key(params, model, deterministic=cacheable)
+    return await ctx.cached(key, lambda: _make(ctx, params, model))
 
 
 async def _make(ctx: JobContext, params: VideoInput, model: str) -> dict[str, Any]:

@@ -152,7 +152,8 @@ def get_pipelines(runtime: Runtime, model: str) -> InstancePool[WhisperPipeline]
 
 
 def preload(runtime: Runtime) -> None:
-    get_pipelines(runtime, runtime.settings.whisper_model)
+    """Load the default model and pay its first-call costs, so a cold worker's first job is not slower."""
+    get_pipelines(runtime, runtime.settings.whisper_model).first.warm_up()
     if runtime.settings.result_cache:  # hash the weights now, not in the first job
         model_identity(runtime.settings.whisper_model, runtime.settings)
 
@@ -324,10 +325,12 @@ async def _store(ctx: JobContext, result: dict[str, Any], output: dict[str, Any]
 async def run(ctx: JobContext, params: TranscribeInput) -> dict[str, Any]:
     model = _model_name(ctx, params)
     target, field = await _fetch(ctx, params)
-    key = ctx.cache_key(
-        params, model=await ctx.in_thread(lambda: model_identity(model, ctx.settings)),
-        media=await ctx.in_thread(lambda: file_identity(target)), exclude=_NOT_IN_RESULT,
-    )
+    key = None
+    if ctx.caching(params):
+        key = ctx.cache_key(
+            params, model=await ctx.in_thread(lambda: model_identity(model, ctx.settings)),
+            media=await ctx.in_thread(lambda: file_identity(target)), exclude=_NOT_IN_RESULT,
+        )
     return await ctx.cached(key, lambda: _transcribe(ctx, params, model, target, field))
 
 

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 import whisper
+import whisper.timing
 from whisper.model import ModelDimensions, Whisper
 
 from handler.config import Settings
@@ -147,3 +148,13 @@ class WhisperPipeline:
             return settings
         with self._in_use:
             return whisper_batch.detect_language(self.model, settings, first)
+
+    def warm_up(self) -> None:
+        """Pay now what a first job would: numba compiling the word-alignment DTW (seconds on the
+        CPU), the tokenizer, and the first decode of both paths, on a second of faint noise."""
+        whisper.timing.dtw(torch.zeros(8, 8, device=self.model.device))
+        noise = np.random.default_rng(0).normal(0, 0.01, whisper.audio.SAMPLE_RATE).astype(np.float32)
+        options: dict[str, Any] = {"word_timestamps": True, "beam_size": 1, "temperature": 0.0}
+        self.transcribe(noise, cancel=CancelToken(), **options)
+        chunks = [Chunk(0, len(noise))]
+        self.transcribe_chunks(noise, chunks, cancel=CancelToken(), batch_size=1, **options)
