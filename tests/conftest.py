@@ -20,6 +20,7 @@ from handler.config import Settings, load_settings
 from handler.logs import configure_logging
 from handler.runtime.registry import Registry
 from tests import media
+from tests.jobserver import JobServer
 from tests.servers import SeaweedS3
 
 # Every log line of the suite, the worker's and its libraries', goes here too.
@@ -179,6 +180,13 @@ def run_job(worker: Worker, job: dict[str, Any]) -> dict[str, Any]:
 
 def job(**inputs: Any) -> dict[str, Any]:
     return {"id": f"test-{uuid.uuid4().hex[:8]}", "input": inputs}
+
+
+@pytest.fixture
+def server() -> Iterator[JobServer]:
+    """A local RunPod job server for the real worker process (tests/jobserver.py)."""
+    with JobServer() as job_server:
+        yield job_server
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +15,6 @@ from tests.conftest import CAPTURED_LOGS
 from tests.jobserver import JobServer, WorkerProcess
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def server() -> Iterator[JobServer]:
-    with JobServer() as job_server:
-        yield job_server
 
 
 def start(server: JobServer, tmp_path: Path, model_dir: Path, **env: str) -> WorkerProcess:
