@@ -167,3 +167,20 @@ def test_loading_the_vad_leaves_torch_threads_alone() -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "2"
+
+
+def test_a_cancelled_job_stops_its_vad_pass() -> None:
+    """The VAD pass of a cancelled job stops at its next window (CANCELLED), not after the whole recording."""
+    import time
+
+    from handler.errors import Cancelled
+    from handler.runtime.cancel import CancelToken
+    from handler.tasks.vad import speech_chunks
+
+    token = CancelToken()
+    token.cancel()
+    noise = np.random.default_rng(1).normal(0, 0.1, 16000 * 600).astype(np.float32)  # ten minutes
+    started = time.monotonic()
+    with pytest.raises(Cancelled):
+        speech_chunks(noise, cancel=token)
+    assert time.monotonic() - started < 2

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from handler.runtime.batcher import Batcher
+from handler.runtime.cancel import CancelToken
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
 from handler.tasks import vad, whisper_batch
@@ -64,9 +65,10 @@ class _Item:
     progress: ChunkProgress
 
 
-def find_chunks(audio: np.ndarray, *, enable_vad: bool) -> list[vad.Chunk]:
-    """Speech chunks (VAD) or windows covering everything, each at most 30 s; on the CPU."""
-    return vad.speech_chunks(audio) if enable_vad else vad.fixed_chunks(audio)
+def find_chunks(audio: np.ndarray, *, enable_vad: bool, cancel: CancelToken) -> list[vad.Chunk]:
+    """Speech chunks (VAD, stopping when the job is cancelled) or windows covering everything,
+    each at most 30 s; on the CPU."""
+    return vad.speech_chunks(audio, cancel=cancel) if enable_vad else vad.fixed_chunks(audio)
 
 
 def _batcher(ctx: JobContext, pipelines: InstancePool[WhisperPipeline], batch_size: int) -> Batcher[_Item, Segments]:

@@ -251,7 +251,8 @@ async def _recognise_job(
         return empty, (empty if params.translate else None)
     model = pipelines.first.model
     with ctx.timings.measure("chunk"):
-        chunks = await ctx.in_thread(lambda: chunked.find_chunks(audio, enable_vad=params.enable_vad))
+        find = functools.partial(chunked.find_chunks, audio, enable_vad=params.enable_vad, cancel=ctx.cancel)
+        chunks = await ctx.in_thread(find)
         windows = await ctx.in_thread(lambda: whisper_batch.prepare_windows(model, audio, chunks))
     options = params.decode_options()
     result = await chunked.recognise(ctx, pipelines, windows, options={**options, "task": "transcribe"},

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from handler.runtime.cancel import CancelToken
+
 SAMPLE_RATE = 16000
 MAX_CHUNK_S = 30.0
 
@@ -93,8 +95,11 @@ def speech_regions(
     threshold: float = 0.5,
     min_silence_ms: int = 300,
     speech_pad_ms: int = 200,
+    cancel: CancelToken | None = None,
 ) -> list[Chunk]:
     """Silero's speech regions, each padded by ``speech_pad_ms`` and at most ``max_region_s`` long.
+
+    A cancelled job's pass stops at its next window (Silero reports progress per window).
 
     A longer region is cut at its last pause of ~100 ms before the limit: the last, not the
     longest, so chunks come out near the limit and fewer windows need decoding.
@@ -111,6 +116,7 @@ def speech_regions(
             threshold=threshold, sampling_rate=SAMPLE_RATE, max_speech_duration_s=max_region_s,
             min_silence_duration_ms=min_silence_ms, speech_pad_ms=speech_pad_ms,
             use_max_poss_sil_at_max_speech=False,
+            progress_tracking_callback=(lambda _done: cancel.check()) if cancel is not None else None,
         )
     return [Chunk(int(span["start"]), int(span["end"])) for span in spans]
 
