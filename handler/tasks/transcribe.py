@@ -154,7 +154,7 @@ def get_pipelines(runtime: Runtime, model: str) -> InstancePool[WhisperPipeline]
 def preload(runtime: Runtime) -> None:
     """Load the default model and pay its first-call costs, so a cold worker's first job is not slower."""
     get_pipelines(runtime, runtime.settings.whisper_model).first.warm_up()
-    if runtime.settings.result_cache:  # hash the weights now, not in the first job
+    if runtime.settings.result_cache and runtime.settings.bucket is not None:  # hash the weights now, not in a job
         model_identity(runtime.settings.whisper_model, runtime.settings)
 
 
