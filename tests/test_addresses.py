@@ -56,11 +56,12 @@ def test_download_to_embedded_loopback_never_connects(address: str, tmp_path: Pa
     ("url", "error"),
     [("https://①②⑦.0.0.1/a.mp3", DownloadRefused),  # full-width digits normalise to 127.0.0.1
      ("https://exämple.com/a.mp3", DownloadRefused),
-     ("http://[::1", InvalidInput), ("https://host:99999/a", InvalidInput), ("notaurl", DownloadRefused),
-     ("https://user:pw@example.com/a", DownloadRefused), ("https:///a", DownloadRefused)],
+     ("http://[::1", InvalidInput), ("https://host:99999/a", InvalidInput), ("notaurl", InvalidInput),
+     ("https://user:pw@example.com/a", DownloadRefused), ("https:///a", InvalidInput)],
 )
 def test_url_form_is_checked_before_any_network_use(url: str, error: type[Exception]) -> None:
-    """Malformed URLs are INVALID_INPUT and non-ASCII hosts, credentials or no host are refused; none
+    """Malformed URLs (no scheme, no host, a bad port) are INVALID_INPUT and non-ASCII hosts or
+    credentials are refused; none
     of them is retryable, and each names the field."""
     with pytest.raises(error) as info:
         check_url(url, schemes={"https", "http"}, field="audio")

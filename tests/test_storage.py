@@ -186,7 +186,7 @@ def test_per_job_endpoint_on_internal_addresses_is_refused(make_worker, short_sp
 
 @pytest.mark.parametrize(
     ("overrides", "field", "code"),
-    [({"endpointUrl": "notaurl"}, "s3Config.endpointUrl", "DOWNLOAD_FAILED"),
+    [({"endpointUrl": "notaurl"}, "s3Config.endpointUrl", "INVALID_INPUT"),
      ({"endpointUrl": "http://[::1"}, "s3Config.endpointUrl", "INVALID_INPUT"),
      ({"endpointUrl": "https://①②⑦.0.0.1/"}, "s3Config.endpointUrl", "DOWNLOAD_FAILED"),
      ({"bucketName": "a/../b"}, "s3Config.bucketName", "INVALID_INPUT"),

@@ -95,18 +95,20 @@ def _public(address: IPAddress) -> bool:
 
 
 def check_url(url: str, *, schemes: Iterable[str], field: str) -> SplitResult:
-    """The URL's parts, once its form is acceptable: scheme, ASCII host, no credentials."""
+    """The URL's parts, once its form is acceptable: scheme, ASCII host, no credentials.
+
+    A string that is not a URL is INVALID_INPUT; a URL the policy will not fetch is refused."""
     try:
         parts = urlsplit(url)
         host = parts.hostname
         parts.port  # noqa: B018 (parsing the port is the check)
     except ValueError as exc:
         raise InvalidInput(f"{field}: not a valid URL", field=field) from exc
+    if not parts.scheme or not host:  # not a URL at all ("notaurl", "https:///a"): the field is malformed
+        raise InvalidInput(f"{field}: not a valid URL (expected scheme://host/...)", field=field)
     allowed = sorted(schemes)
     if parts.scheme not in allowed:
         raise DownloadRefused(f"{field}: URL scheme must be {' or '.join(allowed)}", field=field)
-    if not host:
-        raise DownloadRefused(f"{field}: URL has no host", field=field)
     if not host.isascii():
         # Unicode hosts normalise in surprising ways (full-width digits become an IP address).
         raise DownloadRefused(f"{field}: the host must be ASCII (use its punycode form)", field=field)
