@@ -8,6 +8,7 @@ Whatever happens inside a job, the handler returns a dict: a result with ``reque
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from handler.config import Settings, load_settings
 from handler.errors import Cancelled, CudaFatal, InvalidInput, Overloaded, WorkerError, printable
 from handler.io.download import Downloader
 from handler.io.inputs import MediaInputs
+from handler.io.result_cache import cache_secret
 from handler.io.storage import InlineStorage, S3Storage, Storage, bucket_from_job
 from handler.io.workspace import job_workspace
 from handler.logs import get_logger
@@ -28,6 +30,7 @@ from handler.runtime.devices import resolve_device
 from handler.runtime.gate import Gate
 from handler.runtime.memory import auto_slots, free_for_models, model_bytes, read_memory
 from handler.runtime.registry import Registry
+from handler.runtime.threads import in_thread, job_threads
 from handler.tasks import TASKS, load_task_modules
 from handler.tasks.base import JobContext, Runtime, Task
 
@@ -73,6 +76,7 @@ class Worker:
                 acquire_timeout=settings.generation_acquire_timeout,
             ),
             device=resolve_device(settings.device),
+            cache_secret=cache_secret(settings),
         )
         self.runtime.sizing.update(mode="fixed", slots=self.runtime.gate.slots)
         self.lifecycle = self.runtime.lifecycle
@@ -120,6 +124,9 @@ class Worker:
         per_job = bucket_from_job(job, policy=policy, schemes=self.downloader.schemes)
         if per_job is not None:
             return S3Storage(per_job, self.settings, policy=policy)
+        return self._storage()
+
+    def _storage(self) -> Storage:
         if self._bucket is not None:
             return self._bucket
         return InlineStorage(self.settings.inline_output_max_bytes)
@@ -189,18 +196,24 @@ class Worker:
     async def _run(
         self, task: Task[Any], params: BaseModel, job: dict[str, Any], request_id: str
     ) -> dict[str, Any]:
-        # A per-job endpoint is resolved (DNS) while it is checked: off the event loop.
-        storage = await asyncio.to_thread(self.storage_for, job) if "s3Config" in job else self.storage_for(job)
-        cancel = CancelToken()
-        inputs = MediaInputs(self.settings, self.downloader, storage, cancel)
-        log.debug("job.start", task=task.name)
-        with job_workspace(self.settings.job_root()) as workspace:
-            ctx = JobContext(self.runtime, request_id, job, workspace, inputs, storage, cancel=cancel)
-            try:
-                output = await task.run(ctx, params)
-            except asyncio.CancelledError:
-                cancel.cancel()  # stops the job's threads: downloads, ffmpeg, model steps, uploads
-                raise
+        threads = job_threads()
+        try:
+            # A per-job endpoint is resolved (DNS) while it is checked: off the event loop, on the job's threads.
+            storage = await in_thread(functools.partial(self.storage_for, job), executor=threads,
+                                      on_late_error=self.lifecycle.late_error) if "s3Config" in job else self._storage()
+            cancel = CancelToken()
+            inputs = MediaInputs(self.settings, self.downloader, storage, cancel)
+            log.debug("job.start", task=task.name)
+            with job_workspace(self.settings.job_root()) as workspace:
+                ctx = JobContext(self.runtime, request_id, job, workspace, inputs, storage, cancel=cancel,
+                                 threads=threads)
+                try:
+                    output = await task.run(ctx, params)
+                except asyncio.CancelledError:
+                    cancel.cancel()  # stops the job's threads: downloads, ffmpeg, model steps, uploads
+                    raise
+        finally:
+            threads.shutdown(wait=False, cancel_futures=True)
         return {**output, "request_id": request_id, "timings": ctx.timings.as_dict()}
 
     def begin_shutdown(self) -> None:

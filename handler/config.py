@@ -158,11 +158,19 @@ class Settings:
     result_cache: bool = True
     # RESULT_CACHE_PREFIX: key prefix of the result cache's entries.
     result_cache_prefix: str = "cache"
+    # RESULT_CACHE_SECRET: key of the HMAC that authenticates cache entries (share it across an
+    # endpoint's workers). Unset: derived from BUCKET_SECRET_ACCESS_KEY, which every worker of the
+    # endpoint has and no job sees; with no bucket either, a random key per process.
+    result_cache_secret: str | None = field(default=None, repr=False)
+    # RESULT_CACHE_TIMEOUT_S: deadline of a whole cache lookup (or store); a slower one is a miss.
+    result_cache_timeout_s: float = 5.0
     # UPLOAD_PREFIX: key prefix of the presigned uploads the `upload` task hands out (give it a
     # bucket lifecycle rule); only objects under it may be deleted after reading.
     upload_prefix: str = "uploads"
     # UPLOAD_EXPIRY_S: lifetime of a presigned upload (POST) URL.
     upload_expiry_s: int = 900
+    # UPLOAD_TIMEOUT_S: deadline of one output file's upload to a job's own bucket (s3Config).
+    upload_timeout_s: float = 600.0
     # UPLOAD_MAX_ATTEMPTS: attempts per S3 request (botocore standard retry mode).
     upload_max_attempts: int = 3
     # S3_CONNECT_TIMEOUT_S, S3_READ_TIMEOUT_S: socket timeouts of S3 requests.
@@ -174,7 +182,8 @@ class Settings:
 
     # DOWNLOAD_MAX_BYTES: largest media download (URL or bucket object).
     download_max_bytes: int = 1024 * MIB
-    # DOWNLOAD_TIMEOUT_S: whole-download deadline, connect to last byte.
+    # DOWNLOAD_TIMEOUT_S: whole-download deadline, connect to last byte (URLs, and objects of a
+    # job's own bucket).
     download_timeout_s: float = 300.0
     # DOWNLOAD_MAX_REDIRECTS: redirects followed, each one checked like the first URL.
     download_max_redirects: int = 5
@@ -348,12 +357,25 @@ def _bucket(env: _Env) -> BucketSettings | None:
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Parse the settings from ``environ`` (default: ``os.environ``)."""
     settings = _read(_Env(os.environ if environ is None else environ))
+    _check_prefixes(settings)
     served = settings.allowed_whisper_models()
     for name, target in settings.whisper_model_map:
         if target not in served:
             raise SettingsError(f"WHISPER_MODEL_MAP maps {name!r} to {target!r}, which is not served "
                                 f"(WHISPER_MODEL, WHISPER_MODELS: {', '.join(served)})")
     return settings
+
+
+def _check_prefixes(settings: Settings) -> None:
+    """Outputs, uploads and cache entries each under a prefix of their own: ``delete_after_read``
+    deletes only uploads, and a cache entry must never be an output or an upload."""
+    prefixes = {"BUCKET_PREFIX": settings.bucket_prefix, "UPLOAD_PREFIX": settings.upload_prefix,
+                "RESULT_CACHE_PREFIX": settings.result_cache_prefix}
+    for name, prefix in prefixes.items():
+        for other, other_prefix in prefixes.items():
+            if name != other and (prefix == other_prefix or f"{prefix}/".startswith(f"{other_prefix}/")):
+                raise SettingsError(f"{name}={prefix!r} overlaps {other}={other_prefix!r}: "
+                                    "outputs, uploads and cache entries need prefixes of their own")
 
 
 def _read(env: _Env) -> Settings:
@@ -413,7 +435,12 @@ def _read(env: _Env) -> Settings:
         upload_prefix=env.get("UPLOAD_PREFIX", _parse_prefix, d.upload_prefix),
         result_cache=env.get("RESULT_CACHE", _parse_bool, d.result_cache),
         result_cache_prefix=env.get("RESULT_CACHE_PREFIX", _parse_prefix, d.result_cache_prefix),
+        result_cache_secret=env.text("RESULT_CACHE_SECRET"),
+        result_cache_timeout_s=env.get(
+            "RESULT_CACHE_TIMEOUT_S", _parse_positive_float, d.result_cache_timeout_s
+        ),
         upload_expiry_s=env.get("UPLOAD_EXPIRY_S", _parse_positive_int, d.upload_expiry_s),
+        upload_timeout_s=env.get("UPLOAD_TIMEOUT_S", _parse_positive_float, d.upload_timeout_s),
         upload_max_attempts=env.get("UPLOAD_MAX_ATTEMPTS", _parse_positive_int, d.upload_max_attempts),
         s3_connect_timeout_s=env.get(
             "S3_CONNECT_TIMEOUT_S", _parse_positive_float, d.s3_connect_timeout_s

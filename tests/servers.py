@@ -205,3 +205,57 @@ def redirect_to(location: str) -> Route:
         request.end_headers()
 
     return route
+
+
+class TrickleServer:
+    """An endpoint that answers every request with headers, then one byte now and then, forever:
+    each request holds whoever waits on it until that side gives up. Counts requests open now."""
+
+    def __init__(self, *, every_s: float = 0.5) -> None:
+        self.open = 0
+        self.seen = 0
+        self._open_lock = threading.Lock()
+        self._stop = threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer._trickle(self, every_s)
+
+            do_HEAD = do_PUT = do_POST = do_DELETE = do_GET  # noqa: N815 (http.server's method names)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def _trickle(self, request: BaseHTTPRequestHandler, every_s: float) -> None:
+        with self._open_lock:
+            self.open += 1
+            self.seen += 1
+        try:
+            request.send_response(200)
+            request.send_header("Content-Length", "1000000")
+            request.end_headers()
+            while not self._stop.is_set():
+                request.wfile.write(b" ")
+                request.wfile.flush()
+                self._stop.wait(every_s)
+        except OSError:
+            pass  # the client hung up: what a deadline or a cancel must do
+        finally:
+            with self._open_lock:
+                self.open -= 1
+
+    def __enter__(self) -> TrickleServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._server.shutdown()
+        self._server.server_close()

@@ -43,14 +43,28 @@ def test_upload_then_transcribe_then_delete(make_worker, bucket_env, s3: Seaweed
 
 
 def test_the_store_refuses_files_over_the_limit(make_worker, bucket_env, speech_wav: Path) -> None:
-    """The size condition is in the signed policy: a body over DOWNLOAD_MAX_BYTES is refused by the store
-    itself, even when the client declared a small size; a declared size over it is refused by the task."""
+    """The size condition is in the signed policy: a body larger than the declared size is refused by
+    the store itself; a declared size over DOWNLOAD_MAX_BYTES is refused by the task."""
     worker = make_worker(**bucket_env, DOWNLOAD_MAX_BYTES="50000")
     granted = run_job(worker, job(task="upload", file_name="a.wav", size=1000))
     refused = post_file(granted["upload"], speech_wav.read_bytes()[:200_000])
     assert refused.status_code == 400 and "EntityTooLarge" in refused.text, refused.text
     too_big = run_job(worker, job(task="upload", file_name="a.wav", size=50_001))
     assert (too_big["error_code"], too_big["field"]) == ("INPUT_TOO_LARGE", "size")
+
+
+def test_the_grant_holds_only_the_declared_size(make_worker, bucket_env, s3: SeaweedS3) -> None:
+    """A grant for 1000 bytes takes exactly 1000: one byte more or one less is refused by the store
+    (still under DOWNLOAD_MAX_BYTES), so a client cannot put more than it declared."""
+    worker = make_worker(**bucket_env)
+    granted = run_job(worker, job(task="upload", file_name="a.wav", size=1000))
+    assert granted["max_bytes"] == 1000
+    for wrong in (1001, 999, 40_000):
+        refused = post_file(granted["upload"], b"x" * wrong)
+        assert refused.status_code == 400, (wrong, refused.status_code, refused.text)
+        assert not object_exists(s3, granted["audio"])
+    assert post_file(granted["upload"], b"x" * 1000).status_code in (200, 201, 204)
+    assert object_exists(s3, granted["audio"])
 
 
 @pytest.mark.slow

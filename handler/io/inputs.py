@@ -79,7 +79,7 @@ class MediaInputs:
             bucket, key, target, max_bytes=self._settings.download_max_bytes, field=field, cancel=self._cancel
         )
         if delete_after_read:
-            self._storage.delete_object(bucket, key, field=field)
+            self._storage.delete_object(bucket, key, field=field, cancel=self._cancel)
         return size
 
     def from_base64(self, data: str, target: Path, *, field: str) -> int:

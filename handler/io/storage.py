@@ -6,7 +6,12 @@ worker's in :func:`s3_errors`, one table for every call: ``UPLOAD_FAILED`` for w
 
 A job's own ``s3Config`` is checked completely at the door (:func:`bucket_from_job`): its
 endpoint passes the same address policy as download URLs, resolved there and again at every
-connect, and its bucket name must be a bucket name. The operator's bucket is trusted.
+connect, and its bucket name must be a bucket name. Every call to such an endpoint has an
+overall deadline and stops when its job is cancelled: the job's client is its own, so its open
+connections are cut (:class:`_Connections`) when either comes first, whatever botocore or
+s3transfer is waiting for. A trickling endpoint therefore holds only its own job's threads,
+and only until its deadline. The operator's bucket is trusted: its client is shared by every
+job and keeps botocore's socket timeouts.
 
 Object keys are built by the worker from the prefix, the date, the request id and a fixed
 file name, never from user strings. Checksums are computed only when the S3 API requires
@@ -18,8 +23,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import re
+import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -103,9 +110,9 @@ class Storage(Protocol):
         self, bucket: str, key: str, target: Path, *, max_bytes: int, field: str, cancel: CancelToken | None = None
     ) -> int: ...
 
-    def presign_upload(self, key: str, *, max_bytes: int, expires_s: int) -> PresignedUpload: ...
+    def presign_upload(self, key: str, *, size: int, expires_s: int) -> PresignedUpload: ...
 
-    def delete_object(self, bucket: str, key: str, *, field: str) -> None: ...
+    def delete_object(self, bucket: str, key: str, *, field: str, cancel: CancelToken | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -197,8 +204,48 @@ def bucket_from_job(job: dict[str, Any], *, policy: AddressPolicy, schemes: froz
     )
 
 
-def _guarded_pool(base: type[Any], policy: AddressPolicy) -> type[Any]:
-    """A botocore connection pool whose connections go only to addresses the policy permits."""
+class _Connections:
+    """The open sockets of one job's client, so that another thread can cut them.
+
+    A thread blocked in a socket read cannot be interrupted, but shutting its socket down wakes
+    it with an error. Sockets, not connections, are remembered: an HTTP/1.0 answer takes its
+    socket away from the connection into the response. After a cut, sockets opened by retries
+    are cut at once, until the bounded call that cut them has ended.
+    """
+
+    def __init__(self) -> None:
+        # Guards _open and _cutting; never held while a socket is shut down.
+        self._open_lock = threading.Lock()
+        self._open: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        self._cutting = False
+
+    def add(self, sock: socket.socket) -> None:
+        with self._open_lock:
+            self._open.add(sock)
+            cutting = self._cutting
+        if cutting:
+            _shut(sock)
+
+    def cut(self) -> None:
+        with self._open_lock:
+            self._cutting = True
+            sockets = list(self._open)
+        for sock in sockets:
+            _shut(sock)
+
+    def reopen(self) -> None:
+        with self._open_lock:
+            self._cutting = False
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # closed already, or handed over to its TLS wrapper
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _guarded_pool(base: type[Any], policy: AddressPolicy, connections: _Connections) -> type[Any]:
+    """A botocore connection pool whose connections go only to addresses the policy permits,
+    their sockets remembered in ``connections``."""
 
     class GuardedConnection(base.ConnectionCls):  # type: ignore[name-defined,misc]
         def _new_conn(self) -> Any:
@@ -206,28 +253,38 @@ def _guarded_pool(base: type[Any], policy: AddressPolicy) -> type[Any]:
             checked = policy.resolve(host, self.port)
             self._dns_host = str(checked[0])
             try:
-                return super()._new_conn()
+                sock = super()._new_conn()
             finally:
                 self._dns_host = host
+            connections.add(sock)  # cut during a TLS handshake
+            return sock
+
+        def connect(self) -> None:
+            super().connect()
+            connections.add(self.sock)  # the TLS socket that replaced it, where there is one
 
     return type(f"Guarded{base.__name__}", (base,), {"ConnectionCls": GuardedConnection})
 
 
-def _guard_connections(client: Any, policy: AddressPolicy) -> None:
-    """Route every connection of ``client`` through the address policy.
+def _guard_connections(client: Any, policy: AddressPolicy, connections: _Connections) -> None:
+    """Route every connection of ``client`` through the address policy, and into ``connections``.
 
     botocore offers no public hook where sockets open, so its session's pool classes are
     replaced; tests/test_storage.py proves the guard holds (a refused endpoint gets no connection).
     """
     session = client._endpoint.http_session
-    classes = {"http": _guarded_pool(AWSHTTPConnectionPool, policy),
-               "https": _guarded_pool(AWSHTTPSConnectionPool, policy)}
+    classes = {"http": _guarded_pool(AWSHTTPConnectionPool, policy, connections),
+               "https": _guarded_pool(AWSHTTPSConnectionPool, policy, connections)}
     session._pool_classes_by_scheme = classes
     session._manager.pool_classes_by_scheme = classes
 
 
 class S3Storage:
-    """Uploads to one bucket and presigns GET URLs for what it uploaded."""
+    """Uploads to one bucket and presigns GET URLs for what it uploaded.
+
+    ``policy`` marks a job's own bucket (its ``s3Config``): connections are checked against
+    the address policy, and every call is bounded by its deadline and the job's cancel token.
+    """
 
     durable = True
 
@@ -236,6 +293,10 @@ class S3Storage:
         self.bucket = bucket
         self._prefix = settings.bucket_prefix
         self._expiry_s = settings.presign_expiry_s
+        self._upload_timeout_s = settings.upload_timeout_s
+        self._read_timeout_s = settings.download_timeout_s
+        # A job's own client, whose connections a deadline or a cancel may cut; None: shared.
+        self._connections = _Connections() if policy is not None else None
         config = Config(
             signature_version="s3v4",
             s3={"addressing_style": "path" if bucket.endpoint_url else "auto"},
@@ -255,7 +316,43 @@ class S3Storage:
         except ValueError as exc:  # botocore's own check of the endpoint URL
             raise InvalidInput("s3Config.endpointUrl: not a valid endpoint", field="s3Config.endpointUrl") from exc
         if policy is not None:
-            _guard_connections(self.client, policy)
+            assert self._connections is not None
+            _guard_connections(self.client, policy, self._connections)
+
+    @contextlib.contextmanager
+    def _bounded(self, timeout_s: float, cancel: CancelToken | None, *, field: str | None) -> Iterator[None]:
+        """Translate the block's storage errors; on a job's own bucket, also stop it at the
+        deadline or on cancel (``field`` None: an upload)."""
+        bucket = self.bucket.bucket_name()
+        connections = self._connections
+        if connections is None:
+            with s3_errors(bucket=bucket, field=field):
+                yield
+            return
+        cancel = cancel or CancelToken()
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            connections.cut()
+
+        timer = threading.Timer(timeout_s, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            with cancel.on_cancel(connections.cut), s3_errors(bucket=bucket, field=field):
+                yield
+        except WorkerError as exc:
+            cancel.check()
+            if expired.is_set():
+                raise _timed_out(field, bucket, timeout_s) from exc
+            raise
+        finally:
+            timer.cancel()
+            connections.reopen()
+        cancel.check()
+        if expired.is_set():  # a cut read may end early instead of failing
+            raise _timed_out(field, bucket, timeout_s)
 
     def save(
         self, path: Path, *, name: str, content_type: str, request_id: str, cancel: CancelToken | None = None
@@ -264,7 +361,7 @@ class S3Storage:
         size = path.stat().st_size
         started = time.perf_counter()
         bucket = self.bucket.bucket_name()
-        with s3_errors(bucket=bucket):
+        with self._bounded(self._upload_timeout_s, cancel, field=None):
             self._upload(path, bucket, key, content_type, cancel or CancelToken())
         url = self.presign(key)
         ms = (time.perf_counter() - started) * 1000
@@ -285,7 +382,7 @@ class S3Storage:
             raise InvalidInput(f"{field}: only objects in the job's bucket can be read", field=field)
         cancel = cancel or CancelToken()
         cancel.check()
-        with s3_errors(bucket=bucket, field=field):
+        with self._bounded(self._read_timeout_s, cancel, field=field):
             response = self.client.get_object(Bucket=bucket, Key=key)
             body = response["Body"]
             try:
@@ -296,12 +393,13 @@ class S3Storage:
             finally:
                 body.close()
 
-    def read_small(self, key: str, *, max_bytes: int) -> bytes | None:
+    def read_small(
+        self, key: str, *, max_bytes: int, timeout_s: float, cancel: CancelToken | None = None
+    ) -> bytes | None:
         """A small object of the worker's own (a cache entry), or None if there is none."""
-        bucket = self.bucket.bucket_name()
         try:
-            with s3_errors(bucket=bucket, field="cache"):
-                body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
+            with self._bounded(timeout_s, cancel, field="cache"):
+                body = self.client.get_object(Bucket=self.bucket.bucket_name(), Key=key)["Body"]
                 try:
                     data: bytes = body.read(max_bytes + 1)
                 finally:
@@ -310,22 +408,23 @@ class S3Storage:
             return None
         return data if len(data) <= max_bytes else None
 
-    def write_small(self, key: str, data: bytes, *, content_type: str = "application/json") -> None:
-        bucket = self.bucket.bucket_name()
-        with s3_errors(bucket=bucket):
-            self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
+    def write_small(
+        self, key: str, data: bytes, *, timeout_s: float, cancel: CancelToken | None = None,
+        content_type: str = "application/json",
+    ) -> None:
+        with self._bounded(timeout_s, cancel, field=None):
+            self.client.put_object(Bucket=self.bucket.bucket_name(), Key=key, Body=data, ContentType=content_type)
 
-    def exists(self, key: str) -> bool:
-        bucket = self.bucket.bucket_name()
+    def exists(self, key: str, *, timeout_s: float, cancel: CancelToken | None = None) -> bool:
         try:
-            with s3_errors(bucket=bucket, field="cache"):
-                self.client.head_object(Bucket=bucket, Key=key)
+            with self._bounded(timeout_s, cancel, field="cache"):
+                self.client.head_object(Bucket=self.bucket.bucket_name(), Key=key)
         except ObjectMissing:
             return False
         return True
 
     def presign(self, key: str) -> str:
-        """A fresh presigned GET URL for an object of this bucket."""
+        """A fresh presigned GET URL for an object of this bucket (signed here: no request)."""
         bucket = self.bucket.bucket_name()
         with s3_errors(bucket=bucket):
             url: str = self.client.generate_presigned_url(
@@ -333,19 +432,27 @@ class S3Storage:
             )
         return url
 
-    def presign_upload(self, key: str, *, max_bytes: int, expires_s: int) -> PresignedUpload:
-        """A presigned POST for ``key``: the store itself refuses a body over ``max_bytes``."""
+    def presign_upload(self, key: str, *, size: int, expires_s: int) -> PresignedUpload:
+        """A presigned POST for ``key`` (signed here: no request): the store itself refuses a
+        body of any other size than ``size``."""
         bucket = self.bucket.bucket_name()
         with s3_errors(bucket=bucket):
             post = self.client.generate_presigned_post(
-                Bucket=bucket, Key=key, Conditions=[["content-length-range", 1, max_bytes]], ExpiresIn=expires_s
+                Bucket=bucket, Key=key, Conditions=[["content-length-range", size, size]], ExpiresIn=expires_s
             )
         return PresignedUpload(url=post["url"], fields=dict(post["fields"]), reference=f"s3://{bucket}/{key}")
 
-    def delete_object(self, bucket: str, key: str, *, field: str) -> None:
-        with s3_errors(bucket=bucket, field=field):
+    def delete_object(self, bucket: str, key: str, *, field: str, cancel: CancelToken | None = None) -> None:
+        with self._bounded(self._read_timeout_s, cancel, field=field):
             self.client.delete_object(Bucket=bucket, Key=key)
         log.info("input.deleted", key=key)
+
+
+def _timed_out(field: str | None, bucket: str, timeout_s: float) -> WorkerError:
+    if field is None:
+        return UploadFailed(f"storage for bucket {bucket!r} did not answer within {timeout_s:g} s", retryable=True)
+    return DownloadFailed(f"{field}: bucket read did not finish within {timeout_s:g} s", field=field,
+                          retryable=True)
 
 
 def _save_stream(body: Any, target: Path, *, max_bytes: int, field: str, cancel: CancelToken) -> int:
@@ -408,8 +515,8 @@ class InlineStorage:
     ) -> int:
         raise InvalidInput(f"{field}: s3:// inputs need a configured bucket", field=field)
 
-    def presign_upload(self, key: str, *, max_bytes: int, expires_s: int) -> PresignedUpload:
+    def presign_upload(self, key: str, *, size: int, expires_s: int) -> PresignedUpload:
         raise InvalidInput("upload: uploads need a bucket (configure one, or send s3Config)")
 
-    def delete_object(self, bucket: str, key: str, *, field: str) -> None:
+    def delete_object(self, bucket: str, key: str, *, field: str, cancel: CancelToken | None = None) -> None:
         raise InvalidInput(f"{field}: s3:// inputs need a configured bucket", field=field)

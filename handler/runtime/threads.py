@@ -18,8 +18,19 @@ from handler.errors import Cancelled
 T = TypeVar("T")
 LateErrorHook = Callable[[BaseException], None]
 
-# Downloads, decoding and uploads: blocking IO, never GPU work (the gate has its own threads).
-_io = ThreadPoolExecutor(max_workers=32, thread_name_prefix="io")
+# Blocking work outside any job (a job has threads of its own, see job_threads).
+_io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="io")
+# Blocking calls one job may have running at once: a job overlaps at most a few (a download
+# beside a decode, an upload's own transfer threads aside).
+_JOB_THREADS = 4
+
+
+def job_threads() -> ThreadPoolExecutor:
+    """Threads for one job's downloads, decoding and uploads, never GPU work (the gate has its
+    own). A pool per job, so that no job, however slow what it waits on, can hold threads
+    another job needs; shut down when the job ends (a thread still blocked then ends with its
+    call, which has a deadline)."""
+    return ThreadPoolExecutor(max_workers=_JOB_THREADS, thread_name_prefix="job")
 
 
 async def in_thread(

@@ -6,7 +6,8 @@ import functools
 import secrets
 import time
 import types
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,11 @@ from handler.runtime.batcher import Batchers
 from handler.runtime.cancel import CancelToken
 from handler.runtime.flights import SingleFlight
 from handler.runtime.gate import Gate
-from handler.runtime.hub import model_identity
 from handler.runtime.instances import InstancePool
 from handler.runtime.lifecycle import Lifecycle
 from handler.runtime.registry import Registry
 from handler.runtime.stats import WorkerStats
-from handler.runtime.threads import in_thread
+from handler.runtime.threads import in_thread, job_threads
 
 InputT = TypeVar("InputT", bound=BaseModel)
 T = TypeVar("T")
@@ -112,6 +112,56 @@ class Runtime:
     batchers: Batchers = field(default_factory=Batchers)
     # How the GPU slots were sized (fixed, or auto with its figures), for `system`.
     sizing: dict[str, Any] = field(default_factory=dict)
+    # The key that authenticates result cache entries (see handler.io.result_cache).
+    cache_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+
+
+@dataclass(frozen=True)
+class CachePolicy(Generic[InputT]):
+    """What shapes a task's result, so what its cache key is made of, and what an entry may give back."""
+
+    # The output fields a cached answer is rebuilt from; nothing else is ever taken from an entry.
+    outputs: frozenset[str]
+    # The effective value of every input field and setting that shapes the result (defaults
+    # resolved: `batch_size: null` is the worker's WHISPER_BATCH_SIZE), model names included.
+    shaping: Callable[[Settings, Any], dict[str, Any]]
+    # Which of those fields name a model, and how to know its weights: the key holds the
+    # weights' identity, not the name. An unknown identity makes the job uncacheable.
+    models: Mapping[str, Callable[[str, Settings], str | None]]
+    # The settings that shape other tasks' results but not this one's: every setting is read
+    # by `shaping`, listed here or in NOT_SHAPING_RESULTS, as tests/test_cache_keys.py checks.
+    unaffected: frozenset[str]
+
+
+# Settings that shape no task's result, so are in no cache key.
+NOT_SHAPING_RESULTS = frozenset({
+    # Where the worker runs and what it logs.
+    "on_runpod", "worker_id", "post_progress", "log_level", "log_format", "use_ram_filesystem", "work_dir",
+    # Where weights come from (their identity is in the key) and which may be asked for; the
+    # device it resolved to is in the key.
+    "model_dir", "allow_model_download", "runpod_hf_cache", "whisper_models", "device", "preload", "bake_models",
+    "task_modules",
+    # How jobs share the worker: batches give each job the result it gets alone; offloading
+    # moves the same weights between memories.
+    "max_concurrent_jobs", "max_concurrent_generations", "generation_slots_cap", "memory_reserve_mb",
+    "model_instances", "memory_pressure_threshold", "max_jobs_per_worker", "shutdown_grace_s",
+    "generation_acquire_timeout", "model_load_wait_timeout", "whisper_batch_window_ms", "enable_cpu_offload",
+    # Where results go and how they travel (the cache is per bucket).
+    "bucket", "bucket_prefix", "presign_expiry_s", "result_cache", "result_cache_prefix", "result_cache_secret",
+    "result_cache_timeout_s", "upload_prefix", "upload_expiry_s", "upload_timeout_s", "upload_max_attempts",
+    "s3_connect_timeout_s", "s3_read_timeout_s", "inline_output_max_bytes",
+    # Limits and deadlines: they refuse a job, never change the result of one they accept.
+    "download_max_bytes", "download_timeout_s", "download_max_redirects", "download_allow_http",
+    "download_allowed_networks", "base64_max_bytes", "max_speech_chars", "max_image_pixels",
+    "max_video_duration_s", "max_video_frames", "max_images", "max_steps", "max_audio_duration_s",
+    "media_timeout_s",
+})
+
+
+def input_fields(params: BaseModel, *, exclude: Sequence[str] = ()) -> dict[str, Any]:
+    """A job's validated input fields (defaults filled in), but those of ``exclude`` and the
+    ones that never shape a result (`task`, `cache`)."""
+    return params.model_dump(mode="json", exclude={"task", "cache", *exclude})
 
 
 @dataclass
@@ -127,6 +177,8 @@ class JobContext:
     timings: Timings = field(default_factory=Timings)
     # Cancelled when RunPod cancels the job; model code checks it between steps.
     cancel: CancelToken = field(default_factory=CancelToken)
+    # The job's own threads for blocking work: a job stuck on a slow endpoint holds only these.
+    threads: Executor = field(default_factory=job_threads)
 
     @property
     def settings(self) -> Settings:
@@ -138,8 +190,9 @@ class JobContext:
         return self.workspace.path
 
     async def in_thread(self, work: Callable[[], T]) -> T:
-        """Blocking IO off the event loop; a late failure after cancellation is still reported."""
-        return await in_thread(work, on_late_error=self.runtime.lifecycle.late_error)
+        """Blocking IO off the event loop, on the job's threads; a late failure after
+        cancellation is still reported."""
+        return await in_thread(work, on_late_error=self.runtime.lifecycle.late_error, executor=self.threads)
 
     async def load(self, get_pool: Callable[[], InstancePool[P]]) -> InstancePool[P]:
         """A model's instances, loaded on first use (timed as ``load``)."""
@@ -183,39 +236,42 @@ class JobContext:
         a large input costs seconds)."""
         return params.cache and self._result_cache() is not None
 
-    def cache_key(
-        self, params: TaskInput, *, model: str | None, media: str | None = None, exclude: Sequence[str] = ()
-    ) -> str | None:
-        """The result cache's key for this job: its task, the model's identity (None: unknown, so
-        not cacheable), every validated input field but ``exclude`` (defaults filled in), the media
-        hash. None when the job opted out."""
-        if not params.cache or model is None:
+    async def cache_key(self, params: TaskInput, policy: CachePolicy[Any], *, media: str | None = None) -> str | None:
+        """The result cache's key for this job: its task, device, the effective values of what
+        shapes its result (models by their weights), the media hash. None when the job does not
+        use the cache or a model's weights are unknown."""
+        if not self.caching(params):
             return None
-        fields = params.model_dump(mode="json", exclude={"task", "cache", "model", *exclude})
-        return cache_key(task=str(getattr(params, "task", "")), model=model, fields=fields, media=media)
+        fields = policy.shaping(self.settings, params)
+        for name, identify in policy.models.items():
+            model = fields.get(name)
+            if model is not None:
+                fields[name] = await self.in_thread(functools.partial(identify, model, self.settings))
+                if fields[name] is None:
+                    return None
+        return cache_key(task=str(getattr(params, "task", "")), fields={**fields, "device": self.runtime.device},
+                         media=media)
 
-    async def generation_key(self, params: TaskInput, model: str, *, deterministic: bool) -> str | None:
-        """The cache key of a job on a Hugging Face model; only a deterministic one (seeded) has
-        one answer to remember."""
-        if not deterministic or not self.caching(params):
-            return None
-        identity = await self.in_thread(lambda: model_identity(model, self.settings))
-        return self.cache_key(params, model=identity)
+    async def generation_key(self, params: TaskInput, policy: CachePolicy[Any], *, deterministic: bool) -> str | None:
+        """The cache key of a generation job; only a deterministic one (seeded) has one answer to remember."""
+        return await self.cache_key(params, policy) if deterministic else None
 
-    async def cached(self, key: str | None, compute: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    async def cached(
+        self, key: str | None, policy: CachePolicy[Any], compute: Callable[[], Awaitable[dict[str, Any]]]
+    ) -> dict[str, Any]:
         """The task's output for ``key``: from the bucket's result cache, from an identical job in
         flight on this worker, or computed (and then stored). ``key`` None: not cacheable."""
         cache = self._result_cache() if key is not None else None
         if cache is None or key is None:
             return {**await compute(), "cached": False}
         with self.timings.measure("cache"):
-            hit = await self.in_thread(lambda: cache.lookup(key))
+            hit = await self.in_thread(lambda: cache.lookup(key, fields=policy.outputs, cancel=self.cancel))
         if hit is not None:
             return {**hit, "cached": True}
 
         async def compute_and_store() -> dict[str, Any]:
             output = await compute()
-            await self.in_thread(lambda: cache.store(key, output))
+            await self.in_thread(lambda: cache.store(key, output, fields=policy.outputs, cancel=self.cancel))
             return output
 
         output, shared = await self.runtime.flights.run((cache.scope, key), compute_and_store)
@@ -224,7 +280,9 @@ class JobContext:
     def _result_cache(self) -> ResultCache | None:
         if not self.settings.result_cache or not isinstance(self.storage, S3Storage):
             return None
-        return ResultCache(self.storage, self.settings.result_cache_prefix)
+        settings = self.settings
+        return ResultCache(self.storage, prefix=settings.result_cache_prefix, output_prefix=settings.bucket_prefix,
+                           secret=self.runtime.cache_secret, timeout_s=settings.result_cache_timeout_s)
 
     async def save_files(self, files: Sequence[OutputFile]) -> list[dict[str, Any]]:
         """Store the job's output files, in order (timed as ``upload``)."""
@@ -247,3 +305,5 @@ class Task(Generic[InputT]):
     preload: Callable[[Runtime], None] | None = None
     # Input fields whose presence, without `task`, selects this task.
     implied_by: tuple[str, ...] = ()
+    # How its results are cached; None: never.
+    cache: CachePolicy[InputT] | None = None

@@ -18,10 +18,10 @@ from pydantic import Field
 from handler.errors import InputTooLarge, InvalidInput
 from handler.io import media
 from handler.runtime.cancel import CancelToken
-from handler.runtime.hub import pretrained_source
+from handler.runtime.hub import model_identity, pretrained_source
 from handler.runtime.instances import InstancePool
 from handler.runtime.registry import PipelineKey
-from handler.tasks.base import JobContext, Runtime, Task, TaskInput, new_seed
+from handler.tasks.base import CachePolicy, JobContext, Runtime, Task, TaskInput, input_fields, new_seed
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
 _SOFT_BREAK = re.compile(r"(?<=[,])\s+|\s+")
@@ -156,8 +156,17 @@ async def run(ctx: JobContext, params: SpeechInput) -> dict[str, Any]:
     pieces = check_text(ctx, params.text)
     model = model_name(ctx, params.model)
     # Only a seeded request has one answer to remember.
-    key = await ctx.generation_key(params, model, deterministic=params.seed is not None)
-    return await ctx.cached(key, lambda: _speak(ctx, params, model, pieces))
+    key = await ctx.generation_key(params, CACHE, deterministic=params.seed is not None)
+    return await ctx.cached(key, CACHE, lambda: _speak(ctx, params, model, pieces))
+
+
+CACHE: CachePolicy[SpeechInput] = CachePolicy(
+    outputs=frozenset({"model", "seed", "sample_rate", "duration_s", "sentences", "files"}),
+    shaping=lambda settings, params: {**input_fields(params), "model": params.model or settings.tts_model},
+    models={"model": model_identity},
+    unaffected=frozenset({"whisper_model", "whisper_model_map", "whisper_batch_size", "image_model", "video_model",
+                          "video_clip_frames"}),
+)
 
 
 async def _speak(ctx: JobContext, params: SpeechInput, model: str, pieces: list[str]) -> dict[str, Any]:
@@ -176,4 +185,4 @@ async def _speak(ctx: JobContext, params: SpeechInput, model: str, pieces: list[
     }
 
 
-TASK: Task[SpeechInput] = Task(name="speech", input_model=SpeechInput, run=run, preload=preload)
+TASK: Task[SpeechInput] = Task(name="speech", input_model=SpeechInput, run=run, preload=preload, cache=CACHE)

@@ -13,10 +13,11 @@ import torch
 from pydantic import AliasChoices, Field
 
 from handler.errors import InputTooLarge, InvalidInput
+from handler.runtime.hub import model_identity
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
 from handler.tasks import diffusion
-from handler.tasks.base import JobContext, Runtime, Task, TaskInput, new_seed
+from handler.tasks.base import CachePolicy, JobContext, Runtime, Task, TaskInput, input_fields, new_seed
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 _CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -146,8 +147,8 @@ async def run(ctx: JobContext, params: ImageInput) -> dict[str, Any]:
     _check_limits(ctx, params)
     model = params.model or ctx.settings.image_model
     # Only a seeded request has one answer to remember.
-    key = await ctx.generation_key(params, model, deterministic=params.seed is not None)
-    return await ctx.cached(key, lambda: _generate(ctx, params, model))
+    key = await ctx.generation_key(params, CACHE, deterministic=params.seed is not None)
+    return await ctx.cached(key, CACHE, lambda: _generate(ctx, params, model))
 
 
 async def _generate(ctx: JobContext, params: ImageInput, model: str) -> dict[str, Any]:
@@ -169,4 +170,12 @@ async def _generate(ctx: JobContext, params: ImageInput, model: str) -> dict[str
             "num_inference_steps": params.num_inference_steps, "num_images": len(files), "files": files}
 
 
-TASK: Task[ImageInput] = Task(name="text2image", input_model=ImageInput, run=run, preload=preload)
+CACHE: CachePolicy[ImageInput] = CachePolicy(
+    outputs=frozenset({"model", "seed", "width", "height", "num_inference_steps", "num_images", "files"}),
+    shaping=lambda settings, params: {**input_fields(params), "model": params.model or settings.image_model},
+    models={"model": model_identity},
+    unaffected=frozenset({"whisper_model", "whisper_model_map", "whisper_batch_size", "tts_model", "video_model",
+                          "video_clip_frames"}),
+)
+
+TASK: Task[ImageInput] = Task(name="text2image", input_model=ImageInput, run=run, preload=preload, cache=CACHE)

@@ -18,14 +18,15 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
+from handler.config import Settings
 from handler.errors import InputTooLarge, InvalidInput, ModelLoadFailed
 from handler.io import media
 from handler.logs import get_logger
-from handler.runtime.hub import pretrained_source
+from handler.runtime.hub import model_identity, pretrained_source
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
-from handler.tasks import diffusion, speech, transcribe
-from handler.tasks.base import JobContext, Runtime, Task, TaskInput, new_seed
+from handler.tasks import diffusion, speech, transcribe, whisper_pipeline
+from handler.tasks.base import CachePolicy, JobContext, Runtime, Task, TaskInput, input_fields, new_seed
 from handler.tasks.captions import cues_from_words, write_srt
 from handler.tasks.text2image import step_callback
 from handler.tasks.video_plan import AspectRatio, Family, Resolution, SegmentPlan, family_of, frame_size, plan_segments
@@ -251,8 +252,31 @@ async def run(ctx: JobContext, params: VideoInput) -> dict[str, Any]:
     model = params.model or ctx.settings.video_model
     # A seeded request without a narration file has one answer to remember (a file would need hashing).
     cacheable = params.seed is not None and params.audio is None and params.audio_base64 is None
-    key = await ctx.generation_key(params, model, deterministic=cacheable)
-    return await ctx.cached(key, lambda: _make(ctx, params, model))
+    key = await ctx.generation_key(params, CACHE, deterministic=cacheable)
+    return await ctx.cached(key, CACHE, lambda: _make(ctx, params, model))
+
+
+def _shaping(settings: Settings, params: VideoInput) -> dict[str, Any]:
+    """What decides a video: every field, the video model, how long its clips are, the voice of
+    a spoken narration and the Whisper model that times its captions."""
+    narrated = params.narration is not None
+    return {
+        **input_fields(params), "model": params.model or settings.video_model,
+        "clip_frames": settings.video_clip_frames,
+        "narration_model": settings.tts_model if narrated else None,
+        "captions_model": settings.whisper_model if params.captions != "none" else None,
+    }
+
+
+CACHE: CachePolicy[VideoInput] = CachePolicy(
+    outputs=frozenset({"model", "seed", "width", "height", "fps", "frames", "duration_s", "segments",
+                       "segment_frames", "narrated", "captions", "files"}),
+    shaping=_shaping,
+    models={"model": model_identity, "narration_model": model_identity,
+            "captions_model": whisper_pipeline.model_identity},
+    # Captions are timed by whisper.transcribe itself (word_timings), never in batches.
+    unaffected=frozenset({"whisper_model_map", "whisper_batch_size", "image_model"}),
+)
 
 
 async def _make(ctx: JobContext, params: VideoInput, model: str) -> dict[str, Any]:
@@ -293,4 +317,4 @@ def _save_poster(frame: np.ndarray, path: Path) -> None:
     Image.fromarray(frame).save(path, format="JPEG", quality=90)
 
 
-TASK: Task[VideoInput] = Task(name="text2video", input_model=VideoInput, run=run, preload=preload)
+TASK: Task[VideoInput] = Task(name="text2video", input_model=VideoInput, run=run, preload=preload, cache=CACHE)

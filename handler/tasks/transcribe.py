@@ -18,6 +18,7 @@ from pydantic import BeforeValidator, Field, model_validator
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 from whisper.utils import WriteSRT, WriteVTT
 
+from handler.config import Settings
 from handler.errors import InvalidInput, printable
 from handler.io import media
 from handler.runtime.cancel import CancelToken
@@ -26,7 +27,7 @@ from handler.runtime.identity import file_identity
 from handler.runtime.instances import InstancePool
 from handler.runtime.registry import PipelineKey
 from handler.tasks import chunked, whisper_batch
-from handler.tasks.base import JobContext, Runtime, Task, TaskInput
+from handler.tasks.base import CachePolicy, JobContext, Runtime, Task, TaskInput, input_fields
 from handler.tasks.whisper_pipeline import WhisperPipeline, load_whisper, model_identity
 
 TextFormat = Literal["plain_text", "formatted_text", "srt", "vtt"]
@@ -170,9 +171,8 @@ async def word_timings(ctx: JobContext, audio: np.ndarray) -> list[dict[str, Any
     return _words(result)
 
 
-def _model_name(ctx: JobContext, params: TranscribeInput) -> str:
+def _model_name(settings: Settings, params: TranscribeInput) -> str:
     """The served model a job gets: its own choice, or the one WHISPER_MODEL_MAP maps it to."""
-    settings = ctx.settings
     allowed = settings.allowed_whisper_models()
     name = params.model or settings.whisper_model
     if name in allowed:
@@ -235,8 +235,8 @@ def _recognise(
     return result, translation
 
 
-def _batch_size(ctx: JobContext, params: TranscribeInput) -> int:
-    return params.batch_size or ctx.settings.whisper_batch_size
+def _batch_size(settings: Settings, params: TranscribeInput) -> int:
+    return params.batch_size or settings.whisper_batch_size
 
 
 async def _recognise_job(
@@ -244,7 +244,7 @@ async def _recognise_job(
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Transcription (and translation): openai-whisper's own sequential path for ``batch_size`` 1
     without VAD, else chunks in batches shared with the worker's other jobs."""
-    if _batch_size(ctx, params) == 1 and not params.enable_vad:
+    if _batch_size(ctx.settings, params) == 1 and not params.enable_vad:
         return await ctx.on_model(pipelines, lambda pipeline: _recognise(pipeline, audio, params, ctx.cancel))
     if _is_silent(audio):
         empty = _empty_result(params.language)
@@ -256,11 +256,11 @@ async def _recognise_job(
         windows = await ctx.in_thread(lambda: whisper_batch.prepare_windows(model, audio, chunks))
     options = params.decode_options()
     result = await chunked.recognise(ctx, pipelines, windows, options={**options, "task": "transcribe"},
-                                     batch_size=_batch_size(ctx, params))
+                                     batch_size=_batch_size(ctx.settings, params))
     translation = None
     if params.translate:
         translation = await chunked.recognise(ctx, pipelines, windows, options={**options, "task": "translate"},
-                                              batch_size=_batch_size(ctx, params), label="translation ")
+                                              batch_size=_batch_size(ctx.settings, params), label="translation ")
     return result, translation
 
 
@@ -324,19 +324,29 @@ async def _store(ctx: JobContext, result: dict[str, Any], output: dict[str, Any]
 
 
 async def run(ctx: JobContext, params: TranscribeInput) -> dict[str, Any]:
-    model = _model_name(ctx, params)
+    model = _model_name(ctx.settings, params)
     target, field = await _fetch(ctx, params)
     key = None
     if ctx.caching(params):
-        key = ctx.cache_key(
-            params, model=await ctx.in_thread(lambda: model_identity(model, ctx.settings)),
-            media=await ctx.in_thread(lambda: file_identity(target)), exclude=_NOT_IN_RESULT,
-        )
-    return await ctx.cached(key, lambda: _transcribe(ctx, params, model, target, field))
+        media = await ctx.in_thread(lambda: file_identity(target, remember=False))
+        key = await ctx.cache_key(params, CACHE, media=media)
+    return await ctx.cached(key, CACHE, lambda: _transcribe(ctx, params, model, target, field))
 
 
-# Input fields that do not change the result: where the media came from, what happens to it after.
-_NOT_IN_RESULT = ("audio", "audio_base64", "delete_after_read")
+def _shaping(settings: Settings, params: TranscribeInput) -> dict[str, Any]:
+    """What decides a transcription: the served model, the effective batch size, every decoding
+    field; not where the media came from or what happens to it after."""
+    fields = input_fields(params, exclude=("audio", "audio_base64", "delete_after_read"))
+    return {**fields, "model": _model_name(settings, params), "batch_size": _batch_size(settings, params)}
+
+
+CACHE: CachePolicy[TranscribeInput] = CachePolicy(
+    outputs=frozenset({"transcription", "translation", "detected_language", "segments", "device", "model",
+                       "duration_s", "word_timestamps", "files"}),
+    shaping=_shaping,
+    models={"model": model_identity},
+    unaffected=frozenset({"tts_model", "image_model", "video_model", "video_clip_frames"}),
+)
 
 
 async def _transcribe(
@@ -368,4 +378,5 @@ TASK: Task[TranscribeInput] = Task(
     run=run,
     preload=preload,
     implied_by=("audio", "audio_base64"),
+    cache=CACHE,
 )

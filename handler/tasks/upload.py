@@ -3,8 +3,8 @@
 RunPod caps a request body at about 10 MB for ``/run`` (20 MB for ``/runsync``), so large
 recordings cannot travel as base64. This task hands out a form upload into the job's bucket
 (the worker's, or the job's ``s3Config``) under UPLOAD_PREFIX, a prefix only the worker writes
-keys in, with a content-length-range condition so the store itself refuses anything over
-DOWNLOAD_MAX_BYTES, valid for UPLOAD_EXPIRY_S. The next job passes the returned ``s3://``
+keys in, with a content-length-range condition so the store itself refuses a body of any size but the
+declared one (itself at most DOWNLOAD_MAX_BYTES), valid for UPLOAD_EXPIRY_S. The next job passes the returned ``s3://``
 reference as its media (and may ask for the object to be deleted once read).
 """
 
@@ -27,7 +27,7 @@ class UploadInput(TaskInput):
 
     task: Literal["upload"] = "upload"
     file_name: str = Field(min_length=1, max_length=255, description="the file's name (kept, made safe, in the key)")
-    size: int = Field(ge=1, description="the file's size in bytes (checked here, and enforced by the store)")
+    size: int = Field(ge=1, description="the file's exact size in bytes (checked here, and enforced by the store)")
 
 
 async def run(ctx: JobContext, params: UploadInput) -> dict[str, Any]:
@@ -36,15 +36,14 @@ async def run(ctx: JobContext, params: UploadInput) -> dict[str, Any]:
         raise InputTooLarge(f"size: {params.size} bytes is over the limit of {settings.download_max_bytes}",
                             field="size")
     key = object_key(settings.upload_prefix, uuid.uuid4().hex, params.file_name)
-    presign = functools.partial(ctx.storage.presign_upload, key, max_bytes=settings.download_max_bytes,
-                                expires_s=settings.upload_expiry_s)
+    presign = functools.partial(ctx.storage.presign_upload, key, size=params.size, expires_s=settings.upload_expiry_s)
     upload = await ctx.in_thread(presign)
     return {
         "upload": {"url": upload.url, "fields": upload.fields},
         "audio": upload.reference,
         "expires_in": settings.upload_expiry_s,
         "expires_at": round(time.time() + settings.upload_expiry_s),
-        "max_bytes": settings.download_max_bytes,
+        "max_bytes": params.size,
     }
 
 
