@@ -109,3 +109,21 @@ def test_runpod_variables_come_through_settings() -> None:
     settings = load_settings({"RUNPOD_POD_ID": "pod-7", "RUNPOD_WEBHOOK_POST_OUTPUT": "http://x/$ID"})
     assert settings.worker_id == "pod-7" and settings.post_progress is True
     assert load_settings({}).post_progress is False and load_settings({}).bake_models == ("transcribe",)
+
+
+@pytest.mark.parametrize("env", [
+    {"UPLOAD_PREFIX": "outputs"}, {"UPLOAD_PREFIX": "outputs/uploads"}, {"RESULT_CACHE_PREFIX": "uploads"},
+    {"BUCKET_PREFIX": "cache/out"}, {"BUCKET_PREFIX": "data", "UPLOAD_PREFIX": "data/in"},
+])
+def test_overlapping_prefixes_stop_start_up(env: dict[str, str]) -> None:
+    """Outputs, uploads and cache entries under one prefix (equal or nested) would let
+    delete_after_read delete other jobs' outputs: start-up stops, naming both variables."""
+    with pytest.raises(SettingsError, match="overlaps") as info:
+        load_settings(env)
+    assert sum(name in str(info.value) for name in ("BUCKET_PREFIX", "UPLOAD_PREFIX", "RESULT_CACHE_PREFIX")) == 2
+
+
+def test_prefixes_that_only_share_letters_are_fine() -> None:
+    """`out` and `outputs` are different folders: no overlap."""
+    settings = load_settings({"UPLOAD_PREFIX": "out", "RESULT_CACHE_PREFIX": "outputs-cache"})
+    assert (settings.bucket_prefix, settings.upload_prefix) == ("outputs", "out")
