@@ -541,3 +541,22 @@ def test_a_garbled_result_fails_that_file_and_the_summary_still_comes(tmp_path: 
     assert "files are of type int, not a list" in messages["files"]
     assert "1 of 5 files transcribed" in done.stdout
 
+
+def test_server_text_reaches_the_terminal_as_plain_printable_text(tmp_path: Path) -> None:
+    """An error code and message full of rich markup (a stray ``[/]`` included) and terminal escapes
+    (OSC 52 clipboard write, OSC 8 link, C1 CSI, clear screen), and a progress note of the same, are
+    shown literally: the markup as typed, each control as its visible escape, and no ESC, BEL or C1
+    byte reaches stdout or stderr; the file fails with that code and the summary still comes."""
+    escapes = "\x1b]52;c;ZXZpbA==\x07 \x1b]8;;http://evil.example/\x1b\\click\x1b]8;;\x1b\\ \x9b31m \x1b[2J"
+    with Scripted() as endpoint:
+        note = json_reply({"status": "IN_PROGRESS", "output": f"[blink]{escapes}"})
+        message = f"[bold red]boom[/] [link=http://evil.example]x {escapes}"
+        endpoint.scenarios["markup"] = [note, failed("BAD\x1b[31m[/]", message)]
+        done, files = run_against(endpoint, tmp_path, ["markup"])
+    shown = done.stdout + done.stderr
+    assert done.returncode == 1 and files["markup"]["outcome"] == "BAD\x1b[31m[/]"
+    assert not {"\x1b", "\x07", "\x9b"} & set(shown), repr(shown)
+    assert "[bold red]boom[/] [link=http://evil.example]x" in done.stdout
+    assert "\\x1b]52;c;ZXZpbA==" in done.stdout and "\\x9b31m" in done.stdout
+    assert "failed: BAD\\x1b[31m[/]" in done.stderr
+    assert "0 of 1 files transcribed" in done.stdout
