@@ -27,6 +27,7 @@ from botocore.config import Config
 
 from bench.common import Comparison, bench_settings
 from builder.ct2_whisper import convert_to_file
+from client.addresses import UrlPolicy
 from client.upload import post_file
 from handler.app import Worker
 from tests.servers import SeaweedS3
@@ -91,7 +92,8 @@ def upload_post(runs: int = 3, size: int = 1024 * 2**20) -> Comparison:
                         Bucket=bucket, Key=f"uploads/{i}.bin", ExpiresIn=900,
                         Conditions=[["content-length-range", 1, 2 * size]],
                     )
-                    post_file(form["url"], form["fields"], payload, timeout=600)
+                    post_file(form["url"], form["fields"], payload, policy=UrlPolicy.for_endpoint(server.endpoint),
+                              timeout=600)
                     posted.append(time.perf_counter() - started)
                 else:
                     raw.upload_file(str(payload), bucket, f"raw/{i}.bin")

@@ -10,9 +10,15 @@ errors are translated here, and only here, into ``ApiError``::
       HTTP_<status>   the endpoint answered an error status: 408, 425, 429 and 5xx retryable
       CONNECTION      refused, reset, timed out, DNS: retryable
       BAD_RESPONSE    a body that is not a JSON object: retryable
+      URL_REFUSED     a URL or redirect outside ``addresses.UrlPolicy``: final
+      REDIRECT_REFUSED  an API call redirected to another origin: final
       DEADLINE        the file's deadline passed while its job ran: final
 
-The API key travels only in the Authorization header, which no repr, message or log shows.
+The API key travels only in the Authorization header, which no repr, message or log shows, and
+only to the endpoint's own origin: an API call redirected elsewhere is refused, not followed.
+Downloads and uploads (presigned URLs) carry no key at all. Every request goes through an
+opener that knows only http and https, so no URL reaches urllib's ``file:``, ``ftp:`` or
+``data:`` handlers.
 """
 
 from __future__ import annotations
@@ -22,10 +28,13 @@ import http.client
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
+
+from client.addresses import UrlPolicy, UrlRefused, origin, shown
 
 RUNPOD_API = "https://api.runpod.ai/v2"
 # Statuses of a job that is not finished yet (RunPod's names; the local API says IN_PROGRESS).
@@ -49,6 +58,10 @@ def http_errors(what: str) -> Iterator[None]:
     """urllib's and the socket's exceptions as ``ApiError``s."""
     try:
         yield
+    except UrlRefused as exc:
+        raise ApiError("URL_REFUSED", str(exc), retryable=False) from exc
+    except _CrossOrigin as exc:
+        raise ApiError("REDIRECT_REFUSED", f"{what}: {exc}", retryable=False) from exc
     except urllib.error.HTTPError as exc:
         status = exc.code
         retryable = status in _RETRYABLE_HTTP or status >= 500
@@ -59,6 +72,59 @@ def http_errors(what: str) -> Iterator[None]:
         raise ApiError("CONNECTION", f"{what}: {reason}", retryable=True) from exc
 
 
+class _CrossOrigin(Exception):
+    """An API call was redirected to another scheme, host or port, where the key must not go."""
+
+
+class _SameOrigin(urllib.request.HTTPRedirectHandler):
+    """Redirects of API calls: followed within the endpoint's origin, refused elsewhere."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,
+                         headers: Any, newurl: str) -> urllib.request.Request | None:
+        if origin(newurl) != origin(req.full_url):
+            fp.close()
+            raise _CrossOrigin(f"{code} redirect to another origin ({shown(newurl)!r}) refused")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+class _Checked(urllib.request.HTTPRedirectHandler):
+    """Redirects of downloads and uploads: followed only to URLs the policy allows."""
+
+    def __init__(self, policy: UrlPolicy, what: str) -> None:
+        self.policy, self.what = policy, what
+
+    def http_error_302(self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,
+                       headers: Any) -> IO[bytes] | None:
+        # Checked before urllib's own scheme test, so that every refusal reads the same.
+        location = headers.get("location") or headers.get("uri") or ""
+        try:
+            self.policy.check(urllib.parse.urljoin(req.full_url, location), what=f"{self.what} (redirected)")
+        except UrlRefused:
+            fp.close()
+            raise
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+def opener(redirects: urllib.request.HTTPRedirectHandler) -> urllib.request.OpenerDirector:
+    """An opener for http and https only (anything else is an unknown URL type), redirecting as told."""
+    director = urllib.request.OpenerDirector()
+    for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), urllib.request.HTTPHandler(),
+                    urllib.request.HTTPSHandler(), urllib.request.HTTPDefaultErrorHandler(), redirects,
+                    urllib.request.HTTPErrorProcessor()):
+        director.add_handler(handler)
+    return director
+
+
+def checked_opener(policy: UrlPolicy, what: str) -> urllib.request.OpenerDirector:
+    """The opener for a URL the endpoint named: its redirects must pass ``policy`` too."""
+    return opener(_Checked(policy, what))
+
+
+_API = opener(_SameOrigin())
+
+
 def request_json(url: str, *, body: Any = None, method: str | None = None, headers: Mapping[str, str] | None = None,
                  timeout: float = REQUEST_TIMEOUT_S, what: str = "request") -> dict[str, Any]:
     """GET (no body) or POST (a JSON body) ``url``, unless ``method`` says otherwise; its JSON object reply."""
@@ -67,7 +133,7 @@ def request_json(url: str, *, body: Any = None, method: str | None = None, heade
         url, data=data, method=method or ("GET" if data is None else "POST"),
         headers={"Content-Type": "application/json", "Accept": "application/json", **(headers or {})},
     )
-    with http_errors(what), urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+    with http_errors(what), _API.open(request, timeout=timeout) as response:
         raw = response.read()
     try:
         reply = json.loads(raw)
@@ -78,10 +144,13 @@ def request_json(url: str, *, body: Any = None, method: str | None = None, heade
     return reply
 
 
-def fetch_bytes(url: str, *, timeout: float = REQUEST_TIMEOUT_S, what: str = "download") -> bytes:
-    """GET ``url`` (a presigned output URL) and return the body."""
-    with http_errors(what), urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
-        body: bytes = response.read()
+def fetch_bytes(url: object, *, policy: UrlPolicy, timeout: float = REQUEST_TIMEOUT_S,
+                what: str = "download") -> bytes:
+    """GET ``url`` (a presigned output URL, so no key goes with it) if ``policy`` allows it; the body."""
+    with http_errors(what):
+        request = urllib.request.Request(policy.check(url, what=what))  # noqa: S310 (checked just now)
+        with checked_opener(policy, what).open(request, timeout=timeout) as response:
+            body: bytes = response.read()
     return body
 
 
@@ -109,6 +178,11 @@ class Endpoint:
     def runpod(cls, endpoint_id: str, api_key: str, *, api_base: str = RUNPOD_API) -> Endpoint:
         """A RunPod serverless endpoint, authorised by an API key as a Bearer token."""
         return cls(f"{api_base.rstrip('/')}/{endpoint_id}", {"Authorization": f"Bearer {api_key}"})
+
+    @property
+    def url_policy(self) -> UrlPolicy:
+        """Where this endpoint's replies may send the client: see ``addresses``."""
+        return UrlPolicy.for_endpoint(self.base_url)
 
     def url(self, path: str) -> str:
         return f"{self.base_url}/{path.lstrip('/')}"

@@ -4,21 +4,49 @@ A bar measures what can be measured: bytes while uploading, the worker's ``i/n``
 reports one (RunPod shows progress updates in ``/status`` while a job runs), and a full bar
 once the file is done; the state column says where the file is: queued, uploading, running,
 retrying, writing, done or failed.
+
+Codes, messages and progress notes are the endpoint's text, and file names the user's: both
+reach the terminal through ``printable`` and as plain ``Text``, never as rich markup, so no
+reply can style the output, plant a link, crash it with a stray ``[/]``, or send the
+terminal escape sequences (OSC 8 links, OSC 52 clipboard writes, C1 controls).
 """
 
 from __future__ import annotations
 
 import threading
+import unicodedata
 from pathlib import Path
 from types import TracebackType
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from client.transcribe import FileResult
 
 _NOTE_CHARS = 48
+# Controls (C0, DEL, C1), format characters (bidi overrides) and line/paragraph separators.
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def _visible(char: str) -> str:
+    if char in "\t\n\r":
+        return " "
+    if unicodedata.category(char) not in _UNPRINTABLE:
+        return char
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """``text`` with every control or format character shown as its escape (ESC as ``\\x1b``)."""
+    return "".join(map(_visible, text))
+
+
+def plain(text: str) -> Text:
+    """``text`` for rich as it is: printable, and never read as markup."""
+    return Text(printable(text))
 
 
 class Display:
@@ -26,10 +54,12 @@ class Display:
 
     def __init__(self, paths: list[Path], *, console: Console, enabled: bool = True) -> None:
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[state]}"),
-            TimeElapsedColumn(), TextColumn("{task.fields[note]}"), console=console, disable=not enabled,
+            TextColumn("{task.description}", markup=False), BarColumn(),
+            TextColumn("{task.fields[state]}", markup=False), TimeElapsedColumn(),
+            TextColumn("{task.fields[note]}", markup=False), console=console, disable=not enabled,
         )
-        self._bars = {path: self._progress.add_task(path.name, total=1, state="queued", note="") for path in paths}
+        self._bars = {path: self._progress.add_task(printable(path.name), total=1, state="queued", note="")
+                      for path in paths}
         self._total = self._progress.add_task("total", total=len(paths), state=f"0/{len(paths)} done", note="")
         # Guards _states and _finished (rich guards its own bars).
         self._lock = threading.Lock()
@@ -46,19 +76,20 @@ class Display:
     def update(self, path: Path, state: str, *, completed: float | None = None, total: float | None = None,
                note: str = "") -> None:
         bar = self._bars[path]
+        note = printable(note[:_NOTE_CHARS])
         with self._lock:
             changed = self._states.get(path) != state
             self._states[path] = state
         if total is not None:
-            self._progress.update(bar, total=total, completed=completed or 0, state=state, note=note[:_NOTE_CHARS])
+            self._progress.update(bar, total=total, completed=completed or 0, state=state, note=note)
         elif changed:  # a new stage with nothing to measure starts from an empty bar
-            self._progress.update(bar, total=1, completed=0, state=state, note=note[:_NOTE_CHARS])
+            self._progress.update(bar, total=1, completed=0, state=state, note=note)
         else:
-            self._progress.update(bar, state=state, note=note[:_NOTE_CHARS])
+            self._progress.update(bar, state=state, note=note)
 
     def finished(self, result: FileResult) -> None:
         bar = self._bars[result.path]
-        state = "done" if result.ok else f"failed: {result.code}"
+        state = "done" if result.ok else printable(f"failed: {result.code}"[:_NOTE_CHARS])
         self._progress.update(bar, total=1, completed=1, state=state, note="")
         with self._lock:
             self._finished += 1
@@ -70,11 +101,11 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} s"
 
 
-def _outcome(result: FileResult) -> str:
+def _outcome(result: FileResult) -> Text:
     if result.ok:
-        return "ok"
+        return Text("ok")
     message = result.message.removeprefix(f"{result.code}: ")
-    return f"{result.code}: {message}"[:120]
+    return plain(f"{result.code}: {message}"[:120])
 
 
 def summary_table(results: list[FileResult], *, wall_s: float) -> Table:
@@ -88,7 +119,7 @@ def summary_table(results: list[FileResult], *, wall_s: float) -> Table:
     table.add_column("RTF", justify="right")
     for result in results:
         rtf = result.real_time_factor
-        table.add_row(result.path.name, _seconds(result.duration_s), _outcome(result), str(result.attempts),
+        table.add_row(plain(result.path.name), _seconds(result.duration_s), _outcome(result), str(result.attempts),
                       _seconds(result.wall_s), "-" if rtf is None else f"{rtf:.2f}x")
     succeeded = sum(result.ok for result in results)
     table.caption = (f"{succeeded} of {len(results)} files transcribed in {wall_s:.1f} s; "

@@ -24,7 +24,8 @@ from client.upload import post_file, upload_target
 
 # Base64 of a file inline in /run stays under this, so the body stays under RunPod's 10 MB.
 INLINE_LIMIT = 7_000_000
-_FRACTION = re.compile(r"(\d+)\s*/\s*(\d+)")
+# Bounded digits: the message is the endpoint's, and int() refuses numbers over 4300 digits.
+_FRACTION = re.compile(r"(\d{1,12})\s*/\s*(\d{1,12})")
 
 
 class Report(Protocol):
@@ -165,7 +166,8 @@ class _Job:
             sent += count
             self.report.update(self.path, "uploading", completed=sent, total=size)
 
-        post_file(url, form, self.path, timeout=remaining(self.deadline), on_bytes=on_bytes)
+        post_file(url, form, self.path, policy=self.endpoint.url_policy, timeout=remaining(self.deadline),
+                  on_bytes=on_bytes)
         return {"task": "transcribe", "audio": reference, "delete_after_read": True, **self.settings.fields}
 
 
@@ -183,22 +185,24 @@ def transcribe_file(endpoint: Endpoint, path: Path, settings: Settings, *, repor
     result = FileResult(path, last.code, last.message, "inline" if job.inline else "upload", retried.attempts,
                         retried.waits)
     if last.ok and last.reply is not None:
-        _finish(result, last.reply["output"], settings, report, job.deadline)
+        _finish(result, last.reply["output"], endpoint, settings, report, job.deadline)
     result.wall_s = time.monotonic() - started
     report.finished(result)
     return result
 
 
-def _finish(result: FileResult, output: dict[str, Any], settings: Settings, report: Report, deadline: float) -> None:
+def _finish(result: FileResult, output: dict[str, Any], endpoint: Endpoint, settings: Settings, report: Report,
+            deadline: float) -> None:
     duration = output.get("duration_s")
     result.duration_s = float(duration) if isinstance(duration, int | float) else None
-    timings = output.get("timings") or {}
+    timings = output.get("timings")
+    timings = timings if isinstance(timings, dict) else {}
     result.job_s, result.run_s = _seconds(timings.get("total_ms")), _seconds(timings.get("run_ms"))
     report.update(result.path, "writing")
     try:
         result.written = outputs.write(output, result.path, out_dir=settings.out_dir, formats=settings.formats,
-                                       timeout=remaining(deadline, cap=120))
-    except (ApiError, outputs.OutputMissing, OSError) as exc:
+                                       policy=endpoint.url_policy, timeout=remaining(deadline, cap=120))
+    except (ApiError, outputs.OutputError, OSError) as exc:
         result.code, result.message = "OUTPUT_FAILED", str(exc)
 
 

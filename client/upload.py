@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from client.api import ApiError, http_errors
+from client.addresses import UrlPolicy
+from client.api import ApiError, checked_opener, http_errors
 
 CHUNK = 1 << 20
 OnBytes = Callable[[int], None]
@@ -39,12 +40,15 @@ def _stream(path: Path, head: bytes, tail: bytes, on_bytes: OnBytes | None) -> I
     yield tail
 
 
-def post_file(url: str, fields: Mapping[str, str], path: Path, *, timeout: float,
+def post_file(url: str, fields: Mapping[str, str], path: Path, *, policy: UrlPolicy, timeout: float,
               on_bytes: OnBytes | None = None) -> None:
     """POST ``path`` with ``fields`` to a presigned POST ``url``; raises ``ApiError`` on failure.
 
     S3 refuses with a 4xx (policy broken, too large, expired) which trying again will not change.
+    The URL is the endpoint's word: it must pass ``policy``, and no key goes with the file.
     """
+    with http_errors("upload"):
+        policy.check(url, what="upload")
     boundary = uuid.uuid4().hex
     head = b"".join(_part(boundary, name, str(value)) for name, value in fields.items())
     head += _file_head(boundary, path.name)
@@ -54,7 +58,7 @@ def post_file(url: str, fields: Mapping[str, str], path: Path, *, timeout: float
         url, data=_stream(path, head, tail, on_bytes), method="POST",
         headers={"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)},
     )
-    with http_errors("upload"), urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+    with http_errors("upload"), checked_opener(policy, "upload").open(request, timeout=timeout) as response:
         response.read()
 
 
@@ -65,4 +69,6 @@ def upload_target(output: dict[str, Any]) -> tuple[str, dict[str, str], str]:
     if not isinstance(upload, dict) or not isinstance(audio, str) or not isinstance(upload.get("url"), str):
         raise ApiError("BAD_RESPONSE", "upload: the reply has no upload URL or audio reference", retryable=True)
     fields = upload.get("fields") or {}
+    if not isinstance(fields, dict):
+        raise ApiError("BAD_RESPONSE", "upload: the reply's upload fields are not an object", retryable=True)
     return upload["url"], {str(k): str(v) for k, v in fields.items()}, audio

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -18,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from client.api import Endpoint
+from client.addresses import UrlPolicy, UrlRefused
+from client.api import RUNPOD_API, Endpoint
 from client.cli import main
 from client.jobs import run_with_retries
 from client.retry import Backoff, Outcome, with_retries
@@ -318,3 +320,243 @@ def test_a_worker_that_is_not_there_is_a_connection_failure(tmp_path: Path, clip
                    "--backoff", "0.01", "--out", str(tmp_path), "--report", str(report), "--no-progress"])
     entry = json.loads(report.read_text())["files"][0]
     assert (status, entry["outcome"], entry["attempts"]) == (1, "CONNECTION", 2)
+
+
+Reply = tuple[int, dict[str, str], bytes]
+
+
+def json_reply(payload: Any, status: int = 200) -> Reply:
+    return status, {"Content-Type": "application/json"}, json.dumps(payload).encode()
+
+
+def redirect(location: str) -> Reply:
+    return 302, {"Location": location}, b""
+
+
+def completed(**output: Any) -> Reply:
+    return json_reply({"status": "COMPLETED", "output": {"transcription": "hi", **output}})
+
+
+def failed(code: str, message: str) -> Reply:
+    output = {"error": message, "error_code": code, "retryable": False}
+    return json_reply({"status": "FAILED", "output": output, "error": message})
+
+
+class Scripted:
+    """A hostile endpoint on loopback: RunPod's routes, answered from a script, every request recorded.
+
+    A file's bytes are its scenario's name (the client sends them as ``audio_base64``; an upload task
+    names the file, and the job after it the ``s3://`` reference it was given), and the job id too;
+    ``/<endpoint>/status/<id>`` answers the scenario's replies in turn, the last one again and again.
+    Any other path answers from ``paths``. The Authorization header is recorded, never checked: this
+    server wants the key, it does not guard anything."""
+
+    def __init__(self) -> None:
+        self.scenarios: dict[str, list[Reply]] = {}
+        self.paths: dict[str, Reply] = {}
+        self.seen: list[tuple[str, str]] = []  # (path, Authorization) of each request
+        self._lock = threading.Lock()  # guards seen
+        scripted = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                scripted.answer(self)
+
+            do_POST = do_GET  # noqa: N815 (http.server's method names)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self._server.daemon_threads = True
+        self.base = f"http://{LOOPBACK}:{self._server.server_address[1]}"
+
+    def answer(self, request: BaseHTTPRequestHandler) -> None:
+        body = request.rfile.read(int(request.headers.get("Content-Length", "0")))
+        with self._lock:
+            self.seen.append((request.path, request.headers.get("Authorization", "")))
+            polls = sum(path == request.path for path, _ in self.seen)
+        status, headers, data = self._route(request.path, body, polls)
+        request.send_response(status)
+        for name, value in {**headers, "Content-Length": str(len(data))}.items():
+            request.send_header(name, value)
+        request.end_headers()
+        request.wfile.write(data)
+
+    def _route(self, path: str, body: bytes, polls: int) -> Reply:
+        if path.endswith("/run"):
+            job = json.loads(body)["input"]
+            if "audio_base64" in job:
+                name = base64.b64decode(job["audio_base64"]).decode()
+            else:
+                name = "upload-" + Path(job.get("file_name") or job["audio"]).stem
+            return json_reply({"id": name, "status": "IN_QUEUE"})
+        if "/status/" in path:
+            replies = self.scenarios[path.rpartition("/")[2]]
+            return replies[min(polls, len(replies)) - 1]
+        return self.paths.get(path, json_reply({"error": "no route"}, 404))
+
+    def auth_of(self, fragment: str) -> set[str]:
+        """The Authorization headers of the requests whose path holds ``fragment``."""
+        with self._lock:
+            return {auth for path, auth in self.seen if fragment in path}
+
+    def __enter__(self) -> Scripted:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+KEY = "rpa_" + "7" * 24
+
+
+def run_against(endpoint: Scripted, tmp_path: Path, names: list[str], *args: str) -> tuple[
+        subprocess.CompletedProcess[str], dict[str, dict[str, Any]]]:
+    """``python -m client`` on one file per scenario name against ``endpoint``; the run and its report by name."""
+    clips = tmp_path / "in"
+    clips.mkdir(exist_ok=True)
+    paths = []
+    for name in names:
+        paths.append(clips / f"{name}.wav")
+        paths[-1].write_text(name)
+    env = {"RUNPOD_ENDPOINT_BASE_URL": endpoint.base, "RUNPOD_API_KEY": KEY, "COLUMNS": "400"}
+    report = tmp_path / "report.json"
+    done = run_cli(*map(str, paths), "--endpoint", "ep", "--out", str(tmp_path / "out"), "--format", "srt",
+                   "--attempts", "1", "--report", str(report), *args, env=env)
+    assert "Traceback" not in done.stderr, done.stderr
+    entries = json.loads(report.read_text())["files"]
+    return done, {Path(entry["file"]).stem: entry for entry in entries}
+
+
+def test_result_urls_must_be_https_or_http_to_loopback_from_a_loopback_endpoint() -> None:
+    """A result's URL is opened only when it is https, or http to loopback while the endpoint itself is
+    on loopback; file:, ftp:, data:, plain http to another host, and http anywhere from a remote
+    endpoint are refused, the message naming the field and the URL without its signature."""
+    local, remote = UrlPolicy.for_endpoint("http://127.0.0.1:8000"), UrlPolicy.for_endpoint(RUNPOD_API)
+    for url in ("https://bucket.example/k?X-Amz-Signature=s", "http://127.0.0.1:8333/k", "http://[::1]:9/k",
+                "http://localhost:9/k"):
+        assert local.check(url, what="transcript.srt") == url
+    assert remote.check("https://bucket.example/k", what="f") == "https://bucket.example/k"
+    refused = [(local, "file:///etc/passwd"), (local, "ftp://127.0.0.1/x"), (local, "data:text/plain,hi"),
+               (local, "http://192.0.2.1/k"), (local, "http://127.0.0.1.example/k"), (local, "https:///k"),
+               (remote, "http://127.0.0.1:8333/k"), (remote, "http://bucket.example/k")]
+    for policy, url in refused:
+        with pytest.raises(UrlRefused, match=r"transcript\.srt: url '.*' refused") as caught:
+            policy.check(url + "?X-Amz-Signature=secret", what="transcript.srt")
+        assert "secret" not in str(caught.value), url
+    with pytest.raises(UrlRefused, match=r"transcript\.srt: the url is of type int, not a string"):
+        local.check(5, what="transcript.srt")
+
+
+def test_file_urls_in_a_result_fail_that_file_and_copy_nothing(tmp_path: Path) -> None:
+    """An endpoint answering file:, data: and ftp: URLs, or an http URL redirecting to file:, gets
+    each of those files failed with URL_REFUSED and the run finished with its summary (exit 1):
+    neither the password file nor the client's environment (with its key) reaches an output."""
+    with Scripted() as endpoint:
+        endpoint.paths["/files/hop"] = redirect("file:///etc/passwd")
+        urls = {"passwd": "file:///etc/passwd", "environ": "file:///proc/self/environ",
+                "data": "data:text/plain;base64,aGk=", "ftp": f"ftp://{LOOPBACK}:9/x",
+                "hop": endpoint.base + "/files/hop"}
+        for name, url in urls.items():
+            endpoint.scenarios[name] = [completed(files=[{"name": "transcript.srt", "url": url}])]
+        done, files = run_against(endpoint, tmp_path, list(urls), "--no-progress")
+    assert done.returncode == 1
+    for name, url in {**urls, "hop": "file:///etc/passwd"}.items():
+        assert files[name]["outcome"] == "OUTPUT_FAILED", files[name]
+        assert files[name]["message"].startswith("URL_REFUSED: transcript.srt"), files[name]
+        assert f"url {url!r} refused" in files[name]["message"], files[name]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert "0 of 5 files transcribed" in done.stdout and "URL_REFUSED" in done.stdout
+    assert KEY not in done.stdout + done.stderr
+
+
+def test_an_upload_url_outside_the_policy_is_not_posted_to(tmp_path: Path) -> None:
+    """A file over the inline limit goes through the upload task; an upload URL that is file: or ftp:
+    fails that file with URL_REFUSED (final, one attempt) and no transcription job is sent for it."""
+    urls = {"file": "file:///etc/passwd", "ftp": f"ftp://{LOOPBACK}:9/up"}
+    with Scripted() as endpoint:
+        for name, url in urls.items():
+            granted = completed(upload={"url": url, "fields": {}}, audio=f"s3://b/{name}-job")
+            endpoint.scenarios[f"upload-{name}"] = [granted]
+            endpoint.scenarios[f"upload-{name}-job"] = [completed(files=[{"name": "transcript.srt", "base64": "aGk="}])]
+        done, files = run_against(endpoint, tmp_path, list(urls), "--no-progress", "--inline-limit", "1")
+    assert done.returncode == 1 and "0 of 2 files transcribed" in done.stdout
+    for name, url in urls.items():
+        assert (files[name]["outcome"], files[name]["via"], files[name]["attempts"]) == ("URL_REFUSED", "upload", 1)
+        assert f"upload: url {url!r} refused" in files[name]["message"]
+    assert endpoint.auth_of("/status/upload-file-job") == set() == endpoint.auth_of("/status/upload-ftp-job")
+
+
+def test_the_key_goes_only_to_the_endpoint_and_names_never_pick_the_path(tmp_path: Path) -> None:
+    """A /status redirected to another origin (another loopback port) is refused with REDIRECT_REFUSED,
+    so that server never sees the Bearer key; a presigned download (redirected to that other server,
+    http on loopback as the endpoint is) carries no key either; and file names in a result
+    (``../../escape.srt``, an absolute path) are ignored: the output goes to ``--out`` as ``<stem>.srt``."""
+    outside = tmp_path / f"abs-{os.getpid()}.srt"
+    with Scripted() as endpoint, Scripted() as elsewhere:
+        elsewhere.paths["/steal"] = completed()
+        elsewhere.paths["/srt"] = 200, {}, b"1\n00:00:00,000 --> 00:00:01,000\nhi\n"
+        endpoint.paths["/files/hop"] = redirect(elsewhere.base + "/srt")
+        endpoint.scenarios["status"] = [redirect(elsewhere.base + "/steal")]
+        endpoint.scenarios["names"] = [completed(files=[
+            {"name": "../../escape.srt", "base64": "ZXNjYXBl"}, {"name": str(outside), "base64": "ZXNjYXBl"},
+            {"name": "transcript.srt", "url": endpoint.base + "/files/hop"}])]
+        done, files = run_against(endpoint, tmp_path, ["status", "names"], "--no-progress")
+    assert done.returncode == 1
+    assert files["status"]["outcome"] == "REDIRECT_REFUSED", files["status"]
+    assert "another origin" in files["status"]["message"] and "/steal" in files["status"]["message"]
+    assert elsewhere.auth_of("/steal") == set() and elsewhere.auth_of("") == {""}
+    assert endpoint.auth_of("/ep/") == {f"Bearer {KEY}"} and endpoint.auth_of("/files/") == {""}
+    assert files["names"]["outcome"] == "success", files["names"]
+    assert (tmp_path / "out" / "names.srt").read_text().endswith("hi\n")
+    assert sorted(path.name for path in tmp_path.rglob("*.srt")) == ["names.srt"] and not outside.exists()
+    assert "1 of 2 files transcribed" in done.stdout
+
+
+def test_a_garbled_result_fails_that_file_and_the_summary_still_comes(tmp_path: Path) -> None:
+    """Base64 that does not decode (bad padding, characters outside the alphabet, not a string) and a
+    files list that is not a list each fail that file with OUTPUT_FAILED naming the file and the fault,
+    not a traceback; a progress note with a 5000-digit fraction and timings that are not an object
+    do not stop a good result; the summary counts them all."""
+    good = base64.b64encode(b"1\n00:00:00,000 --> 00:00:01,000\nhi\n").decode()
+    with Scripted() as endpoint:
+        scenarios = {"padding": [{"name": "transcript.srt", "base64": "abc"}],
+                     "alphabet": [{"name": "transcript.srt", "base64": "aGk*aGk="}],
+                     "number": [{"name": "transcript.srt", "base64": 12}], "files": 5}
+        for name, entries in scenarios.items():
+            endpoint.scenarios[name] = [completed(files=entries)]
+        endpoint.scenarios["noisy"] = [json_reply({"status": "IN_PROGRESS", "output": "9" * 5000 + "/1"}),
+                                       completed(timings="x", files=[{"name": "transcript.srt", "base64": good}])]
+        done, files = run_against(endpoint, tmp_path, [*scenarios, "noisy"], "--no-progress")
+    assert done.returncode == 1
+    assert files["noisy"]["outcome"] == "success", files["noisy"]
+    messages = {name: files[name]["message"] for name in scenarios}
+    assert all(files[name]["outcome"] == "OUTPUT_FAILED" for name in scenarios), files
+    assert "transcript.srt: base64 is not valid" in messages["padding"] and "'abc'" in messages["padding"]
+    assert "transcript.srt: base64 is not valid" in messages["alphabet"]
+    assert "transcript.srt: base64 is of type int, not a string" in messages["number"]
+    assert "files are of type int, not a list" in messages["files"]
+    assert "1 of 5 files transcribed" in done.stdout
+
+
+def test_server_text_reaches_the_terminal_as_plain_printable_text(tmp_path: Path) -> None:
+    """An error code and message full of rich markup (a stray ``[/]`` included) and terminal escapes
+    (OSC 52 clipboard write, OSC 8 link, C1 CSI, clear screen), and a progress note of the same, are
+    shown literally: the markup as typed, each control as its visible escape, and no ESC, BEL or C1
+    byte reaches stdout or stderr; the file fails with that code and the summary still comes."""
+    escapes = "\x1b]52;c;ZXZpbA==\x07 \x1b]8;;http://evil.example/\x1b\\click\x1b]8;;\x1b\\ \x9b31m \x1b[2J"
+    with Scripted() as endpoint:
+        note = json_reply({"status": "IN_PROGRESS", "output": f"[blink]{escapes}"})
+        message = f"[bold red]boom[/] [link=http://evil.example]x {escapes}"
+        endpoint.scenarios["markup"] = [note, failed("BAD\x1b[31m[/]", message)]
+        done, files = run_against(endpoint, tmp_path, ["markup"])
+    shown = done.stdout + done.stderr
+    assert done.returncode == 1 and files["markup"]["outcome"] == "BAD\x1b[31m[/]"
+    assert not {"\x1b", "\x07", "\x9b"} & set(shown), repr(shown)
+    assert "[bold red]boom[/] [link=http://evil.example]x" in done.stdout
+    assert "\\x1b]52;c;ZXZpbA==" in done.stdout and "\\x9b31m" in done.stdout
+    assert "failed: BAD\\x1b[31m[/]" in done.stderr
+    assert "0 of 1 files transcribed" in done.stdout
