@@ -74,6 +74,46 @@ def test_sigterm_drains_the_held_job_and_exits_cleanly(server: JobServer, tmp_pa
     assert worker.job_dirs() == []
 
 
+def wait_logged(worker: WorkerProcess, event: str, timeout: float) -> bool:
+    """Wait until the worker's log has a line naming ``event``."""
+    deadline = time.monotonic() + timeout
+    while event not in worker.log_path.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_a_job_handed_out_on_a_take_open_at_sigterm_is_answered(
+    server: JobServer, tmp_path: Path, model_dir: Path
+) -> None:
+    """An idle worker with default settings: its job-take request is open when SIGTERM arrives,
+    and the server hands a job out on it half a second after the worker has logged the shutdown
+    (by then the SDK's run loop had ended). That job is answered CANCELLED (retryable, with the
+    worker's request id), every job taken has an answer, and the process exits 0 well within
+    the 10 s grace period."""
+    worker = start(server, tmp_path, model_dir)
+    server.hold_takes()
+    assert server.wait_held(10)
+    server.submit("late", {"task": "fixture"})
+    signalled = time.monotonic()
+    worker.process.send_signal(signal.SIGTERM)
+    try:
+        assert wait_logged(worker, "worker.shutdown", 5)
+        time.sleep(0.5)
+    finally:
+        server.release_takes()
+    assert worker.process.wait(8) == 0
+    assert time.monotonic() - signalled < 5
+    finish(worker)
+    assert server.wait_taken("late", 0)
+    body = server.result("late")
+    assert body["error"].startswith("CANCELLED")
+    assert output_of(body)["error_code"] == "CANCELLED" and output_of(body)["retryable"] is True
+    assert len(output_of(body)["request_id"]) == 32
+    assert set(server.taken) <= set(server.results)
+
+
 def test_stop_channel_cancels_the_held_job_and_the_next_runs_at_once(
     server: JobServer, tmp_path: Path, model_dir: Path
 ) -> None:
@@ -122,7 +162,7 @@ def test_a_queued_job_starts_at_once_in_process() -> None:
             scaler.kill_worker()
 
     scaler = PromptJobScaler({"handler": handle, "jobs_fetcher": fetch, "jobs_handler": handle})
-    assert scaler.jobs_fetcher is fetch  # the hooks apply only without RUNPOD_WEBHOOK_GET_JOB
+    assert scaler.jobs_handler is handle  # the hooks apply only without RUNPOD_WEBHOOK_GET_JOB
 
     async def scenario() -> None:
         async with asyncio.timeout(20):
@@ -134,3 +174,36 @@ def test_a_queued_job_starts_at_once_in_process() -> None:
     delays = sorted(started[job] - fetched[job] for job in started)
     assert delays[10] < 0.02, f"median {delays[10] * 1000:.1f} ms from fetch to start"
     assert time.perf_counter() - began < 2  # the SDK's loop slept up to 1 s after each job
+
+
+def test_a_take_still_open_when_the_grace_runs_out_is_abandoned() -> None:
+    """In process: a job-take that never answers, open when the worker is stopped, is given the
+    grace period (here 0.3 s) and then abandoned, so both loops end in time; no take starts
+    after the stop."""
+    from handler.runtime.scaler import PromptJobScaler
+
+    takes: list[float] = []
+
+    async def fetch(_session: object, _wanted: int) -> list[dict[str, Any]] | None:
+        takes.append(time.monotonic())
+        await asyncio.sleep(60)  # a long-poll that outlives the grace
+        return None
+
+    async def handle(_session: object, _config: object, _job: dict[str, Any]) -> None:
+        raise AssertionError("no job was handed out")
+
+    scaler = PromptJobScaler({"handler": handle, "jobs_fetcher": fetch, "jobs_handler": handle,
+                              "shutdown_grace_s": 0.3})
+
+    async def scenario() -> float:
+        loops = asyncio.gather(scaler.get_jobs(None), scaler.run_jobs(None))
+        await asyncio.sleep(0.2)
+        stopped = time.monotonic()
+        scaler.kill_worker()
+        async with asyncio.timeout(5):
+            await loops
+        return time.monotonic() - stopped
+
+    took = asyncio.run(scenario())
+    assert 0.3 <= took < 1.0, f"the loops ended {took:.2f} s after the stop"
+    assert len(takes) == 1
