@@ -114,6 +114,37 @@ def test_a_job_handed_out_on_a_take_open_at_sigterm_is_answered(
     assert set(server.taken) <= set(server.results)
 
 
+def test_a_garbled_batch_is_answered_where_it_can_be_and_the_worker_keeps_serving(
+    server: JobServer, tmp_path: Path, model_dir: Path
+) -> None:
+    """One batch job-take hands out well-formed jobs mixed with entries that are not jobs (a
+    number, a string, no id, an id that is not a string) and a job whose input is garbage: the
+    good jobs are done, the garbage-input job answers INVALID_INPUT, the rest are skipped, and
+    the worker goes on to answer the next job and exits 0."""
+    worker = start(server, tmp_path, model_dir, MAX_CONCURRENT_JOBS="8")
+    try:
+        server.submit_batch([
+            {"id": "good-1", "input": {"task": "fixture"}},
+            42,
+            "not-a-job",
+            {"input": {"task": "fixture"}},
+            {"id": ["not", "a", "string"], "input": {"task": "fixture"}},
+            {"id": "garbage-input", "input": "\x00garbage"},
+            {"id": "good-2", "input": {"task": "fixture"}},
+        ])
+        assert server.wait_for(4, 10), f"answered: {sorted(server.results)}"  # the warm-up job too
+        assert output_of(server.result("good-1"))["output"] == "done"
+        assert output_of(server.result("good-2"))["output"] == "done"
+        garbage = output_of(server.result("garbage-input"))
+        assert garbage["error_code"] == "INVALID_INPUT" and garbage["retryable"] is False
+        server.submit("after", {"task": "fixture"})
+        assert server.wait_for(5, 10)
+        assert output_of(server.result("after"))["output"] == "done"
+        assert "scaler.job_unusable" in worker.log_path.read_text(errors="replace")
+    finally:
+        assert finish(worker) == 0
+
+
 def test_stop_channel_cancels_the_held_job_and_the_next_runs_at_once(
     server: JobServer, tmp_path: Path, model_dir: Path
 ) -> None:

@@ -10,13 +10,16 @@ replaces those two waits with events, each still bounded by the SDK's own interv
   room for a job, woken by the end of a job, so ``get_jobs`` fetches at once instead of sleeping;
 * ``run_jobs`` starts a fetched job as soon as it is queued.
 
-It also closes a hole in the SDK's loop around what a job-take hands out:
+It also closes two holes in the SDK's loop, both around what a job-take hands out:
 
 * A job-take still open when the worker is told to stop may yet hand out a job. The SDK's run
   loop has ended by then, so that job was taken and never answered. Here ``run_jobs`` runs
   until ``get_jobs`` has returned, so such a job is handled (the worker, draining, answers it
   ``CANCELLED``); the open take is given the shutdown grace period, then abandoned, so the
   process still exits in time. No take starts once stopping.
+* An entry of a batch that is not a job with a string ``id`` crashed the run loop, and with
+  it the process. Such entries are logged and skipped before the SDK sees them; a job with an
+  id but a garbled ``input`` goes to the handler, which answers it ``INVALID_INPUT``.
 
 SDK internals relied on (check them on an SDK upgrade): ``JobScaler.get_jobs`` calls
 ``set_scale`` first, sleeps only when ``current_concurrency - current_occupancy() <= 0``,
@@ -37,6 +40,7 @@ from typing import Any
 
 from runpod.serverless.modules import rp_scale
 
+from handler.errors import printable
 from handler.logs import get_logger
 
 log = get_logger(__name__)
@@ -77,13 +81,13 @@ class PromptJobScaler(rp_scale.JobScaler):  # type: ignore[misc]  # the SDK has 
         finally:
             self._taking = False
 
-    async def _take_jobs(self, session: Any, wanted: int) -> Any:
-        """One job-take: none once stopping, and an open one bounded by the grace."""
+    async def _take_jobs(self, session: Any, wanted: int) -> list[dict[str, Any]] | None:
+        """One job-take: none once stopping, an open one bounded by the grace, garbage dropped."""
         if not self.is_alive():
             return None
         fetch = asyncio.ensure_future(self._fetch_jobs(session, wanted))
         try:
-            return await self._until_taken_or_late(fetch)
+            return usable_jobs(await self._until_taken_or_late(fetch))
         finally:
             fetch.cancel()
 
@@ -162,6 +166,24 @@ class PromptJobScaler(rp_scale.JobScaler):  # type: ignore[misc]  # the SDK has 
         for result in results:
             if isinstance(result, Exception):
                 log.error("scaler.drain_failed", error=repr(result))
+
+
+def usable_jobs(jobs: Any) -> list[dict[str, Any]] | None:
+    """The entries of a job-take that can be answered: dicts with a non-empty string ``id``.
+
+    The others are logged (by kind and field names only: their values may hold secrets) and
+    skipped; with no id there is nowhere to send an answer.
+    """
+    if not isinstance(jobs, list):
+        return None
+    usable = []
+    for entry in jobs:
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"]:
+            usable.append(entry)
+        else:
+            fields = sorted(printable(str(key)) for key in entry) if isinstance(entry, dict) else None
+            log.error("scaler.job_unusable", kind=type(entry).__name__, fields=fields)
+    return usable
 
 
 @contextlib.contextmanager
