@@ -145,6 +145,34 @@ def test_a_garbled_batch_is_answered_where_it_can_be_and_the_worker_keeps_servin
         assert finish(worker) == 0
 
 
+def test_a_garbled_single_take_is_answered_where_it_can_be_and_the_worker_keeps_serving(
+    server: JobServer, tmp_path: Path, model_dir: Path
+) -> None:
+    """One job held (the default), so each entry comes back alone on the single job-take: a job
+    with no input and one whose input is a string answer INVALID_INPUT (the SDK dropped the first
+    unanswered), bodies that are a list, a number, or a job with no id are logged and skipped,
+    and the job after them is done by the same, still running, worker."""
+    worker = start(server, tmp_path, model_dir)
+    try:
+        server.submit_batch([
+            {"id": "x1"},
+            {"id": "x2", "input": "garbage"},
+            ["not", "a", "job"],
+            42,
+            {"input": {"task": "fixture"}},
+            {"id": "good", "input": {"task": "fixture"}},
+        ])
+        assert server.wait_for(4, 10), f"answered: {sorted(server.results)}"  # the warm-up job too
+        for job_id in ("x1", "x2"):
+            body = output_of(server.result(job_id))
+            assert body["error_code"] == "INVALID_INPUT" and body["field"] == "input", job_id
+        assert output_of(server.result("good"))["output"] == "done"
+        assert worker.process.poll() is None
+        assert worker.log_path.read_text(errors="replace").count("scaler.job_unusable") >= 5
+    finally:
+        assert finish(worker) == 0
+
+
 def test_stop_channel_cancels_the_held_job_and_the_next_runs_at_once(
     server: JobServer, tmp_path: Path, model_dir: Path
 ) -> None:
