@@ -18,17 +18,26 @@ It also closes two holes in the SDK's loop, both around what a job-take hands ou
   ``CANCELLED``); the open take is given the shutdown grace period, then abandoned, so the
   process still exits in time. No take starts once stopping.
 * An entry of a batch that is not a job with a string ``id`` crashed the run loop, and with
-  it the process. Such entries are logged and skipped before the SDK sees them; a job with an
-  id but a garbled ``input`` goes to the handler, which answers it ``INVALID_INPUT``.
+  it the process; on the single job-take, the SDK's ``get_job`` raised on a job without an
+  ``input`` after reading it, so that job was taken and never answered. Here the job-take
+  (:func:`take_jobs`, the SDK's protocol but handing back the body as parsed) and
+  :func:`usable_jobs` serve both: an entry that is not a job with a string ``id`` is logged
+  and skipped; a job with an id but a missing or garbled ``input`` goes to the handler, which
+  answers it ``INVALID_INPUT``.
 
 SDK internals relied on (check them on an SDK upgrade): ``JobScaler.get_jobs`` calls
 ``set_scale`` first, sleeps only when ``current_concurrency - current_occupancy() <= 0``,
 calls ``jobs_fetcher(session, jobs_needed)``, queues every job that call returns even when
 the worker was stopped meanwhile, and returns once ``is_alive()`` is false; ``handle_job``,
 ``kill_worker``, ``is_alive``, ``jobs_queue``, ``jobs_tasks``, ``jobs_fetcher`` (set in
-``__init__``) and ``current_concurrency``; and ``runpod.serverless.worker.run_worker``
-building its scaler as ``rp_scale.JobScaler(config)`` at call time (see
-:func:`prompt_job_loop`), with the ``config`` given to ``runpod.serverless.start``.
+``__init__``, to ``rp_job.get_job`` unless a local test names its own) and
+``current_concurrency``; ``rp_job.get_job``'s protocol, which :func:`take_jobs` repeats:
+``session.get(rp_job._job_get_url(wanted))`` on the SDK's session (it carries the headers),
+204 and 400 meaning no job, 429 raised as ``runpod.http_client.TooManyRequests`` (``get_jobs``
+backs off on it), any other error status raised, and a body read only when it is JSON and not
+empty; and ``runpod.serverless.worker.run_worker`` building its scaler as
+``rp_scale.JobScaler(config)`` at call time (see :func:`prompt_job_loop`), with the ``config``
+given to ``runpod.serverless.start``.
 """
 
 from __future__ import annotations
@@ -38,7 +47,9 @@ import contextlib
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from runpod.serverless.modules import rp_scale
+import aiohttp
+from runpod.http_client import TooManyRequests
+from runpod.serverless.modules import rp_job, rp_scale
 
 from handler.errors import printable
 from handler.logs import get_logger
@@ -69,8 +80,8 @@ class PromptJobScaler(rp_scale.JobScaler):  # type: ignore[misc]  # the SDK has 
         # True while get_jobs runs: it may still queue a job, so run_jobs must not end yet.
         self._taking = False
         self._late_take_s = float(config.get("shutdown_grace_s", _LATE_TAKE_S))
-        # The SDK's fetcher (or a local test's); get_jobs calls it through _take_jobs.
-        self._fetch_jobs = self.jobs_fetcher
+        # The job-take (or a local test's); get_jobs calls it through _take_jobs.
+        self._fetch_jobs = take_jobs if self.jobs_fetcher is rp_job.get_job else self.jobs_fetcher
         self.jobs_fetcher = self._take_jobs
 
     async def get_jobs(self, session: Any) -> None:
@@ -168,16 +179,41 @@ class PromptJobScaler(rp_scale.JobScaler):  # type: ignore[misc]  # the SDK has 
                 log.error("scaler.drain_failed", error=repr(result))
 
 
-def usable_jobs(jobs: Any) -> list[dict[str, Any]] | None:
+async def take_jobs(session: Any, wanted: int) -> Any:
+    """One job-take by the SDK's protocol: the body as parsed (a job, a list of them, or
+    whatever came), or None when there is none.
+
+    The SDK's ``get_job`` raises on a job without an ``input`` after reading it, losing the id
+    that the answer needs; this hands every body on to :func:`usable_jobs` instead.
+    """
+    async with session.get(rp_job._job_get_url(wanted)) as response:
+        if response.status in (204, 400):  # 400: expected when FlashBoot is enabled
+            return None
+        if response.status == 429:
+            raise TooManyRequests(response.request_info, response.history, status=response.status,
+                                  message=response.reason)
+        response.raise_for_status()
+        if response.content_type != "application/json" or response.content_length == 0:
+            return None
+        try:
+            return await response.json()
+        except (aiohttp.ContentTypeError, ValueError) as exc:
+            log.error("scaler.take_unreadable", error=type(exc).__name__)
+            return None
+
+
+def usable_jobs(taken: Any) -> list[dict[str, Any]] | None:
     """The entries of a job-take that can be answered: dicts with a non-empty string ``id``.
 
-    The others are logged (by kind and field names only: their values may hold secrets) and
+    ``taken`` is one job (the single take), a list of them (the batch take), or None. The
+    others are logged (by kind and field names only: their values may hold secrets) and
     skipped; with no id there is nowhere to send an answer.
     """
-    if not isinstance(jobs, list):
+    if taken is None:
         return None
+    entries = taken if isinstance(taken, list) else [taken]
     usable = []
-    for entry in jobs:
+    for entry in entries:
         if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"]:
             usable.append(entry)
         else:
