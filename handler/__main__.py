@@ -48,7 +48,10 @@ def main() -> None:
     _chain_shutdown(worker.begin_shutdown)
     jobs = settings.max_concurrent_jobs
     with prompt_job_loop():  # no idle second between jobs (see handler.runtime.scaler)
-        runpod.serverless.start({"handler": worker.handle, "concurrency_modifier": lambda _current: jobs})
+        runpod.serverless.start({
+            "handler": worker.handle, "concurrency_modifier": lambda _current: jobs,
+            "shutdown_grace_s": settings.shutdown_grace_s,  # how long a take open at SIGTERM may last
+        })
 
 
 def _chain_shutdown(on_shutdown: Callable[[], None]) -> None:

@@ -2,7 +2,9 @@
 
 The real worker process (``python -m handler`` with ``RUNPOD_WEBHOOK_*`` pointing here) takes
 jobs by long-poll (single or batch), posts results and progress to job-done, pings, and
-long-polls the stop channel; tests submit jobs, stop them, and read what came back.
+long-polls the stop channel; tests submit jobs, stop them, and read what came back. A test can
+also hold job-take requests open until it says so (to hand a job out at a moment it picks), and
+serve entries that are not well-formed jobs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ LOOPBACK = "127.0.0.1"
 ROOT = Path(__file__).resolve().parents[1]
 # How long a job-take or job-stop request is held open when there is nothing to give.
 LONG_POLL_S = 0.5
+# The longest a held job-take request stays open.
+HOLD_LIMIT_S = 30.0
 
 
 class JobServer:
@@ -35,7 +39,12 @@ class JobServer:
         # Guards every field below; `changed` is signalled on every change.
         self._lock = threading.Lock()
         self.changed = threading.Condition(self._lock)
-        self._pending: deque[dict[str, Any]] = deque()
+        # Entries to hand out: jobs, or whatever a test wants a worker to receive as one.
+        self._pending: deque[Any] = deque()
+        # While set, a job-take request waits (however long) instead of answering.
+        self._holding = False
+        # Job-take requests now waiting because of the hold.
+        self.held_takes = 0
         self._to_stop: list[str] = []
         self.results: dict[str, list[dict[str, Any]]] = {}
         # Which worker (its RUNPOD_POD_ID) posted each result.
@@ -71,6 +80,28 @@ class JobServer:
         with self.changed:
             self._pending.append({"id": job_id, "input": inputs, **extra})
             self.changed.notify_all()
+
+    def submit_batch(self, entries: list[Any]) -> None:
+        """Queue ``entries`` at once, so one batch job-take hands them all out together."""
+        with self.changed:
+            self._pending.extend(entries)
+            self.changed.notify_all()
+
+    def hold_takes(self) -> None:
+        """From now on, job-take requests stay open until :meth:`release_takes`."""
+        with self.changed:
+            self._holding = True
+
+    def release_takes(self) -> None:
+        """Let held job-take requests answer (with a job, if one is waiting)."""
+        with self.changed:
+            self._holding = False
+            self.changed.notify_all()
+
+    def wait_held(self, timeout: float) -> bool:
+        """Wait until a job-take request is being held open."""
+        with self.changed:
+            return self.changed.wait_for(lambda: self.held_takes > 0, timeout)
 
     def stop(self, job_id: str) -> None:
         with self.changed:
@@ -109,15 +140,27 @@ class JobServer:
 
     # --- the protocol -----------------------------------------------------------------
 
-    def _take(self, batch: int) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + LONG_POLL_S
+    def _take(self, batch: int) -> list[Any]:
         with self.changed:
+            self._wait_while_held()
+            deadline = time.monotonic() + LONG_POLL_S
             while not self._pending and time.monotonic() < deadline:
                 self.changed.wait(deadline - time.monotonic())
             jobs = [self._pending.popleft() for _ in range(min(batch, len(self._pending)))]
-            self.taken.extend(job["id"] for job in jobs)
+            self.taken.extend(job["id"] for job in jobs if isinstance(job, dict) and isinstance(job.get("id"), str))
             self.changed.notify_all()
             return jobs
+
+    def _wait_while_held(self) -> None:
+        """Called holding the lock; bounded so a forgotten hold cannot hang a test's teardown."""
+        if not self._holding:
+            return
+        self.held_takes += 1
+        self.changed.notify_all()
+        try:
+            self.changed.wait_for(lambda: not self._holding, HOLD_LIMIT_S)
+        finally:
+            self.held_takes -= 1
 
     def _stops(self) -> list[str]:
         deadline = time.monotonic() + LONG_POLL_S

@@ -74,6 +74,105 @@ def test_sigterm_drains_the_held_job_and_exits_cleanly(server: JobServer, tmp_pa
     assert worker.job_dirs() == []
 
 
+def wait_logged(worker: WorkerProcess, event: str, timeout: float) -> bool:
+    """Wait until the worker's log has a line naming ``event``."""
+    deadline = time.monotonic() + timeout
+    while event not in worker.log_path.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_a_job_handed_out_on_a_take_open_at_sigterm_is_answered(
+    server: JobServer, tmp_path: Path, model_dir: Path
+) -> None:
+    """An idle worker with default settings: its job-take request is open when SIGTERM arrives,
+    and the server hands a job out on it half a second after the worker has logged the shutdown
+    (by then the SDK's run loop had ended). That job is answered CANCELLED (retryable, with the
+    worker's request id), every job taken has an answer, and the process exits 0 well within
+    the 10 s grace period."""
+    worker = start(server, tmp_path, model_dir)
+    server.hold_takes()
+    assert server.wait_held(10)
+    server.submit("late", {"task": "fixture"})
+    signalled = time.monotonic()
+    worker.process.send_signal(signal.SIGTERM)
+    try:
+        assert wait_logged(worker, "worker.shutdown", 5)
+        time.sleep(0.5)
+    finally:
+        server.release_takes()
+    assert worker.process.wait(8) == 0
+    assert time.monotonic() - signalled < 5
+    finish(worker)
+    assert server.wait_taken("late", 0)
+    body = server.result("late")
+    assert body["error"].startswith("CANCELLED")
+    assert output_of(body)["error_code"] == "CANCELLED" and output_of(body)["retryable"] is True
+    assert len(output_of(body)["request_id"]) == 32
+    assert set(server.taken) <= set(server.results)
+
+
+def test_a_garbled_batch_is_answered_where_it_can_be_and_the_worker_keeps_serving(
+    server: JobServer, tmp_path: Path, model_dir: Path
+) -> None:
+    """One batch job-take hands out well-formed jobs mixed with entries that are not jobs (a
+    number, a string, no id, an id that is not a string) and a job whose input is garbage: the
+    good jobs are done, the garbage-input job answers INVALID_INPUT, the rest are skipped, and
+    the worker goes on to answer the next job and exits 0."""
+    worker = start(server, tmp_path, model_dir, MAX_CONCURRENT_JOBS="8")
+    try:
+        server.submit_batch([
+            {"id": "good-1", "input": {"task": "fixture"}},
+            42,
+            "not-a-job",
+            {"input": {"task": "fixture"}},
+            {"id": ["not", "a", "string"], "input": {"task": "fixture"}},
+            {"id": "garbage-input", "input": "\x00garbage"},
+            {"id": "good-2", "input": {"task": "fixture"}},
+        ])
+        assert server.wait_for(4, 10), f"answered: {sorted(server.results)}"  # the warm-up job too
+        assert output_of(server.result("good-1"))["output"] == "done"
+        assert output_of(server.result("good-2"))["output"] == "done"
+        garbage = output_of(server.result("garbage-input"))
+        assert garbage["error_code"] == "INVALID_INPUT" and garbage["retryable"] is False
+        server.submit("after", {"task": "fixture"})
+        assert server.wait_for(5, 10)
+        assert output_of(server.result("after"))["output"] == "done"
+        assert "scaler.job_unusable" in worker.log_path.read_text(errors="replace")
+    finally:
+        assert finish(worker) == 0
+
+
+def test_a_garbled_single_take_is_answered_where_it_can_be_and_the_worker_keeps_serving(
+    server: JobServer, tmp_path: Path, model_dir: Path
+) -> None:
+    """One job held (the default), so each entry comes back alone on the single job-take: a job
+    with no input and one whose input is a string answer INVALID_INPUT (the SDK dropped the first
+    unanswered), bodies that are a list, a number, or a job with no id are logged and skipped,
+    and the job after them is done by the same, still running, worker."""
+    worker = start(server, tmp_path, model_dir)
+    try:
+        server.submit_batch([
+            {"id": "x1"},
+            {"id": "x2", "input": "garbage"},
+            ["not", "a", "job"],
+            42,
+            {"input": {"task": "fixture"}},
+            {"id": "good", "input": {"task": "fixture"}},
+        ])
+        assert server.wait_for(4, 10), f"answered: {sorted(server.results)}"  # the warm-up job too
+        for job_id in ("x1", "x2"):
+            body = output_of(server.result(job_id))
+            assert body["error_code"] == "INVALID_INPUT" and body["field"] == "input", job_id
+        assert output_of(server.result("good"))["output"] == "done"
+        assert worker.process.poll() is None
+        assert worker.log_path.read_text(errors="replace").count("scaler.job_unusable") >= 5
+    finally:
+        assert finish(worker) == 0
+
+
 def test_stop_channel_cancels_the_held_job_and_the_next_runs_at_once(
     server: JobServer, tmp_path: Path, model_dir: Path
 ) -> None:
@@ -122,7 +221,7 @@ def test_a_queued_job_starts_at_once_in_process() -> None:
             scaler.kill_worker()
 
     scaler = PromptJobScaler({"handler": handle, "jobs_fetcher": fetch, "jobs_handler": handle})
-    assert scaler.jobs_fetcher is fetch  # the hooks apply only without RUNPOD_WEBHOOK_GET_JOB
+    assert scaler.jobs_handler is handle  # the hooks apply only without RUNPOD_WEBHOOK_GET_JOB
 
     async def scenario() -> None:
         async with asyncio.timeout(20):
@@ -134,3 +233,36 @@ def test_a_queued_job_starts_at_once_in_process() -> None:
     delays = sorted(started[job] - fetched[job] for job in started)
     assert delays[10] < 0.02, f"median {delays[10] * 1000:.1f} ms from fetch to start"
     assert time.perf_counter() - began < 2  # the SDK's loop slept up to 1 s after each job
+
+
+def test_a_take_still_open_when_the_grace_runs_out_is_abandoned() -> None:
+    """In process: a job-take that never answers, open when the worker is stopped, is given the
+    grace period (here 0.3 s) and then abandoned, so both loops end in time; no take starts
+    after the stop."""
+    from handler.runtime.scaler import PromptJobScaler
+
+    takes: list[float] = []
+
+    async def fetch(_session: object, _wanted: int) -> list[dict[str, Any]] | None:
+        takes.append(time.monotonic())
+        await asyncio.sleep(60)  # a long-poll that outlives the grace
+        return None
+
+    async def handle(_session: object, _config: object, _job: dict[str, Any]) -> None:
+        raise AssertionError("no job was handed out")
+
+    scaler = PromptJobScaler({"handler": handle, "jobs_fetcher": fetch, "jobs_handler": handle,
+                              "shutdown_grace_s": 0.3})
+
+    async def scenario() -> float:
+        loops = asyncio.gather(scaler.get_jobs(None), scaler.run_jobs(None))
+        await asyncio.sleep(0.2)
+        stopped = time.monotonic()
+        scaler.kill_worker()
+        async with asyncio.timeout(5):
+            await loops
+        return time.monotonic() - stopped
+
+    took = asyncio.run(scenario())
+    assert 0.3 <= took < 1.0, f"the loops ended {took:.2f} s after the stop"
+    assert len(takes) == 1
