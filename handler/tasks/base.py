@@ -6,7 +6,7 @@ import functools
 import secrets
 import time
 import types
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +20,7 @@ from handler.io.inputs import MediaInputs
 from handler.io.result_cache import ResultCache, cache_key
 from handler.io.storage import S3Storage, Storage
 from handler.io.workspace import Workspace
-from handler.runtime.batcher import Batchers
+from handler.runtime.batcher import Batcher, Batchers
 from handler.runtime.cancel import CancelToken
 from handler.runtime.flights import SingleFlight
 from handler.runtime.gate import Gate
@@ -34,6 +34,8 @@ from handler.runtime.threads import in_thread
 InputT = TypeVar("InputT", bound=BaseModel)
 T = TypeVar("T")
 P = TypeVar("P")
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
 # An output file: where it is, the name the client sees, its content type.
 OutputFile = tuple[Path, str, str]
 
@@ -112,6 +114,23 @@ class Runtime:
     batchers: Batchers = field(default_factory=Batchers)
     # How the GPU slots were sized (fixed, or auto with its figures), for `system`.
     sizing: dict[str, Any] = field(default_factory=dict)
+
+    def batcher(
+        self, key: Hashable, run_batch: Callable[[list[ItemT]], list[ResultT]], *, max_batch: int, window_s: float
+    ) -> Batcher[ItemT, ResultT]:
+        """The worker's batcher for ``key`` (a model), made on first use: its batches take slots
+        of the gate like any model work (CUDA errors translated there), and what a batch raises
+        after its jobs were cancelled reaches the lifecycle (a sticky CUDA error marks the worker).
+
+        The first caller's ``run_batch`` serves every later job, for the worker's life: it must
+        not hold any job's state (borrow the model through the items instead).
+        """
+
+        def make() -> Batcher[ItemT, ResultT]:
+            return Batcher(run_batch, gate=self.gate, max_batch=max_batch, window_s=window_s,
+                           on_late_error=self.lifecycle.late_error)
+
+        return self.batchers.get(key, make)
 
 
 @dataclass
