@@ -8,6 +8,9 @@ out-of-memory error comes back as ``GPU_OOM`` after clearing.
 The slot is given back when the work has really finished: if the waiting task is cancelled
 while its thread still runs, the slot stays taken until the thread returns, so a cancelled
 job can never overlap the next one on the GPU.
+
+``run`` is ``acquire`` then ``Slot.run``; the batcher takes the two steps apart, holding a slot
+before it decides what its batch holds, so it shares the slots with all other GPU work.
 """
 
 from __future__ import annotations
