@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -44,6 +45,8 @@ class FixtureInput(BaseModel):
     # For "flaky": the first `failures` jobs with this key answer TIMEOUT, later ones succeed.
     key: str = ""
     failures: int = 0
+    # Run the action in a batch of the worker's shared batcher (as transcription chunks run), not alone.
+    batched: bool = False
 
 
 class FixturePipeline:
@@ -100,6 +103,27 @@ def pipelines_for(ctx: JobContext, model: str, load: str = "ok") -> InstancePool
                                                                     lambda: _load(load)))
 
 
+@dataclass(frozen=True, eq=False)
+class _BatchItem:
+    """One job's call of the pipeline, in a batch shared with other jobs."""
+
+    pipelines: InstancePool[FixturePipeline]
+    action: str
+    seconds: float
+    cancel: CancelToken
+
+
+def _run_batch(items: list[_BatchItem]) -> list[tuple[str, int]]:
+    with items[0].pipelines.borrow(10.0) as pipeline:
+        return [(pipeline(item.action, item.seconds, item.cancel), pipeline.id) for item in items]
+
+
+async def _batched(ctx: JobContext, pipelines: InstancePool[FixturePipeline], params: FixtureInput) -> tuple[str, int]:
+    batcher = ctx.runtime.batcher(("fixture", params.model), _run_batch, max_batch=8, window_s=0.0)
+    item = _BatchItem(pipelines, params.action, params.seconds, ctx.cancel)
+    return (await batcher.submit("fixture", [item], cancel=ctx.cancel))[0]
+
+
 def _flaky(params: FixtureInput) -> int:
     """This attempt's number for the key; TIMEOUT (no slot) for the first ``failures``."""
     with _flaky_lock:
@@ -121,7 +145,10 @@ async def run(ctx: JobContext, params: FixtureInput) -> dict[str, Any]:
     def work(pipeline: FixturePipeline) -> tuple[str, int]:
         return pipeline(params.action, params.seconds, ctx.cancel, params.gigabytes), pipeline.id
 
-    output, instance = await ctx.on_model(pipelines, work)
+    if params.batched:
+        output, instance = await _batched(ctx, pipelines, params)
+    else:
+        output, instance = await ctx.on_model(pipelines, work)
     return {"output": output, "instance": instance, "model": params.model}
 
 

@@ -9,16 +9,20 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
 import torch
 
+from handler.app import Worker
 from handler.errors import Cancelled, GenerationTimeout, GpuOutOfMemory
 from handler.runtime.batcher import Batcher
 from handler.runtime.cancel import CancelToken
 from handler.runtime.gate import Gate
+from handler.runtime.registry import PipelineKey, Registry
+from tests.fixture_tasks import TABLE
 
 Item = tuple[str, int]  # (job, index)
 T = TypeVar("T")
@@ -363,8 +367,100 @@ def test_one_batcher_serves_several_event_loops(gate: Gate) -> None:
 
 
 def test_bad_settings_are_refused(gate: Gate) -> None:
-    """A batch size under 1 or a negative window is refused at construction, naming the value."""
+    """A batch size under 1 or a negative window is refused at construction, a limit under 1 at
+    submit, each naming the value."""
     with pytest.raises(ValueError, match="max_batch must be at least 1, got 0"):
         Batcher(Recorder(), gate=gate, max_batch=0, window_s=0.1)
     with pytest.raises(ValueError, match="window_s must not be negative"):
         Batcher(Recorder(), gate=gate, max_batch=1, window_s=-1)
+    batcher: Batcher[Item, str] = Batcher(Recorder(), gate=gate, max_batch=4, window_s=0.0)
+    with pytest.raises(ValueError, match="limit must be at least 1, got 0"):
+        within(10, batcher.submit("k", items("j", 1), cancel=CancelToken(), limit=0))
+
+
+def test_jobs_with_different_limits_share_batches(gate: Gate) -> None:
+    """Three jobs with limits 2, 4 and 8 share batches: the first holds the largest limit (8) of
+    items, oldest first, with no job over its own limit; no later batch breaks either bound."""
+    run = Recorder()
+    batcher: Batcher[Item, str] = Batcher(run, gate=gate, max_batch=64, window_s=0.05)
+    limits = {"a": 2, "b": 4, "c": 8}
+
+    async def scenario() -> list[list[str]]:
+        return await asyncio.gather(
+            *(batcher.submit("k", items(job, 6), cancel=CancelToken(), limit=n) for job, n in limits.items())
+        )
+
+    assert within(10, scenario()) == [expected(job, 6) for job in limits]
+    assert run.batches[0] == items("a", 2) + items("b", 4) + items("c", 2)
+    for batch in run.batches:
+        per_job = Counter(job for job, _ in batch)
+        assert all(count <= limits[job] for job, count in per_job.items()), batch
+        assert len(batch) <= max(limits[job] for job in per_job), batch
+
+
+def test_a_batch_gathers_while_another_batcher_holds_the_slot(gate: Gate) -> None:
+    """Dispatchers take slots through the gate: while a batch of another batcher (another model)
+    holds the only slot, two jobs that arrive one after the other wait in the queue, and run
+    together once the slot is free, instead of one small batch each queueing at the gate."""
+    release = threading.Event()
+    running = threading.Event()
+
+    def hold(batch: list[Item]) -> list[str]:
+        running.set()
+        assert release.wait(10)
+        return [f"{job}/{index}" for job, index in batch]
+
+    other: Batcher[Item, str] = Batcher(hold, gate=gate, max_batch=8, window_s=0.0)
+    run = Recorder()
+    batcher: Batcher[Item, str] = Batcher(run, gate=gate, max_batch=8, window_s=0.0)
+
+    async def scenario() -> tuple[list[str], list[str], list[str]]:
+        holder = asyncio.create_task(other.submit("k", items("other", 1), cancel=CancelToken()))
+        assert await asyncio.to_thread(running.wait, 10)
+        first = asyncio.create_task(batcher.submit("k", items("first", 2), cancel=CancelToken()))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(batcher.submit("k", items("second", 2), cancel=CancelToken()))
+        await asyncio.sleep(0.05)
+        assert gate.waiting == 1  # the dispatcher waits for the slot; no batch has been formed
+        release.set()
+        return await holder, await first, await second
+
+    assert within(10, scenario()) == (expected("other", 1), expected("first", 2), expected("second", 2))
+    assert run.batches == [items("first", 2) + items("second", 2)]
+    assert gate.busy == 0
+
+
+def test_sticky_error_of_a_batch_whose_jobs_were_cancelled_marks_the_worker(make_settings) -> None:
+    """A shared batch raises a sticky CUDA error (torch.AcceleratorError, in the fixture pipeline,
+    through the real gate) after its only job was cancelled and answered: nobody is left to receive
+    it, yet it is logged and the worker is marked fatal, so the next job gets CUDA_FATAL."""
+    from tests.conftest import CAPTURED_LOGS
+
+    settings = make_settings(GENERATION_ACQUIRE_TIMEOUT="5", MAX_CONCURRENT_GENERATIONS="1")
+    worker = Worker(settings, tasks=TABLE, registry=Registry())
+    fatal_job = {"id": "batch", "input": {"task": "fixture", "action": "fatal_after_cancel", "batched": True}}
+
+    def running() -> bool:
+        loaded = worker.runtime.registry.loaded().get(PipelineKey("fixture", "fixture-model", "cpu", "float32"))
+        return loaded is not None and loaded.pipeline.first.running == 1
+
+    async def wait_for(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 5
+        while not condition() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        task = asyncio.create_task(worker.handle(fatal_job))
+        await wait_for(running)
+        assert running()
+        task.cancel()
+        cancelled = await task
+        await wait_for(lambda: worker.lifecycle.state.value == "fatal")
+        return cancelled, await worker.handle({"id": "next", "input": {"task": "fixture"}})
+
+    mark = len(CAPTURED_LOGS.getvalue())
+    cancelled, after = within(20, scenario())
+    assert cancelled["error_code"] == "CANCELLED"
+    assert worker.lifecycle.state.value == "fatal"
+    assert after["error_code"] == "CUDA_FATAL", after
+    assert any("job.late_error" in line for line in CAPTURED_LOGS.getvalue()[mark:].splitlines())

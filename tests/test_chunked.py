@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import uuid
+import wave
+import weakref
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import whisper as openai_whisper
@@ -144,6 +149,53 @@ def test_out_of_memory_in_a_shared_batch_is_retried_smaller(worker: Worker, spy:
     spy.fail_when = None
     after = run_job(worker, job(audio_base64=b64(sentence_clips[0]), beam_size=1, best_of=1))
     assert "report" in after["transcription"].lower()
+
+
+@pytest.mark.slow
+def test_jobs_with_different_batch_sizes_share_a_batch(worker: Worker, spy: BatchSpy,
+                                                       sentence_clips: list[Path]) -> None:
+    """Four jobs held at once with batch_size 2, 3, 4 and 8 (one chunk each): their chunks meet in
+    shared batches all the same, and each job gets its own sentence back."""
+    sizes = (2, 3, 4, 8)
+    jobs = [job(audio_base64=b64(clip), beam_size=1, best_of=1, batch_size=size)
+            for clip, size in zip(sentence_clips, sizes, strict=False)]
+    results = handle_all(worker, jobs)
+    for keyword, result in zip(KEYWORDS, results, strict=False):
+        assert keyword in result["transcription"].lower(), result
+    assert max(spy.sizes) > 1, spy.sizes
+    assert sum(spy.sizes) == len(sizes)
+
+
+class _Watched(dict):  # type: ignore[type-arg]
+    """A dict a weak reference can watch (a plain dict cannot be weakly referenced)."""
+
+
+def _noise_wav(target: Path, seconds: float, seed: int) -> Path:
+    samples = np.random.default_rng(seed).normal(0, 3000, int(16000 * seconds)).clip(-32768, 32767)
+    with wave.open(str(target), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes(samples.astype("<i2").tobytes())
+    return target
+
+
+def test_no_job_input_outlives_its_job(worker: Worker, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """20 jobs with 20 different batch_size values and 20 s (about 850 KB of base64) inputs: once they
+    are answered, nothing the worker keeps (its batchers included) still references any job or its
+    input: weak references to them are dead after a collection, while the worker lives on."""
+    monkeypatch.setattr(whisper_pipeline.WhisperPipeline, "decode_windows",
+                        lambda _pipeline, inputs, _settings: [[] for _ in inputs])  # the inputs are noise
+    jobs = [_Watched(id=f"leak-{uuid.uuid4().hex[:8]}",
+                     input=_Watched(audio_base64=b64(_noise_wav(tmp_path / f"n{i}.wav", 20, i)), batch_size=2 + i))
+            for i in range(20)]
+    watched = [weakref.ref(one) for one in jobs] + [weakref.ref(one["input"]) for one in jobs]
+    results = handle_all(worker, jobs)
+    assert all("error" not in result for result in results), results
+    del jobs, results
+    gc.collect()
+    assert [ref for ref in watched if ref() is not None] == []
+    assert worker.runtime.batchers is not None  # the worker, and what it keeps, still lives
 
 
 def _mel_sum(worker: Worker, clip: Path) -> float:

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from handler.app import Worker
+from handler.errors import GenerationTimeout
+from handler.runtime.gate import Gate
 from handler.runtime.registry import PipelineKey, Registry
 from tests.conftest import assert_no_job_dirs
 from tests.fixture_tasks import TABLE, FixturePipeline
@@ -195,3 +197,30 @@ def test_error_after_cancellation_is_logged_and_still_marks_the_worker(worker: W
     assert after["error_code"] == "CUDA_FATAL"
     late = [line for line in CAPTURED_LOGS.getvalue()[mark:].splitlines() if "job.late_error" in line]
     assert late and cancelled["request_id"] in late[0]
+
+
+def test_a_slot_taken_first_runs_one_work_or_goes_back_unused() -> None:
+    """A slot taken with acquire holds the gate until it runs its one piece of work (a second is
+    refused) or is given back unused; either way the next acquire gets it at once."""
+    gate = Gate(slots=1, acquire_timeout=0.2)
+
+    async def scenario() -> None:
+        slot, _ = await gate.acquire()
+        assert gate.busy == 1
+        with pytest.raises(GenerationTimeout):
+            await gate.acquire()
+        assert await slot.run(lambda: "ran") == "ran"
+        with pytest.raises(RuntimeError, match="one piece of work"):
+            await slot.run(lambda: "again")
+        unused, _ = await gate.acquire()
+        unused.release_unused()
+        unused.release_unused()  # once only
+        await asyncio.sleep(0)  # the release is handed to the loop
+        assert gate.busy == 0
+        last, _ = await gate.acquire()
+        last.release_unused()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        gate.shutdown()

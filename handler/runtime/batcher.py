@@ -1,10 +1,16 @@
 """Shared GPU batches: work items of several jobs, joined by a compatibility key, run in one slot.
 
 A job calls :meth:`Batcher.submit` with all its items (say, the audio chunks of one file) and
-gets its results back in its own order. Items wait in a queue per key; a batch is taken from
-the front of a key's queue when ``max_batch`` items are waiting or ``window_s`` has passed since
-the oldest arrived, and only while fewer batches are in flight than the gate has slots, so under
-load items gather while the GPU is busy instead of queueing at the gate in small batches.
+gets its results back in its own order. Items wait in a queue per key; a key's batch is ready
+when it would be full or ``window_s`` has passed since its oldest item arrived. The dispatcher
+then takes a slot through the gate, like any other GPU work, and only once it holds one does it
+take the batch from the queue, so under load items gather while the GPU is busy (whoever holds
+it: another batcher, another model, another task) instead of queueing at the gate in small batches.
+
+A job may cap how many of its own items one batch holds (``limit``, say its ``batch_size``); a
+batch holds at most the largest limit among the jobs waiting under its key (and ``max_batch``).
+Jobs with different limits therefore share batches, and none gets more of its items decoded
+together than it asked for.
 
 Each job keeps its own outcome:
 
@@ -12,7 +18,12 @@ Each job keeps its own outcome:
 * a CUDA out-of-memory error (``GpuOutOfMemory`` from the gate) on a batch of several items is
   retried in halves, recursively; only an item that fails alone fails its job with ``GPU_OOM``;
 * a job whose task is cancelled, or whose token is, leaves the queue: its items not yet running
-  never reach ``run_batch``, and results of its items already running are dropped.
+  never reach ``run_batch``, and results of its items already running are dropped;
+* an error no job is left to receive (all of the batch's jobs were cancelled while it ran) goes to
+  ``on_late_error``, as the gate's late errors do: a sticky CUDA error still marks the worker.
+
+A batcher outlives the jobs it serves (one per model, for the life of the worker), so it keeps
+nothing of a job once the job's ``submit`` has returned.
 
 The queues and the dispatcher task belong to one event loop (production has one, tests many),
 and are touched only on that loop's thread.
@@ -30,10 +41,11 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from handler.errors import Cancelled, GpuOutOfMemory, WorkerError
+from handler.errors import Cancelled, GenerationTimeout, GpuOutOfMemory, WorkerError
 from handler.logs import get_logger
 from handler.runtime.cancel import CancelToken
-from handler.runtime.gate import Gate
+from handler.runtime.gate import Gate, Slot
+from handler.runtime.threads import LateErrorHook
 
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
@@ -41,6 +53,10 @@ log = get_logger(__name__)
 
 # The longest the dispatcher sleeps without a reason to wake: it also notices cancelled tokens.
 _DISPATCH_POLL_S = 0.5
+
+
+def _log_late_error(exc: BaseException) -> None:
+    log.error("batch.late_error", error=repr(exc))
 
 
 @dataclass(frozen=True)
@@ -55,9 +71,13 @@ class BatchStats:
 class _Request(Generic[ItemT, ResultT]):
     """One job's call of ``submit``: its items, their results so far, and its future."""
 
-    def __init__(self, items: list[ItemT], cancel: CancelToken, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, items: list[ItemT], cancel: CancelToken, loop: asyncio.AbstractEventLoop, *, limit: int
+    ) -> None:
         self.items = items
         self.cancel = cancel
+        # The most of its items one batch may hold.
+        self.limit = limit
         self.future: asyncio.Future[list[ResultT]] = loop.create_future()
         self._results: dict[int, ResultT] = {}
         # Set (on the loop's thread) once the request needs nothing more; read from the GPU thread.
@@ -79,10 +99,13 @@ class _Request(Generic[ItemT, ResultT]):
             self.finish()
             self.future.set_result([self._results[i] for i in range(len(self.items))])
 
-    def fail(self, error: BaseException) -> None:
+    def fail(self, error: BaseException) -> bool:
+        """Answer the job with ``error``; False if it was already answered (or cancelled)."""
         self.finish()
-        if not self.future.done():
-            self.future.set_exception(error)
+        if self.future.done():
+            return False
+        self.future.set_exception(error)
+        return True
 
 
 @dataclass(eq=False)
@@ -103,7 +126,9 @@ class Batcher(Generic[ItemT, ResultT]):
 
     ``run_batch`` is blocking and runs in one slot of ``gate``; it gets a list of items and
     returns one result per item, in the same order. A batch holds at most ``max_batch`` items
-    and is started when that many wait, or ``window_s`` after its oldest item arrived.
+    (fewer when the limits of the jobs waiting are lower) and is started when it is full, or
+    ``window_s`` after its oldest item arrived. What a batch raises that no job receives goes
+    to ``on_late_error``. ``run_batch`` lives as long as the batcher: it must hold no job's state.
     """
 
     def __init__(
@@ -113,12 +138,14 @@ class Batcher(Generic[ItemT, ResultT]):
         gate: Gate,
         max_batch: int,
         window_s: float,
+        on_late_error: LateErrorHook = _log_late_error,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if window_s < 0:
             raise ValueError(f"window_s must not be negative, got {window_s}")
         self._run_batch = run_batch
+        self._on_late_error = on_late_error
         self.gate = gate
         self.max_batch = max_batch
         self.window_s = window_s
@@ -131,19 +158,26 @@ class Batcher(Generic[ItemT, ResultT]):
         self._stats_lock = threading.Lock()
         self._batch_sizes: Counter[int] = Counter()
 
-    async def submit(self, key: Hashable, items: list[ItemT], *, cancel: CancelToken) -> list[ResultT]:
+    async def submit(
+        self, key: Hashable, items: list[ItemT], *, cancel: CancelToken, limit: int | None = None
+    ) -> list[ResultT]:
         """Run ``items`` in batches shared with other jobs of the same ``key``; their results, in order.
 
-        Raises what failed one of the job's batches (``GpuOutOfMemory`` only for an item that
-        ran out of memory alone, ``GenerationTimeout`` when no slot came free in time),
-        ``Cancelled`` when ``cancel`` is set before its items ran, and ``CancelledError`` when
-        the calling task is cancelled.
+        At most ``limit`` (default ``max_batch``) of them go into one batch. Raises what failed
+        one of the job's batches (``GpuOutOfMemory`` only for an item that ran out of memory
+        alone, ``GenerationTimeout`` when no slot came free in time), ``Cancelled`` when
+        ``cancel`` is set before its items ran, and ``CancelledError`` when the calling task is
+        cancelled.
         """
         cancel.check()
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
         if not items:
             return []
         dispatcher = self._dispatcher()
-        request: _Request[ItemT, ResultT] = _Request(items, cancel, asyncio.get_running_loop())
+        request: _Request[ItemT, ResultT] = _Request(
+            items, cancel, asyncio.get_running_loop(), limit=min(limit or self.max_batch, self.max_batch)
+        )
         dispatcher.enqueue(key, request)
         try:
             return await request.future
@@ -167,21 +201,26 @@ class Batcher(Generic[ItemT, ResultT]):
                 dispatcher = self._dispatchers[loop] = _Dispatcher(self)
             return dispatcher
 
-    async def _execute(self, entries: list[_Entry[ItemT, ResultT]]) -> None:
-        """Run one batch in a slot and hand each item's result or error to its request."""
+    async def _execute(self, entries: list[_Entry[ItemT, ResultT]], slot: Slot | None = None) -> None:
+        """Run one batch in ``slot`` (else in one taken now) and hand each item's result or error
+        to its request."""
         try:
-            await self._run_in_slot([entry for entry in entries if entry.request.active])
+            await self._run_in_slot([entry for entry in entries if entry.request.active], slot)
         finally:
+            if slot is not None:
+                slot.release_unused()
             # Items of a job whose token was cancelled were left out; the job is answered here.
             for entry in entries:
                 if entry.request.cancel.cancelled:
                     entry.request.fail(Cancelled("the job was cancelled"))
 
-    async def _run_in_slot(self, live: list[_Entry[ItemT, ResultT]]) -> None:
+    async def _run_in_slot(self, live: list[_Entry[ItemT, ResultT]], slot: Slot | None) -> None:
         if not live:
             return
         try:
-            (ran, results), _waited_ms = await self.gate.run(self._work(live))
+            if slot is None:
+                slot, _waited_ms = await self.gate.acquire()
+            ran, results = await slot.run(self._work(live), on_late_error=self._on_late_error)
         except GpuOutOfMemory as exc:
             await self._split(live, exc)
         except asyncio.CancelledError:
@@ -189,10 +228,15 @@ class Batcher(Generic[ItemT, ResultT]):
                 entry.request.future.cancel()
             raise
         except Exception as exc:
-            for entry in live:
-                entry.request.fail(exc)
+            self._fail(live, exc)
         else:
             self._deliver(ran, results)
+
+    def _fail(self, entries: list[_Entry[ItemT, ResultT]], error: BaseException) -> None:
+        """Fail the entries' jobs; an error none of them is left to receive is a late error."""
+        delivered = [entry.request.fail(error) for entry in entries]
+        if not any(delivered) and not isinstance(error, Cancelled):
+            self._on_late_error(error)
 
     async def _split(self, entries: list[_Entry[ItemT, ResultT]], error: GpuOutOfMemory) -> None:
         """After an OOM, run the two halves one after the other; an item alone fails its job."""
@@ -218,12 +262,9 @@ class Batcher(Generic[ItemT, ResultT]):
 
         return work
 
-    @staticmethod
-    def _deliver(entries: list[_Entry[ItemT, ResultT]], results: list[ResultT]) -> None:
+    def _deliver(self, entries: list[_Entry[ItemT, ResultT]], results: list[ResultT]) -> None:
         if len(results) != len(entries):
-            error = WorkerError(f"a batch of {len(entries)} items returned {len(results)} results")
-            for entry in entries:
-                entry.request.fail(error)
+            self._fail(entries, WorkerError(f"a batch of {len(entries)} items returned {len(results)} results"))
             return
         for entry, result in zip(entries, results, strict=True):
             entry.request.put(entry.index, result)
@@ -261,10 +302,14 @@ class _Dispatcher(Generic[ItemT, ResultT]):
 
     async def _dispatch(self) -> None:
         try:
-            while self._queues:
+            while True:
                 self._changed.clear()
                 self._sweep()
-                self._start_ready()
+                if not self._queues:
+                    return
+                if self._ready_key() is not None:
+                    await self._start_next()
+                    continue
                 try:
                     async with asyncio.timeout(self._next_look()):
                         await self._changed.wait()
@@ -296,12 +341,22 @@ class _Dispatcher(Generic[ItemT, ResultT]):
             else:
                 del self._queues[key]
 
-    def _start_ready(self) -> None:
-        while len(self._in_flight) < self._batcher.gate.slots:
+    async def _start_next(self) -> None:
+        """Take a slot through the gate, then start the batch that is ready by then (it may have
+        grown while the slot was busy). Without a slot in time, that batch's jobs get TIMEOUT."""
+        try:
+            slot, _waited_ms = await self._batcher.gate.acquire()
+        except GenerationTimeout as exc:
             key = self._ready_key()
-            if key is None:
-                return
-            self._start(self._take(key))
+            if key is not None:
+                self._batcher._fail(self._take(key), exc)
+            return
+        self._sweep()
+        key = self._ready_key()
+        if key is None:  # its jobs left while the slot was busy
+            slot.release_unused()
+            return
+        self._start(self._take(key), slot)
 
     def _ready_key(self) -> Hashable | None:
         """The key whose oldest item has waited longest, among those with a batch ready."""
@@ -309,20 +364,45 @@ class _Dispatcher(Generic[ItemT, ResultT]):
         ready = [
             (queue[0].queued_at, key)
             for key, queue in self._queues.items()
-            if len(queue) >= self._batcher.max_batch or now - queue[0].queued_at >= self._batcher.window_s
+            if now - queue[0].queued_at >= self._batcher.window_s or self._is_full(queue)
         ]
         return min(ready, key=lambda pair: pair[0])[1] if ready else None
 
+    def _capacity(self, queue: deque[_Entry[ItemT, ResultT]]) -> int:
+        """A batch holds at most the largest limit among the jobs waiting in ``queue``."""
+        return max(entry.request.limit for entry in queue)
+
+    def _is_full(self, queue: deque[_Entry[ItemT, ResultT]]) -> bool:
+        return len(self._batch_of(queue)) >= self._capacity(queue)
+
+    def _batch_of(self, queue: deque[_Entry[ItemT, ResultT]]) -> list[_Entry[ItemT, ResultT]]:
+        """The next batch of ``queue``: oldest first, at most each job's limit of its items."""
+        capacity = self._capacity(queue)
+        taken: Counter[_Request[ItemT, ResultT]] = Counter()
+        batch = []
+        for entry in queue:
+            if taken[entry.request] < entry.request.limit:
+                taken[entry.request] += 1
+                batch.append(entry)
+                if len(batch) == capacity:
+                    break
+        return batch
+
     def _take(self, key: Hashable) -> list[_Entry[ItemT, ResultT]]:
         queue = self._queues[key]
-        batch = [queue.popleft() for _ in range(min(self._batcher.max_batch, len(queue)))]
-        if not queue:
+        batch = self._batch_of(queue)
+        chosen = set(batch)
+        kept = deque(entry for entry in queue if entry not in chosen)
+        if kept:
+            self._queues[key] = kept
+        else:
             del self._queues[key]
         return batch
 
-    def _start(self, batch: list[_Entry[ItemT, ResultT]]) -> None:
-        task = asyncio.get_running_loop().create_task(self._batcher._execute(batch))
+    def _start(self, batch: list[_Entry[ItemT, ResultT]], slot: Slot) -> None:
+        task = asyncio.get_running_loop().create_task(self._batcher._execute(batch, slot))
         self._in_flight.add(task)
+        task.add_done_callback(lambda _task: slot.release_unused())  # cancelled before it began
         task.add_done_callback(self._ended)
 
     def _ended(self, task: asyncio.Task[None]) -> None:
@@ -332,15 +412,15 @@ class _Dispatcher(Generic[ItemT, ResultT]):
             log.error("batch.crashed", error=repr(task.exception()))
 
     def _next_look(self) -> float:
-        """Seconds until a waiting batch's window closes (if a slot is free), at most the poll."""
-        if not self._queues or len(self._in_flight) >= self._batcher.gate.slots:
+        """Seconds until a waiting batch's window closes, at most the poll."""
+        if not self._queues:
             return _DISPATCH_POLL_S
         oldest = min(queue[0].queued_at for queue in self._queues.values())
         return max(0.0, min(_DISPATCH_POLL_S, oldest + self._batcher.window_s - time.monotonic()))
 
 
 class Batchers:
-    """One batcher per key (say, a model and its batch size), made on first use and then shared."""
+    """One batcher per key (a model), made on first use and then shared for the worker's life."""
 
     def __init__(self) -> None:
         # Guards _made; a batcher is cheap to make, so it is made under the lock.

@@ -8,6 +8,9 @@ out-of-memory error comes back as ``GPU_OOM`` after clearing.
 The slot is given back when the work has really finished: if the waiting task is cancelled
 while its thread still runs, the slot stays taken until the thread returns, so a cancelled
 job can never overlap the next one on the GPU.
+
+``run`` is ``acquire`` then ``Slot.run``; the batcher takes the two steps apart, holding a slot
+before it decides what its batch holds, so it shares the slots with all other GPU work.
 """
 
 from __future__ import annotations
@@ -81,14 +84,11 @@ class Gate:
                 semaphore = self._semaphores[loop] = asyncio.Semaphore(self.slots)
             return semaphore
 
-    async def run(
-        self, work: Callable[[], T], *, token: CancelToken | None = None, on_late_error: LateErrorHook = _log_late_error
-    ) -> tuple[T, float]:
-        """Run ``work`` in a slot; returns its result and the ms spent waiting for the slot.
+    async def acquire(self) -> tuple[Slot, float]:
+        """Take a slot (waiting at most ``acquire_timeout``); returns it and the ms spent waiting.
 
-        If the calling task is cancelled while ``work`` runs, ``token`` is cancelled so the
-        work can stop at its next step; the slot is freed when it has, and what the work
-        raises after that goes to ``on_late_error``.
+        The slot is the caller's until it has run one piece of work, or until it is given
+        back unused; the batcher takes one this way before it decides what its batch holds.
         """
         semaphore = self._semaphore()
         started = time.perf_counter()
@@ -107,23 +107,19 @@ class Gate:
         waited_ms = (time.perf_counter() - started) * 1000
         self._count(busy=+1)
         loop = asyncio.get_running_loop()
-        release = _ReleaseOnce(lambda: self._release(semaphore, loop))
+        return Slot(self, _ReleaseOnce(lambda: self._release(semaphore, loop))), waited_ms
 
-        def guarded() -> T:
-            try:
-                return self._guarded(work)
-            finally:
-                release()
+    async def run(
+        self, work: Callable[[], T], *, token: CancelToken | None = None, on_late_error: LateErrorHook = _log_late_error
+    ) -> tuple[T, float]:
+        """Run ``work`` in a slot; returns its result and the ms spent waiting for the slot.
 
-        try:
-            return await in_thread(guarded, on_late_error=on_late_error, executor=self._executor), waited_ms
-        except asyncio.CancelledError:
-            if token is not None:
-                token.cancel()
-            raise
-        except RuntimeError:  # the executor refused the work (shut down): nothing will release the slot
-            release()
-            raise
+        If the calling task is cancelled while ``work`` runs, ``token`` is cancelled so the
+        work can stop at its next step; the slot is freed when it has, and what the work
+        raises after that goes to ``on_late_error``.
+        """
+        slot, waited_ms = await self.acquire()
+        return await slot.run(work, token=token, on_late_error=on_late_error), waited_ms
 
     def _release(self, semaphore: asyncio.Semaphore, loop: asyncio.AbstractEventLoop) -> None:
         self._count(busy=-1)
@@ -166,3 +162,43 @@ class _ReleaseOnce:
         if release is not None:
             release()
 
+
+class Slot:
+    """One slot taken from a gate: it runs one piece of work, or is given back unused."""
+
+    def __init__(self, gate: Gate, release: _ReleaseOnce) -> None:
+        self._gate = gate
+        self._release = release
+        self._used = False
+
+    async def run(
+        self, work: Callable[[], T], *, token: CancelToken | None = None, on_late_error: LateErrorHook = _log_late_error
+    ) -> T:
+        """Run ``work`` on the gate's threads (as :meth:`Gate.run` does); the slot is freed when
+        the work has really finished."""
+        if self._used:
+            raise RuntimeError("a gate slot runs one piece of work")
+        self._used = True
+        release = self._release
+
+        def guarded() -> T:
+            try:
+                return self._gate._guarded(work)
+            finally:
+                release()
+
+        try:
+            return await in_thread(guarded, on_late_error=on_late_error, executor=self._gate._executor)
+        except asyncio.CancelledError:
+            if token is not None:
+                token.cancel()
+            raise
+        except RuntimeError:  # the executor refused the work (shut down): nothing will release the slot
+            release()
+            raise
+
+    def release_unused(self) -> None:
+        """Give the slot back if it never ran work (once it has, the work's end frees it)."""
+        if not self._used:
+            self._used = True
+            self._release()

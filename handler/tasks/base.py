@@ -6,7 +6,7 @@ import functools
 import secrets
 import time
 import types
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,7 +21,7 @@ from handler.io.inputs import MediaInputs
 from handler.io.result_cache import ResultCache, cache_key
 from handler.io.storage import S3Storage, Storage
 from handler.io.workspace import Workspace
-from handler.runtime.batcher import Batchers
+from handler.runtime.batcher import Batcher, Batchers
 from handler.runtime.cancel import CancelToken
 from handler.runtime.flights import SingleFlight
 from handler.runtime.gate import Gate
@@ -34,6 +34,8 @@ from handler.runtime.threads import in_thread, job_threads
 InputT = TypeVar("InputT", bound=BaseModel)
 T = TypeVar("T")
 P = TypeVar("P")
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
 # An output file: where it is, the name the client sees, its content type.
 OutputFile = tuple[Path, str, str]
 
@@ -162,6 +164,23 @@ def input_fields(params: BaseModel, *, exclude: Sequence[str] = ()) -> dict[str,
     """A job's validated input fields (defaults filled in), but those of ``exclude`` and the
     ones that never shape a result (`task`, `cache`)."""
     return params.model_dump(mode="json", exclude={"task", "cache", *exclude})
+
+    def batcher(
+        self, key: Hashable, run_batch: Callable[[list[ItemT]], list[ResultT]], *, max_batch: int, window_s: float
+    ) -> Batcher[ItemT, ResultT]:
+        """The worker's batcher for ``key`` (a model), made on first use: its batches take slots
+        of the gate like any model work (CUDA errors translated there), and what a batch raises
+        after its jobs were cancelled reaches the lifecycle (a sticky CUDA error marks the worker).
+
+        The first caller's ``run_batch`` serves every later job, for the worker's life: it must
+        not hold any job's state (borrow the model through the items instead).
+        """
+
+        def make() -> Batcher[ItemT, ResultT]:
+            return Batcher(run_batch, gate=self.gate, max_batch=max_batch, window_s=window_s,
+                           on_late_error=self.lifecycle.late_error)
+
+        return self.batchers.get(key, make)
 
 
 @dataclass

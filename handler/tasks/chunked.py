@@ -23,10 +23,13 @@ from handler.runtime.cancel import CancelToken
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
 from handler.tasks import vad, whisper_batch
-from handler.tasks.base import JobContext
+from handler.tasks.base import JobContext, Runtime
 from handler.tasks.whisper_pipeline import WhisperPipeline
 
 Segments = list[dict[str, Any]]
+# The most chunks of all jobs in one batch (batch_size's own bound, or WHISPER_BATCH_SIZE if larger): a
+# batch holds at most the largest batch_size of the jobs waiting, and at most batch_size chunks of each job.
+_MAX_BATCH = 64
 
 
 class ChunkProgress:
@@ -63,6 +66,7 @@ class _Item:
     window: whisper_batch.WindowInput
     settings: whisper_batch.BatchSettings
     progress: ChunkProgress
+    pipelines: InstancePool[WhisperPipeline]
 
 
 def find_chunks(audio: np.ndarray, *, enable_vad: bool, cancel: CancelToken) -> list[vad.Chunk]:
@@ -71,21 +75,22 @@ def find_chunks(audio: np.ndarray, *, enable_vad: bool, cancel: CancelToken) -> 
     return vad.speech_chunks(audio, cancel=cancel) if enable_vad else vad.fixed_chunks(audio)
 
 
-def _batcher(ctx: JobContext, pipelines: InstancePool[WhisperPipeline], batch_size: int) -> Batcher[_Item, Segments]:
+def _batcher(runtime: Runtime, model: WhisperPipeline) -> Batcher[_Item, Segments]:
+    """The model's batcher; it outlives every job, so it knows them only through their items."""
+    timeout = runtime.settings.generation_acquire_timeout
+
     def run_batch(items: list[_Item]) -> list[Segments]:
         for item in items:
             item.progress.started()
-        with pipelines.borrow(ctx.settings.generation_acquire_timeout) as pipeline:
+        with items[0].pipelines.borrow(timeout) as pipeline:
             found = pipeline.decode_windows([item.window for item in items], items[0].settings)
         for item in items:
             item.progress.advance()
         return found
 
-    def make() -> Batcher[_Item, Segments]:
-        return Batcher(run_batch, gate=ctx.runtime.gate, max_batch=batch_size,
-                       window_s=ctx.settings.whisper_batch_window_ms / 1000)
-
-    return ctx.runtime.batchers.get((id(pipelines), batch_size), make)
+    most = max(_MAX_BATCH, runtime.settings.whisper_batch_size)
+    return runtime.batcher(("whisper", model.name, model.device), run_batch, max_batch=most,
+                           window_s=runtime.settings.whisper_batch_window_ms / 1000)
 
 
 async def recognise(
@@ -97,9 +102,10 @@ async def recognise(
     if settings.language is None and windows:  # detected once, so the job's windows decode alike
         settings = await ctx.on_model(pipelines, lambda p: p.with_language(settings, windows[0]), stage="language")
     progress = ChunkProgress(Progress(ctx.job, enabled=ctx.settings.post_progress), len(windows), label)
-    items = [_Item(window, settings, progress) for window in windows]
+    items = [_Item(window, settings, progress, pipelines) for window in windows]
     submitted = time.perf_counter()
-    found = await _batcher(ctx, pipelines, batch_size).submit(settings, items, cancel=ctx.cancel)
+    batcher = _batcher(ctx.runtime, pipelines.first)
+    found = await batcher.submit(settings, items, cancel=ctx.cancel, limit=batch_size)
     started = progress.first_started or submitted
     ctx.timings.add("queued", (started - submitted) * 1000)
     ctx.timings.add("run", (time.perf_counter() - started) * 1000)
