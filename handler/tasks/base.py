@@ -117,6 +117,23 @@ class Runtime:
     # The key that authenticates result cache entries (see handler.io.result_cache).
     cache_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
 
+    def batcher(
+        self, key: Hashable, run_batch: Callable[[list[ItemT]], list[ResultT]], *, max_batch: int, window_s: float
+    ) -> Batcher[ItemT, ResultT]:
+        """The worker's batcher for ``key`` (a model), made on first use: its batches take slots
+        of the gate like any model work (CUDA errors translated there), and what a batch raises
+        after its jobs were cancelled reaches the lifecycle (a sticky CUDA error marks the worker).
+
+        The first caller's ``run_batch`` serves every later job, for the worker's life: it must
+        not hold any job's state (borrow the model through the items instead).
+        """
+
+        def make() -> Batcher[ItemT, ResultT]:
+            return Batcher(run_batch, gate=self.gate, max_batch=max_batch, window_s=window_s,
+                           on_late_error=self.lifecycle.late_error)
+
+        return self.batchers.get(key, make)
+
 
 @dataclass(frozen=True)
 class CachePolicy(Generic[InputT]):
@@ -164,23 +181,6 @@ def input_fields(params: BaseModel, *, exclude: Sequence[str] = ()) -> dict[str,
     """A job's validated input fields (defaults filled in), but those of ``exclude`` and the
     ones that never shape a result (`task`, `cache`)."""
     return params.model_dump(mode="json", exclude={"task", "cache", *exclude})
-
-    def batcher(
-        self, key: Hashable, run_batch: Callable[[list[ItemT]], list[ResultT]], *, max_batch: int, window_s: float
-    ) -> Batcher[ItemT, ResultT]:
-        """The worker's batcher for ``key`` (a model), made on first use: its batches take slots
-        of the gate like any model work (CUDA errors translated there), and what a batch raises
-        after its jobs were cancelled reaches the lifecycle (a sticky CUDA error marks the worker).
-
-        The first caller's ``run_batch`` serves every later job, for the worker's life: it must
-        not hold any job's state (borrow the model through the items instead).
-        """
-
-        def make() -> Batcher[ItemT, ResultT]:
-            return Batcher(run_batch, gate=self.gate, max_batch=max_batch, window_s=window_s,
-                           on_late_error=self.lifecycle.late_error)
-
-        return self.batchers.get(key, make)
 
 
 @dataclass
