@@ -104,11 +104,11 @@ def check_url(url: str, *, schemes: Iterable[str], field: str) -> SplitResult:
         parts.port  # noqa: B018 (parsing the port is the check)
     except ValueError as exc:
         raise InvalidInput(f"{field}: not a valid URL", field=field) from exc
+    allowed = sorted(schemes)
+    if parts.scheme and parts.scheme not in allowed:
+        raise DownloadRefused(f"{field}: URL scheme must be {' or '.join(allowed)}", field=field)
     if not parts.scheme or not host:  # not a URL at all ("notaurl", "https:///a"): the field is malformed
         raise InvalidInput(f"{field}: not a valid URL (expected scheme://host/...)", field=field)
-    allowed = sorted(schemes)
-    if parts.scheme not in allowed:
-        raise DownloadRefused(f"{field}: URL scheme must be {' or '.join(allowed)}", field=field)
     if not host.isascii():
         # Unicode hosts normalise in surprising ways (full-width digits become an IP address).
         raise DownloadRefused(f"{field}: the host must be ASCII (use its punycode form)", field=field)
