@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from handler.app import Worker
-from handler.runtime.gate import Gate
+from handler.runtime.gate import Gate, Slot
 from handler.runtime.registry import Registry
 from tests import media
 from tests.conftest import b64, job, remember_presigned, run_job
@@ -25,13 +25,14 @@ FAST = {"beam_size": 1, "best_of": 1}
 
 
 class CountingGate(Gate):
-    """The real gate, counting the work it runs (a hit must run none)."""
+    """The real gate, counting the slots it hands out (a hit must take none): every model call
+    takes one, whole jobs through ``run`` and shared batches through ``acquire``."""
 
     runs = 0
 
-    async def run(self, work: Callable[[], T], **options: Any) -> tuple[T, float]:
+    async def acquire(self) -> tuple[Slot, float]:
         type(self).runs += 1
-        return await super().run(work, **options)
+        return await super().acquire()
 
 
 @pytest.fixture
