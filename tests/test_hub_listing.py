@@ -27,10 +27,50 @@ def settings_read() -> set[str]:
     return names | set(re.findall(r'"(BUCKET_[A-Z_]+)"', source))
 
 
-def cuda_of_base_image() -> tuple[int, int]:
-    found = re.search(r"^FROM nvidia/cuda:(\d+)\.(\d+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
-    assert found
+# Host CUDA versions (what a host's driver supports) RunPod's endpoint settings offer, newest first.
+RUNPOD_HOST_CUDA = ("13.0", "12.9", "12.8", "12.7", "12.6", "12.5", "12.4", "12.3", "12.2", "12.1", "12.0")
+# What a plain `pip install torch==2.13.0` gets on Linux: PyPI's default wheel is a CUDA 13.0 build.
+PYPI_TORCH_CUDA = (13, 0)
+
+
+def version(text: str) -> tuple[int, int]:
+    major, minor = text.split(".")[:2]
+    return int(major), int(minor)
+
+
+def dockerfile() -> str:
+    return re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+
+
+def build_arg(name: str) -> str:
+    """The default of a Docker build argument, the one place its value is written."""
+    found = re.search(rf"^ARG {name}=(\S+)", dockerfile(), re.MULTILINE)
+    assert found, f"the Dockerfile declares no ARG {name} with a default"
+    return found[1]
+
+
+def torch_cuda() -> tuple[int, int]:
+    """The CUDA version of the torch build the image installs: the wheel index it names, or PyPI's default."""
+    install = next(line for line in dockerfile().splitlines() if re.search(r"pip install \S*torch==", line))
+    index = re.search(r"--index-url\s+\"?https://download\.pytorch\.org/whl/([^\"\s]+)", install)
+    if index is None:
+        return PYPI_TORCH_CUDA
+    build = index[1].replace("${TORCH_CUDA}", build_arg("TORCH_CUDA"))
+    found = re.fullmatch(r"cu(\d+)(\d)", build)
+    assert found, f"{build!r} is not a CUDA wheel index"
     return int(found[1]), int(found[2])
+
+
+def cuda_of_base_image() -> tuple[int, int]:
+    found = re.search(r"^FROM nvidia/cuda:(\S+)", dockerfile(), re.MULTILINE)
+    assert found
+    tag = found[1].replace("${CUDA_BASE}", build_arg("CUDA_BASE")) if "${" in found[1] else found[1]
+    return version(tag)
+
+
+def hosts_for_the_torch_build() -> list[str]:
+    """Every RunPod host CUDA version whose driver runs the image's torch build (at least as new)."""
+    return [v for v in RUNPOD_HOST_CUDA if version(v) >= torch_cuda()]
 
 
 def test_hub_json_has_the_required_fields() -> None:
@@ -47,13 +87,26 @@ def test_hub_json_has_the_required_fields() -> None:
     assert config["gpuCount"] == 1
 
 
-def test_cuda_versions_follow_the_dockerfile() -> None:
-    """Every allowed host CUDA version can run the image's CUDA base (the driver must be at least as new)."""
-    base = cuda_of_base_image()
+def test_allowed_cuda_versions_follow_the_torch_build() -> None:
+    """allowedCudaVersions in hub.json and tests.json are exactly the RunPod host versions whose driver can
+    run the torch build the image installs: none whose driver is too old for it, none left out."""
+    expected = hosts_for_the_torch_build()
     for listing in (HUB["config"], TESTS["config"]):
-        versions = listing["allowedCudaVersions"]
-        assert versions and all(isinstance(v, str) for v in versions)
-        assert all(tuple(int(p) for p in v.split(".")) >= base for v in versions), versions
+        assert listing["allowedCudaVersions"] == expected, (torch_cuda(), listing["allowedCudaVersions"])
+
+
+def test_base_image_cuda_is_the_torch_builds() -> None:
+    """The nvidia/cuda base image carries the same CUDA major.minor as the torch build, so the base asks no
+    newer driver than torch does (and the container runtime's own driver check agrees with the listing)."""
+    assert cuda_of_base_image() == torch_cuda()
+
+
+def test_readme_tells_the_same_cuda_story() -> None:
+    """The README names the torch build and the host CUDA versions it allows, as derived from the Dockerfile."""
+    readme = (ROOT / "README.md").read_text()
+    major, minor = torch_cuda()
+    assert f"`TORCH_CUDA=cu{major}{minor}`" in readme
+    assert ", ".join(hosts_for_the_torch_build()) in readme
 
 
 def test_every_env_entry_is_a_real_setting_with_a_typed_default() -> None:
