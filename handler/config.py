@@ -112,8 +112,14 @@ class Settings:
     # ENABLE_CPU_OFFLOAD: keep diffusers models in RAM and move each to the GPU when used
     # (fits small GPUs, runs slower).
     enable_cpu_offload: bool = False
-    # DEVICE: auto (cuda when available), cuda or cpu.
+    # DEVICE: auto (cuda when available), cuda or cpu. A worker that was given a GPU (see the two
+    # below) but cannot use it refuses to start unless DEVICE=cpu asks for the CPU on purpose.
     device: str = "auto"
+    # RUNPOD_GPU_COUNT: set by RunPod, the GPUs given to this worker (above 0: a GPU is promised).
+    runpod_gpu_count: int = 0
+    # NVIDIA_VISIBLE_DEVICES: set by the NVIDIA container runtime, the devices given to the
+    # container (void, none or empty: none; the nvidia/cuda base image itself sets `all`).
+    nvidia_visible_devices: str | None = None
     # PRELOAD: tasks whose default pipeline is loaded at start, off the job path (comma list).
     preload: tuple[str, ...] = ()
     # BAKE_MODELS: tasks whose models builder/ bakes into the image (comma list; image builds only).
@@ -408,6 +414,8 @@ def _read(env: _Env) -> Settings:
         max_images=env.get("MAX_IMAGES", _parse_positive_int, d.max_images),
         max_steps=env.get("MAX_STEPS", _parse_positive_int, d.max_steps),
         device=env.get("DEVICE", _parse_choice("auto", "cuda", "cpu"), d.device),
+        runpod_gpu_count=env.get("RUNPOD_GPU_COUNT", lambda raw: max(0, int(raw)), d.runpod_gpu_count),
+        nvidia_visible_devices=env.text("NVIDIA_VISIBLE_DEVICES"),
         preload=env.get("PRELOAD", _parse_list, d.preload),
         bake_models=env.get("BAKE_MODELS", _parse_list, d.bake_models),
         task_modules=env.get("TASK_MODULES", _parse_list, d.task_modules),
