@@ -157,7 +157,7 @@ class Settings:
     bucket: BucketSettings | None = None
     # BUCKET_PREFIX: key prefix for every object the worker writes.
     bucket_prefix: str = "outputs"
-    # PRESIGN_EXPIRY_S: lifetime of the presigned GET URLs in results.
+    # PRESIGN_EXPIRY_S: lifetime of the presigned GET URLs in results (SigV4 allows at most 7 days).
     presign_expiry_s: int = 3600
     # RESULT_CACHE: answer a request seen before (same task, model weights, output-affecting
     # fields and media bytes) from the bucket, on any worker; needs a bucket.
@@ -260,6 +260,16 @@ def _parse_positive_int(raw: str) -> int:
     if value < 1:
         raise ValueError("must be at least 1")
     return value
+
+
+def _parse_int_up_to(most: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = _parse_positive_int(raw)
+        if value > most:
+            raise ValueError(f"must be at most {most}")
+        return value
+
+    return parse
 
 
 def _parse_positive_float(raw: str) -> float:
@@ -439,7 +449,7 @@ def _read(env: _Env) -> Settings:
         ),
         bucket=_bucket(env),
         bucket_prefix=env.get("BUCKET_PREFIX", lambda raw: raw.strip().strip("/"), d.bucket_prefix),
-        presign_expiry_s=env.get("PRESIGN_EXPIRY_S", _parse_positive_int, d.presign_expiry_s),
+        presign_expiry_s=env.get("PRESIGN_EXPIRY_S", _parse_int_up_to(7 * 24 * 3600), d.presign_expiry_s),
         upload_prefix=env.get("UPLOAD_PREFIX", _parse_prefix, d.upload_prefix),
         result_cache=env.get("RESULT_CACHE", _parse_bool, d.result_cache),
         result_cache_prefix=env.get("RESULT_CACHE_PREFIX", _parse_prefix, d.result_cache_prefix),

@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 
 from handler.app import Worker
-from handler.config import load_settings
+from handler.config import SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB = json.loads((ROOT / ".runpod" / "hub.json").read_text())
 TESTS = json.loads((ROOT / ".runpod" / "tests.json").read_text())
+README = (ROOT / "README.md").read_text()
 ENV_TYPES = {"string": str, "number": (int, float), "boolean": bool, "huggingface": str}
 
 
@@ -123,6 +124,58 @@ def test_every_env_entry_is_a_real_setting_with_a_typed_default() -> None:
         assert isinstance(spec["default"], ENV_TYPES[spec["type"]]), entry
         load_settings({entry["key"]: str(spec["default"]).lower() if spec["type"] == "boolean"
                        else str(spec["default"])})
+
+
+def env_inputs(kind: str) -> list[tuple[str, dict[str, Any]]]:
+    return [(entry["key"], entry["input"]) for entry in HUB["config"]["env"] if entry["input"]["type"] == kind]
+
+
+def test_booleans_say_what_they_write() -> None:
+    """Every boolean input names the strings the Hub writes (trueValue, falseValue), and the worker's own
+    parser reads them as true and false (never "False" read as true)."""
+    booleans = env_inputs("boolean")
+    assert booleans
+    for key, spec in booleans:
+        assert isinstance(spec["trueValue"], str) and isinstance(spec["falseValue"], str), key
+        assert getattr(load_settings({key: spec["trueValue"]}), key.lower()) is True
+        assert getattr(load_settings({key: spec["falseValue"]}), key.lower()) is False
+
+
+def test_numbers_carry_the_workers_limits() -> None:
+    """Every number input has a min (and a max where the worker has one) around its default; the worker
+    accepts both ends and refuses a value just past either, so the form offers exactly what starts."""
+    numbers = env_inputs("number")
+    assert numbers
+    for key, spec in numbers:
+        low, high = spec["min"], spec.get("max")
+        assert low <= spec["default"] and (high is None or spec["default"] <= high), key
+        for accepted in (low, high):
+            if accepted is not None:
+                load_settings({key: str(accepted)})
+        for refused in (low - 1, None if high is None else high + 1):
+            if refused is not None:
+                with pytest.raises(SettingsError):
+                    load_settings({key: str(refused)})
+
+
+def readme_disk_table() -> dict[str, float]:
+    """The README's container disk budget: what lies on the disk, in GB, one row each."""
+    table = README.split("| on the container disk | GB |", 1)[1].split("\n\n", 1)[0]
+    rows = re.findall(r"^\| (.+?) \| ([\d.]+) \|$", table, re.MULTILINE)
+    return {what: float(gb) for what, gb in rows}
+
+
+def test_container_disk_fits_the_all_tasks_preset() -> None:
+    """containerDiskInGb holds the image and every model the *All tasks* preset downloads at first use, as
+    the README adds them up (its total is the sum of its rows); each default model has its row."""
+    rows = readme_disk_table()
+    total = rows.pop("total")
+    assert abs(sum(rows.values()) - total) < 0.5, (sum(rows.values()), total)
+    assert HUB["config"]["containerDiskInGb"] >= total
+    defaults = {entry["key"]: entry["input"]["default"] for entry in HUB["config"]["env"]}
+    for model in (defaults["WHISPER_MODEL"], defaults["TTS_MODEL"], defaults["IMAGE_MODEL"],
+                  defaults["VIDEO_MODEL"]):
+        assert any(f"`{model}`" in what for what in rows), model
 
 
 def test_presets_set_real_settings() -> None:
