@@ -2,7 +2,16 @@
 #   docker build -t media-worker .
 #   docker build --build-arg WHISPER_MODEL=large-v3 -t media-worker:large .
 #   docker build --build-arg BAKE_MODELS=transcribe,speech,text2image,text2video -t media-worker:all .
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+#   docker build --build-arg TORCH_CUDA=cu129 --build-arg CUDA_BASE=12.9.1 -t media-worker:cu129 .
+
+# TORCH_CUDA names the torch build, a wheel index of download.pytorch.org (cu126, cu129, cu130,
+# cu132 for torch 2.13.0); it decides which hosts can run the image: a host's driver must support
+# CUDA TORCH_CUDA or newer. cu126 is the oldest build of this torch, so it runs on the most RunPod
+# hosts (drivers for CUDA 12.6 up to 13.0, .runpod/hub.json's allowedCudaVersions). CUDA_BASE is
+# the matching nvidia/cuda image (same major.minor; the build checks it below).
+ARG TORCH_CUDA=cu126
+ARG CUDA_BASE=12.6.3
+FROM nvidia/cuda:${CUDA_BASE}-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
@@ -18,9 +27,14 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv "$VIRTUAL_ENV"
 
-# torch first and on its own: PyPI's default Linux wheel is the CUDA build this image wants.
+# torch first and on its own, from PyTorch's index for TORCH_CUDA (PyPI's default Linux wheel is a
+# CUDA 13.0 build, which would need a CUDA 13 driver). Only torch comes from that index. The build
+# stops if the torch build and the base image disagree on CUDA.
 ARG TORCH_VERSION=2.13.0
-RUN pip install "torch==${TORCH_VERSION}"
+ARG TORCH_CUDA
+RUN pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}" \
+    && python -c "import os, torch; built, base = torch.version.cuda, os.environ['CUDA_VERSION']; \
+assert built and base.startswith(built + '.'), f'torch is built for CUDA {built}, the base image has {base}'"
 
 WORKDIR /app
 COPY requirements.txt ./

@@ -18,6 +18,7 @@ os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
 from handler.app import get_worker
 from handler.config import SettingsError, library_environment, load_settings
 from handler.logs import configure_logging, get_logger, redact_sdk_logs
+from handler.runtime.devices import GpuUnusable, check_device, describe
 
 
 def main() -> None:
@@ -31,13 +32,18 @@ def main() -> None:
     json_logs = settings.log_format == "json" or (settings.log_format == "auto" and settings.on_runpod)
     configure_logging(level=settings.log_level, json=json_logs)
     redact_sdk_logs()
+    try:
+        check_device(settings)
+    except GpuUnusable as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        raise SystemExit(3) from exc
     worker = get_worker(settings)
     if settings.max_concurrent_generations is None:
         worker.size_gate()  # needs the model loaded: this is the preload, done before serving
     elif settings.preload:
         threading.Thread(target=worker.preload, name="preload", daemon=True).start()
     get_logger("handler").info(
-        "worker.start", device=worker.runtime.device, slots=worker.runtime.gate.slots,
+        "worker.start", **describe(worker.runtime.device), slots=worker.runtime.gate.slots,
         jobs=settings.max_concurrent_jobs, model=settings.whisper_model, bucket=settings.bucket is not None,
     )
 

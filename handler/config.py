@@ -112,8 +112,14 @@ class Settings:
     # ENABLE_CPU_OFFLOAD: keep diffusers models in RAM and move each to the GPU when used
     # (fits small GPUs, runs slower).
     enable_cpu_offload: bool = False
-    # DEVICE: auto (cuda when available), cuda or cpu.
+    # DEVICE: auto (cuda when available), cuda or cpu. A worker that was given a GPU (see the two
+    # below) but cannot use it refuses to start unless DEVICE=cpu asks for the CPU on purpose.
     device: str = "auto"
+    # RUNPOD_GPU_COUNT: set by RunPod, the GPUs given to this worker (above 0: a GPU is promised).
+    runpod_gpu_count: int = 0
+    # NVIDIA_VISIBLE_DEVICES: set by the NVIDIA container runtime, the devices given to the
+    # container (void, none or empty: none; the nvidia/cuda base image itself sets `all`).
+    nvidia_visible_devices: str | None = None
     # PRELOAD: tasks whose default pipeline is loaded at start, off the job path (comma list).
     preload: tuple[str, ...] = ()
     # BAKE_MODELS: tasks whose models builder/ bakes into the image (comma list; image builds only).
@@ -151,7 +157,7 @@ class Settings:
     bucket: BucketSettings | None = None
     # BUCKET_PREFIX: key prefix for every object the worker writes.
     bucket_prefix: str = "outputs"
-    # PRESIGN_EXPIRY_S: lifetime of the presigned GET URLs in results.
+    # PRESIGN_EXPIRY_S: lifetime of the presigned GET URLs in results (SigV4 allows at most 7 days).
     presign_expiry_s: int = 3600
     # RESULT_CACHE: answer a request seen before (same task, model weights, output-affecting
     # fields and media bytes) from the bucket, on any worker; needs a bucket.
@@ -254,6 +260,16 @@ def _parse_positive_int(raw: str) -> int:
     if value < 1:
         raise ValueError("must be at least 1")
     return value
+
+
+def _parse_int_up_to(most: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = _parse_positive_int(raw)
+        if value > most:
+            raise ValueError(f"must be at most {most}")
+        return value
+
+    return parse
 
 
 def _parse_positive_float(raw: str) -> float:
@@ -408,6 +424,8 @@ def _read(env: _Env) -> Settings:
         max_images=env.get("MAX_IMAGES", _parse_positive_int, d.max_images),
         max_steps=env.get("MAX_STEPS", _parse_positive_int, d.max_steps),
         device=env.get("DEVICE", _parse_choice("auto", "cuda", "cpu"), d.device),
+        runpod_gpu_count=env.get("RUNPOD_GPU_COUNT", lambda raw: max(0, int(raw)), d.runpod_gpu_count),
+        nvidia_visible_devices=env.text("NVIDIA_VISIBLE_DEVICES"),
         preload=env.get("PRELOAD", _parse_list, d.preload),
         bake_models=env.get("BAKE_MODELS", _parse_list, d.bake_models),
         task_modules=env.get("TASK_MODULES", _parse_list, d.task_modules),
@@ -431,7 +449,7 @@ def _read(env: _Env) -> Settings:
         ),
         bucket=_bucket(env),
         bucket_prefix=env.get("BUCKET_PREFIX", lambda raw: raw.strip().strip("/"), d.bucket_prefix),
-        presign_expiry_s=env.get("PRESIGN_EXPIRY_S", _parse_positive_int, d.presign_expiry_s),
+        presign_expiry_s=env.get("PRESIGN_EXPIRY_S", _parse_int_up_to(7 * 24 * 3600), d.presign_expiry_s),
         upload_prefix=env.get("UPLOAD_PREFIX", _parse_prefix, d.upload_prefix),
         result_cache=env.get("RESULT_CACHE", _parse_bool, d.result_cache),
         result_cache_prefix=env.get("RESULT_CACHE_PREFIX", _parse_prefix, d.result_cache_prefix),

@@ -55,3 +55,17 @@ def test_the_bake_step_has_what_builder_imports() -> None:
             needed = {"/".join(parts[:i]) + "/__init__.py" for i in range(1, len(parts))}
             needed.add("/".join(parts) + ".py")
             assert needed <= copied or "handler" in copied, (path.name, module, needed - copied)
+
+
+def test_only_torch_comes_from_pytorchs_index() -> None:
+    """torch is installed from download.pytorch.org/whl/${TORCH_CUDA} (a CUDA build chosen by one build
+    argument, not PyPI's default); every other pip install uses PyPI, and the Makefile (CI) never names a
+    CUDA wheel index."""
+    joined = re.sub(r"\\\n", " ", DOCKERFILE)
+    installs = [line for line in joined.splitlines() if "pip install" in line]
+    torch_lines = [line for line in installs if re.search(r"pip install \S*torch==", line)]
+    assert len(torch_lines) == 1
+    assert '--index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"' in torch_lines[0]
+    assert re.search(r"^ARG TORCH_CUDA=cu\d{3}$", DOCKERFILE, re.MULTILINE)
+    assert all("download.pytorch.org" not in line for line in installs if line not in torch_lines)
+    assert not re.search(r"download\.pytorch\.org/whl/cu", (ROOT / "Makefile").read_text())

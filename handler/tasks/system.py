@@ -7,6 +7,7 @@ import time
 from typing import Any, Literal
 
 from handler import __version__
+from handler.runtime.devices import describe
 from handler.runtime.memory import read_memory
 from handler.tasks.base import JobContext, Task, TaskInput
 
@@ -32,7 +33,7 @@ async def run(ctx: JobContext, params: SystemInput) -> dict[str, Any]:
         "worker_id": ctx.settings.worker_id or socket.gethostname(),
         "version": __version__,
         "time": round(time.time(), 3),
-        "device": runtime.device,
+        **describe(runtime.device),  # device, torch and its CUDA build, driver, GPU name
         "pipelines": _pipelines(ctx),
         "slots": {"total": runtime.gate.slots, "busy": runtime.gate.busy, "waiting": runtime.gate.waiting,
                   "sizing": runtime.sizing},
