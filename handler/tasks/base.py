@@ -155,7 +155,8 @@ class CachePolicy(Generic[InputT]):
 # Settings that shape no task's result, so are in no cache key.
 NOT_SHAPING_RESULTS = frozenset({
     # Where the worker runs and what it logs.
-    "on_runpod", "worker_id", "runpod_gpu_count", "nvidia_visible_devices", "post_progress", "log_level", "log_format", "use_ram_filesystem", "work_dir",
+    "on_runpod", "worker_id", "runpod_gpu_count", "nvidia_visible_devices", "post_progress", "log_level",
+    "log_format", "use_ram_filesystem", "work_dir",
     # Where weights come from (their identity is in the key) and which may be asked for; the
     # device it resolved to is in the key.
     "model_dir", "allow_model_download", "runpod_hf_cache", "whisper_models", "device", "preload", "bake_models",

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from torch import Tensor
 
 from handler.runtime.batcher import Batcher
 from handler.runtime.cancel import CancelToken
@@ -95,12 +96,18 @@ def _batcher(runtime: Runtime, model: WhisperPipeline) -> Batcher[_Item, Segment
 
 async def recognise(
     ctx: JobContext, pipelines: InstancePool[WhisperPipeline], windows: list[whisper_batch.WindowInput], *,
-    options: dict[str, Any], batch_size: int, label: str = "",
+    options: dict[str, Any], batch_size: int, language_mel: Tensor | None, label: str = "",
 ) -> dict[str, Any]:
-    """The transcript of a job's ``windows`` (``whisper.transcribe``'s result shape)."""
+    """The transcript of a job's ``windows`` (``whisper.transcribe``'s result shape).
+
+    ``language_mel`` (``whisper_batch.language_mel``) is where an unset language is detected.
+    """
     settings = whisper_batch.BatchSettings.from_options(pipelines.first.model, options)
     if settings.language is None and windows:  # detected once, so the job's windows decode alike
-        settings = await ctx.on_model(pipelines, lambda p: p.with_language(settings, windows[0]), stage="language")
+        if language_mel is None:
+            raise ValueError("language_mel: needed to detect the language")
+        mel = language_mel
+        settings = await ctx.on_model(pipelines, lambda p: p.with_language(settings, mel), stage="language")
     progress = ChunkProgress(Progress(ctx.job, enabled=ctx.settings.post_progress), len(windows), label)
     items = [_Item(window, settings, progress, pipelines) for window in windows]
     submitted = time.perf_counter()

@@ -254,13 +254,16 @@ async def _recognise_job(
         find = functools.partial(chunked.find_chunks, audio, enable_vad=params.enable_vad, cancel=ctx.cancel)
         chunks = await ctx.in_thread(find)
         windows = await ctx.in_thread(lambda: whisper_batch.prepare_windows(model, audio, chunks))
+        detect = params.language is None and pipelines.first.is_multilingual
+        first = await ctx.in_thread(lambda: whisper_batch.language_mel(model, audio)) if detect else None
     options = params.decode_options()
     result = await chunked.recognise(ctx, pipelines, windows, options={**options, "task": "transcribe"},
-                                     batch_size=_batch_size(ctx.settings, params))
+                                     batch_size=_batch_size(ctx.settings, params), language_mel=first)
     translation = None
     if params.translate:
         translation = await chunked.recognise(ctx, pipelines, windows, options={**options, "task": "translate"},
-                                              batch_size=_batch_size(ctx.settings, params), label="translation ")
+                                              batch_size=_batch_size(ctx.settings, params), language_mel=first,
+                                              label="translation ")
     return result, translation
 
 

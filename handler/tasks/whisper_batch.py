@@ -40,10 +40,13 @@ Differences from ``whisper.transcribe``, by design:
 - Temperature fallback is per chunk: only the chunks whose result fails
   ``compression_ratio_threshold`` / ``logprob_threshold`` are decoded again at the next
   temperature, together in one batch, from the encoder output already computed.
-- Each chunk's last segment is kept even when Whisper did not close it with a timestamp
-  (``whisper.transcribe`` would decode that stretch again in its next window; here there is
-  none): it ends at the end of the chunk.
-- An unset ``language`` on a multilingual model is detected once, on the first chunk.
+- Where Whisper leaves the end of a chunk untranscribed (its output ends on a timestamp pair,
+  or on an unfinished segment), ``whisper.transcribe`` decodes again from the last timestamp in
+  its next window; here there is none, so that tail of the chunk is decoded again on its own
+  (the tails of a batch together), up to three rounds, the last one keeping what it got. Without
+  this, every chunk's transcript stopped seconds before its end (bench/RESULTS.md).
+- An unset ``language`` on a multilingual model is detected once, on the recording's first 30 s
+  (:func:`language_mel`), as ``whisper.transcribe`` detects it, whichever chunk comes first.
 
 The caller must hold the model for itself for the whole call (``WhisperPipeline`` does):
 decoding installs key/value-cache hooks and a cancellation hook on it. fp16 is used on CUDA only.
@@ -77,6 +80,10 @@ from handler.tasks.vad import Chunk, fixed_chunks, speech_chunks
 
 # Chunks decoded together; chosen from bench/batched.py (see bench/RESULTS.md).
 DEFAULT_BATCH_SIZE = 8
+# Rounds of decoding again the tails that windows leave untranscribed (see decode_windows).
+_TAIL_ROUNDS = 3
+# A tail shorter than this (0.2 s) is not worth a window of its own.
+_MIN_TAIL_FRAMES = 20
 # Seconds per timestamp token: one encoder position is two mel frames.
 _TIME_PRECISION = 2 * HOP_LENGTH / SAMPLE_RATE
 _DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -127,6 +134,10 @@ class BatchSettings:
     prompt: str | None
     fp16: bool
     decoding: tuple[tuple[str, Any], ...]  # the _PASSED_ON options that are set
+    # Decoded without timestamps (False), a window is one segment, its edges the window's; the
+    # benchmark measures that against decoding the tails again (bench/accuracy.py).
+    timestamps: bool = True
+    tail_rounds: int = _TAIL_ROUNDS  # times a window's untranscribed tail is decoded again
 
     @classmethod
     def from_options(cls, model: Whisper, options: Mapping[str, Any]) -> BatchSettings:
@@ -157,7 +168,7 @@ class BatchSettings:
             decoding.pop("best_of", None)
         return DecodingOptions(
             task=self.task, language=self.language, temperature=temperature, prompt=self.prompt,
-            fp16=self.fp16, **decoding,
+            fp16=self.fp16, without_timestamps=not self.timestamps, **decoding,
         )
 
     def needs_fallback(self, result: DecodingResult) -> bool:
@@ -236,6 +247,8 @@ def transcribe_chunks(
         raise ValueError(f"batch_size must be at least 1, not {batch_size!r}")
     settings = BatchSettings.from_options(model, options or {})
     inputs = prepare_windows(model, audio, chunks)
+    if inputs:
+        settings = detect_language(model, settings, language_mel(model, audio))
     segments: list[dict[str, Any]] = []
     with cancellable(model, cancel):
         for start in range(0, len(inputs), batch_size):
@@ -265,23 +278,75 @@ def prepare_windows(model: Whisper, audio: np.ndarray, chunks: Sequence[Chunk]) 
 def decode_windows(
     model: Whisper, inputs: Sequence[WindowInput], settings: BatchSettings
 ) -> tuple[BatchSettings, list[list[dict[str, Any]]]]:
-    """One encoder pass and one decoder loop for all ``inputs`` (windows of one or several
-    recordings, decoded alike); each window's segments, and the settings with the language known."""
+    """Each window's segments (windows of one or several recordings, decoded alike), and the
+    settings with the language known.
+
+    Whisper ends a window early when its last sentence runs on past the window (its training
+    targets leave a cut-off sentence to the next window): ``whisper.transcribe`` decodes again
+    from the last timestamp. Here each window's untranscribed tail is decoded again, the tails of
+    all windows together, up to ``settings.tail_rounds`` times; the last round keeps what it got.
+    """
+    settings = detect_language(model, settings, inputs[0].mel)  # callers detect on language_mel first
+    tokenizer = _tokenizer(model, settings)
+    found: list[list[dict[str, Any]]] = [[] for _ in inputs]
+    pending = list(enumerate(inputs))
+    for round_ in range(settings.tail_rounds + 1):
+        last = round_ == settings.tail_rounds or not settings.timestamps
+        outcomes = _decode_round(model, [item for _, item in pending], settings, tokenizer, keep_tails=last)
+        tails = []
+        for (index, _), (segments, tail) in zip(pending, outcomes, strict=True):
+            found[index].extend(segments)
+            if tail is not None:
+                tails.append((index, tail))
+        if not tails:
+            break
+        pending = tails
+    return settings, found
+
+
+def _decode_round(
+    model: Whisper, inputs: Sequence[WindowInput], settings: BatchSettings, tokenizer: Tokenizer, *,
+    keep_tails: bool,
+) -> list[tuple[list[dict[str, Any]], WindowInput | None]]:
+    """One encoder pass and one decoder loop for all ``inputs``: each window's segments, and the
+    window of its tail left untranscribed (None when there is none, or with ``keep_tails``)."""
     mels = torch.stack([item.mel for item in inputs]).to(model.device)
     mels = mels.half() if settings.fp16 else mels
     with torch.no_grad():
         features = model.encoder(mels)
-    settings = _with_language(model, settings, features)
     results = decode_with_fallback(model, features, settings)
-    tokenizer = _tokenizer(model, settings)
-    found: list[list[dict[str, Any]]] = []
+    outcomes: list[tuple[list[dict[str, Any]], WindowInput | None]] = []
     for item, result, window_mel in zip(inputs, results, mels, strict=True):
-        segments = [] if settings.is_silent(result) else _segments(result, item.window, tokenizer)
+        if settings.is_silent(result):
+            outcomes.append(([], None))
+            continue
+        tokens, tail = list(result.tokens), None
+        if not keep_tails:
+            tokens, tail = _split_tail(tokens, item, tokenizer.timestamp_begin)
+        segments = _segments(result, tokens, item.window, tokenizer)
         if settings.word_timestamps and segments:
             # Windows are independent: speech before this one is not known here.
             _add_words(model, tokenizer, segments, window_mel, item.window, item.window.offset_s)
-        found.append(segments)
-    return settings, found
+        outcomes.append((segments, tail))
+    return outcomes
+
+
+def _split_tail(tokens: list[int], item: WindowInput, timestamp_begin: int) -> tuple[list[int], WindowInput | None]:
+    """The tokens of a window's finished segments, and the window of the rest when Whisper left
+    some of it (as ``whisper.transcribe``: the output does not end on a single timestamp)."""
+    is_time = [token >= timestamp_begin for token in tokens]
+    if len(tokens) < 2 or is_time[-2:] == [False, True]:
+        return tokens, None
+    pairs = [i for i in range(1, len(tokens)) if is_time[i - 1] and is_time[i]]
+    if not pairs:
+        return tokens, None
+    end = pairs[-1]  # tokens[end - 1] closes the last finished segment
+    frames = 2 * (tokens[end - 1] - timestamp_begin)  # a timestamp step is two mel frames
+    rest = item.window.frames - frames
+    if frames <= 0 or rest < _MIN_TAIL_FRAMES:
+        return tokens, None
+    window = _Window(item.window.seek + frames, rest, item.window.end_s)
+    return tokens[:end], WindowInput(pad_or_trim(item.mel[:, frames : item.window.frames], N_FRAMES), window)
 
 
 def decode_with_fallback(model: Whisper, features: Tensor, settings: BatchSettings) -> list[DecodingResult]:
@@ -302,20 +367,21 @@ def decode_with_fallback(model: Whisper, features: Tensor, settings: BatchSettin
     return [results[index] for index in range(features.shape[0])]
 
 
-def detect_language(model: Whisper, settings: BatchSettings, first: WindowInput) -> BatchSettings:
-    """``settings`` with the language detected on one window (one encoder pass)."""
-    mel = first.mel.unsqueeze(0).to(model.device)
-    with torch.no_grad():
-        features = model.encoder(mel.half() if settings.fp16 else mel)
-    return _with_language(model, settings, features)
+def language_mel(model: Whisper, audio: np.ndarray) -> Tensor:
+    """The log-mel of the recording's first 30 s, padded as ``whisper.transcribe`` pads it: the
+    window it detects the language on (the first chunk may start later, or end sooner)."""
+    mel: Tensor = pad_or_trim(log_mel_spectrogram(audio, model.dims.n_mels, padding=N_SAMPLES), N_FRAMES)
+    return mel
 
 
-def _with_language(model: Whisper, settings: BatchSettings, features: Tensor) -> BatchSettings:
-    """Settings with the language set: as given, or detected on the first window."""
+def detect_language(model: Whisper, settings: BatchSettings, mel: Tensor) -> BatchSettings:
+    """``settings`` with the language set: as given, else detected on ``mel`` (one 30 s window,
+    :func:`language_mel`) as ``whisper.transcribe`` detects it."""
     if settings.language is not None:
         return settings
-    _, probabilities = model.detect_language(features[:1])
-    return replace(settings, language=max(probabilities[0], key=probabilities[0].get))
+    mel = mel.to(model.device)
+    _, probabilities = model.detect_language(mel.half() if settings.fp16 else mel)
+    return replace(settings, language=max(probabilities, key=probabilities.get))
 
 
 def _tokenizer(model: Whisper, settings: BatchSettings) -> Tokenizer:
@@ -324,10 +390,12 @@ def _tokenizer(model: Whisper, settings: BatchSettings) -> Tokenizer:
     )
 
 
-def _segments(result: DecodingResult, window: _Window, tokenizer: Tokenizer) -> list[dict[str, Any]]:
-    """Segments of one window's tokens, in recording time, clipped to the window's audio."""
+def _segments(
+    result: DecodingResult, tokens: list[int], window: _Window, tokenizer: Tokenizer
+) -> list[dict[str, Any]]:
+    """Segments of one window's ``tokens`` (of ``result``), in recording time, clipped to the window's audio."""
     found = []
-    for piece in _pieces(list(result.tokens), tokenizer.timestamp_begin):
+    for piece in _pieces(tokens, tokenizer.timestamp_begin):
         start, end = _piece_span(piece, window, tokenizer.timestamp_begin)
         found.append({
             "seek": window.seek,

