@@ -207,6 +207,23 @@ def redirect_to(location: str) -> Route:
     return route
 
 
+def loopback_server(answer: Route) -> ThreadingHTTPServer:
+    """A threaded HTTP server on loopback (not started) whose every request, any method, goes to ``answer``."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            answer(self)
+
+        do_HEAD = do_PUT = do_POST = do_DELETE = do_GET  # noqa: N815 (http.server's method names)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+    server.daemon_threads = True
+    return server
+
+
 class TrickleServer:
     """An endpoint that answers every request with headers, then one byte now and then, forever:
     each request holds whoever waits on it until that side gives up. Counts requests open now."""
@@ -216,19 +233,7 @@ class TrickleServer:
         self.seen = 0
         self._open_lock = threading.Lock()
         self._stop = threading.Event()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                outer._trickle(self, every_s)
-
-            do_HEAD = do_PUT = do_POST = do_DELETE = do_GET  # noqa: N815 (http.server's method names)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
-        self._server.daemon_threads = True
+        self._server = loopback_server(lambda request: self._trickle(request, every_s))
         self.port = self._server.server_address[1]
         self.url = f"http://{LOOPBACK}:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)

@@ -13,7 +13,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from client.retry import Backoff, Outcome, with_retries
 from tests import media
 from tests.conftest import CAPTURED_LOGS
 from tests.jobserver import LOOPBACK, ROOT, LocalApi
-from tests.servers import SeaweedS3
+from tests.servers import SeaweedS3, loopback_server
 
 pytestmark = pytest.mark.integration
 # Greedy decoding: the same words from tiny.en, in a fraction of the time.
@@ -214,19 +214,7 @@ class RunPodStandIn:
         self.seen: list[tuple[str, str]] = []  # (path, Authorization) of each request
         self.results: dict[str, dict[str, Any] | None] = {}
         self._lock = threading.Lock()  # guards seen and results
-        stand_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                stand_in.answer(self)
-
-            do_POST = do_GET  # noqa: N815 (http.server's method names)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
-        self._server.daemon_threads = True
+        self._server = loopback_server(self.answer)
         self.base = f"http://{LOOPBACK}:{self._server.server_address[1]}"
 
     def answer(self, request: BaseHTTPRequestHandler) -> None:
@@ -356,19 +344,7 @@ class Scripted:
         self.paths: dict[str, Reply] = {}
         self.seen: list[tuple[str, str]] = []  # (path, Authorization) of each request
         self._lock = threading.Lock()  # guards seen
-        scripted = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                scripted.answer(self)
-
-            do_POST = do_GET  # noqa: N815 (http.server's method names)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
-        self._server.daemon_threads = True
+        self._server = loopback_server(self.answer)
         self.base = f"http://{LOOPBACK}:{self._server.server_address[1]}"
 
     def answer(self, request: BaseHTTPRequestHandler) -> None:
