@@ -327,6 +327,8 @@ def _decode_round(
         if settings.word_timestamps and segments:
             # Windows are independent: speech before this one is not known here.
             _add_words(model, tokenizer, segments, window_mel, item.window, item.window.offset_s)
+        if tail is not None:  # word alignment may run past the timestamp where the tail begins
+            _end_by(segments, tail.window.offset_s)
         outcomes.append((segments, tail))
     return outcomes
 
@@ -448,6 +450,14 @@ def _add_words(
             word["end"] = _clip(word["end"], word["start"], window.end_s)
         segment["start"] = _clip(segment["start"], window.offset_s, window.end_s)
         segment["end"] = _clip(segment["end"], segment["start"], window.end_s)
+
+
+def _end_by(segments: list[dict[str, Any]], limit: float) -> None:
+    """Segments and their words moved to end by ``limit`` (where the tail's window starts)."""
+    for segment in segments:
+        for word in segment.get("words", []):
+            word["start"], word["end"] = min(word["start"], limit), min(word["end"], limit)
+        segment["start"], segment["end"] = min(segment["start"], limit), min(segment["end"], limit)
 
 
 def _clip(value: float, low: float, high: float) -> float:
