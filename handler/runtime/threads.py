@@ -18,8 +18,6 @@ from handler.errors import Cancelled
 T = TypeVar("T")
 LateErrorHook = Callable[[BaseException], None]
 
-# Blocking work outside any job (a job has threads of its own, see job_threads).
-_io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="io")
 # Blocking calls one job may have running at once: a job overlaps at most a few (a download
 # beside a decode, an upload's own transfer threads aside).
 _JOB_THREADS = 4
@@ -34,11 +32,11 @@ def job_threads() -> ThreadPoolExecutor:
 
 
 async def in_thread(
-    work: Callable[[], T], *, on_late_error: LateErrorHook, executor: Executor | None = None
+    work: Callable[[], T], *, on_late_error: LateErrorHook, executor: Executor
 ) -> T:
-    """Run ``work`` on ``executor`` (default: the IO threads) and return its result."""
+    """Run ``work`` on ``executor`` (a job's threads, or the gate's) and return its result."""
     context = contextvars.copy_context()
-    future = (executor or _io).submit(context.run, work)
+    future = executor.submit(context.run, work)
     try:
         return await asyncio.wrap_future(future)
     except asyncio.CancelledError:
