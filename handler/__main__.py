@@ -18,6 +18,10 @@ os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
 from handler.app import get_worker
 from handler.config import SettingsError, library_environment, load_settings
 from handler.logs import configure_logging, get_logger, redact_sdk_logs
+from handler.sdk import import_runpod
+
+# Before anything imports the SDK its own way, which would run its processor probe (handler.sdk).
+runpod = import_runpod()
 
 
 def main() -> None:
@@ -40,8 +44,6 @@ def main() -> None:
         "worker.start", device=worker.runtime.device, slots=worker.runtime.gate.slots,
         jobs=settings.max_concurrent_jobs, model=settings.whisper_model, bucket=settings.bucket is not None,
     )
-
-    import runpod
 
     from handler.runtime.scaler import prompt_job_loop
 
