@@ -30,13 +30,13 @@ def import_runpod() -> ModuleType:
     real = sys.modules.get("cpuinfo")
     sys.modules["cpuinfo"] = stand_in
     try:
-        import runpod
+        import runpod  # noqa: F401  # imported for sys.modules
     finally:
         if real is None:
             del sys.modules["cpuinfo"]
         else:
             sys.modules["cpuinfo"] = real
-    return runpod
+    return sys.modules["runpod"]
 
 
 def processor_info() -> dict[str, str]:
