@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -36,10 +35,11 @@ def main() -> None:
     configure_logging(level=settings.log_level, json=json_logs)
     redact_sdk_logs()
     worker = get_worker(settings)
+    # Before the first job-take, so loading and warm-up are never paid inside a job.
     if settings.max_concurrent_generations is None:
-        worker.size_gate()  # needs the model loaded: this is the preload, done before serving
+        worker.size_gate()  # needs the model loaded: this is the preload
     elif settings.preload:
-        threading.Thread(target=worker.preload, name="preload", daemon=True).start()
+        worker.preload()
     get_logger("handler").info(
         "worker.start", device=worker.runtime.device, slots=worker.runtime.gate.slots,
         jobs=settings.max_concurrent_jobs, model=settings.whisper_model, bucket=settings.bucket is not None,
