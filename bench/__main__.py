@@ -1,4 +1,4 @@
-"""``python -m bench [overhead|transcription|upload|pipelining|soak|loop|client|prompt|batched ...]``: print
+"""``python -m bench [overhead|transcription|upload|pipelining|soak|loop|client|prompt|batched|coldstart ...]``: print
 each figure against its baseline.
 
 ``prompt`` and ``batched`` (about 15 minutes on 2 CPU cores) run only when named.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import batched, bucket, client, loop, overhead, scaleout, shared, transcription, upload
+from bench import batched, bucket, client, coldstart, loop, overhead, scaleout, shared, transcription, upload
 from bench.common import HEADER, Comparison, quiet_logs
 
 
@@ -39,6 +39,8 @@ def main(names: list[str]) -> None:
             rows.extend(batched.measure())
         elif name == "batched_handler":
             rows.extend(batched.measure_handler())
+        elif name == "coldstart":
+            rows.extend(coldstart.measure())
         elif name == "first_job":
             rows.extend(transcription.first_job())
         elif name == "shared":
