@@ -1,4 +1,5 @@
-"""Word alignment is compiled once per machine, not once per process: numba's cache is kept on disk."""
+"""Whisper pipelines: word alignment compiled once per machine (numba cache on disk), and a warm-up
+that pays only first-call costs."""
 
 from __future__ import annotations
 
@@ -44,3 +45,26 @@ def test_a_second_process_loads_the_compiled_dtw_instead_of_compiling_it(tmp_pat
     assert _first_dtw(cache) == {"hits": 0, "misses": 1}
     assert any(cache.rglob("*.nbi"))
     assert _first_dtw(cache) == {"hits": 1, "misses": 0}
+
+
+def test_warm_up_on_the_cpu_primes_first_call_caches_without_decoding(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Warm-up loads the DTW kernel, the tokenizer's vocabulary and the mel filters, and runs no
+    decode on the CPU: a decode costs no more the first time, so it would only delay readiness."""
+    import whisper.audio
+    import whisper.tokenizer
+
+    from handler.tasks.whisper_pipeline import WhisperPipeline, load_checkpoint
+
+    model = load_checkpoint(model_dir / "whisper" / "tiny.en.pt", "cpu")
+    pipeline = WhisperPipeline(model, "tiny.en", "cpu")
+    whisper.tokenizer.get_encoding.cache_clear()
+    whisper.audio.mel_filters.cache_clear()
+    decodes: list[str] = []
+    monkeypatch.setattr(WhisperPipeline, "transcribe", lambda *_a, **_k: decodes.append("transcribe"))
+    monkeypatch.setattr(WhisperPipeline, "transcribe_chunks", lambda *_a, **_k: decodes.append("chunks"))
+    pipeline.warm_up()
+    assert decodes == []
+    assert whisper.tokenizer.get_encoding.cache_info().currsize == 1
+    assert whisper.audio.mel_filters.cache_info().currsize == 1
