@@ -41,16 +41,17 @@ print(whisper.transcribe(model, sys.argv[2], word_timestamps=True, fp16=False)["
 def _worker(env: dict[str, str]) -> tuple[float, float]:
     """Seconds to ready (``worker.start`` logged) and to exit, for one worker process."""
     started = time.perf_counter()
-    ready = float("nan")
+    ready: float | None = None
     with subprocess.Popen([sys.executable, "-m", "handler"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True) as process:
         assert process.stdout is not None
         for line in process.stdout:
-            if ready != ready and "worker.start" in line:
+            if ready is None and "worker.start" in line:
                 ready = time.perf_counter() - started
             if "Job result" in line:
                 assert "'error'" not in line, line[:400]
     assert process.returncode == 0, process.returncode
+    assert ready is not None, "the worker never logged worker.start"
     return ready, time.perf_counter() - started
 
 
