@@ -10,6 +10,8 @@ MODEL_DIR ?= $(CURDIR)/models
 # official name works: `make run WHISPER_MODEL=turbo ALLOW_MODEL_DOWNLOAD=true`.
 WHISPER_MODEL ?= tiny.en
 ALLOW_MODEL_DOWNLOAD ?= false
+# As the image runs the worker: the model is loaded and warmed before the job is taken.
+PRELOAD ?= transcribe
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
@@ -17,7 +19,7 @@ PYTEST_ARGS ?=
 
 run: system setup models
 	MODEL_DIR=$(MODEL_DIR) WHISPER_MODEL=$(WHISPER_MODEL) ALLOW_MODEL_DOWNLOAD=$(ALLOW_MODEL_DOWNLOAD) \
-		$(PY) -m handler
+		PRELOAD=$(PRELOAD) $(PY) -m handler
 
 test: system dev lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)

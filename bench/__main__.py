@@ -1,5 +1,5 @@
-"""``python -m bench [overhead|transcription|upload|pipelining|soak|loop|client|prompt|batched ...]``: print
-each figure against its baseline.
+"""``python -m bench [NAME ...]``: print each figure against its baseline. Names: overhead,
+transcription, upload, pipelining, soak, loop, client, prompt, batched, accuracy, coldstart.
 
 ``prompt``, ``batched`` and ``accuracy`` (each about 15 minutes on 2 CPU cores) run only when named.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import accuracy, batched, bucket, client, loop, overhead, scaleout, shared, transcription, upload
+from bench import accuracy, batched, bucket, client, coldstart, loop, overhead, scaleout, shared, transcription, upload
 from bench.common import HEADER, Comparison, quiet_logs
 
 
@@ -41,6 +41,8 @@ def main(names: list[str]) -> None:
             rows.extend(accuracy.measure())
         elif name == "batched_handler":
             rows.extend(batched.measure_handler())
+        elif name == "coldstart":
+            rows.extend(coldstart.measure())
         elif name == "first_job":
             rows.extend(transcription.first_job())
         elif name == "shared":

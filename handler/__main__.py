@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +18,10 @@ from handler.app import get_worker
 from handler.config import SettingsError, library_environment, load_settings
 from handler.logs import configure_logging, get_logger, redact_sdk_logs
 from handler.runtime.devices import GpuUnusable, check_device, describe
+from handler.sdk import import_runpod
+
+# Before anything imports the SDK its own way, which would run its processor probe (handler.sdk).
+runpod = import_runpod()
 
 
 def main() -> None:
@@ -38,16 +41,15 @@ def main() -> None:
         print(f"cannot start: {exc}", file=sys.stderr)
         raise SystemExit(3) from exc
     worker = get_worker(settings)
+    # Before the first job-take, so loading and warm-up are never paid inside a job.
     if settings.max_concurrent_generations is None:
-        worker.size_gate()  # needs the model loaded: this is the preload, done before serving
+        worker.size_gate()  # needs the model loaded: this is the preload
     elif settings.preload:
-        threading.Thread(target=worker.preload, name="preload", daemon=True).start()
+        worker.preload()
     get_logger("handler").info(
         "worker.start", **describe(worker.runtime.device), slots=worker.runtime.gate.slots,
         jobs=settings.max_concurrent_jobs, model=settings.whisper_model, bucket=settings.bucket is not None,
     )
-
-    import runpod
 
     from handler.runtime.scaler import prompt_job_loop
 

@@ -8,12 +8,14 @@ CTranslate2 model); otherwise official models get openai-whisper's table.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,6 +24,7 @@ import torch
 import whisper
 import whisper.timing
 from whisper.model import ModelDimensions, Whisper
+from whisper.tokenizer import get_tokenizer
 
 from handler.config import Settings
 from handler.errors import ModelLoadFailed
@@ -33,6 +36,8 @@ from handler.tasks.vad import Chunk
 
 log = get_logger(__name__)
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# numba's options (NUMBA_CACHE_DIR ...), set on the module at run time: no attributes mypy can see.
+_NUMBA_CONFIG: ModuleType = importlib.import_module("numba.core.config")
 
 
 def weights_dir(model_dir: Path) -> Path:
@@ -46,6 +51,25 @@ def checkpoint_path(name: str, model_dir: Path) -> Path:
     official = whisper._MODELS.get(name)
     filename = os.path.basename(urlsplit(official).path) if official else f"{name}.pt"
     return weights_dir(model_dir) / filename
+
+
+def compiled_dir(model_dir: Path) -> Path:
+    """Where numba keeps the word-alignment code it compiled (see :func:`cache_compiled_alignment`)."""
+    return weights_dir(model_dir) / "compiled"
+
+
+def cache_compiled_alignment(directory: Path) -> None:
+    """Keep numba's compiled word-alignment DTW on disk, so a process loads it instead of compiling it.
+
+    openai-whisper jits ``timing.dtw_cpu`` without numba's cache, so every process paid 1-4 s of
+    LLVM compilation on its first word timings on the CPU. numba keys each entry on the source
+    file and the CPU: another whisper version or processor compiles again (and adds its entry)
+    rather than loading code that does not fit. NUMBA_CACHE_DIR, when set, is kept.
+    """
+    if not _NUMBA_CONFIG.CACHE_DIR:
+        # Read when caching is enabled, as NUMBA_CACHE_DIR is; a module attribute typeshed cannot type.
+        _NUMBA_CONFIG.CACHE_DIR = str(directory)  # type: ignore[attr-defined]
+    whisper.timing.dtw_cpu.enable_caching()
 
 
 def load_checkpoint(path: Path, device: str, *, default_heads: bytes | None = None) -> Whisper:
@@ -71,6 +95,7 @@ def model_identity(name: str, settings: Settings) -> str | None:
 
 def load_whisper(name: str, settings: Settings, device: str) -> Whisper:
     """Baked weights if present, else the official download when allowed."""
+    cache_compiled_alignment(compiled_dir(settings.model_dir))
     path = checkpoint_path(name, settings.model_dir)
     if path.is_file():
         return load_checkpoint(path, device, default_heads=whisper._ALIGNMENT_HEADS.get(name))
@@ -149,11 +174,18 @@ class WhisperPipeline:
             return whisper_batch.detect_language(self.model, settings, mel)
 
     def warm_up(self) -> None:
-        """Pay now what a first job would: numba compiling the word-alignment DTW (seconds on the
-        CPU), the tokenizer, and the first decode of both paths, on a second of faint noise."""
-        whisper.timing.dtw(torch.zeros(8, 8, device=self.model.device))
+        """Pay now, before jobs are taken, what only a first job pays: numba's word-alignment DTW
+        (loaded from its cache, or compiled), the tokenizer's vocabulary and the mel filters.
+
+        On the CPU a decode costs the same the first time as later (measured on tiny.en), so none
+        is run; on CUDA one batch decode of a second of faint noise loads the kernels it needs.
+        """
+        model = self.model
+        whisper.timing.dtw(torch.zeros(8, 8, device=model.device))
+        get_tokenizer(model.is_multilingual, num_languages=model.num_languages, task="transcribe")
+        whisper.audio.mel_filters(model.device, model.dims.n_mels)
+        if self.device != "cuda":
+            return
         noise = np.random.default_rng(0).normal(0, 0.01, whisper.audio.SAMPLE_RATE).astype(np.float32)
         options: dict[str, Any] = {"word_timestamps": True, "beam_size": 1, "temperature": 0.0}
-        self.transcribe(noise, cancel=CancelToken(), **options)
-        chunks = [Chunk(0, len(noise))]
-        self.transcribe_chunks(noise, chunks, cancel=CancelToken(), batch_size=1, **options)
+        self.transcribe_chunks(noise, [Chunk(0, len(noise))], cancel=CancelToken(), batch_size=1, **options)
