@@ -6,7 +6,7 @@ joined into ~4-minute recordings; ``make corpus``). Engines, all on the same tin
 * ``whisper.transcribe``: the baseline, with the options the worker passes it by default;
 * ``worker default``: a job with only the audio (batched, fixed windows, tails decoded again);
 * ``worker batch_size 1``: the worker's sequential path (``whisper.transcribe`` behind the handler);
-* ``chunks, no tail re-decode`` / ``chunks without timestamps``: ``whisper_batch`` on the worker's
+* ``chunks, no tail re-decode`` / ``chunks without timestamps``: ``decoding`` on the worker's
   fixed windows (batch 8) with the tails left out (the code before this fix), or decoded
   ``without_timestamps`` as faster-whisper's batched pipeline does: the two alternatives;
 * ``faster-whisper fp32`` / ``int8`` (sequential) and ``batched b8 int8`` (its Silero VAD).
@@ -40,9 +40,9 @@ from whisper.normalizers import EnglishTextNormalizer
 from bench.common import Comparison, bench_settings
 from builder.ct2_whisper import convert_to_file
 from handler.app import Worker
-from handler.tasks import vad, whisper_batch
+from handler.pipelines.whisper import decoding, vad
+from handler.pipelines.whisper.pipeline import load_checkpoint
 from handler.tasks.transcribe import TranscribeInput
-from handler.tasks.whisper_pipeline import load_checkpoint
 from tests import speech_corpus
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus"
@@ -80,14 +80,14 @@ def _openai_engines(model: Any, worker: Worker) -> list[Engine]:
         return run
 
     def chunks(**changes: Any) -> Transcriber:
-        settings = dataclasses.replace(whisper_batch.BatchSettings.from_options(model, options), **changes)
+        settings = dataclasses.replace(decoding.BatchSettings.from_options(model, options), **changes)
 
         def run(audio: np.ndarray, _path: Path) -> str:
-            inputs = whisper_batch.prepare_windows(model, audio, vad.fixed_chunks(audio))
+            inputs = decoding.prepare_windows(model, audio, vad.fixed_chunks(audio))
             texts = []
-            for start in range(0, len(inputs), whisper_batch.DEFAULT_BATCH_SIZE):
-                batch = inputs[start : start + whisper_batch.DEFAULT_BATCH_SIZE]
-                texts += [s["text"] for w in whisper_batch.decode_windows(model, batch, settings)[1] for s in w]
+            for start in range(0, len(inputs), decoding.DEFAULT_BATCH_SIZE):
+                batch = inputs[start : start + decoding.DEFAULT_BATCH_SIZE]
+                texts += [s["text"] for w in decoding.decode_windows(model, batch, settings)[1] for s in w]
             return " ".join(texts)
 
         return run

@@ -4,7 +4,7 @@ Engines, all on the same tiny.en weights (the CTranslate2 model of ``meeting-not
 the openai-whisper checkpoint converted from it):
 
 * ``sequential``: ``whisper.transcribe`` (beam 5), the baseline;
-* ``batched bN vad`` / ``batched bN fixed``: ``handler.tasks.whisper_batch`` with batch size N,
+* ``batched bN vad`` / ``batched bN fixed``: ``handler.pipelines.whisper.decoding`` with batch size N,
   on Silero VAD chunks or on fixed 30 s windows;
 * ``faster-whisper fp32`` / ``int8``: ``WhisperModel.transcribe`` (beam 5, sequential);
 * ``faster-whisper batched b8 int8``: ``BatchedInferencePipeline`` (its own Silero VAD).
@@ -37,8 +37,8 @@ import whisper
 
 from bench.common import Comparison
 from builder.ct2_whisper import convert_to_file
-from handler.tasks import vad, whisper_batch
-from handler.tasks.whisper_pipeline import load_checkpoint
+from handler.pipelines.whisper import decoding, vad
+from handler.pipelines.whisper.pipeline import load_checkpoint
 from tests.clips import SAMPLE_RATE, sentence_audio
 
 SCRIPT = (
@@ -100,7 +100,7 @@ def _openai_engines(model: Any) -> list[Engine]:
 
     def batched(size: int, use_vad: bool) -> Callable[[np.ndarray], str]:
         def run(audio: np.ndarray) -> str:
-            result = whisper_batch.transcribe_batched(
+            result = decoding.transcribe_batched(
                 model, audio, options=BEAM, batch_size=size, enable_vad=use_vad
             )
             return str(result["text"])

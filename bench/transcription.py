@@ -82,7 +82,7 @@ import asyncio, base64, json, sys, time
 from pathlib import Path
 from bench.common import bench_settings, quiet_logs
 from handler.app import Worker
-from handler.tasks import whisper_pipeline
+from handler.pipelines.whisper import pipeline as whisper_pipeline
 quiet_logs()
 if sys.argv[2] == "cold":
     whisper_pipeline.WhisperPipeline.warm_up = lambda self: None  # the worker before warm-up existed

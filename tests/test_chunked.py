@@ -20,9 +20,10 @@ import whisper as openai_whisper
 from whisper.normalizers import EnglishTextNormalizer
 
 from handler.app import Worker
+from handler.pipelines.whisper import decoding
+from handler.pipelines.whisper import pipeline as whisper_pipeline
+from handler.pipelines.whisper.vad import fixed_chunks
 from handler.runtime.registry import Registry
-from handler.tasks import whisper_batch, whisper_pipeline
-from handler.tasks.vad import fixed_chunks
 from tests import clips, media, speech_corpus
 from tests.conftest import b64, job, run_job
 
@@ -205,7 +206,7 @@ def _mel_sum(worker: Worker, clip: Path) -> float:
     """The sum of the one window the worker makes of ``clip`` (how the fixture recognises its chunk)."""
     model = next(iter(worker.runtime.registry.loaded().values())).pipeline.first.model
     audio = openai_whisper.load_audio(str(clip))
-    return float(whisper_batch.prepare_windows(model, audio, fixed_chunks(audio))[0].mel.sum())
+    return float(decoding.prepare_windows(model, audio, fixed_chunks(audio))[0].mel.sum())
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +265,7 @@ def multilingual_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-# Random weights never finish a beam (see test_whisper_batch.py for this numpy 2 deprecation).
+# Random weights never finish a beam (see test_decoding.py for this numpy 2 deprecation).
 @pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context and return_scalar:DeprecationWarning")
 @pytest.mark.parametrize("enable_vad", [False, True])
 def test_the_chunked_path_detects_the_language_whisper_transcribe_detects(

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import whisper
 
-from handler.tasks import vad
-from handler.tasks.vad import Chunk
+from handler.pipelines.whisper import vad
+from handler.pipelines.whisper.vad import Chunk
 from tests import clips, media
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -160,7 +160,7 @@ def test_loading_the_vad_leaves_torch_threads_alone() -> None:
     code = (
         "import numpy, torch\n"
         "torch.set_num_threads(2)\n"
-        "from handler.tasks import vad\n"
+        "from handler.pipelines.whisper import vad\n"
         "vad.speech_chunks(numpy.zeros(16000, dtype=numpy.float32))\n"
         "print(torch.get_num_threads())\n"
     )
@@ -174,8 +174,8 @@ def test_a_cancelled_job_stops_its_vad_pass() -> None:
     import time
 
     from handler.errors import Cancelled
+    from handler.pipelines.whisper.vad import speech_chunks
     from handler.runtime.cancel import CancelToken
-    from handler.tasks.vad import speech_chunks
 
     token = CancelToken()
     token.cancel()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from handler.tasks.whisper_pipeline import compiled_dir
+from handler.pipelines.whisper.pipeline import compiled_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ _FIRST_DTW = """
 import json, sys
 import torch, whisper.timing
 from pathlib import Path
-from handler.tasks.whisper_pipeline import cache_compiled_alignment
+from handler.pipelines.whisper.pipeline import cache_compiled_alignment
 cache_compiled_alignment(Path(sys.argv[1]))
 whisper.timing.dtw(torch.rand(6, 9))
 stats = whisper.timing.dtw_cpu.stats
@@ -55,7 +55,7 @@ def test_warm_up_on_the_cpu_primes_first_call_caches_without_decoding(
     import whisper.audio
     import whisper.tokenizer
 
-    from handler.tasks.whisper_pipeline import WhisperPipeline, load_checkpoint
+    from handler.pipelines.whisper.pipeline import WhisperPipeline, load_checkpoint
 
     model = load_checkpoint(model_dir / "whisper" / "tiny.en.pt", "cpu")
     pipeline = WhisperPipeline(model, "tiny.en", "cpu")

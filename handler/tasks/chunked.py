@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from handler.pipelines.whisper import decoding, vad
+from handler.pipelines.whisper.pipeline import WhisperPipeline
 from handler.runtime.batcher import Batcher
 from handler.runtime.cancel import CancelToken
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
-from handler.tasks import vad, whisper_batch
 from handler.tasks.base import JobContext, Runtime
-from handler.tasks.whisper_pipeline import WhisperPipeline
 
 Segments = list[dict[str, Any]]
 # The most chunks of all jobs in one batch (batch_size's own bound, or WHISPER_BATCH_SIZE if larger): a
@@ -64,8 +64,8 @@ class ChunkProgress:
 class _Item:
     """One window of one job, with the settings its batch is decoded with."""
 
-    window: whisper_batch.WindowInput
-    settings: whisper_batch.BatchSettings
+    window: decoding.WindowInput
+    settings: decoding.BatchSettings
     progress: ChunkProgress
     pipelines: InstancePool[WhisperPipeline]
 
@@ -95,14 +95,14 @@ def _batcher(runtime: Runtime, model: WhisperPipeline) -> Batcher[_Item, Segment
 
 
 async def recognise(
-    ctx: JobContext, pipelines: InstancePool[WhisperPipeline], windows: list[whisper_batch.WindowInput], *,
+    ctx: JobContext, pipelines: InstancePool[WhisperPipeline], windows: list[decoding.WindowInput], *,
     options: dict[str, Any], batch_size: int, language_mel: Tensor | None, label: str = "",
 ) -> dict[str, Any]:
     """The transcript of a job's ``windows`` (``whisper.transcribe``'s result shape).
 
-    ``language_mel`` (``whisper_batch.language_mel``) is where an unset language is detected.
+    ``language_mel`` (``decoding.language_mel``) is where an unset language is detected.
     """
-    settings = whisper_batch.BatchSettings.from_options(pipelines.first.model, options)
+    settings = decoding.BatchSettings.from_options(pipelines.first.model, options)
     if settings.language is None and windows:  # detected once, so the job's windows decode alike
         if language_mel is None:
             raise ValueError("language_mel: needed to detect the language")
@@ -116,4 +116,4 @@ async def recognise(
     started = progress.first_started or submitted
     ctx.timings.add("queued", (started - submitted) * 1000)
     ctx.timings.add("run", (time.perf_counter() - started) * 1000)
-    return whisper_batch.result_of([segment for window in found for segment in window], settings.language)
+    return decoding.result_of([segment for window in found for segment in window], settings.language)

@@ -21,14 +21,15 @@ from whisper.utils import WriteSRT, WriteVTT
 from handler.config import Settings
 from handler.errors import InvalidInput, printable
 from handler.io import media
+from handler.pipelines.whisper import decoding
+from handler.pipelines.whisper.pipeline import WhisperPipeline, load_whisper, model_identity
 from handler.runtime.cancel import CancelToken
 from handler.runtime.devices import default_dtype
 from handler.runtime.identity import file_identity
 from handler.runtime.instances import InstancePool
 from handler.runtime.registry import PipelineKey
-from handler.tasks import chunked, whisper_batch
+from handler.tasks import chunked
 from handler.tasks.base import CachePolicy, JobContext, Runtime, Task, TaskInput, input_fields
-from handler.tasks.whisper_pipeline import WhisperPipeline, load_whisper, model_identity
 
 TextFormat = Literal["plain_text", "formatted_text", "srt", "vtt"]
 
@@ -253,9 +254,9 @@ async def _recognise_job(
     with ctx.timings.measure("chunk"):
         find = functools.partial(chunked.find_chunks, audio, enable_vad=params.enable_vad, cancel=ctx.cancel)
         chunks = await ctx.in_thread(find)
-        windows = await ctx.in_thread(lambda: whisper_batch.prepare_windows(model, audio, chunks))
+        windows = await ctx.in_thread(lambda: decoding.prepare_windows(model, audio, chunks))
         detect = params.language is None and pipelines.first.is_multilingual
-        first = await ctx.in_thread(lambda: whisper_batch.language_mel(model, audio)) if detect else None
+        first = await ctx.in_thread(lambda: decoding.language_mel(model, audio)) if detect else None
     options = params.decode_options()
     result = await chunked.recognise(ctx, pipelines, windows, options={**options, "task": "transcribe"},
                                      batch_size=_batch_size(ctx.settings, params), language_mel=first)

@@ -2,7 +2,7 @@
 
 ``whisper.transcribe`` walks a recording one 30 s window at a time, each window conditioned on
 the text of the one before. Here the recording is first cut into independent chunks of at most
-30 s (:mod:`handler.tasks.vad`), and ``batch_size`` of them share one encoder pass and one
+30 s (:mod:`handler.pipelines.whisper.vad`), and ``batch_size`` of them share one encoder pass and one
 decoder loop, greedy or beam search.
 
 Public API::
@@ -75,8 +75,8 @@ from whisper.model import Whisper
 from whisper.timing import add_word_timestamps
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
+from handler.pipelines.whisper.vad import Chunk, fixed_chunks, speech_chunks
 from handler.runtime.cancel import CancelToken
-from handler.tasks.vad import Chunk, fixed_chunks, speech_chunks
 
 # Chunks decoded together; chosen from bench/batched.py (see bench/RESULTS.md).
 DEFAULT_BATCH_SIZE = 8

@@ -29,10 +29,10 @@ from whisper.tokenizer import get_tokenizer
 from handler.config import Settings
 from handler.errors import ModelLoadFailed
 from handler.logs import get_logger
+from handler.pipelines.whisper import decoding
+from handler.pipelines.whisper.vad import Chunk
 from handler.runtime import identity
 from handler.runtime.cancel import CancelToken
-from handler.tasks import whisper_batch
-from handler.tasks.vad import Chunk
 
 log = get_logger(__name__)
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -145,33 +145,33 @@ class WhisperPipeline:
         chunks: Sequence[Chunk],
         *,
         cancel: CancelToken,
-        batch_size: int = whisper_batch.DEFAULT_BATCH_SIZE,
+        batch_size: int = decoding.DEFAULT_BATCH_SIZE,
         **options: Any,
     ) -> dict[str, Any]:
-        """``whisper_batch.transcribe_chunks`` with this instance held; same options as :meth:`transcribe`.
+        """``decoding.transcribe_chunks`` with this instance held; same options as :meth:`transcribe`.
 
         Find the chunks first (``vad.speech_chunks`` or ``vad.fixed_chunks``, on the CPU), outside
         the GPU slot: VAD takes about 1.7 s per 4 minutes of audio on one core.
         """
         with self._in_use:
-            return whisper_batch.transcribe_chunks(
+            return decoding.transcribe_chunks(
                 self.model, audio, chunks, options=options, batch_size=batch_size, cancel=cancel
             )
 
     def decode_windows(
-        self, inputs: Sequence[whisper_batch.WindowInput], settings: whisper_batch.BatchSettings
+        self, inputs: Sequence[decoding.WindowInput], settings: decoding.BatchSettings
     ) -> list[list[dict[str, Any]]]:
-        """``whisper_batch.decode_windows`` with this instance held: windows of several jobs at once."""
+        """``decoding.decode_windows`` with this instance held: windows of several jobs at once."""
         with self._in_use:
-            return whisper_batch.decode_windows(self.model, inputs, settings)[1]
+            return decoding.decode_windows(self.model, inputs, settings)[1]
 
-    def with_language(self, settings: whisper_batch.BatchSettings, mel: torch.Tensor) -> whisper_batch.BatchSettings:
+    def with_language(self, settings: decoding.BatchSettings, mel: torch.Tensor) -> decoding.BatchSettings:
         """``settings`` with the language known: as given, else detected on ``mel``, the recording's
-        first 30 s (``whisper_batch.language_mel``)."""
+        first 30 s (``decoding.language_mel``)."""
         if settings.language is not None:
             return settings
         with self._in_use:
-            return whisper_batch.detect_language(self.model, settings, mel)
+            return decoding.detect_language(self.model, settings, mel)
 
     def warm_up(self) -> None:
         """Pay now, before jobs are taken, what only a first job pays: numba's word-alignment DTW

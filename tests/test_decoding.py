@@ -13,10 +13,10 @@ import torch
 import whisper
 
 from handler.errors import Cancelled
+from handler.pipelines.whisper import decoding, vad
+from handler.pipelines.whisper.pipeline import load_checkpoint
+from handler.pipelines.whisper.vad import Chunk
 from handler.runtime.cancel import CancelToken
-from handler.tasks import vad, whisper_batch
-from handler.tasks.vad import Chunk
-from handler.tasks.whisper_pipeline import load_checkpoint
 from tests import clips, media
 
 # Beam search at temperature 0 only: deterministic, so two runs can be compared token for token.
@@ -47,7 +47,7 @@ def chunks(clip: clips.Clip) -> list[Chunk]:
 def beam_batched(model: Any, clip: clips.Clip, chunks: list[Chunk]) -> dict[str, Any]:
     """The four chunks in one batch, beam 5, with word timings."""
     options = {**BEAM, "word_timestamps": True}
-    return whisper_batch.transcribe_chunks(model, clip.audio, chunks, options=options, batch_size=4)
+    return decoding.transcribe_chunks(model, clip.audio, chunks, options=options, batch_size=4)
 
 
 def _tokens_per_chunk(result: dict[str, Any]) -> dict[int, list[int]]:
@@ -65,7 +65,7 @@ def test_beam_search_in_a_batch_gives_the_tokens_of_one_chunk_at_a_time(
     openai-whisper's own DecodingTask fails here (cross-attention shape mismatch); this is
     what BatchDecodingTask fixes.
     """
-    alone = whisper_batch.transcribe_chunks(model, clip.audio, chunks, options=BEAM, batch_size=1)
+    alone = decoding.transcribe_chunks(model, clip.audio, chunks, options=BEAM, batch_size=1)
     assert len(_tokens_per_chunk(alone)) == 4
     assert _tokens_per_chunk(beam_batched) == _tokens_per_chunk(alone)
 
@@ -74,8 +74,8 @@ def test_greedy_in_a_batch_gives_the_tokens_of_one_chunk_at_a_time(
     model: Any, clip: clips.Clip, chunks: list[Chunk]
 ) -> None:
     """Greedy decoding of 4 chunks at once yields the same tokens per chunk as one at a time."""
-    batched = whisper_batch.transcribe_chunks(model, clip.audio, chunks, options=GREEDY, batch_size=4)
-    alone = whisper_batch.transcribe_chunks(model, clip.audio, chunks, options=GREEDY, batch_size=1)
+    batched = decoding.transcribe_chunks(model, clip.audio, chunks, options=GREEDY, batch_size=4)
+    alone = decoding.transcribe_chunks(model, clip.audio, chunks, options=GREEDY, batch_size=1)
     assert len(_tokens_per_chunk(alone)) == 4
     assert _tokens_per_chunk(batched) == _tokens_per_chunk(alone)
 
@@ -85,7 +85,7 @@ def test_batched_transcript_has_the_words_of_sequential_whisper(
 ) -> None:
     """Batched beam search and greedy both recognise the spoken words, as whisper.transcribe does."""
     sequential = whisper.transcribe(model, clip.audio, verbose=None, fp16=False, **BEAM)
-    greedy = whisper_batch.transcribe_batched(model, clip.audio, options=GREEDY, batch_size=4)
+    greedy = decoding.transcribe_batched(model, clip.audio, options=GREEDY, batch_size=4)
     for result in (sequential, beam_batched, greedy):
         assert media.recognised(result["text"]) >= 0.8, result["text"]
     shared = media.words_of(beam_batched["text"]) & media.words_of(sequential["text"])
@@ -111,7 +111,7 @@ def test_segments_are_ordered_and_inside_their_chunks(
     Both from the timestamp tokens alone and after word timings have moved segment edges.
     """
     _assert_ordered_inside_chunks(beam_batched, chunks)
-    greedy = whisper_batch.transcribe_chunks(model, clip.audio, chunks, options=GREEDY, batch_size=4)
+    greedy = decoding.transcribe_chunks(model, clip.audio, chunks, options=GREEDY, batch_size=4)
     _assert_ordered_inside_chunks(greedy, chunks)
 
 
@@ -153,7 +153,7 @@ def test_fallback_decodes_only_the_failing_chunks_again(
     silence = Chunk(gap_start + 1600, gap_end - 1600)
     mixed = [chunks[0], silence, chunks[2], Chunk(clip.gaps[2][0] + 1600, clip.gaps[2][1] - 1600)]
     options = {**GREEDY, "temperature": (0.0, 0.5, 1.0), "best_of": 2, "logprob_threshold": 0.0}
-    result = whisper_batch.transcribe_chunks(model, clip.audio, mixed, options=options, batch_size=4)
+    result = decoding.transcribe_chunks(model, clip.audio, mixed, options=options, batch_size=4)
     assert decoder_runs == [4, 2 * 2, 2 * 2]  # 4 chunks greedy, then 2 chunks x best_of 2, twice
     assert {segment["seek"] for segment in result["segments"]} == {mixed[0].start // 160, mixed[2].start // 160}
     assert {segment["temperature"] for segment in result["segments"]} == {1.0}
@@ -163,9 +163,9 @@ def test_fallback_keeps_the_first_result_of_chunks_that_pass(model: Any, clip: c
     """decode_with_fallback returns one result per chunk, each at the temperature where it stopped."""
     mel = whisper.log_mel_spectrogram(clip.audio, model.dims.n_mels, padding=whisper.audio.N_SAMPLES)
     windows = torch.stack([whisper.pad_or_trim(mel[:, c.start // 160 : c.end // 160], 3000) for c in chunks[:2]])
-    settings = whisper_batch.BatchSettings.from_options(model, {**GREEDY, "temperature": (0.0, 1.0)})
+    settings = decoding.BatchSettings.from_options(model, {**GREEDY, "temperature": (0.0, 1.0)})
     with torch.no_grad():
-        results = whisper_batch.decode_with_fallback(model, model.encoder(windows), settings)
+        results = decoding.decode_with_fallback(model, model.encoder(windows), settings)
     assert [r.temperature for r in results] == [0.0, 0.0]
     assert media.recognised(" ".join(r.text for r in results)) >= 0.8
 
@@ -183,7 +183,7 @@ def test_setting_the_cancel_token_stops_decoding_at_the_next_step(model: Any, cl
     hook = model.decoder.register_forward_pre_hook(cancel_at_step_five)
     try:
         with pytest.raises(Cancelled):
-            whisper_batch.transcribe_batched(model, clip.audio, options=GREEDY, cancel=token)
+            decoding.transcribe_batched(model, clip.audio, options=GREEDY, cancel=token)
     finally:
         hook.remove()
     assert len(steps) == 5
@@ -195,21 +195,21 @@ def test_a_cancelled_token_stops_before_the_first_batch(model: Any, clip: clips.
     token = CancelToken()
     token.cancel()
     with pytest.raises(Cancelled):
-        whisper_batch.transcribe_batched(model, clip.audio, options=GREEDY, cancel=token)
+        decoding.transcribe_batched(model, clip.audio, options=GREEDY, cancel=token)
 
 
 def test_silence_gives_an_empty_transcript(model: Any) -> None:
     """Silence has no VAD chunks: an empty result of the usual shape, nothing decoded."""
-    result = whisper_batch.transcribe_batched(model, np.zeros(5 * 16000, dtype=np.float32), options=GREEDY)
+    result = decoding.transcribe_batched(model, np.zeros(5 * 16000, dtype=np.float32), options=GREEDY)
     assert result == {"text": "", "segments": [], "language": "en"}
 
 
 def test_unknown_options_and_bad_batch_sizes_are_refused(model: Any, clip: clips.Clip, chunks: list[Chunk]) -> None:
     """A misspelt option or a batch size under 1 is a ValueError naming it, not silently ignored."""
     with pytest.raises(ValueError, match="beam_sise"):
-        whisper_batch.transcribe_chunks(model, clip.audio, chunks, options={"beam_sise": 5})
+        decoding.transcribe_chunks(model, clip.audio, chunks, options={"beam_sise": 5})
     with pytest.raises(ValueError, match="batch_size"):
-        whisper_batch.transcribe_chunks(model, clip.audio, chunks, batch_size=0)
+        decoding.transcribe_chunks(model, clip.audio, chunks, batch_size=0)
 
 
 def test_decode_options_of_the_transcribe_task_are_accepted(model: Any) -> None:
@@ -217,7 +217,7 @@ def test_decode_options_of_the_transcribe_task_are_accepted(model: Any) -> None:
     from handler.tasks.transcribe import TranscribeInput
 
     options = TranscribeInput.model_validate({"audio": "https://example.com/a.mp3"}).decode_options()
-    settings = whisper_batch.BatchSettings.from_options(model, {**options, "task": "transcribe"})
+    settings = decoding.BatchSettings.from_options(model, {**options, "task": "transcribe"})
     assert settings.temperatures[0] == 0.0 and len(settings.temperatures) == 6
     assert settings.at(0.0).beam_size == 5 and settings.at(0.0).best_of is None
     assert settings.at(0.4).best_of == 5 and settings.at(0.4).beam_size is None
@@ -226,8 +226,8 @@ def test_decode_options_of_the_transcribe_task_are_accepted(model: Any) -> None:
 
 def test_pipeline_decodes_chunks_with_the_transcribe_options(model: Any, clip: clips.Clip) -> None:
     """WhisperPipeline.transcribe_chunks takes the task's decode options as whisper.transcribe does."""
+    from handler.pipelines.whisper.pipeline import WhisperPipeline
     from handler.tasks.transcribe import TranscribeInput
-    from handler.tasks.whisper_pipeline import WhisperPipeline
 
     options = TranscribeInput.model_validate({"audio": "https://example.com/a.mp3"}).decode_options()
     options.update(GREEDY)
@@ -255,6 +255,6 @@ def test_batch_decoding_task_detects_languages_with_beams_on_a_multilingual_mode
     model = Whisper(dims)
     torch.nn.init.normal_(model.decoder.positional_embedding, std=0.02)  # torch.empty otherwise
     options = DecodingOptions(language=None, beam_size=3, sample_len=4, fp16=False)
-    results = whisper_batch.BatchDecodingTask(model, options).run(torch.randn(2, 80, 3000))
+    results = decoding.BatchDecodingTask(model, options).run(torch.randn(2, 80, 3000))
     assert len(results) == 2
     assert all(result.language in whisper.tokenizer.LANGUAGES for result in results)

@@ -1,0 +1,1 @@
+"""Model code: pipelines that know nothing of tasks, jobs or the worker around them."""
