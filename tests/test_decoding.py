@@ -237,6 +237,26 @@ def test_pipeline_decodes_chunks_with_the_transcribe_options(model: Any, clip: c
     assert media.recognised(result["text"]) >= 0.8, result["text"]
 
 
+def test_beams_of_a_window_share_its_cross_attention_keys(
+    model: Any, clip: clips.Clip, chunks: list[Chunk], beam_batched: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cross-attention keys are projected once per window, not once per beam (4 rows, not 20), the
+    attention's own math path (no SDPA) gives the same tokens, and the model is left as it was."""
+    from whisper.model import MultiHeadAttention
+
+    rows: list[int] = []
+    block = model.decoder.blocks[0]
+    hook = block.cross_attn.key.register_forward_hook(lambda _m, _i, out: rows.append(out.shape[0]))
+    monkeypatch.setattr(MultiHeadAttention, "use_sdpa", False)
+    try:
+        without_sdpa = decoding.transcribe_chunks(model, clip.audio, chunks, options=BEAM, batch_size=4)
+    finally:
+        hook.remove()
+    assert rows and set(rows) == {4}
+    assert _tokens_per_chunk(without_sdpa) == _tokens_per_chunk(beam_batched)
+    assert all("qkv_attention" not in vars(b.cross_attn) for b in model.decoder.blocks)
+
+
 # Random weights never finish a beam, so upstream's BeamSearchDecoder.finalize takes its path for
 # unfinished beams, which calls np.argsort on a tensor (a numpy 2 deprecation inside torch).
 @pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context and return_scalar:DeprecationWarning")
