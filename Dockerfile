@@ -67,4 +67,9 @@ COPY test_input.json ./
 ENV ALLOW_MODEL_DOWNLOAD=false \
     PRELOAD=transcribe
 
+# WORKER_MODE picks the way in: queue (a RunPod queue endpoint) or http (a load-balancing endpoint
+# or any container host: the HTTP server on PORT, health route HEALTH_CHECK_PATH on PORT_HEALTH).
+ENV WORKER_MODE=queue \
+    PORT=80
+EXPOSE 80
 CMD ["python", "-u", "-m", "handler"]

@@ -8,7 +8,20 @@ from __future__ import annotations
 
 import sys
 
-from bench import accuracy, batched, bucket, client, coldstart, loop, overhead, scaleout, shared, transcription, upload
+from bench import (
+    accuracy,
+    batched,
+    bucket,
+    client,
+    coldstart,
+    loop,
+    overhead,
+    scaleout,
+    serve,
+    shared,
+    transcription,
+    upload,
+)
 from bench.common import HEADER, Comparison, quiet_logs
 
 
@@ -51,6 +64,10 @@ def main(names: list[str]) -> None:
             rows.append(bucket.cache_hit())
         elif name == "upload_post":
             rows.append(bucket.upload_post())
+        elif name == "serve_overhead":
+            rows.append(serve.serve_overhead())
+        elif name == "serve_throughput":
+            rows.append(serve.serve_throughput())
         elif name == "scaleout":
             rows.extend(scaleout.measure())
         else:

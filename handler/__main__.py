@@ -2,6 +2,9 @@
 
 On RunPod this runs the SDK's job loop; locally it runs ``test_input.json`` (or
 ``--test_input '{...}'``) once, or serves an HTTP API with ``--rp_serve_api``.
+``python -m handler serve`` (or ``WORKER_MODE=http``) serves the worker's own HTTP API instead:
+OpenAI-compatible routes and the native job route, for RunPod load-balancing endpoints
+(:mod:`handler.http`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ def main() -> None:
         print(f"cannot start: {exc}", file=sys.stderr)
         raise SystemExit(3) from exc
     worker = get_worker(settings)
+    if sys.argv[1:2] == ["serve"] or settings.worker_mode == "http":
+        from handler.http.server import serve
+
+        serve(worker)  # preloads in the background: the health route says 204 meanwhile
+        return
     # Before the first job-take, so loading and warm-up are never paid inside a job.
     if settings.max_concurrent_generations is None:
         worker.size_gate()  # needs the model loaded: this is the preload

@@ -8,10 +8,13 @@ Whatever happens inside a job, the handler returns a dict: a result with ``reque
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -23,7 +26,7 @@ from handler.io.download import Downloader
 from handler.io.inputs import MediaInputs
 from handler.io.result_cache import cache_secret
 from handler.io.storage import InlineStorage, S3Storage, Storage, bucket_from_job
-from handler.io.workspace import job_workspace
+from handler.io.workspace import Workspace, job_workspace
 from handler.logs import get_logger
 from handler.runtime.cancel import CancelToken
 from handler.runtime.devices import resolve_device
@@ -52,6 +55,23 @@ def validation_message(exc: ValidationError) -> tuple[str, str | None]:
         problem = f"{problem} (got {printable(repr(error['input']))})"
     message = f"{field}: {problem}" if field else problem
     return message, field
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """What a job brings when it comes over HTTP rather than from the queue (defaults: the queue's)."""
+
+    # The job's directory, made (and removed) by the caller, who streamed the uploads into it.
+    workspace: Workspace | None = None
+    # Files already in that directory, named by the job as ``attached://<name>``.
+    attachments: Mapping[str, Path] = field(default_factory=dict)
+    # Where outputs go instead of the worker's bucket (an HTTP reply carrying the bytes itself).
+    storage: Storage | None = None
+    # Told of a job's partial results as they come (a transcript's segments); called from any thread.
+    on_event: Callable[[str, dict[str, Any]], None] | None = None
+
+
+QUEUED = Arrival()
 
 
 class Worker:
@@ -131,7 +151,7 @@ class Worker:
             return self._bucket
         return InlineStorage(self.settings.inline_output_max_bytes)
 
-    async def handle(self, job: Any) -> dict[str, Any]:
+    async def handle(self, job: Any, arrival: Arrival = QUEUED) -> dict[str, Any]:
         """Answer one RunPod job; never raises (cancellation included: it is answered too)."""
         request_id = uuid.uuid4().hex
         job_id = job.get("id") if isinstance(job, dict) else None
@@ -141,7 +161,7 @@ class Worker:
             self._in_flight.add(current)
         try:
             with structlog.contextvars.bound_contextvars(request_id=request_id, job_id=job_id):
-                return self._account(await self._answer(job, request_id))
+                return self._account(await self._answer(job, request_id, arrival))
         finally:
             if current is not None:
                 self._in_flight.discard(current)
@@ -155,12 +175,12 @@ class Worker:
             result["refresh_worker"] = True
         return result
 
-    async def _answer(self, job: Any, request_id: str) -> dict[str, Any]:
+    async def _answer(self, job: Any, request_id: str, arrival: Arrival) -> dict[str, Any]:
         started = time.perf_counter()
         try:
             task, params = self.route(job)
-            self._admit(task)
-            result = await self._run(task, params, job, request_id)
+            self.admit(task)
+            result = await self._run(task, params, job, request_id, arrival)
         except WorkerError as err:
             if isinstance(err, CudaFatal):
                 self.lifecycle.fail(err)
@@ -180,8 +200,8 @@ class Worker:
         log.info("job.done", task=task.name, ms=round(total_ms, 1))
         return result
 
-    def _admit(self, task: Task[Any]) -> None:
-        """Refuse work up front when the GPU is gone or memory is nearly full."""
+    def admit(self, task: Task[Any]) -> None:
+        """Refuse work up front when the GPU is gone or memory is nearly full (raises the job's error)."""
         if task.name == "system":  # the snapshot is how an operator sees why
             return
         self.lifecycle.admit()
@@ -194,19 +214,17 @@ class Worker:
             )
 
     async def _run(
-        self, task: Task[Any], params: BaseModel, job: dict[str, Any], request_id: str
+        self, task: Task[Any], params: BaseModel, job: dict[str, Any], request_id: str, arrival: Arrival
     ) -> dict[str, Any]:
         threads = job_threads()
         try:
-            # A per-job endpoint is resolved (DNS) while it is checked: off the event loop, on the job's threads.
-            storage = await in_thread(functools.partial(self.storage_for, job), executor=threads,
-                                      on_late_error=self.lifecycle.late_error) if "s3Config" in job else self._storage()
+            storage = await self._storage_of(job, arrival, threads)
             cancel = CancelToken()
-            inputs = MediaInputs(self.settings, self.downloader, storage, cancel)
+            inputs = MediaInputs(self.settings, self.downloader, storage, cancel, attachments=arrival.attachments)
             log.debug("job.start", task=task.name)
-            with job_workspace(self.settings.job_root()) as workspace:
+            with _workspace(self.settings, arrival) as workspace:
                 ctx = JobContext(self.runtime, request_id, job, workspace, inputs, storage, cancel=cancel,
-                                 threads=threads)
+                                 threads=threads, on_event=arrival.on_event)
                 try:
                     output = await task.run(ctx, params)
                 except asyncio.CancelledError:
@@ -215,6 +233,15 @@ class Worker:
         finally:
             threads.shutdown(wait=False, cancel_futures=True)
         return {**output, "request_id": request_id, "timings": ctx.timings.as_dict()}
+
+    async def _storage_of(self, job: dict[str, Any], arrival: Arrival, threads: Any) -> Storage:
+        if arrival.storage is not None:
+            return arrival.storage
+        if "s3Config" not in job:
+            return self._storage()
+        # A per-job endpoint is resolved (DNS) while it is checked: off the event loop, on the job's threads.
+        return await in_thread(functools.partial(self.storage_for, job), executor=threads,
+                               on_late_error=self.lifecycle.late_error)
 
     def begin_shutdown(self) -> None:
         """SIGTERM: refuse new jobs, give running ones SHUTDOWN_GRACE_S, then cancel them.
@@ -262,6 +289,16 @@ class Worker:
                 task.preload(self.runtime)
             except WorkerError as err:
                 log.error("preload.failed", task=name, code=err.code, error=err.message)
+
+
+@contextlib.contextmanager
+def _workspace(settings: Settings, arrival: Arrival) -> Iterator[Workspace]:
+    """The job's directory: the one it arrived with (its owner removes it), else a new one."""
+    if arrival.workspace is not None:
+        yield arrival.workspace
+        return
+    with job_workspace(settings.job_root()) as workspace:
+        yield workspace
 
 
 _worker: Worker | None = None

@@ -221,6 +221,24 @@ class Settings:
     # MEDIA_TIMEOUT_S: deadline of each ffmpeg/ffprobe run.
     media_timeout_s: float = 600.0
 
+    # WORKER_MODE: queue (RunPod's job queue, `python -m handler`) or http (the HTTP server of
+    # `python -m handler serve`, for RunPod load-balancing endpoints and any container host).
+    worker_mode: str = "queue"
+    # HTTP_HOST: address the HTTP server binds (all interfaces in a container).
+    http_host: str = "0.0.0.0"  # noqa: S104 (a container's port is published on purpose)
+    # PORT: port of the HTTP server (RunPod load-balancing endpoints set it).
+    port: int = 80
+    # PORT_HEALTH: port of the health route, when it differs from PORT (unset: PORT).
+    port_health: int | None = None
+    # HEALTH_CHECK_PATH: the route RunPod's load balancer polls (204 loading, 200 ready, 503 not).
+    health_check_path: str = "/ping"
+    # MAX_CONCURRENT_REQUESTS: HTTP requests held at once (uploads and jobs); more get 429.
+    max_concurrent_requests: int = 32
+    # RETRY_AFTER_S: the Retry-After an overloaded, draining or full HTTP server answers with.
+    retry_after_s: int = 5
+    # API_KEY: when set, every HTTP route but the health route needs `Authorization: Bearer <key>`.
+    api_key: str | None = field(default=None, repr=False)
+
     # USE_RAM_FILESYSTEM: put job directories under /dev/shm.
     use_ram_filesystem: bool = False
     # WORK_DIR: where job directories go (default: the system temp dir).
@@ -323,6 +341,20 @@ def _parse_choice(*choices: str) -> Callable[[str], str]:
         return value
 
     return parse
+
+
+def _parse_port(raw: str) -> int:
+    value = int(raw)
+    if not 0 < value < 65536:
+        raise ValueError("must be a port number, 1-65535")
+    return value
+
+
+def _parse_path(raw: str) -> str:
+    path = raw.strip()
+    if not path.startswith("/") or any(c.isspace() or c in "?#" for c in path):
+        raise ValueError("must be a path starting with /, without spaces, ? or #")
+    return path
 
 
 def _parse_level(raw: str) -> str:
@@ -481,6 +513,16 @@ def _read(env: _Env) -> Settings:
             "MAX_AUDIO_DURATION_S", _parse_positive_float, d.max_audio_duration_s
         ),
         media_timeout_s=env.get("MEDIA_TIMEOUT_S", _parse_positive_float, d.media_timeout_s),
+        worker_mode=env.get("WORKER_MODE", _parse_choice("queue", "http"), d.worker_mode),
+        http_host=env.get("HTTP_HOST", str.strip, d.http_host),
+        port=env.get("PORT", _parse_port, d.port),
+        port_health=env.get("PORT_HEALTH", _parse_port, d.port_health),
+        health_check_path=env.get("HEALTH_CHECK_PATH", _parse_path, d.health_check_path),
+        max_concurrent_requests=env.get(
+            "MAX_CONCURRENT_REQUESTS", _parse_positive_int, d.max_concurrent_requests
+        ),
+        retry_after_s=env.get("RETRY_AFTER_S", _parse_positive_int, d.retry_after_s),
+        api_key=env.text("API_KEY"),
         use_ram_filesystem=env.get("USE_RAM_FILESYSTEM", _parse_bool, d.use_ram_filesystem),
         work_dir=env.get("WORK_DIR", Path, d.work_dir),
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -152,5 +153,10 @@ async def run(ctx: JobContext, params: FixtureInput) -> dict[str, Any]:
     return {"output": output, "instance": instance, "model": params.model}
 
 
-TASK = Task(name="fixture", input_model=FixtureInput, run=run)
+def preload(runtime: Any) -> None:
+    """A preload as slow as FIXTURE_PRELOAD_S says (what the health route shows while it runs)."""
+    time.sleep(float(os.environ.get("FIXTURE_PRELOAD_S", "0")))
+
+
+TASK = Task(name="fixture", input_model=FixtureInput, run=run, preload=preload)
 TABLE = {**TASKS, "fixture": TASK}

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -306,3 +307,65 @@ class LocalApi:
         finally:
             if self.process.poll() is None:
                 self.process.kill()
+
+
+class ServeProcess:
+    """`python -m handler serve` on free loopback ports (PORT, and PORT_HEALTH beside it when asked)."""
+
+    def __init__(self, work_dir: Path, *, separate_health: bool = False, **env: str) -> None:
+        from tests.servers import free_port_block
+
+        self.port = free_port_block(2)
+        self.health_port = self.port + 1 if separate_health else self.port
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        self.health_url = f"http://{LOOPBACK}:{self.health_port}"
+        self.log_path = work_dir.parent / f"serve-{time.monotonic_ns()}.log"
+        full_env = {**os.environ, "WORK_DIR": str(work_dir), "DEVICE": "cpu", "ALLOW_MODEL_DOWNLOAD": "false",
+                    "HTTP_HOST": LOOPBACK, "PORT": str(self.port), "PYTHONUNBUFFERED": "1",
+                    "TASK_MODULES": "tests.fixture_tasks", **env}
+        if separate_health:
+            full_env["PORT_HEALTH"] = str(self.health_port)
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "handler", "serve"], cwd=ROOT, env=full_env,
+                                            stdout=log, stderr=subprocess.STDOUT)
+
+    def health(self) -> int | None:
+        """The health route's status; None while nothing listens."""
+        try:
+            with urllib.request.urlopen(f"{self.health_url}/ping", timeout=2) as response:  # noqa: S310 (loopback)
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return None
+
+    def wait_health(self, wanted: int, timeout: float = 120) -> list[int]:
+        """Poll the health route until it answers ``wanted``; every status seen, in order."""
+        seen: list[int] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(self.log_text()[-3000:])
+            status = self.health()
+            if status is not None and (not seen or seen[-1] != status):
+                seen.append(status)
+            if status == wanted:
+                return seen
+            time.sleep(0.1)
+        raise TimeoutError(f"health never answered {wanted}: {seen}\n{self.log_text()[-3000:]}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(30)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait(10)

@@ -52,7 +52,7 @@ def other_value(name: str, value: Any) -> Any:
         "video_clip_frames": 33, "max_concurrent_generations": None, "max_jobs_per_worker": 5,
         "result_cache_secret": "s", "worker_id": "w1", "nvidia_visible_devices": "0",
         "download_allowed_networks": (), "device": "cuda",
-        "log_format": "json",
+        "log_format": "json", "port_health": 8081, "api_key": "k", "worker_mode": "http",
     }
     if name in specials:
         return specials[name]

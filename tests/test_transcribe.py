@@ -73,11 +73,15 @@ def test_video_file_is_transcribed(make_worker, speech_wav: Path, tmp_path: Path
     assert media.recognised(result["transcription"]) >= 0.7
 
 
-def test_english_only_model_refuses_translation(make_worker, speech_wav: Path) -> None:
-    """tiny.en cannot translate or hear French: INVALID_INPUT naming the field, before any GPU work."""
+def test_english_only_model_translates_to_its_transcript_and_refuses_french(make_worker, speech_wav: Path) -> None:
+    """tiny.en hears English only, so its translation into English is its transcript (on the sequential
+    and the batched path, segments included); French is INVALID_INPUT naming the field, before any GPU work."""
     worker = make_worker()
-    translate = run_job(worker, job(audio_base64=b64(speech_wav), translate=True))
-    assert translate["error_code"] == "INVALID_INPUT" and translate["field"] == "translate"
+    for batch in (1, 8):
+        translated = run_job(worker, job(audio_base64=b64(speech_wav), translate=True, batch_size=batch))
+        assert translated["translation"] == translated["transcription"], translated
+        assert media.recognised(translated["translation"]) >= 0.7
+        assert translated["translation_segments"] == translated["segments"]
     french = run_job(worker, job(audio_base64=b64(speech_wav), language="french"))
     assert french["error_code"] == "INVALID_INPUT" and french["field"] == "language"
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -19,6 +21,8 @@ from handler.runtime.cancel import CancelToken
 
 _DATA_URI = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
+# A file that came with the job (an HTTP upload, already in the job's directory): attached://<name>.
+ATTACHED = "attached://"
 
 
 def decoded_size(encoded_length: int) -> int:
@@ -54,18 +58,23 @@ class MediaInputs:
     """Fetches one job's inputs into its directory; stops when the job is cancelled."""
 
     def __init__(
-        self, settings: Settings, downloader: Downloader, storage: Storage, cancel: CancelToken | None = None
+        self, settings: Settings, downloader: Downloader, storage: Storage, cancel: CancelToken | None = None,
+        *, attachments: Mapping[str, Path] | None = None,
     ) -> None:
         self._settings = settings
         self._downloader = downloader
         self._storage = storage
         self._cancel = cancel or CancelToken()
+        # Only a job that arrived with files has any; a queued job naming attached:// gets an error.
+        self._attachments = dict(attachments or {})
 
     def from_url(self, url: str, target: Path, *, field: str, delete_after_read: bool = False) -> int:
         """Fetch an ``https://`` (or allowed ``http://``) URL or an ``s3://`` object.
 
         ``delete_after_read`` removes an uploaded object (under UPLOAD_PREFIX) once it is here.
         """
+        if url.startswith(ATTACHED):
+            return self._attached(url.removeprefix(ATTACHED), target, field=field)
         if not url.lower().startswith("s3://"):
             if delete_after_read:
                 raise InvalidInput("delete_after_read: only s3:// uploads can be deleted", field="delete_after_read")
@@ -80,6 +89,18 @@ class MediaInputs:
         )
         if delete_after_read:
             self._storage.delete_object(bucket, key, field=field, cancel=self._cancel)
+        return size
+
+    def _attached(self, name: str, target: Path, *, field: str) -> int:
+        """Move an attached file (size-checked as it arrived) to ``target``; it is in the same directory."""
+        source = self._attachments.pop(name, None)
+        if source is None:
+            raise InvalidInput(f"{field}: no file {name!r} came with this job", field=field)
+        size = source.stat().st_size
+        if size > self._settings.download_max_bytes:
+            raise InputTooLarge(f"{field}: {size} bytes, the limit is {self._settings.download_max_bytes}",
+                                field=field)
+        os.replace(source, target)
         return size
 
     def from_base64(self, data: str, target: Path, *, field: str) -> int:

@@ -433,3 +433,8 @@ class Batchers:
             if found is None:
                 found = self._made[key] = make()
             return found
+
+    def all(self) -> list[tuple[Hashable, Batcher[Any, Any]]]:
+        """Every batcher made so far, with its key (for metrics)."""
+        with self._made_lock:
+            return list(self._made.items())

@@ -157,6 +157,9 @@ NOT_SHAPING_RESULTS = frozenset({
     # Where the worker runs and what it logs.
     "on_runpod", "worker_id", "runpod_gpu_count", "nvidia_visible_devices", "post_progress", "log_level",
     "log_format", "use_ram_filesystem", "work_dir",
+    # How requests reach the worker (queue or HTTP) and who may send them.
+    "worker_mode", "http_host", "port", "port_health", "health_check_path", "max_concurrent_requests",
+    "retry_after_s", "api_key",
     # Where weights come from (their identity is in the key) and which may be asked for; the
     # device it resolved to is in the key.
     "model_dir", "allow_model_download", "runpod_hf_cache", "whisper_models", "device", "preload", "bake_models",
@@ -199,6 +202,13 @@ class JobContext:
     cancel: CancelToken = field(default_factory=CancelToken)
     # The job's own threads for blocking work: a job stuck on a slow endpoint holds only these.
     threads: Executor = field(default_factory=job_threads)
+    # Who hears of partial results (see ``emit``); None for queued jobs.
+    on_event: Callable[[str, dict[str, Any]], None] | None = None
+
+    def emit(self, kind: str, data: dict[str, Any]) -> None:
+        """Tell the job's listener of a partial result (safe from any thread; nothing without one)."""
+        if self.on_event is not None:
+            self.on_event(kind, data)
 
     @property
     def settings(self) -> Settings:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextvars
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,10 +35,12 @@ _MAX_BATCH = 64
 
 
 class ChunkProgress:
-    """One job's chunks in the batches: when the first began (its queued time ends there), and
-    ``chunk i/n`` reported (throttled) as they come back."""
+    """One job's chunks in the batches: when the first began (its queued time ends there),
+    ``chunk i/n`` reported (throttled) as they come back, and the job's segments handed to
+    ``on_segments`` in time order as soon as every window before them is decoded."""
 
-    def __init__(self, progress: Progress, total: int, label: str) -> None:
+    def __init__(self, progress: Progress, total: int, label: str,
+                 on_segments: Callable[[Segments], None] | None = None) -> None:
         self._progress = progress
         # The job's context: its lines carry its request id, whichever job's batch reports them.
         self._context = contextvars.copy_context()
@@ -47,6 +50,10 @@ class ChunkProgress:
         self._done_lock = threading.Lock()
         self._done = 0
         self.first_started: float | None = None
+        self._on_segments = on_segments
+        # Windows decoded but not yet handed on (an earlier one is still in a later batch); guarded too.
+        self._decoded: dict[int, Segments] = {}
+        self._next_window = 0
 
     def started(self) -> None:
         with self._done_lock:
@@ -59,6 +66,19 @@ class ChunkProgress:
             message = f"{self._label}chunk {self._done}/{self._total}"
             self._context.run(self._progress.report, message, force=self._done == self._total)
 
+    def decoded(self, window: int, segments: Segments) -> None:
+        """Window ``window``'s segments are known: hand on those now in order."""
+        if self._on_segments is None:
+            return
+        with self._done_lock:  # one thread at a time, so segments go out in order
+            self._decoded[window] = segments
+            ready: Segments = []
+            while self._next_window in self._decoded:
+                ready.extend(self._decoded.pop(self._next_window))
+                self._next_window += 1
+            if ready:
+                self._on_segments(ready)
+
 
 @dataclass(frozen=True, eq=False)
 class _Item:
@@ -68,6 +88,8 @@ class _Item:
     settings: decoding.BatchSettings
     progress: ChunkProgress
     pipelines: InstancePool[WhisperPipeline]
+    # Its place among the job's windows.
+    index: int = 0
 
 
 def find_chunks(audio: np.ndarray, *, enable_vad: bool, cancel: CancelToken) -> list[vad.Chunk]:
@@ -85,8 +107,9 @@ def _batcher(runtime: Runtime, model: WhisperPipeline) -> Batcher[_Item, Segment
             item.progress.started()
         with items[0].pipelines.borrow(timeout) as pipeline:
             found = pipeline.decode_windows([item.window for item in items], items[0].settings)
-        for item in items:
+        for item, segments in zip(items, found, strict=True):
             item.progress.advance()
+            item.progress.decoded(item.index, segments)
         return found
 
     most = max(_MAX_BATCH, runtime.settings.whisper_batch_size)
@@ -97,10 +120,12 @@ def _batcher(runtime: Runtime, model: WhisperPipeline) -> Batcher[_Item, Segment
 async def recognise(
     ctx: JobContext, pipelines: InstancePool[WhisperPipeline], windows: list[decoding.WindowInput], *,
     options: dict[str, Any], batch_size: int, language_mel: Tensor | None, label: str = "",
+    on_segments: Callable[[Segments], None] | None = None,
 ) -> dict[str, Any]:
     """The transcript of a job's ``windows`` (``whisper.transcribe``'s result shape).
 
-    ``language_mel`` (``decoding.language_mel``) is where an unset language is detected.
+    ``language_mel`` (``decoding.language_mel``) is where an unset language is detected;
+    ``on_segments`` hears the segments in order as they are decoded (on a GPU thread).
     """
     settings = decoding.BatchSettings.from_options(pipelines.first.model, options)
     if settings.language is None and windows:  # detected once, so the job's windows decode alike
@@ -108,8 +133,9 @@ async def recognise(
             raise ValueError("language_mel: needed to detect the language")
         mel = language_mel
         settings = await ctx.on_model(pipelines, lambda p: p.with_language(settings, mel), stage="language")
-    progress = ChunkProgress(Progress(ctx.job, enabled=ctx.settings.post_progress), len(windows), label)
-    items = [_Item(window, settings, progress, pipelines) for window in windows]
+    progress = ChunkProgress(Progress(ctx.job, enabled=ctx.settings.post_progress), len(windows), label,
+                             on_segments)
+    items = [_Item(window, settings, progress, pipelines, index) for index, window in enumerate(windows)]
     submitted = time.perf_counter()
     batcher = _batcher(ctx.runtime, pipelines.first)
     found = await batcher.submit(settings, items, cancel=ctx.cancel, limit=batch_size)

@@ -187,12 +187,9 @@ def _model_name(settings: Settings, params: TranscribeInput) -> str:
 
 
 def _check_language_support(pipeline: WhisperPipeline, params: TranscribeInput) -> None:
+    """An English-only model hears English alone; its translation into English is its transcript."""
     if pipeline.is_multilingual:
         return
-    if params.translate:
-        raise InvalidInput(
-            f"translate: model {pipeline.name!r} is English-only and cannot translate", field="translate"
-        )
     if params.language not in (None, "en"):
         raise InvalidInput(
             f"language: model {pipeline.name!r} is English-only, not {params.language!r}",
@@ -232,7 +229,8 @@ def _recognise(
     result = pipeline.transcribe(audio, task="transcribe", cancel=cancel, **options)
     translation = None
     if params.translate:
-        translation = pipeline.transcribe(audio, task="translate", cancel=cancel, **options)
+        translation = (pipeline.transcribe(audio, task="translate", cancel=cancel, **options)
+                       if pipeline.is_multilingual else result)
     return result, translation
 
 
@@ -259,9 +257,12 @@ async def _recognise_job(
         first = await ctx.in_thread(lambda: decoding.language_mel(model, audio)) if detect else None
     options = params.decode_options()
     result = await chunked.recognise(ctx, pipelines, windows, options={**options, "task": "transcribe"},
-                                     batch_size=_batch_size(ctx.settings, params), language_mel=first)
+                                     batch_size=_batch_size(ctx.settings, params), language_mel=first,
+                                     on_segments=lambda found: ctx.emit("segments", {"segments": found}))
     translation = None
-    if params.translate:
+    if params.translate and not pipelines.first.is_multilingual:
+        translation = result
+    elif params.translate:
         translation = await chunked.recognise(ctx, pipelines, windows, options={**options, "task": "translate"},
                                               batch_size=_batch_size(ctx.settings, params), language_mel=first,
                                               label="translation ")
@@ -345,7 +346,8 @@ def _shaping(settings: Settings, params: TranscribeInput) -> dict[str, Any]:
 
 
 CACHE: CachePolicy[TranscribeInput] = CachePolicy(
-    outputs=frozenset({"transcription", "translation", "detected_language", "segments", "device", "model",
+    outputs=frozenset({"transcription", "translation", "detected_language", "segments", "translation_segments",
+                       "device", "model",
                        "duration_s", "word_timestamps", "files"}),
     shaping=_shaping,
     models={"model": model_identity},
@@ -366,6 +368,7 @@ async def _transcribe(
         "translation": format_text(translation, params.translation) if translation else None,
         "detected_language": result.get("language"),
         "segments": _segments(result),
+        "translation_segments": _segments(translation) if translation else None,
         "device": ctx.runtime.device,
         "model": model,
         "duration_s": round(duration_s, 3),

@@ -1,0 +1,14 @@
+"""Serve mode (``python -m handler serve``): the worker as an HTTP server, on the same core.
+
+RunPod load-balancing endpoints (and any container host) send HTTP straight to the worker.
+Every route ends in :meth:`handler.app.Worker.handle`, as a queued job does, so registry, gate,
+shared Whisper batches, result cache, storage, admission, error codes, request ids and logs are
+the queue path's own. This package holds no model code:
+
+    server.py    uvicorn, the health route's states, SIGTERM draining, the preload
+    routes.py    the routes, auth, the concurrency cap; each one job through the Worker
+    openai.py    OpenAI's request fields -> a job's input, a job's result -> OpenAI's response
+    uploads.py   multipart bodies streamed into the job's directory, cut at the size limit
+    errors.py    the one mapping from the job contract's error codes to HTTP statuses and bodies
+    metrics.py   Prometheus metrics of requests, jobs, slots, batches, memory
+"""

@@ -1,0 +1,233 @@
+"""OpenAI's audio and image API, field by field, onto the worker's own jobs and back.
+
+Requests become the input of a ``transcribe``, ``speech`` or ``text2image`` job; results become
+the response shapes of OpenAI's API reference. What differs from OpenAI is refused by name (a
+field this worker cannot honour) rather than ignored, except ``voice`` and ``user``, which are
+accepted and have no effect (one voice per speech model; no per-user accounting).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from whisper.tokenizer import LANGUAGES
+
+from handler.config import Settings
+from handler.errors import InvalidInput, printable
+from handler.http.uploads import Form
+from handler.io.inputs import ATTACHED
+
+TRANSCRIPTION_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+GRANULARITIES = ("word", "segment")
+# OpenAI's speech model names: what its clients send; the worker's TTS_MODEL answers them.
+SPEECH_ALIASES = frozenset({"tts-1", "tts-1-hd", "gpt-4o-mini-tts"})
+SPEECH_FORMATS = ("wav",)
+IMAGE_FORMATS = ("url", "b64_json")
+_SIZE = re.compile(r"(\d{2,5})x(\d{2,5})")
+# Request field -> job field, to name the request's own field in an error.
+TRANSCRIPTION_FIELDS = {"audio": "file", "initial_prompt": "prompt", "word_timestamps": "timestamp_granularities"}
+SPEECH_FIELDS = {"text": "input", "speaking_rate": "speed"}
+IMAGE_FIELDS = {"num_images": "n", "width": "size", "height": "size"}
+
+
+@dataclass(frozen=True)
+class TranscriptionAsk:
+    """How the client wants its transcript back."""
+
+    response_format: str
+    granularities: frozenset[str]
+    translate: bool
+    stream: bool
+
+
+def _choice(value: str | None, choices: tuple[str, ...], *, field: str, default: str) -> str:
+    if value is None or value == "":
+        return default
+    if value not in choices:
+        raise InvalidInput(f"{field}: {printable(value)!r} is not one of {', '.join(choices)}", field=field)
+    return value
+
+
+def _number(value: str | float | None, *, field: str) -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise InvalidInput(f"{field}: expected a number, got {value!r}", field=field)
+    try:
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"{field}: expected a number, got {printable(repr(value))}", field=field) from exc
+
+
+def _flag(value: str | None, *, field: str) -> bool:
+    if value in (None, "", "false", "False", "0"):
+        return False
+    if value in ("true", "True", "1"):
+        return True
+    raise InvalidInput(f"{field}: expected true or false, got {printable(str(value))!r}", field=field)
+
+
+def _check_known(names: set[str] | list[str], known: frozenset[str]) -> None:
+    for name in names:
+        if name not in known:
+            raise InvalidInput(f"{printable(name)}: not a field of this route (fields: {', '.join(sorted(known))})",
+                               field=printable(name))
+
+
+_TRANSCRIBE_KNOWN = frozenset({"file", "model", "language", "prompt", "response_format", "temperature",
+                               "timestamp_granularities[]", "timestamp_granularities", "stream"})
+_TRANSLATE_KNOWN = frozenset({"file", "model", "prompt", "response_format", "temperature"})
+
+
+def transcription_job(form: Form, *, translate: bool) -> tuple[dict[str, Any], TranscriptionAsk]:
+    """The ``transcribe`` job of a transcription (or translation) form, and how to answer it."""
+    _check_known([*form.fields, *form.files], _TRANSLATE_KNOWN if translate else _TRANSCRIBE_KNOWN)
+    if "file" not in form.files:
+        raise InvalidInput("file: required, the audio file to transcribe", field="file")
+    fmt = _choice(form.text("response_format"), TRANSCRIPTION_FORMATS, field="response_format", default="json")
+    granularities = [*form.fields.get("timestamp_granularities[]", []), *form.fields.get("timestamp_granularities", [])]
+    for value in granularities:
+        _choice(value, GRANULARITIES, field="timestamp_granularities", default="segment")
+    if granularities and fmt != "verbose_json":
+        raise InvalidInput("timestamp_granularities: needs response_format verbose_json",
+                           field="timestamp_granularities")
+    stream = _flag(form.text("stream"), field="stream")
+    if stream and fmt not in ("json", "text"):
+        raise InvalidInput("stream: streams only with response_format json or text", field="stream")
+    text_format = {"srt": "srt", "vtt": "vtt"}.get(fmt, "plain_text")
+    job: dict[str, Any] = {"task": "transcribe", "audio": f"{ATTACHED}file", "word_timestamps": "word" in granularities}
+    job["translation" if translate else "transcription"] = text_format
+    if translate:
+        job["translate"] = True
+    for name, target in (("model", "model"), ("language", "language"), ("prompt", "initial_prompt")):
+        given = form.text(name)
+        if given:
+            job[target] = given
+    temperature = _number(form.text("temperature"), field="temperature")
+    if temperature is not None:
+        job["temperature"] = temperature
+    ask = TranscriptionAsk(fmt, frozenset(granularities or ("segment",)), translate, stream)
+    return job, ask
+
+
+def _segments(segments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The job's segments (ids from 1, as worker-faster_whisper counts) as OpenAI's (ids from 0)."""
+    keys = ("seek", "start", "end", "text", "tokens", "temperature", "avg_logprob", "compression_ratio",
+            "no_speech_prob")
+    return [{"id": number, **{key: segment.get(key) for key in keys}} for number, segment in enumerate(segments)]
+
+
+def transcription_body(output: dict[str, Any], ask: TranscriptionAsk) -> tuple[str | dict[str, Any], str]:
+    """The response (JSON, or text with its media type) of a finished transcription job."""
+    text = str(output["translation"] if ask.translate else output["transcription"])
+    if ask.response_format == "json":
+        return {"text": text}, "application/json"
+    if ask.response_format == "text":
+        return text, "text/plain; charset=utf-8"
+    if ask.response_format == "srt":
+        return text, "application/x-subrip"
+    if ask.response_format == "vtt":
+        return text, "text/vtt; charset=utf-8"
+    language = "en" if ask.translate else (output.get("detected_language") or "en")
+    body: dict[str, Any] = {
+        "task": "translate" if ask.translate else "transcribe",
+        "language": LANGUAGES.get(language, language),
+        "duration": output["duration_s"],
+        "text": text,
+        "usage": {"type": "duration", "seconds": output["duration_s"]},
+    }
+    if "segment" in ask.granularities:
+        body["segments"] = _segments(output["translation_segments"] if ask.translate else output["segments"])
+    if "word" in ask.granularities and not ask.translate:
+        body["words"] = [{key: word[key] for key in ("word", "start", "end")}
+                         for word in output.get("word_timestamps", [])]
+    return body, "application/json"
+
+
+def delta_event(text: str) -> dict[str, Any]:
+    return {"type": "transcript.text.delta", "delta": text}
+
+
+def done_event(output: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "transcript.text.done", "text": output["transcription"]}
+
+
+_SPEECH_KNOWN = frozenset({"model", "input", "voice", "response_format", "speed"})
+
+
+def speech_job(body: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The ``speech`` job of ``POST /v1/audio/speech``."""
+    _check_known(list(body), _SPEECH_KNOWN)
+    voice = body.get("voice")
+    if voice is not None and not (isinstance(voice, str) and len(voice) <= 64):
+        raise InvalidInput("voice: expected a voice name (one voice per model here; any name is accepted)",
+                           field="voice")
+    fmt = body.get("response_format")
+    _choice(fmt if isinstance(fmt, str) or fmt is None else repr(fmt), SPEECH_FORMATS, field="response_format",
+            default="wav")
+    job: dict[str, Any] = {"task": "speech", "text": body.get("input")}
+    model = body.get("model")
+    if model is not None and model not in SPEECH_ALIASES:
+        job["model"] = model
+    speed = _number(body.get("speed"), field="speed")
+    if speed is not None:
+        job["speaking_rate"] = speed
+    return job
+
+
+def speech_audio(output: dict[str, Any]) -> bytes:
+    return base64.b64decode(output["files"][0]["base64"])
+
+
+_IMAGE_KNOWN = frozenset({"prompt", "model", "n", "size", "response_format", "user"})
+
+
+def image_job(body: dict[str, Any], *, has_bucket: bool) -> tuple[dict[str, Any], str]:
+    """The ``text2image`` job of ``POST /v1/images/generations``, and the response format."""
+    _check_known(list(body), _IMAGE_KNOWN)
+    default = "url" if has_bucket else "b64_json"
+    raw = body.get("response_format")
+    fmt = _choice(raw if isinstance(raw, str) or raw is None else repr(raw), IMAGE_FORMATS,
+                  field="response_format", default=default)
+    if fmt == "url" and not has_bucket:
+        raise InvalidInput("response_format: url needs a bucket (BUCKET_*); ask for b64_json",
+                           field="response_format")
+    job: dict[str, Any] = {"task": "text2image", "prompt": body.get("prompt")}
+    for name, target in (("model", "model"), ("n", "num_images")):
+        if body.get(name) is not None:
+            job[target] = body[name]
+    size = body.get("size")
+    if size not in (None, "auto"):
+        found = _SIZE.fullmatch(size) if isinstance(size, str) else None
+        if found is None:
+            raise InvalidInput(f"size: expected WIDTHxHEIGHT such as 512x512, or auto; got {printable(repr(size))}",
+                               field="size")
+        job["width"], job["height"] = int(found[1]), int(found[2])
+    return job, fmt
+
+
+def image_body(output: dict[str, Any], fmt: str) -> dict[str, Any]:
+    key = "b64_json" if fmt == "b64_json" else "url"
+    source = "base64" if fmt == "b64_json" else "url"
+    return {"created": int(time.time()), "data": [{key: file[source]} for file in output["files"]],
+            "size": f"{output['width']}x{output['height']}", "output_format": "png"}
+
+
+def models_body(settings: Settings) -> dict[str, Any]:
+    """``GET /v1/models``: every model a request may name, aliases included."""
+    names: dict[str, str] = {}
+    for name in settings.allowed_whisper_models():
+        names[name] = "transcribe"
+    for alias, _target in settings.whisper_model_map:
+        names.setdefault(alias, "transcribe")
+    for name in (settings.tts_model, *sorted(SPEECH_ALIASES)):
+        names.setdefault(name, "speech")
+    names.setdefault(settings.image_model, "text2image")
+    names.setdefault(settings.video_model, "text2video")
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": "runpod-media-worker", "task": task}
+            for name, task in names.items()]
+    return {"object": "list", "data": data}

@@ -1,0 +1,432 @@
+"""The routes: each request is one job through the same Worker as a queued job.
+
+Order of a request: auth, the concurrency cap (429), admission (503: draining, memory pressure,
+a dead GPU), the announced size (413), then the body, streamed; only then the job. Refusals
+before the body leave it unread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from handler.app import Arrival, Worker
+from handler.errors import InputTooLarge, InvalidInput, WorkerError, printable
+from handler.http import openai
+from handler.http.errors import HttpRefusal, error_body, openai_error, retries_later, status_of
+from handler.http.metrics import CONTENT_TYPE, Metrics
+from handler.http.uploads import Form, check_length, read_form
+from handler.io.storage import InlineStorage
+from handler.io.workspace import Workspace
+from handler.logs import get_logger
+from handler.runtime.lifecycle import State
+
+log = get_logger(__name__)
+# A JSON body's bytes beyond its base64 media (the other fields).
+_JSON_OVERHEAD = 1024 * 1024
+
+
+class Door:
+    """How many requests are held now; refuses (429) beyond the limit, never queues without bound.
+
+    Touched on the event loop only.
+    """
+
+    def __init__(self, limit: int, retry_after: int) -> None:
+        self.limit = limit
+        self._retry_after = retry_after
+        self.held = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> Ticket:
+        if self.held >= self.limit:
+            raise HttpRefusal(429, f"the worker holds {self.limit} requests already (MAX_CONCURRENT_REQUESTS); "
+                              "retry later", kind="rate_limit_error", code="rate_limit_exceeded",
+                              retry_after=self._retry_after)
+        self.held += 1
+        self._idle.clear()
+        return Ticket(self)
+
+    def _leave(self) -> None:
+        self.held -= 1
+        if self.held == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+@dataclass
+class Ticket:
+    """One held request; left once, whichever path ends it (a stream's end, once handed on)."""
+
+    door: Door
+    left: bool = False
+    # A streamed response holds the ticket past its route: only the stream's end releases it.
+    handed_on: bool = False
+
+    def leave(self) -> None:
+        if not self.handed_on:
+            self.release()
+
+    def release(self) -> None:
+        if not self.left:
+            self.left = True
+            self.door._leave()
+
+
+@dataclass
+class ServeState:
+    """What the routes share: the worker, metrics, the door, and whether the preload is done."""
+
+    worker: Worker
+    metrics: Metrics
+    door: Door
+    ready: bool = False
+    # Ports that serve only the health route (PORT_HEALTH when it differs from PORT).
+    health_only_ports: frozenset[int] = field(default_factory=frozenset)
+
+    def health_status(self) -> int:
+        if self.worker.lifecycle.state is not State.SERVING:
+            return 503
+        return 200 if self.ready else 204
+
+
+class BearerAuth:
+    """``Authorization: Bearer <API_KEY>`` on every route but the health route (constant-time compare)."""
+
+    def __init__(self, app: ASGIApp, *, key: str, exempt: str) -> None:
+        self._app = app
+        self._expected = f"Bearer {key}".encode()
+        self._exempt = exempt
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == self._exempt:
+            await self._app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self._expected):
+            await self._app(scope, receive, send)
+            return
+        body = error_body("missing or wrong API key: send Authorization: Bearer <API_KEY>",
+                          kind="invalid_request_error", code="invalid_api_key", param=None)
+        await JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+
+
+def _refusal(exc: HttpRefusal) -> JSONResponse:
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else {}
+    body = error_body(exc.message, kind=exc.kind, code=exc.code, param=exc.param)
+    return JSONResponse(body, status_code=exc.status, headers=headers)
+
+
+class Routes:
+    """The app's routes over one ServeState."""
+
+    def __init__(self, state: ServeState) -> None:
+        self.state = state
+        self.worker = state.worker
+        self.settings = state.worker.settings
+
+    # --- the parts every job route shares --------------------------------------------
+
+    def _headers(self, result: dict[str, Any]) -> dict[str, str]:
+        headers = {"X-Request-Id": str(result.get("request_id", ""))}
+        if retries_later(result):
+            headers["Retry-After"] = str(self.settings.retry_after_s)
+        return headers
+
+    def _openai_error(self, result: dict[str, Any], fields: dict[str, str] | None = None) -> JSONResponse:
+        headers = self._headers(result)
+        if status_of(result) == 413:
+            headers["Connection"] = "close"  # the rest of the body is never read
+        return JSONResponse(openai_error(result, fields=fields), status_code=status_of(result), headers=headers)
+
+    def _refused(self, err: WorkerError) -> dict[str, Any]:
+        """A refusal before the job as the job's own error result (same codes, same mapping)."""
+        result = err.payload(uuid.uuid4().hex)
+        log.warning("http.refused", code=err.code, error=err.message, field=err.field)
+        return result
+
+    def _admit(self, task: str) -> None:
+        self.worker.admit(self.worker.tasks[task])
+
+    async def _job(self, task: str, inputs: dict[str, Any], arrival: Arrival, *, job_id: str | None = None,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        job = {"id": job_id or f"http-{uuid.uuid4().hex[:16]}", "input": inputs, **(extra or {})}
+        result = await self.worker.handle(job, arrival)
+        self.state.metrics.record_job(task, result)
+        return result
+
+    async def _held(self, work: Callable[[Ticket], Awaitable[Response]]) -> Response:
+        """Run a job route holding a ticket; refusals of the HTTP layer answered in OpenAI's shape."""
+        try:
+            ticket = self.state.door.enter()
+        except HttpRefusal as exc:
+            return _refusal(exc)
+        try:
+            return await work(ticket)
+        except HttpRefusal as exc:
+            return _refusal(exc)
+        finally:
+            ticket.leave()
+
+    # --- health, metrics, system, models ---------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        status = self.state.health_status()
+        if status == 204:
+            return Response(status_code=204)
+        return JSONResponse({"status": {200: "ready", 503: "unavailable"}[status],
+                             "state": self.worker.lifecycle.state.value}, status_code=status)
+
+    async def metrics(self, request: Request) -> Response:
+        self.state.metrics.in_flight.set(self.state.door.held)
+        return Response(self.state.metrics.text(), media_type=CONTENT_TYPE)
+
+    async def system(self, request: Request) -> Response:
+        result = await self._job("system", {"task": "system"}, Arrival())
+        return JSONResponse(result, status_code=status_of(result), headers=self._headers(result))
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse(openai.models_body(self.settings))
+
+    # --- the native job contract -----------------------------------------------------
+
+    async def jobs(self, request: Request) -> Response:
+        async def work(ticket: Ticket) -> Response:
+            try:
+                body = await self._json(request, limit=self.settings.base64_max_bytes * 4 // 3 + _JSON_OVERHEAD)
+            except WorkerError as err:
+                result = self._refused(err)
+                return JSONResponse(result, status_code=status_of(result), headers=self._headers(result))
+            inputs = body.get("input")
+            task = str(inputs.get("task", "transcribe")) if isinstance(inputs, dict) else "none"
+            job_id = body.get("id") if isinstance(body.get("id"), str) and len(body["id"]) <= 128 else None
+            extra = {"s3Config": body["s3Config"]} if "s3Config" in body else None
+            result = await self._job(task, inputs, Arrival(), job_id=job_id, extra=extra)  # type: ignore[arg-type]
+            return JSONResponse(result, status_code=status_of(result), headers=self._headers(result))
+
+        return await self._held(work)
+
+    async def _json(self, request: Request, *, limit: int) -> dict[str, Any]:
+        """A JSON object body of at most ``limit`` bytes, refused by Content-Length before reading."""
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise InputTooLarge(f"body: {length} bytes, the limit is {limit}", field="body")
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise InputTooLarge(f"body: over the limit of {limit} bytes", field="body")
+        try:
+            body = json.loads(data)
+        except ValueError as exc:
+            raise InvalidInput(f"body: not JSON ({printable(str(exc))})", field="body") from exc
+        if not isinstance(body, dict):
+            raise InvalidInput("body: expected a JSON object", field="body")
+        return body
+
+    # --- OpenAI's audio and image routes ---------------------------------------------
+
+    async def transcriptions(self, request: Request) -> Response:
+        return await self._transcription(request, translate=False)
+
+    async def translations(self, request: Request) -> Response:
+        return await self._transcription(request, translate=True)
+
+    async def _transcription(self, request: Request, *, translate: bool) -> Response:
+        async def work(ticket: Ticket) -> Response:
+            workspace = Workspace(self.settings.job_root())
+            try:
+                try:
+                    self._admit("transcribe")
+                    check_length(request.headers.get("content-length"), max_file_bytes=self.settings.download_max_bytes)
+                    form = await self._form(request, workspace)
+                    inputs, ask = openai.transcription_job(form, translate=translate)
+                except WorkerError as err:
+                    return self._openai_error(self._refused(err), openai.TRANSCRIPTION_FIELDS)
+                arrival = Arrival(workspace=workspace, attachments=dict(form.files))
+                if ask.stream:
+                    return await self._stream(inputs, arrival, workspace, ticket)
+                result = await self._job("transcribe", inputs, arrival)
+            finally:
+                if not ticket.handed_on:  # a stream hands both on to its response
+                    workspace.remove()
+            if "error" in result:
+                return self._openai_error(result, openai.TRANSCRIPTION_FIELDS)
+            body, media_type = openai.transcription_body(result, ask)
+            if isinstance(body, dict):
+                return JSONResponse(body, headers=self._headers(result))
+            return Response(body, media_type=media_type, headers=self._headers(result))
+
+        return await self._held(work)
+
+    async def _form(self, request: Request, workspace: Workspace) -> Form:
+        return await read_form(request.stream(), request.headers.get("content-type"), workspace.path,
+                               file_fields=frozenset({"file"}), max_file_bytes=self.settings.download_max_bytes)
+
+    async def _stream(self, inputs: dict[str, Any], arrival: Arrival, workspace: Workspace,
+                      ticket: Ticket) -> Response:
+        """Server-sent events: a text delta per segment as it is decoded, then the done event.
+
+        The job's first event (or its end) is awaited before answering, so a job that fails at
+        once gets its HTTP status, not a stream holding an error.
+        """
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[list[dict[str, Any]] | None] = asyncio.Queue()
+
+        def on_event(kind: str, data: dict[str, Any]) -> None:  # on a GPU thread
+            if kind == "segments":
+                loop.call_soon_threadsafe(events.put_nowait, list(data["segments"]))
+
+        arrival = Arrival(workspace=arrival.workspace, attachments=arrival.attachments, on_event=on_event)
+        job = asyncio.create_task(self._job("transcribe", inputs, arrival))
+        job.add_done_callback(lambda _done: events.put_nowait(None))
+        first = await events.get()
+        if first is None and "error" in job.result():
+            workspace.remove()
+            return self._openai_error(job.result(), openai.TRANSCRIPTION_FIELDS)
+        ticket.handed_on = True  # held by the stream from here: released when it ends
+        return StreamingResponse(self._sse(first, events, job, workspace, ticket), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _sse(self, first: list[dict[str, Any]] | None, events: asyncio.Queue[list[dict[str, Any]] | None],
+                   job: asyncio.Task[dict[str, Any]], workspace: Workspace, ticket: Ticket) -> AsyncIterator[bytes]:
+        sent = 0
+        try:
+            batch = first
+            while batch is not None:
+                for segment in batch:
+                    text = str(segment.get("text", "")).strip()
+                    if text:
+                        yield _sse(openai.delta_event(text if sent == 0 else " " + text))
+                        sent += 1
+                batch = await events.get()
+            result = await job
+            if "error" in result:
+                yield _sse(openai_error(result, fields=openai.TRANSCRIPTION_FIELDS), event="error")
+                return
+            if sent == 0 and result["transcription"]:  # answered whole (sequential path, cache)
+                yield _sse(openai.delta_event(result["transcription"]))
+            yield _sse(openai.done_event(result))
+        finally:
+            if not job.done():
+                job.cancel()  # the client went away
+            ticket.release()
+            workspace.remove()
+
+    async def speech(self, request: Request) -> Response:
+        async def work(ticket: Ticket) -> Response:
+            try:
+                self._admit("speech")
+                body = await self._json(request, limit=self.settings.max_speech_chars * 4 + _JSON_OVERHEAD)
+                inputs = openai.speech_job(body, self.settings)
+            except WorkerError as err:
+                return self._openai_error(self._refused(err), openai.SPEECH_FIELDS)
+            result = await self._job("speech", inputs, Arrival(storage=self._inline()))
+            if "error" in result:
+                return self._openai_error(result, openai.SPEECH_FIELDS)
+            return Response(openai.speech_audio(result), media_type="audio/wav", headers=self._headers(result))
+
+        return await self._held(work)
+
+    async def images(self, request: Request) -> Response:
+        async def work(ticket: Ticket) -> Response:
+            try:
+                self._admit("text2image")
+                body = await self._json(request, limit=_JSON_OVERHEAD)
+                inputs, fmt = openai.image_job(body, has_bucket=self.settings.bucket is not None)
+            except WorkerError as err:
+                return self._openai_error(self._refused(err), openai.IMAGE_FIELDS)
+            arrival = Arrival(storage=self._inline()) if fmt == "b64_json" else Arrival()
+            result = await self._job("text2image", inputs, arrival)
+            if "error" in result:
+                return self._openai_error(result, openai.IMAGE_FIELDS)
+            return JSONResponse(openai.image_body(result, fmt), headers=self._headers(result))
+
+        return await self._held(work)
+
+    def _inline(self) -> InlineStorage:
+        """Outputs that travel in the HTTP response itself, within the inline budget."""
+        return InlineStorage(self.settings.inline_output_max_bytes)
+
+
+def _sse(data: dict[str, Any], *, event: str | None = None) -> bytes:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+class _Timing:
+    """Counts and times every request by route (the route's template, never the raw path)."""
+
+    def __init__(self, app: ASGIApp, state: ServeState) -> None:
+        self._app = app
+        self._state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def sending(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if scope.get("server") and scope["server"][1] in self._state.health_only_ports \
+                    and scope["path"] != self._state.worker.settings.health_check_path:
+                await Response(status_code=404)(scope, receive, sending)
+                return
+            await self._app(scope, receive, sending)
+        finally:
+            known = scope["path"] in _KNOWN_PATHS or scope["path"] == self._state.worker.settings.health_check_path
+            route = scope["path"] if known else "other"
+            seconds = time.perf_counter() - started
+            self._state.metrics.requests.labels(route, str(status)).inc()
+            self._state.metrics.request_seconds.labels(route).observe(seconds)
+            if route != self._state.worker.settings.health_check_path and route != "/metrics":
+                log.info("http.request", method=scope["method"], route=route, status=status,
+                         ms=round(seconds * 1000, 1))
+
+
+_KNOWN_PATHS = frozenset({"/metrics", "/system", "/v1/models", "/v1/jobs", "/v1/audio/transcriptions",
+                          "/v1/audio/translations", "/v1/audio/speech", "/v1/images/generations"})
+
+
+def build_app(state: ServeState, *, lifespan: Any = None) -> ASGIApp:
+    """The ASGI app: FastAPI routes, wrapped in auth (with API_KEY) and request metrics."""
+    settings = state.worker.settings
+    routes = Routes(state)
+    app = FastAPI(title="RunPod media worker", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_api_route(settings.health_check_path, routes.health, methods=["GET"])
+    app.add_api_route("/metrics", routes.metrics, methods=["GET"])
+    app.add_api_route("/system", routes.system, methods=["GET"])
+    app.add_api_route("/v1/models", routes.models, methods=["GET"])
+    app.add_api_route("/v1/jobs", routes.jobs, methods=["POST"])
+    app.add_api_route("/v1/audio/transcriptions", routes.transcriptions, methods=["POST"])
+    app.add_api_route("/v1/audio/translations", routes.translations, methods=["POST"])
+    app.add_api_route("/v1/audio/speech", routes.speech, methods=["POST"])
+    app.add_api_route("/v1/images/generations", routes.images, methods=["POST"])
+    wrapped: ASGIApp = app
+    if settings.api_key is not None:
+        wrapped = BearerAuth(wrapped, key=settings.api_key, exempt=settings.health_check_path)
+    return _Timing(wrapped, state)
