@@ -15,7 +15,7 @@ PRELOAD ?= transcribe
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: run test setup dev system models corpus lint typecheck bench clean
+.PHONY: run test setup dev system models corpus lint typecheck bench bench-gpu clean
 
 run: system setup models
 	MODEL_DIR=$(MODEL_DIR) WHISPER_MODEL=$(WHISPER_MODEL) ALLOW_MODEL_DOWNLOAD=$(ALLOW_MODEL_DOWNLOAD) \
@@ -63,6 +63,12 @@ typecheck: dev
 
 bench: system dev
 	$(PY) -m bench
+
+# The GPU run-book (bench/gpu.py): gpu-marked tests, then Whisper, image and video benchmarks at
+# real shapes, each part in its own time budget, into bench/RESULTS.md. Nothing to install or
+# download: run it as is where a GPU is lent. BENCH_GPU_DRY_RUN=1: tiny shapes on the CPU.
+bench-gpu:
+	timeout 600 $(PY) -m bench.gpu $(BENCH_GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) $(MODEL_DIR) .pytest_cache .mypy_cache .ruff_cache

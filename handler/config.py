@@ -8,6 +8,7 @@ stops the worker at start-up with a message naming the variable, rather than tur
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import re
@@ -112,6 +113,26 @@ class Settings:
     # ENABLE_CPU_OFFLOAD: keep diffusers models in RAM and move each to the GPU when used
     # (fits small GPUs, runs slower).
     enable_cpu_offload: bool = False
+    # PRECISION: number format the models run in. auto: half on CUDA (fp16 Whisper, bf16
+    # diffusion, the video VAE kept in fp32), fp32 on the CPU; half: those CUDA choices on any
+    # device (the suite runs them so on a CPU); full: fp32 everywhere. Speech is fp32 always.
+    precision: str = "auto"
+    # VIDEO_CACHE: reuse transformer work across denoising steps (diffusers' transformer cache):
+    # none, first_block (skip the other blocks while the first one's output barely changes) or
+    # faster (FasterCache: reuse attention outputs every other step). Faster, slightly different videos.
+    video_cache: str = "none"
+    # VIDEO_CACHE_THRESHOLD: first_block's relative change below which a step reuses the cache
+    # (higher: more steps skipped, less faithful).
+    video_cache_threshold: float = 0.05
+    # VIDEO_COMPILE: torch.compile the video transformer's repeated block once per process
+    # (regional compilation: tens of seconds at the first job, then faster steps).
+    video_compile: bool = False
+    # VIDEO_ATTENTION_BACKEND: diffusers attention backend of the video transformer (default:
+    # torch's scaled_dot_product_attention); flash and sage need their packages installed.
+    video_attention_backend: str | None = None
+    # VIDEO_GROUP_OFFLOAD: keep the video models in RAM and stream groups of layers to a small
+    # GPU as they run: none, block (a block at a time, on a side stream) or leaf (layer by layer).
+    video_group_offload: str = "none"
     # DEVICE: auto (cuda when available), cuda or cpu. A worker that was given a GPU (see the two
     # below) but cannot use it refuses to start unless DEVICE=cpu asks for the CPU on purpose.
     device: str = "auto"
@@ -357,6 +378,24 @@ def _parse_path(raw: str) -> str:
     return path
 
 
+VIDEO_CACHES = ("none", "first_block", "faster")
+VIDEO_GROUP_OFFLOADS = ("none", "block", "leaf")
+# diffusers' attention backends that run from this image's packages (the *_hub ones download
+# kernels at run time, which an offline worker cannot), each with the module it needs.
+ATTENTION_BACKENDS = {
+    "native": "torch", "flex": "torch", "_native_cudnn": "torch", "_native_efficient": "torch",
+    "_native_flash": "torch", "_native_math": "torch", "flash": "flash_attn", "_flash_3": "flash_attn_interface",
+    "sage": "sageattention",
+}
+
+
+def _parse_attention_backend(raw: str) -> str:
+    value = _parse_choice(*ATTENTION_BACKENDS)(raw)
+    if importlib.util.find_spec(ATTENTION_BACKENDS[value]) is None:
+        raise ValueError(f"needs the Python package {ATTENTION_BACKENDS[value]}, which is not installed")
+    return value
+
+
 def _parse_level(raw: str) -> str:
     return _parse_choice("debug", "info", "warning", "error")(raw).upper()
 
@@ -406,6 +445,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Parse the settings from ``environ`` (default: ``os.environ``)."""
     settings = _read(_Env(os.environ if environ is None else environ))
     _check_prefixes(settings)
+    if settings.video_group_offload != "none" and settings.enable_cpu_offload:
+        raise SettingsError("VIDEO_GROUP_OFFLOAD and ENABLE_CPU_OFFLOAD are two ways of offloading: choose one")
     served = settings.allowed_whisper_models()
     for name, target in settings.whisper_model_map:
         if target not in served:
@@ -448,6 +489,14 @@ def _read(env: _Env) -> Settings:
         image_model=env.get("IMAGE_MODEL", str.strip, d.image_model),
         video_model=env.get("VIDEO_MODEL", str.strip, d.video_model),
         enable_cpu_offload=env.get("ENABLE_CPU_OFFLOAD", _parse_bool, d.enable_cpu_offload),
+        precision=env.get("PRECISION", _parse_choice("auto", "half", "full"), d.precision),
+        video_cache=env.get("VIDEO_CACHE", _parse_choice(*VIDEO_CACHES), d.video_cache),
+        video_cache_threshold=env.get("VIDEO_CACHE_THRESHOLD", _parse_positive_float, d.video_cache_threshold),
+        video_compile=env.get("VIDEO_COMPILE", _parse_bool, d.video_compile),
+        video_attention_backend=env.get("VIDEO_ATTENTION_BACKEND", _parse_attention_backend,
+                                        d.video_attention_backend),
+        video_group_offload=env.get("VIDEO_GROUP_OFFLOAD", _parse_choice(*VIDEO_GROUP_OFFLOADS),
+                                    d.video_group_offload),
         video_clip_frames=env.get("VIDEO_CLIP_FRAMES", _parse_positive_int, d.video_clip_frames),
         max_video_duration_s=env.get("MAX_VIDEO_DURATION_S", _parse_positive_float, d.max_video_duration_s),
         max_video_frames=env.get("MAX_VIDEO_FRAMES", _parse_positive_int, d.max_video_frames),

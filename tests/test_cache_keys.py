@@ -51,7 +51,7 @@ def other_value(name: str, value: Any) -> Any:
         "bucket": BucketSettings(endpoint_url=None, access_key_id="a", secret_access_key="b", name="n"),
         "video_clip_frames": 33, "max_concurrent_generations": None, "max_jobs_per_worker": 5,
         "result_cache_secret": "s", "worker_id": "w1", "nvidia_visible_devices": "0",
-        "download_allowed_networks": (), "device": "cuda",
+        "download_allowed_networks": (), "device": "cuda", "video_attention_backend": "_native_math",
         "log_format": "json", "port_health": 8081, "api_key": "k", "worker_mode": "http",
     }
     if name in specials:

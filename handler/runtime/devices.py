@@ -123,9 +123,15 @@ def describe(device: str) -> dict[str, Any]:
             "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None}
 
 
-def default_dtype(device: str) -> torch.dtype:
-    """Half precision on the GPU, full precision on the CPU (where fp16 is slow or missing)."""
-    return torch.float16 if device == "cuda" else torch.float32
+def half_precision(device: str, precision: str) -> bool:
+    """Whether models run in half precision: PRECISION=auto means on the GPU only (on the CPU
+    half is slower, and some ops have no kernel), half means on every device."""
+    return precision == "half" or (precision == "auto" and device == "cuda")
+
+
+def default_dtype(device: str, precision: str = "auto") -> torch.dtype:
+    """fp16 in half precision (Whisper's choice: it was trained for it), else fp32."""
+    return torch.float16 if half_precision(device, precision) else torch.float32
 
 
 def clear_cuda_cache(*, collect: bool = False) -> None:

@@ -152,6 +152,9 @@ class CachePolicy(Generic[InputT]):
     unaffected: frozenset[str]
 
 
+# The video speed-ups that change a video (a little): in text2video's key, no other task's.
+VIDEO_SHAPING = frozenset({"video_cache", "video_cache_threshold", "video_attention_backend"})
+
 # Settings that shape no task's result, so are in no cache key.
 NOT_SHAPING_RESULTS = frozenset({
     # Where the worker runs and what it logs.
@@ -169,6 +172,9 @@ NOT_SHAPING_RESULTS = frozenset({
     "max_concurrent_jobs", "max_concurrent_generations", "generation_slots_cap", "memory_reserve_mb",
     "model_instances", "memory_pressure_threshold", "max_jobs_per_worker", "shutdown_grace_s",
     "generation_acquire_timeout", "model_load_wait_timeout", "whisper_batch_window_ms", "enable_cpu_offload",
+    "video_group_offload",
+    # Compiling runs the same operations as fused kernels: the same video to within rounding.
+    "video_compile",
     # Where results go and how they travel (the cache is per bucket).
     "bucket", "bucket_prefix", "presign_expiry_s", "result_cache", "result_cache_prefix", "result_cache_secret",
     "result_cache_timeout_s", "upload_prefix", "upload_expiry_s", "upload_timeout_s", "upload_max_attempts",

@@ -127,7 +127,7 @@ async def recognise(
     ``language_mel`` (``decoding.language_mel``) is where an unset language is detected;
     ``on_segments`` hears the segments in order as they are decoded (on a GPU thread).
     """
-    settings = decoding.BatchSettings.from_options(pipelines.first.model, options)
+    settings = decoding.BatchSettings.from_options(pipelines.first.model, options, fp16=pipelines.first.fp16)
     if settings.language is None and windows:  # detected once, so the job's windows decode alike
         if language_mel is None:
             raise ValueError("language_mel: needed to detect the language")

@@ -21,7 +21,7 @@ from handler.runtime.cancel import CancelToken
 from handler.runtime.hub import model_identity, pretrained_source
 from handler.runtime.instances import InstancePool
 from handler.runtime.registry import PipelineKey
-from handler.tasks.base import CachePolicy, JobContext, Runtime, Task, TaskInput, input_fields, new_seed
+from handler.tasks.base import VIDEO_SHAPING, CachePolicy, JobContext, Runtime, Task, TaskInput, input_fields, new_seed
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
 _SOFT_BREAK = re.compile(r"(?<=[,])\s+|\s+")
@@ -165,7 +165,9 @@ CACHE: CachePolicy[SpeechInput] = CachePolicy(
     shaping=lambda settings, params: {**input_fields(params), "model": params.model or settings.tts_model},
     models={"model": model_identity},
     unaffected=frozenset({"whisper_model", "whisper_model_map", "whisper_batch_size", "image_model", "video_model",
-                          "video_clip_frames"}),
+                          "video_clip_frames", *VIDEO_SHAPING,
+                          # VITS runs in fp32 on every device (see _load).
+                          "precision"}),
 )
 
 

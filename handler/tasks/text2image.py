@@ -17,7 +17,7 @@ from handler.runtime.hub import model_identity
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
 from handler.tasks import diffusion
-from handler.tasks.base import CachePolicy, JobContext, Runtime, Task, TaskInput, input_fields, new_seed
+from handler.tasks.base import VIDEO_SHAPING, CachePolicy, JobContext, Runtime, Task, TaskInput, input_fields, new_seed
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 _CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -172,10 +172,11 @@ async def _generate(ctx: JobContext, params: ImageInput, model: str) -> dict[str
 
 CACHE: CachePolicy[ImageInput] = CachePolicy(
     outputs=frozenset({"model", "seed", "width", "height", "num_inference_steps", "num_images", "files"}),
-    shaping=lambda settings, params: {**input_fields(params), "model": params.model or settings.image_model},
+    shaping=lambda settings, params: {**input_fields(params), "model": params.model or settings.image_model,
+                                      "precision": settings.precision},
     models={"model": model_identity},
     unaffected=frozenset({"whisper_model", "whisper_model_map", "whisper_batch_size", "tts_model", "video_model",
-                          "video_clip_frames"}),
+                          "video_clip_frames", *VIDEO_SHAPING}),
 )
 
 TASK: Task[ImageInput] = Task(name="text2image", input_model=ImageInput, run=run, preload=preload, cache=CACHE)

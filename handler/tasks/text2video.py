@@ -73,7 +73,7 @@ class VideoInput(TaskInput):
 
 
 def get_pipelines(runtime: Runtime, name: str) -> InstancePool[Any]:
-    return diffusion.pipelines(runtime, "text2video", name)
+    return diffusion.pipelines(runtime, "text2video", name, video=True)
 
 
 def preload(runtime: Runtime) -> None:
@@ -258,12 +258,15 @@ async def run(ctx: JobContext, params: VideoInput) -> dict[str, Any]:
 
 
 def _shaping(settings: Settings, params: VideoInput) -> dict[str, Any]:
-    """What decides a video: every field, the video model, how long its clips are, the voice of
-    a spoken narration and the Whisper model that times its captions."""
+    """What decides a video: every field, the video model, how long its clips are, its precision
+    and the speed-ups that approximate (cache, attention backend), the voice of a spoken narration
+    and the Whisper model that times its captions."""
     narrated = params.narration is not None
     return {
         **input_fields(params), "model": params.model or settings.video_model,
-        "clip_frames": settings.video_clip_frames,
+        "clip_frames": settings.video_clip_frames, "precision": settings.precision,
+        "cache": (settings.video_cache, settings.video_cache_threshold),
+        "attention_backend": settings.video_attention_backend,
         "narration_model": settings.tts_model if narrated else None,
         "captions_model": settings.whisper_model if params.captions != "none" else None,
     }

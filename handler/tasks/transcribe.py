@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
+import torch
 from pydantic import BeforeValidator, Field, model_validator
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 from whisper.utils import WriteSRT, WriteVTT
@@ -29,7 +30,7 @@ from handler.runtime.identity import file_identity
 from handler.runtime.instances import InstancePool
 from handler.runtime.registry import PipelineKey
 from handler.tasks import chunked
-from handler.tasks.base import CachePolicy, JobContext, Runtime, Task, TaskInput, input_fields
+from handler.tasks.base import VIDEO_SHAPING, CachePolicy, JobContext, Runtime, Task, TaskInput, input_fields
 
 TextFormat = Literal["plain_text", "formatted_text", "srt", "vtt"]
 
@@ -137,7 +138,7 @@ def _check_suppress_tokens(pipeline: WhisperPipeline, params: TranscribeInput) -
 
 
 def _pipeline_key(runtime: Runtime, model: str) -> PipelineKey:
-    dtype = str(default_dtype(runtime.device)).removeprefix("torch.")
+    dtype = str(default_dtype(runtime.device, runtime.settings.precision)).removeprefix("torch.")
     return PipelineKey("transcribe", model, runtime.device, dtype)
 
 
@@ -146,7 +147,8 @@ def get_pipelines(runtime: Runtime, model: str) -> InstancePool[WhisperPipeline]
     settings = runtime.settings
 
     def load() -> WhisperPipeline:
-        return WhisperPipeline(load_whisper(model, settings, runtime.device), model, runtime.device)
+        fp16 = default_dtype(runtime.device, settings.precision) == torch.float16
+        return WhisperPipeline(load_whisper(model, settings, runtime.device), model, runtime.device, fp16=fp16)
 
     return runtime.registry.get(
         _pipeline_key(runtime, model), lambda: InstancePool.build(settings.model_instances, load)
@@ -342,7 +344,8 @@ def _shaping(settings: Settings, params: TranscribeInput) -> dict[str, Any]:
     """What decides a transcription: the served model, the effective batch size, every decoding
     field; not where the media came from or what happens to it after."""
     fields = input_fields(params, exclude=("audio", "audio_base64", "delete_after_read"))
-    return {**fields, "model": _model_name(settings, params), "batch_size": _batch_size(settings, params)}
+    return {**fields, "model": _model_name(settings, params), "batch_size": _batch_size(settings, params),
+            "precision": settings.precision}
 
 
 CACHE: CachePolicy[TranscribeInput] = CachePolicy(
@@ -351,7 +354,7 @@ CACHE: CachePolicy[TranscribeInput] = CachePolicy(
                        "duration_s", "word_timestamps", "files"}),
     shaping=_shaping,
     models={"model": model_identity},
-    unaffected=frozenset({"tts_model", "image_model", "video_model", "video_clip_frames"}),
+    unaffected=frozenset({"tts_model", "image_model", "video_model", "video_clip_frames", *VIDEO_SHAPING}),
 )
 
 

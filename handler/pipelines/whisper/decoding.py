@@ -49,7 +49,8 @@ Differences from ``whisper.transcribe``, by design:
   (:func:`language_mel`), as ``whisper.transcribe`` detects it, whichever chunk comes first.
 
 The caller must hold the model for itself for the whole call (``WhisperPipeline`` does):
-decoding installs key/value-cache hooks and a cancellation hook on it. fp16 is used on CUDA only.
+decoding installs key/value-cache hooks and a cancellation hook on it. fp16 is used on CUDA
+only, unless asked for.
 
 Memory: for beam search or best-of over more than one chunk, the encoder output is repeated
 per beam (see :class:`BatchDecodingTask`), so the decoder's cross-attention keys and values
@@ -182,7 +183,7 @@ class BatchSettings:
     tail_rounds: int = _TAIL_ROUNDS  # times a window's untranscribed tail is decoded again
 
     @classmethod
-    def from_options(cls, model: Whisper, options: Mapping[str, Any]) -> BatchSettings:
+    def from_options(cls, model: Whisper, options: Mapping[str, Any], *, fp16: bool | None = None) -> BatchSettings:
         unknown = sorted(set(options) - _OPTIONS)
         if unknown:
             raise ValueError(f"unknown decoding options: {', '.join(unknown)}")
@@ -196,7 +197,7 @@ class BatchSettings:
             language=language,
             task=options.get("task", "transcribe"),
             prompt=options.get("initial_prompt"),
-            fp16=model.device.type == "cuda",
+            fp16=model.device.type == "cuda" if fp16 is None else fp16,
             decoding=tuple((key, options[key]) for key in _PASSED_ON if options.get(key) is not None),
         )
 
@@ -280,14 +281,16 @@ def transcribe_chunks(
     options: Mapping[str, Any] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     cancel: CancelToken | None = None,
+    fp16: bool | None = None,
 ) -> dict[str, Any]:
-    """Transcribe the given ``chunks`` of ``audio`` (each at most 30 s), ``batch_size`` at a time.
+    """Transcribe the given ``chunks`` of ``audio`` (each at most 30 s), ``batch_size`` at a time;
+    ``fp16`` None: on CUDA only.
 
     Raises ``Cancelled`` at the next decoder step (or between batches) once ``cancel`` is set.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size!r}")
-    settings = BatchSettings.from_options(model, options or {})
+    settings = BatchSettings.from_options(model, options or {}, fp16=fp16)
     inputs = prepare_windows(model, audio, chunks)
     if inputs:
         settings = detect_language(model, settings, language_mel(model, audio))

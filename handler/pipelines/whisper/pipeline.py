@@ -119,6 +119,8 @@ class WhisperPipeline:
     model: Whisper
     name: str
     device: str
+    # Activations in fp16 (openai-whisper keeps fp32 weights and casts them per layer).
+    fp16: bool = False
 
     def __post_init__(self) -> None:
         self._in_use = threading.Lock()
@@ -132,9 +134,9 @@ class WhisperPipeline:
         with self._in_use:
             hook = self.model.decoder.register_forward_pre_hook(lambda _module, _args: cancel.check())
             try:
-                result: dict[str, Any] = whisper.transcribe(
-                    self.model, audio, verbose=None, fp16=self.device == "cuda", **options
-                )
+                # whisper.transcribe turns fp16 off (with a warning) for a model on the CPU.
+                fp16 = self.fp16 and self.device == "cuda"
+                result: dict[str, Any] = whisper.transcribe(self.model, audio, verbose=None, fp16=fp16, **options)
             finally:
                 hook.remove()
         return result
@@ -155,7 +157,7 @@ class WhisperPipeline:
         """
         with self._in_use:
             return decoding.transcribe_chunks(
-                self.model, audio, chunks, options=options, batch_size=batch_size, cancel=cancel
+                self.model, audio, chunks, options=options, batch_size=batch_size, cancel=cancel, fp16=self.fp16
             )
 
     def decode_windows(

@@ -1,0 +1,1 @@
+"""Model code for diffusers pipelines (images and video)."""
