@@ -15,7 +15,7 @@ PRELOAD ?= transcribe
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: run test setup dev system models corpus lint typecheck bench bench-gpu clean
+.PHONY: run test setup dev system models corpus lint typecheck bench bench-gpu gpu-bundle clean
 
 run: system setup models
 	MODEL_DIR=$(MODEL_DIR) WHISPER_MODEL=$(WHISPER_MODEL) ALLOW_MODEL_DOWNLOAD=$(ALLOW_MODEL_DOWNLOAD) \
@@ -65,10 +65,17 @@ bench: system dev
 	$(PY) -m bench
 
 # The GPU run-book (bench/gpu.py): gpu-marked tests, then Whisper, image and video benchmarks at
-# real shapes, each part in its own time budget, into bench/RESULTS.md. Nothing to install or
-# download: run it as is where a GPU is lent. BENCH_GPU_DRY_RUN=1: tiny shapes on the CPU.
+# real shapes, each part in its own time budget, into bench/RESULTS.md. BENCH_GPU_DRY_RUN=1: tiny
+# shapes on the CPU. Without this venv (a bare device machine, which gets no .venv) it runs
+# bench/gpu_device.sh: the wheels of `make gpu-bundle` installed offline over the device's torch.
 bench-gpu:
-	timeout 600 $(PY) -m bench.gpu $(BENCH_GPU_ARGS)
+	@if [ -x $(PY) ]; then timeout 600 $(PY) -m bench.gpu $(BENCH_GPU_ARGS); \
+	else bash bench/gpu_device.sh $(BENCH_GPU_ARGS); fi
+
+# What a bare device machine lacks for the run-book, into .gpu/ (ignored; carry it): wheels for
+# Python 3.12 and an int8 copy of tiny.en when the whole tree still travels (64 MiB).
+gpu-bundle: dev models
+	$(PY) -m bench.gpu_bundle $(GPU_BUNDLE_ARGS)
 
 clean:
 	rm -rf $(VENV) $(MODEL_DIR) .pytest_cache .mypy_cache .ruff_cache

@@ -43,7 +43,10 @@ import torch
 RESULTS = Path(__file__).with_name("RESULTS.md")
 START, END = "<!-- bench-gpu:start -->", "<!-- bench-gpu:end -->"
 TOKENS_PER_WINDOW = 100
-BUDGETS_S = {"preflight": 15, "tests": 90, "whisper": 180, "image": 90, "video": 200}
+# 400 s in all: the device command's timeout (README) leaves room in a session's 15 device minutes
+# for the machine's start and a rerun of a part.
+BUDGETS_S = {"preflight": 15, "tests": 75, "whisper": 120, "image": 60, "video": 130}
+TEST_LOG = Path(__file__).with_name("out") / "gpu-tests.log"
 DRY_BUDGETS_S = {"preflight": 30, "tests": 45, "whisper": 30, "image": 10, "video": 15}
 
 
@@ -120,19 +123,42 @@ def preflight(part: Part) -> None:
 
 
 def gpu_tests(part: Part) -> None:
-    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_gpu.py"]
+    """The gpu-marked tests, one row for each test's outcome; pytest's whole output in ``TEST_LOG``."""
+    command = [sys.executable, "-m", "pytest", "-q", "-rA", "-m", "gpu", "-p", "no:cacheprovider",
+               "tests/test_gpu.py"]
     started = time.monotonic()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=max(1.0, part.budget_s - 5),
                               cwd=Path(__file__).resolve().parent.parent)
-    except subprocess.TimeoutExpired:
-        part.add("gpu-marked tests", "timed out", f"over {part.budget_s - 5:.0f} s")
+    except subprocess.TimeoutExpired as exc:
+        save_log(exc.stdout, exc.stderr)
+        part.add("gpu-marked tests", "timed out", f"over {part.budget_s - 5:.0f} s; output in {TEST_LOG.name}")
         return
+    save_log(done.stdout, done.stderr)
     summary = (done.stdout.strip().splitlines() or ["no output"])[-1]
     part.add("gpu-marked tests", summary, f"exit {done.returncode}, {time.monotonic() - started:.1f} s")
-    failed = [line for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
-    for line in failed[:5]:
-        part.add("failure", line[:160])
+    for outcome, test, reason in pytest_outcomes(done.stdout):
+        part.add(test, outcome, reason[:160])
+
+
+def save_log(stdout: str | bytes | None, stderr: str | bytes | None) -> None:
+    def text(value: str | bytes | None) -> str:
+        return value.decode(errors="replace") if isinstance(value, bytes) else value or ""
+
+    TEST_LOG.parent.mkdir(exist_ok=True)
+    TEST_LOG.write_text(text(stdout) + "\n--- stderr ---\n" + text(stderr))
+
+
+def pytest_outcomes(stdout: str) -> list[tuple[str, str, str]]:
+    """(outcome, test, reason) from the short summary that ``pytest -rA`` ends with."""
+    rows = []
+    for line in stdout.splitlines():
+        outcome, _, rest = line.partition(" ")
+        if outcome not in ("PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL", "XPASS"):
+            continue
+        test, _, reason = rest.partition(" - ")
+        rows.append((outcome, test.split("::")[-1] if "::" in test else test, reason.replace("|", "/")))
+    return rows
 
 
 # --- whisper --------------------------------------------------------------------------------
@@ -160,8 +186,13 @@ def whisper_models() -> Iterator[tuple[str, Any]]:
         return
     from handler.pipelines.whisper.pipeline import load_checkpoint
 
+    compact = os.environ.get("BENCH_GPU_WEIGHTS")  # the int8 copy that gpu-bundle carries
     path = Path(os.environ.get("MODEL_DIR", "models")) / "whisper" / "tiny.en.pt"
-    if path.is_file():
+    if compact and Path(compact).is_file():
+        from bench.gpu_bundle import load_compact
+
+        yield "tiny.en (real weights, carried as int8)", load_compact(Path(compact), device())
+    elif path.is_file():
         yield "tiny.en (real weights)", load_checkpoint(path, device())
     else:
         yield "tiny.en-shaped (random: no weights carried)", random_whisper(TINY_EN_DIMS)

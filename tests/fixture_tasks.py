@@ -34,7 +34,8 @@ class FixtureInput(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     task: Literal["fixture"] = "fixture"
-    action: Literal["ok", "sleep", "raise", "oom", "cuda_fatal", "allocate", "fatal_after_cancel", "flaky"] = "ok"
+    action: Literal["ok", "sleep", "raise", "oom", "cuda_fatal", "allocate", "fatal_after_cancel", "flaky",
+                    "device_assert"] = "ok"
     # How loading the model goes: fine, out of GPU memory, or a sticky CUDA error.
     load: Literal["ok", "oom", "cuda_fatal"] = "ok"
     seconds: float = 0.0
@@ -78,6 +79,10 @@ class FixturePipeline:
             elif action == "allocate":
                 block = torch.empty(int(gigabytes * 2**30), dtype=torch.uint8, device="cuda")
                 del block
+            elif action == "device_assert":  # a real sticky CUDA error: an index out of bounds in a kernel
+                values = torch.zeros(4, device="cuda")
+                values[torch.tensor([1 << 20], device="cuda")] += 1
+                torch.cuda.synchronize()
             elif action == "cuda_fatal":
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
             elif action == "fatal_after_cancel":  # a kernel fault that surfaces after the job was stopped
@@ -153,9 +158,17 @@ async def run(ctx: JobContext, params: FixtureInput) -> dict[str, Any]:
     return {"output": output, "instance": instance, "model": params.model}
 
 
+# What preload keeps on the GPU, as a model's weights stay there (FIXTURE_PRELOAD_GIB).
+PRELOADED: list[torch.Tensor] = []
+
+
 def preload(runtime: Any) -> None:
-    """A preload as slow as FIXTURE_PRELOAD_S says (what the health route shows while it runs)."""
+    """A preload as slow as FIXTURE_PRELOAD_S says (what the health route shows while it runs),
+    keeping FIXTURE_PRELOAD_GIB gibibytes on the GPU, a model's footprint for slot sizing."""
     time.sleep(float(os.environ.get("FIXTURE_PRELOAD_S", "0")))
+    gigabytes = float(os.environ.get("FIXTURE_PRELOAD_GIB", "0"))
+    if gigabytes:
+        PRELOADED.append(torch.empty(int(gigabytes * 2**30), dtype=torch.uint8, device="cuda"))
 
 
 TASK = Task(name="fixture", input_model=FixtureInput, run=run, preload=preload)

@@ -87,6 +87,45 @@ def test_sequential_whisper_window_calls_run_in_fp16(half_worker, speech_wav: Pa
     assert len(words) >= 8 and all(0 <= w["start"] <= w["end"] <= 30 for w in words)
 
 
+def batched_alignment(device: str) -> tuple[list[torch.dtype], list[dict[str, Any]]]:
+    """Batched fp16 decoding with word timings of 20 s on ``device``: the dtypes the encoder was
+    given (decoding, then each window's alignment pass) and the words timed. A random
+    tiny.en-shaped model decodes a fixed 24 tokens a window (bench.gpu.fixed_tokens), so there are
+    words to time whatever it hears."""
+    from whisper.model import ModelDimensions, Whisper
+
+    from bench.gpu import TINY_EN_DIMS, fixed_tokens
+    from handler.pipelines.whisper import decoding
+    from handler.pipelines.whisper.vad import Chunk
+
+    torch.manual_seed(0)
+    model = Whisper(ModelDimensions(**TINY_EN_DIMS))
+    torch.nn.init.normal_(model.decoder.positional_embedding, std=0.02)
+    model = model.to(device)
+    audio = np.random.default_rng(0).normal(0, 0.05, 16000 * 20).astype(np.float32)
+    inputs = decoding.prepare_windows(model, audio, [Chunk(0, len(audio))])
+    settings = decoding.BatchSettings.from_options(
+        model, {"temperature": 0.0, "language": "en", "word_timestamps": True}, fp16=True)
+    seen: list[torch.dtype] = []
+    hook = model.encoder.register_forward_pre_hook(lambda _module, args: seen.append(args[0].dtype))
+    try:
+        with fixed_tokens(24):
+            _, found = decoding.decode_windows(model, inputs, settings)
+    finally:
+        hook.remove()
+    return seen, [word for segment in found[0] for word in segment.get("words", [])]
+
+
+def test_batched_fp16_word_timings_align_on_the_fp16_mel() -> None:
+    """whisper.timing's alignment runs the whole model on the window's mel: in the batched path
+    that is the fp16 mel the window was decoded on, as whisper.transcribe does (not the fp32 one
+    the window was prepared as), so on CUDA the alignment runs in the decoder's dtype."""
+    seen, words = batched_alignment("cpu")
+    assert words
+    assert len(seen) >= 2 and set(seen) == {torch.float16}, seen
+    assert all(0 <= w["start"] <= w["end"] <= 20 and np.isfinite([w["start"], w["end"]]).all() for w in words)
+
+
 def test_sequential_path_on_the_cpu_asks_for_fp32(half_worker, speech_wav: Path) -> None:
     """On the CPU the worker does not ask whisper.transcribe for the fp16 it would refuse with a
     warning (the suite turns warnings into errors, so asking would fail here)."""
