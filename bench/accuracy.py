@@ -4,17 +4,18 @@ The corpus is ``tests/speech_corpus.py``'s long-form recordings (real LibriVox a
 joined into ~4-minute recordings; ``make corpus``). Engines, all on the same tiny.en weights:
 
 * ``whisper.transcribe``: the baseline, with the options the worker passes it by default;
-* ``worker default``: a job with only the audio (batched, fixed windows, tails decoded again);
+* ``worker default``: a job with only the audio (batched, speech chunks found by Silero VAD,
+  tails decoded again);
+* ``worker enable_vad false``: the whole recording in 30 s windows cut at quiet points;
 * ``worker batch_size 1``: the worker's sequential path (``whisper.transcribe`` behind the handler);
-* ``chunks, no tail re-decode`` / ``chunks without timestamps``: ``decoding`` on the worker's
-  fixed windows (batch 8) with the tails left out (the code before this fix), or decoded
-  ``without_timestamps`` as faster-whisper's batched pipeline does: the two alternatives;
 * ``faster-whisper fp32`` / ``int8`` (sequential) and ``batched b8 int8`` (its Silero VAD).
 
 Every engine runs with its defaults (beam 5, temperature fallback), English given. Each recording
 is one round; the engines' order is reversed every round. WER uses openai-whisper's
 ``EnglishTextNormalizer`` over all the recordings' words; speed is audio seconds per wall second;
 CPU is process CPU seconds per wall second (the machine may be shared: compare ratios).
+Coverage: every segment of ``whisper.transcribe`` must overlap a segment of the worker's default
+by at least 0.3 s (or half its length); the ones that do not are printed.
 
 ``BENCH_RECORDINGS=2 PYTHONPATH=. .venv/bin/python -m bench accuracy``
 """
@@ -40,13 +41,13 @@ from whisper.normalizers import EnglishTextNormalizer
 from bench.common import Comparison, bench_settings
 from builder.ct2_whisper import convert_to_file
 from handler.app import Worker
-from handler.pipelines.whisper import decoding, vad
 from handler.pipelines.whisper.pipeline import load_checkpoint
 from handler.tasks.transcribe import TranscribeInput
 from tests import speech_corpus
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus"
-Transcriber = Callable[[np.ndarray, Path], str]
+Segment = tuple[float, float, str]
+Transcriber = Callable[[np.ndarray, Path], tuple[str, list[Segment]]]
 
 
 @dataclasses.dataclass
@@ -56,6 +57,7 @@ class Engine:
     wall_s: float = 0.0
     cpu_s: float = 0.0
     texts: list[str] = dataclasses.field(default_factory=list)
+    segments: list[list[Segment]] = dataclasses.field(default_factory=list)
 
 
 def _defaults() -> dict[str, Any]:
@@ -67,35 +69,22 @@ def _defaults() -> dict[str, Any]:
 def _openai_engines(model: Any, worker: Worker) -> list[Engine]:
     options = _defaults()
 
-    def sequential(audio: np.ndarray, _path: Path) -> str:
-        return str(whisper.transcribe(model, audio, verbose=None, fp16=False, **options)["text"])
+    def sequential(audio: np.ndarray, _path: Path) -> tuple[str, list[Segment]]:
+        result = whisper.transcribe(model, audio, verbose=None, fp16=False, **options)
+        return str(result["text"]), [(s["start"], s["end"], s["text"]) for s in result["segments"]]
 
     def handler(**inputs: Any) -> Transcriber:
-        def run(_audio: np.ndarray, path: Path) -> str:
+        def run(_audio: np.ndarray, path: Path) -> tuple[str, list[Segment]]:
             job = {"id": "bench", "input": {"audio_base64": base64.b64encode(path.read_bytes()).decode(), **inputs}}
             result = asyncio.run(worker.handle(job))
             assert "error" not in result, result
-            return str(result["transcription"])
-
-        return run
-
-    def chunks(**changes: Any) -> Transcriber:
-        settings = dataclasses.replace(decoding.BatchSettings.from_options(model, options), **changes)
-
-        def run(audio: np.ndarray, _path: Path) -> str:
-            inputs = decoding.prepare_windows(model, audio, vad.fixed_chunks(audio))
-            texts = []
-            for start in range(0, len(inputs), decoding.DEFAULT_BATCH_SIZE):
-                batch = inputs[start : start + decoding.DEFAULT_BATCH_SIZE]
-                texts += [s["text"] for w in decoding.decode_windows(model, batch, settings)[1] for s in w]
-            return " ".join(texts)
+            return str(result["transcription"]), [(s["start"], s["end"], s["text"]) for s in result["segments"]]
 
         return run
 
     return [Engine("whisper.transcribe", sequential), Engine("worker default", handler()),
-            Engine("worker batch_size 1", handler(batch_size=1)),
-            Engine("chunks b8, no tail re-decode", chunks(tail_rounds=0)),
-            Engine("chunks b8, without timestamps", chunks(timestamps=False))]
+            Engine("worker enable_vad false", handler(enable_vad=False)),
+            Engine("worker batch_size 1", handler(batch_size=1))]
 
 
 def _faster_whisper_engines(ct2_path: str) -> list[Engine]:
@@ -107,10 +96,14 @@ def _faster_whisper_engines(ct2_path: str) -> list[Engine]:
     batched = BatchedInferencePipeline(int8)
 
     def sequential(model: Any) -> Transcriber:
-        return lambda audio, _path: " ".join(s.text for s in model.transcribe(audio, beam_size=5, language="en")[0])
+        def run(audio: np.ndarray, _path: Path) -> tuple[str, list[Segment]]:
+            return " ".join(s.text for s in model.transcribe(audio, beam_size=5, language="en")[0]), []
 
-    def batch8(audio: np.ndarray, _path: Path) -> str:
-        return " ".join(s.text for s in batched.transcribe(audio, batch_size=8, beam_size=5, language="en")[0])
+        return run
+
+    def batch8(audio: np.ndarray, _path: Path) -> tuple[str, list[Segment]]:
+        found = batched.transcribe(audio, batch_size=8, beam_size=5, language="en")[0]
+        return " ".join(s.text for s in found), []
 
     return [Engine("faster-whisper fp32", sequential(fp32)), Engine("faster-whisper int8", sequential(int8)),
             Engine("faster-whisper batched b8 int8", batch8)]
@@ -118,7 +111,9 @@ def _faster_whisper_engines(ct2_path: str) -> list[Engine]:
 
 def _run(engine: Engine, audio: np.ndarray, path: Path) -> None:
     started, cpu = time.perf_counter(), time.process_time()
-    engine.texts.append(engine.run(audio, path))
+    text, segments = engine.run(audio, path)
+    engine.texts.append(text)
+    engine.segments.append(segments)
     engine.wall_s += time.perf_counter() - started
     engine.cpu_s += time.process_time() - cpu
 
@@ -165,4 +160,24 @@ def measure(recordings: int | None = None) -> list[Comparison]:
             _run(engine, audio, path)
             print(f"{path.stem} {engine.name}: {engine.wall_s:.1f} s so far", flush=True)
     references = [path.with_suffix(".txt").read_text() for path in paths]
+    _report_coverage(engines[0], engines[1], paths)
     return _report(engines, references, audio_s)
+
+
+def uncovered(baseline: list[Segment], ours: list[Segment], *, least_s: float = 0.3) -> list[Segment]:
+    """The segments of ``baseline`` with text that no segment of ``ours`` overlaps by ``least_s``
+    (or by half the segment, if it is shorter than twice that)."""
+    def overlap(a: Segment, b: Segment) -> float:
+        return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+
+    return [segment for segment in baseline if segment[2].strip()
+            and not any(overlap(segment, other) >= min(least_s, (segment[1] - segment[0]) / 2) for other in ours)]
+
+
+def _report_coverage(baseline: Engine, ours: Engine, paths: list[Path]) -> None:
+    total = sum(len(segments) for segments in baseline.segments)
+    missed = [(path.stem, segment) for path, b, o in zip(paths, baseline.segments, ours.segments, strict=True)
+              for segment in uncovered(b, o)]
+    print(f"\ncoverage: {total - len(missed)} of {total} segments of {baseline.name} overlapped by {ours.name}")
+    for stem, (start, end, text) in missed:
+        print(f"  not covered: {stem} {start:.1f}-{end:.1f} s {text!r}")

@@ -140,7 +140,8 @@ def test_out_of_memory_in_a_shared_batch_is_retried_smaller(worker: Worker, spy:
     """A CUDA out-of-memory error (the real exception type, raised inside the real gate) in a shared
     batch of four is retried in smaller batches: jobs that fit alone complete; the one whose chunk
     fails even alone gets GPU_OOM; the next job is fine."""
-    jobs = [job(audio_base64=b64(clip), beam_size=1, best_of=1) for clip in sentence_clips[:4]]
+    # Whole-recording windows: no VAD pass (one recording at a time) staggers the jobs' arrival.
+    jobs = [job(audio_base64=b64(clip), beam_size=1, best_of=1, enable_vad=False) for clip in sentence_clips[:4]]
     spy.fail_when = lambda inputs: len(inputs) > 1  # only single chunks fit
     results = handle_all(worker, jobs)
     assert all("error" not in r for r in results), results
@@ -151,7 +152,7 @@ def test_out_of_memory_in_a_shared_batch_is_retried_smaller(worker: Worker, spy:
     results = handle_all(worker, jobs)
     assert [r.get("error_code") for r in results] == [None, None, "GPU_OOM", None], results
     spy.fail_when = None
-    after = run_job(worker, job(audio_base64=b64(sentence_clips[0]), beam_size=1, best_of=1))
+    after = run_job(worker, job(audio_base64=b64(sentence_clips[0]), beam_size=1, best_of=1, enable_vad=False))
     assert "report" in after["transcription"].lower()
 
 

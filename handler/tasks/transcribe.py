@@ -76,7 +76,10 @@ class TranscribeInput(TaskInput):
     compression_ratio_threshold: float | None = Field(2.4, ge=1.0, le=10.0)
     logprob_threshold: float | None = Field(-1.0, ge=-20.0, le=0.0)
     no_speech_threshold: float | None = Field(0.6, ge=0.0, le=1.0)
-    enable_vad: bool = Field(False, description="decode only speech, found by Silero VAD")
+    # Unset: speech chunks on the batched path (the accurate cut, bench/RESULTS.md); false: the
+    # whole recording in 30 s windows, as worker-faster_whisper decodes everything without VAD.
+    enable_vad: bool | None = Field(None, description="decode only speech, found by Silero VAD (unset: "
+                                    "yes on the batched path); false: the whole recording")
     word_timestamps: bool = False
     batch_size: int | None = Field(None, ge=1, le=64, description="chunks decoded together (default "
                                    "WHISPER_BATCH_SIZE); 1 without VAD is openai-whisper's sequential transcribe")
@@ -252,7 +255,8 @@ async def _recognise_job(
         return empty, (empty if params.translate else None)
     model = pipelines.first.model
     with ctx.timings.measure("chunk"):
-        find = functools.partial(chunked.find_chunks, audio, enable_vad=params.enable_vad, cancel=ctx.cancel)
+        speech_only = params.enable_vad is not False
+        find = functools.partial(chunked.find_chunks, audio, enable_vad=speech_only, cancel=ctx.cancel)
         chunks = await ctx.in_thread(find)
         windows = await ctx.in_thread(lambda: decoding.prepare_windows(model, audio, chunks))
         detect = params.language is None and pipelines.first.is_multilingual
