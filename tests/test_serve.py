@@ -320,6 +320,8 @@ def test_native_job_route_answers_the_job_contract(served: ServeProcess, speech_
     status, headers, result = post_json(f"{served.url}/v1/jobs", {"input": {"audio_base64": audio}})
     assert status == 200 and media.recognised(result["transcription"]) >= 0.7
     assert headers["x-request-id"] == result["request_id"] and "total_ms" in result["timings"]
+    done = [line for line in served.log_text().splitlines() if "job.done" in line and result["request_id"] in line]
+    assert len(done) == 1, done  # each line once (the SDK's basicConfig used to print every line twice)
     too_many = {"input": {"task": "text2image", "prompt": "x", "steps": 999}}
     status, _, error = post_json(f"{served.url}/v1/jobs", too_many)
     assert status == 413 and error["error_code"] == "INPUT_TOO_LARGE" and error["retryable"] is False
