@@ -155,9 +155,12 @@ def configure_logging(*, level: str = "INFO", json: bool = False, stream: TextIO
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter)
     root = logging.getLogger()
+    # The worker owns the root logger's output: every handler already there goes, not only an
+    # earlier one of ours. The RunPod SDK calls ``logging.basicConfig`` when it is imported
+    # (runpod/serverless/utils/rp_upload.py), which put a second stderr handler on the root
+    # logger, and every line, the worker's and the libraries', was printed twice (both modes).
     for existing in list(root.handlers):
-        if getattr(existing, "_media_worker", False):
-            root.removeHandler(existing)
+        root.removeHandler(existing)
     handler._media_worker = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)

@@ -126,3 +126,19 @@ def test_sdk_debug_output_in_local_mode_has_no_secret_and_no_forged_line(tmp_pat
     assert secret not in output
     assert "\x1b" not in output
     assert not [line for line in output.splitlines() if line.startswith("FORGED")]
+
+
+def test_a_job_of_the_queue_worker_logs_each_line_once(tmp_path: Path) -> None:
+    """`python -m handler` (the SDK's local mode: the queue path) answering one job prints each of the
+    worker's lines once. The SDK calls logging.basicConfig when imported, which used to leave a second
+    handler on the root logger beside the worker's: every line came out twice."""
+    env = {**os.environ, "WORK_DIR": str(tmp_path), "DEVICE": "cpu", "ALLOW_MODEL_DOWNLOAD": "false",
+           "TASK_MODULES": "tests.fixture_tasks", "LOG_FORMAT": "json"}
+    done = subprocess.run([sys.executable, "-m", "handler", "--test_input", json.dumps({"input": {"task": "fixture"}})],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    CAPTURED_LOGS.write(output)
+    assert done.returncode == 0, output[-3000:]
+    mentions = [line for line in output.splitlines() if "job.done" in line]
+    assert len(mentions) == 1, mentions
+    assert json.loads(mentions[0])["task"] == "fixture"

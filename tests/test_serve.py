@@ -8,6 +8,8 @@ import io
 import itertools
 import json
 import socket
+import struct
+import subprocess
 import threading
 import time
 import urllib.error
@@ -121,16 +123,16 @@ def test_openai_client_in_every_response_format(client: openai.OpenAI, speech_wa
     verbose_json carries segment timestamps (and, for transcriptions, word timestamps) in time order."""
     api = client.audio.transcriptions if route == "transcriptions" else client.audio.translations
     translate = route == "translations"
-    plain = api.create(model="whisper-1", file=upload(speech_wav))
-    assert media.recognised(plain.text) >= 0.7, plain
-    text = api.create(model="whisper-1", file=upload(speech_wav), response_format="text")
-    assert isinstance(text, str) and media.recognised(text) >= 0.7
-    srt = api.create(model="whisper-1", file=upload(speech_wav), response_format="srt")
-    assert "-->" in srt and "00:00:00,000" in srt and media.recognised(srt) >= 0.7
-    vtt = api.create(model="whisper-1", file=upload(speech_wav), response_format="vtt")
-    assert vtt.startswith("WEBVTT") and media.recognised(vtt) >= 0.7
     extra: dict[str, Any] = {} if translate else {"timestamp_granularities": ["word", "segment"]}
-    verbose = api.create(model="whisper-1", file=upload(speech_wav), response_format="verbose_json", **extra)
+    asks: list[dict[str, Any]] = [{}, {"response_format": "text"}, {"response_format": "srt"},
+                                  {"response_format": "vtt"}, {"response_format": "verbose_json", **extra}]
+    with ThreadPoolExecutor(len(asks)) as pool:  # sent at once: they share one batch, which keeps this quick
+        plain, text, srt, vtt, verbose = pool.map(
+            lambda ask: api.create(model="whisper-1", file=upload(speech_wav), **ask), asks)
+    assert media.recognised(plain.text) >= 0.7, plain
+    assert isinstance(text, str) and media.recognised(text) >= 0.7
+    assert "-->" in srt and "00:00:00,000" in srt and media.recognised(srt) >= 0.7
+    assert vtt.startswith("WEBVTT") and media.recognised(vtt) >= 0.7
     assert verbose.language == "english" and verbose.duration > 5 and media.recognised(verbose.text) >= 0.7
     segments = verbose.segments
     assert segments and [s.id for s in segments] == list(range(len(segments)))
@@ -144,27 +146,56 @@ def test_openai_client_in_every_response_format(client: openai.OpenAI, speech_wa
 
 def test_streamed_transcription_sends_a_delta_per_segment(client: openai.OpenAI, long_speech: Path) -> None:
     """stream=true: server-sent text deltas, one per decoded segment, then the done event with the whole text."""
-    events = list(client.audio.transcriptions.create(model="whisper-1", file=upload(long_speech), stream=True))
+    with ThreadPoolExecutor(2) as pool:  # at once: one batch
+        streamed = pool.submit(lambda: list(client.audio.transcriptions.create(
+            model="whisper-1", file=upload(long_speech), stream=True)))
+        whole = pool.submit(client.audio.transcriptions.create, model="whisper-1", file=upload(long_speech),
+                            response_format="verbose_json")
+        events, verbose = streamed.result(), whole.result()
     deltas = [event.delta for event in events if event.type == "transcript.text.delta"]
     assert events[-1].type == "transcript.text.done" and [e.type for e in events[:-1]] == ["transcript.text.delta"] * (
         len(events) - 1)
     assert "".join(deltas) == events[-1].text and all(word in events[-1].text.lower() for word in KEYWORDS)
-    verbose = client.audio.transcriptions.create(model="whisper-1", file=upload(long_speech),
-                                                 response_format="verbose_json")
     assert verbose.segments is not None and len(verbose.segments) > 1
     assert len(deltas) == len(verbose.segments)
 
 
-def test_speaks_and_draws(client: openai.OpenAI) -> None:
-    """/v1/audio/speech answers a WAV of the speech task; /v1/images/generations a PNG as b64_json."""
-    spoken = client.audio.speech.create(model="tts-1", voice="alloy", input="Hello there. How are you?",
-                                        response_format="wav", speed=1.2)
-    with wave.open(io.BytesIO(spoken.content)) as wav:
-        assert wav.getframerate() == 16000 and wav.getnframes() > 1000
-    drawn = client.images.generate(prompt="a red square", size="64x64", response_format="b64_json", n=2)
+def _probe(data: bytes, folder: Path, name: str) -> dict[str, Any]:
+    path = folder / name
+    path.write_bytes(data)
+    done = subprocess.run(["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json", str(path)],
+                          capture_output=True, timeout=30, check=True)
+    return json.loads(done.stdout)
+
+
+def test_speaks_and_draws(client: openai.OpenAI, tmp_path: Path) -> None:
+    """/v1/audio/speech answers mp3 by default (OpenAI's default; ffprobe decodes it), wav, opus and flac
+    when asked, slower speech for a lower `speed`; an unknown format is refused naming `response_format`.
+    /v1/images/generations answers n PNGs of the asked size as b64_json."""
+    say = "Hello there. How are you?"
+    asks: list[dict[str, Any]] = [{}, {"response_format": "wav", "speed": 0.5}, {"response_format": "wav", "speed": 2},
+                                  {"response_format": "opus"}, {"response_format": "flac"}]
+    with ThreadPoolExecutor(len(asks)) as pool:
+        mp3, slow, fast, opus, flac = pool.map(
+            lambda ask: client.audio.speech.create(model="tts-1", voice="alloy", input=say, **ask).content, asks)
+    found = _probe(mp3, tmp_path, "speech.mp3")
+    assert found["format"]["format_name"] == "mp3" and float(found["format"]["duration"]) > 0.1, found
+    assert found["streams"][0]["codec_name"] == "mp3"
+    assert _probe(opus, tmp_path, "speech.opus")["streams"][0]["codec_name"] == "opus"
+    assert _probe(flac, tmp_path, "speech.flac")["streams"][0]["codec_name"] == "flac"
+    with wave.open(io.BytesIO(slow)) as slow_wav, wave.open(io.BytesIO(fast)) as fast_wav:
+        assert slow_wav.getframerate() == 16000 and fast_wav.getnframes() > 1000
+        assert slow_wav.getnframes() > 2 * fast_wav.getnframes()
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.audio.speech.create(model="tts-1", voice="alloy", input=say,
+                                   response_format="ogg")  # type: ignore[arg-type]
+    assert_openai_error(refused.value.response.json(), code="INVALID_INPUT", param="response_format")
+    drawn = client.images.generate(prompt="a red square", size="128x64", response_format="b64_json", n=2)
     assert drawn.data is not None and len(drawn.data) == 2
     for image in drawn.data:
-        assert image.b64_json is not None and base64.b64decode(image.b64_json).startswith(b"\x89PNG")
+        assert image.b64_json is not None
+        png = base64.b64decode(image.b64_json)
+        assert png.startswith(b"\x89PNG") and struct.unpack(">II", png[16:24]) == (128, 64)
 
 
 def test_models_list_what_is_served(client: openai.OpenAI, tiny_vits: Path) -> None:
@@ -289,6 +320,8 @@ def test_native_job_route_answers_the_job_contract(served: ServeProcess, speech_
     status, headers, result = post_json(f"{served.url}/v1/jobs", {"input": {"audio_base64": audio}})
     assert status == 200 and media.recognised(result["transcription"]) >= 0.7
     assert headers["x-request-id"] == result["request_id"] and "total_ms" in result["timings"]
+    done = [line for line in served.log_text().splitlines() if "job.done" in line and result["request_id"] in line]
+    assert len(done) == 1, done  # each line once (the SDK's basicConfig used to print every line twice)
     too_many = {"input": {"task": "text2image", "prompt": "x", "steps": 999}}
     status, _, error = post_json(f"{served.url}/v1/jobs", too_many)
     assert status == 413 and error["error_code"] == "INPUT_TOO_LARGE" and error["retryable"] is False

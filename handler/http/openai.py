@@ -20,12 +20,14 @@ from handler.config import Settings
 from handler.errors import InvalidInput, printable
 from handler.http.uploads import Form
 from handler.io.inputs import ATTACHED
+from handler.io.media import AUDIO_ENCODINGS, encode_audio
 
 TRANSCRIPTION_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 GRANULARITIES = ("word", "segment")
 # OpenAI's speech model names: what its clients send; the worker's TTS_MODEL answers them.
 SPEECH_ALIASES = frozenset({"tts-1", "tts-1-hd", "gpt-4o-mini-tts"})
-SPEECH_FORMATS = ("wav",)
+# OpenAI's speech formats; all but wav are encoded by ffmpeg (handler.io.media.AUDIO_ENCODINGS).
+SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 IMAGE_FORMATS = ("url", "b64_json")
 _SIZE = re.compile(r"(\d{2,5})x(\d{2,5})")
 # Request field -> job field, to name the request's own field in an error.
@@ -159,16 +161,21 @@ def done_event(output: dict[str, Any]) -> dict[str, Any]:
 _SPEECH_KNOWN = frozenset({"model", "input", "voice", "response_format", "speed"})
 
 
-def speech_job(body: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """The ``speech`` job of ``POST /v1/audio/speech``."""
+def speech_job(body: dict[str, Any], settings: Settings, *, encoders: frozenset[str]) -> tuple[dict[str, Any], str]:
+    """The ``speech`` job of ``POST /v1/audio/speech``, and its ``response_format`` (mp3 unless
+    asked, as OpenAI's); a format whose encoder this machine's ffmpeg (``encoders``) lacks is refused."""
     _check_known(list(body), _SPEECH_KNOWN)
     voice = body.get("voice")
     if voice is not None and not (isinstance(voice, str) and len(voice) <= 64):
         raise InvalidInput("voice: expected a voice name (one voice per model here; any name is accepted)",
                            field="voice")
     fmt = body.get("response_format")
-    _choice(fmt if isinstance(fmt, str) or fmt is None else repr(fmt), SPEECH_FORMATS, field="response_format",
-            default="wav")
+    fmt = _choice(fmt if isinstance(fmt, str) or fmt is None else repr(fmt), SPEECH_FORMATS,
+                  field="response_format", default="mp3")
+    encoding = AUDIO_ENCODINGS.get(fmt)
+    if encoding is not None and encoding.encoder not in encoders:
+        raise InvalidInput(f"response_format: {fmt} needs ffmpeg's {encoding.encoder} encoder, which this "
+                           "worker's ffmpeg lacks; ask for wav", field="response_format")
     job: dict[str, Any] = {"task": "speech", "text": body.get("input")}
     model = body.get("model")
     if model is not None and model not in SPEECH_ALIASES:
@@ -176,11 +183,16 @@ def speech_job(body: dict[str, Any], settings: Settings) -> dict[str, Any]:
     speed = _number(body.get("speed"), field="speed")
     if speed is not None:
         job["speaking_rate"] = speed
-    return job
+    return job, fmt
 
 
-def speech_audio(output: dict[str, Any]) -> bytes:
-    return base64.b64decode(output["files"][0]["base64"])
+def speech_audio(output: dict[str, Any], fmt: str, *, timeout_s: float) -> tuple[bytes, str]:
+    """The speech job's WAV in ``fmt`` (ffmpeg for all but wav), and its media type. Blocking."""
+    wav = base64.b64decode(output["files"][0]["base64"])
+    encoding = AUDIO_ENCODINGS.get(fmt)
+    if encoding is None:
+        return wav, "audio/wav"
+    return encode_audio(wav, encoding, timeout_s=timeout_s), encoding.media_type
 
 
 _IMAGE_KNOWN = frozenset({"prompt", "model", "n", "size", "response_format", "user"})

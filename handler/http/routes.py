@@ -10,14 +10,17 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from handler.app import Arrival, Worker
@@ -26,6 +29,7 @@ from handler.http import openai
 from handler.http.errors import HttpRefusal, error_body, openai_error, retries_later, status_of
 from handler.http.metrics import CONTENT_TYPE, Metrics
 from handler.http.uploads import Form, check_length, read_form
+from handler.io.media import audio_encoders
 from handler.io.storage import InlineStorage
 from handler.io.workspace import Workspace
 from handler.logs import get_logger
@@ -335,13 +339,19 @@ class Routes:
             try:
                 self._admit("speech")
                 body = await self._json(request, limit=self.settings.max_speech_chars * 4 + _JSON_OVERHEAD)
-                inputs = openai.speech_job(body, self.settings)
+                encoders = await asyncio.to_thread(audio_encoders)  # ffmpeg asked once, off the loop
+                inputs, fmt = openai.speech_job(body, self.settings, encoders=encoders)
             except WorkerError as err:
                 return self._openai_error(self._refused(err), openai.SPEECH_FIELDS)
             result = await self._job("speech", inputs, Arrival(storage=self._inline()))
             if "error" in result:
                 return self._openai_error(result, openai.SPEECH_FIELDS)
-            return Response(openai.speech_audio(result), media_type="audio/wav", headers=self._headers(result))
+            try:
+                audio, media_type = await asyncio.to_thread(openai.speech_audio, result, fmt,
+                                                            timeout_s=self.settings.media_timeout_s)
+            except WorkerError as err:
+                return self._openai_error(err.payload(str(result.get("request_id", ""))), openai.SPEECH_FIELDS)
+            return Response(audio, media_type=media_type, headers=self._headers(result))
 
         return await self._held(work)
 
@@ -377,6 +387,8 @@ class _Timing:
     def __init__(self, app: ASGIApp, state: ServeState) -> None:
         self._app = app
         self._state = state
+        self._health_path = state.worker.settings.health_check_path
+        self._debug = logging.getLogger(__name__).isEnabledFor(logging.DEBUG)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -393,19 +405,24 @@ class _Timing:
 
         try:
             if scope.get("server") and scope["server"][1] in self._state.health_only_ports \
-                    and scope["path"] != self._state.worker.settings.health_check_path:
+                    and scope["path"] != self._health_path:
                 await Response(status_code=404)(scope, receive, sending)
                 return
             await self._app(scope, receive, sending)
         finally:
-            known = scope["path"] in _KNOWN_PATHS or scope["path"] == self._state.worker.settings.health_check_path
+            known = scope["path"] in _KNOWN_PATHS or scope["path"] == self._health_path
             route = scope["path"] if known else "other"
             seconds = time.perf_counter() - started
             self._state.metrics.requests.labels(route, str(status)).inc()
             self._state.metrics.request_seconds.labels(route).observe(seconds)
-            if route != self._state.worker.settings.health_check_path and route != "/metrics":
+            # A job's own line (job.done, job.failed) already says what it did: a line per request
+            # only for what went wrong, or at DEBUG (it cost a good part of a trivial request).
+            if status >= 400 and route != self._health_path:
                 log.info("http.request", method=scope["method"], route=route, status=status,
                          ms=round(seconds * 1000, 1))
+            elif self._debug and route not in (self._health_path, "/metrics"):
+                log.debug("http.request", method=scope["method"], route=route, status=status,
+                          ms=round(seconds * 1000, 1))
 
 
 _KNOWN_PATHS = frozenset({"/metrics", "/system", "/v1/models", "/v1/jobs", "/v1/audio/transcriptions",
@@ -413,19 +430,22 @@ _KNOWN_PATHS = frozenset({"/metrics", "/system", "/v1/models", "/v1/jobs", "/v1/
 
 
 def build_app(state: ServeState, *, lifespan: Any = None) -> ASGIApp:
-    """The ASGI app: FastAPI routes, wrapped in auth (with API_KEY) and request metrics."""
+    """The ASGI app: Starlette routes (FastAPI's core), wrapped in auth (with API_KEY) and request metrics.
+
+    Every endpoint takes the Request itself, so FastAPI's own layer (per-request dependency
+    solving, its exit-stack, body-limit and telemetry middleware) would only add time.
+    """
     settings = state.worker.settings
     routes = Routes(state)
-    app = FastAPI(title="RunPod media worker", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.add_api_route(settings.health_check_path, routes.health, methods=["GET"])
-    app.add_api_route("/metrics", routes.metrics, methods=["GET"])
-    app.add_api_route("/system", routes.system, methods=["GET"])
-    app.add_api_route("/v1/models", routes.models, methods=["GET"])
-    app.add_api_route("/v1/jobs", routes.jobs, methods=["POST"])
-    app.add_api_route("/v1/audio/transcriptions", routes.transcriptions, methods=["POST"])
-    app.add_api_route("/v1/audio/translations", routes.translations, methods=["POST"])
-    app.add_api_route("/v1/audio/speech", routes.speech, methods=["POST"])
-    app.add_api_route("/v1/images/generations", routes.images, methods=["POST"])
+    table = [
+        (settings.health_check_path, routes.health, "GET"), ("/metrics", routes.metrics, "GET"),
+        ("/system", routes.system, "GET"), ("/v1/models", routes.models, "GET"), ("/v1/jobs", routes.jobs, "POST"),
+        ("/v1/audio/transcriptions", routes.transcriptions, "POST"),
+        ("/v1/audio/translations", routes.translations, "POST"), ("/v1/audio/speech", routes.speech, "POST"),
+        ("/v1/images/generations", routes.images, "POST"),
+    ]
+    app = Starlette(routes=[Route(path, endpoint, methods=[method]) for path, endpoint, method in table],
+                    lifespan=lifespan)
     wrapped: ASGIApp = app
     if settings.api_key is not None:
         wrapped = BearerAuth(wrapped, key=settings.api_key, exempt=settings.health_check_path)

@@ -12,6 +12,7 @@ or messages; subprocess's errors are translated in :func:`_run` and :func:`_watc
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import subprocess
@@ -106,13 +107,15 @@ def _watch(process: subprocess.Popen[bytes], cancel: CancelToken | None) -> Iter
 
 def _run(
     args: list[str], *, timeout_s: float, timeout_error: WorkerError, cancel: CancelToken | None = None,
-    cwd: Path | None = None,
+    cwd: Path | None = None, stdin: bytes | None = None,
 ) -> tuple[int, bytes, bytes]:
-    """Run a tool to its end: (exit code, stdout, stderr); past ``timeout_s``, ``timeout_error``."""
-    process = _start(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
+    """Run a tool to its end (``stdin`` fed to it): (exit code, stdout, stderr); past ``timeout_s``,
+    ``timeout_error``."""
+    process = _start(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
+                     stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL)
     with _watch(process, cancel):
         try:
-            stdout, stderr = process.communicate(timeout=timeout_s)
+            stdout, stderr = process.communicate(stdin, timeout=timeout_s)
         except subprocess.TimeoutExpired as exc:
             raise timeout_error from exc
     if cancel is not None:
@@ -251,6 +254,50 @@ def write_wav(path: Path, samples: np.ndarray, sample_rate: int) -> None:
         out.setsampwidth(2)
         out.setframerate(sample_rate)
         out.writeframes(pcm.tobytes())
+
+
+@dataclass(frozen=True)
+class AudioEncoding:
+    """How ffmpeg writes one of OpenAI's speech ``response_format`` values."""
+
+    muxer: str
+    encoder: str
+    options: tuple[str, ...]
+    media_type: str
+
+
+# OpenAI's speech formats but wav (written by the worker itself). opus is Ogg Opus at 48 kHz
+# (libopus takes few rates); pcm is OpenAI's raw 24 kHz 16-bit little-endian mono.
+AUDIO_ENCODINGS = {
+    "mp3": AudioEncoding("mp3", "libmp3lame", ("-b:a", "64k"), "audio/mpeg"),
+    "opus": AudioEncoding("ogg", "libopus", ("-b:a", "32k", "-ar", "48000"), "audio/ogg"),
+    "aac": AudioEncoding("adts", "aac", ("-b:a", "64k"), "audio/aac"),
+    "flac": AudioEncoding("flac", "flac", (), "audio/flac"),
+    "pcm": AudioEncoding("s16le", "pcm_s16le", ("-ar", "24000", "-ac", "1"), "audio/pcm"),
+}
+_ENCODER_LINE = re.compile(r"^\s*A\S*\s+(\S+)", re.MULTILINE)
+
+
+@functools.cache
+def audio_encoders() -> frozenset[str]:
+    """The audio encoders this machine's ffmpeg has (asked once); empty without ffmpeg."""
+    try:
+        code, stdout, _ = _run(["ffmpeg", "-hide_banner", "-encoders"], timeout_s=30,
+                               timeout_error=WorkerError("ffmpeg -encoders ran longer than 30s"))
+    except WorkerError:
+        return frozenset()
+    return frozenset(_ENCODER_LINE.findall(stdout.decode("utf-8", "replace"))) if code == 0 else frozenset()
+
+
+def encode_audio(wav: bytes, encoding: AudioEncoding, *, timeout_s: float) -> bytes:
+    """A WAV file (the worker's own output, never user media) re-encoded by ffmpeg, in memory."""
+    args = ["ffmpeg", "-v", "error", "-f", "wav", "-i", "pipe:0", "-vn", "-c:a", encoding.encoder,
+            *encoding.options, "-f", encoding.muxer, "pipe:1"]
+    code, stdout, stderr = _run(args, timeout_s=timeout_s, stdin=wav,
+                                timeout_error=WorkerError(f"audio encoding ran longer than {timeout_s:g}s"))
+    if code != 0 or not stdout:
+        raise WorkerError(f"audio encoding to {encoding.muxer} failed ({_tail(stderr, 'speech')})")
+    return stdout
 
 
 class FrameWriter:
