@@ -27,15 +27,17 @@ from handler.io.inputs import MediaInputs
 from handler.io.result_cache import cache_secret
 from handler.io.storage import InlineStorage, S3Storage, Storage, bucket_from_job
 from handler.io.workspace import Workspace, job_workspace
+from handler.job import JobContext
 from handler.logs import get_logger
 from handler.runtime.cancel import CancelToken
+from handler.runtime.container import Runtime
 from handler.runtime.devices import resolve_device
 from handler.runtime.gate import Gate
 from handler.runtime.memory import auto_slots, free_for_models, model_bytes, read_memory
 from handler.runtime.registry import Registry
 from handler.runtime.threads import in_thread, job_threads
+from handler.task import Task
 from handler.tasks import TASKS, load_task_modules
-from handler.tasks.base import JobContext, Runtime, Task
 
 log = get_logger(__name__)
 

@@ -17,11 +17,13 @@ from pydantic import Field
 
 from handler.errors import InputTooLarge, InvalidInput
 from handler.io import media
+from handler.job import JobContext
 from handler.runtime.cancel import CancelToken
+from handler.runtime.container import Runtime
 from handler.runtime.hub import model_identity, pretrained_source
 from handler.runtime.instances import InstancePool
 from handler.runtime.registry import PipelineKey
-from handler.tasks.base import VIDEO_SHAPING, CachePolicy, JobContext, Runtime, Task, TaskInput, input_fields, new_seed
+from handler.task import VIDEO_SHAPING, CachePolicy, Task, TaskInput, input_fields, new_seed
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
 _SOFT_BREAK = re.compile(r"(?<=[,])\s+|\s+")

@@ -13,11 +13,13 @@ import torch
 from pydantic import AliasChoices, Field
 
 from handler.errors import InputTooLarge, InvalidInput
+from handler.job import JobContext
+from handler.runtime.container import Runtime
 from handler.runtime.hub import model_identity
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
+from handler.task import VIDEO_SHAPING, CachePolicy, Task, TaskInput, input_fields, new_seed
 from handler.tasks import diffusion
-from handler.tasks.base import VIDEO_SHAPING, CachePolicy, JobContext, Runtime, Task, TaskInput, input_fields, new_seed
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 _CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}

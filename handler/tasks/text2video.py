@@ -21,13 +21,15 @@ from pydantic import Field, model_validator
 from handler.config import Settings
 from handler.errors import InputTooLarge, InvalidInput, ModelLoadFailed
 from handler.io import media
+from handler.job import JobContext
 from handler.logs import get_logger
 from handler.pipelines.whisper import pipeline as whisper_pipeline
+from handler.runtime.container import Runtime
 from handler.runtime.hub import model_identity, pretrained_source
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
+from handler.task import CachePolicy, Task, TaskInput, input_fields, new_seed
 from handler.tasks import diffusion, speech, transcribe
-from handler.tasks.base import CachePolicy, JobContext, Runtime, Task, TaskInput, input_fields, new_seed
 from handler.tasks.captions import cues_from_words, write_srt
 from handler.tasks.text2image import step_callback
 from handler.tasks.video_plan import AspectRatio, Family, Resolution, SegmentPlan, family_of, frame_size, plan_segments

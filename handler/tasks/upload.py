@@ -19,7 +19,8 @@ from pydantic import Field
 
 from handler.errors import InputTooLarge
 from handler.io.storage import object_key
-from handler.tasks.base import JobContext, Task, TaskInput
+from handler.job import JobContext
+from handler.task import Task, TaskInput
 
 
 class UploadInput(TaskInput):
