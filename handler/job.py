@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 
 from handler.config import Settings
 from handler.io.inputs import MediaInputs
+from handler.io.outputs import OutputSink
 from handler.io.result_cache import ResultCache, cache_key
-from handler.io.storage import S3Storage, Storage
+from handler.io.storage import S3Storage
 from handler.io.workspace import Workspace
 from handler.runtime.cancel import CancelToken
 from handler.runtime.container import Runtime
@@ -52,14 +53,16 @@ class Timings:
 
 @dataclass
 class JobContext:
-    """One job: its id, directory, inputs, storage and timings."""
+    """One job: its id, directory, inputs, where its outputs go, its bucket and timings."""
 
     runtime: Runtime
     request_id: str
     job: dict[str, Any]
     workspace: Workspace
     inputs: MediaInputs
-    storage: Storage
+    storage: OutputSink
+    # The job's bucket (its s3Config's, else the worker's), which also holds the result cache; None: none.
+    bucket: S3Storage | None = None
     timings: Timings = field(default_factory=Timings)
     # Cancelled when RunPod cancels the job; model code checks it between steps.
     cancel: CancelToken = field(default_factory=CancelToken)
@@ -171,10 +174,10 @@ class JobContext:
         return {**output, "cached": shared}
 
     def _result_cache(self) -> ResultCache | None:
-        if not self.settings.result_cache or not isinstance(self.storage, S3Storage):
+        if not self.settings.result_cache or self.bucket is None:
             return None
         settings = self.settings
-        return ResultCache(self.storage, prefix=settings.result_cache_prefix, output_prefix=settings.bucket_prefix,
+        return ResultCache(self.bucket, prefix=settings.result_cache_prefix, output_prefix=settings.bucket_prefix,
                            secret=self.runtime.cache_secret, timeout_s=settings.result_cache_timeout_s)
 
     async def save_files(self, files: Sequence[OutputFile]) -> list[dict[str, Any]]:

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from handler.config import BucketSettings, Settings
+from handler.config import Settings
+from handler.io.buckets import BucketSettings
 from handler.io.result_cache import cache_key
 from handler.task import NOT_SHAPING_RESULTS, CachePolicy
 from handler.tasks import TASKS
