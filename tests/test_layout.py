@@ -64,3 +64,19 @@ def test_every_pending_exception_is_still_needed() -> None:
     """An exception left in PENDING after its import went would hide the next one."""
     for task, other in PENDING:
         assert other in sibling_tasks(HANDLER / "tasks" / f"{task}.py"), (task, other)
+
+
+def _readme_map() -> str:
+    readme = (HANDLER.parent / "README.md").read_text()
+    return readme.split("## Where things are", 1)[1].split("```", 2)[1]
+
+
+def test_the_readme_map_names_every_folder_and_module() -> None:
+    """The README's "Where things are" names each folder of handler/ and each module at its top and
+    under pipelines/, so a newcomer's map matches the tree."""
+    names = {f"{p.name}/" for p in HANDLER.iterdir() if p.is_dir() and not p.name.startswith("__")}
+    names |= {f"{p.name}/" for p in (HANDLER / "pipelines").iterdir() if p.is_dir() and not p.name.startswith("__")}
+    names |= {p.name for p in [*HANDLER.glob("*.py"), *(HANDLER / "pipelines").glob("*.py")]
+              if p.name != "__init__.py"}
+    listed = _readme_map()
+    assert sorted(name for name in names if f" {name} " not in listed and f" {name}\n" not in listed) == []
