@@ -53,9 +53,10 @@ ENV BAKE_MODELS=${BAKE_MODELS} \
     WHISPER_MODELS=${WHISPER_MODELS} \
     TTS_MODEL=${TTS_MODEL} \
     IMAGE_MODEL=${IMAGE_MODEL}
-# builder/ reads the worker's own settings; only that module comes before the bake, so code
+# builder/ reads the worker's own settings; only those modules come before the bake, so code
 # changes elsewhere in handler/ do not invalidate the weights layer.
 COPY handler/__init__.py handler/config.py ./handler/
+COPY handler/io/__init__.py handler/io/buckets.py ./handler/io/
 COPY builder ./builder
 RUN python -m builder bake \
     && chmod -R a+rX "$MODEL_DIR"

@@ -11,8 +11,9 @@ from pydantic import BaseModel, ConfigDict
 
 from bench.common import Comparison, bench_settings
 from handler.app import Worker
+from handler.job import JobContext
 from handler.runtime.registry import PipelineKey, Registry
-from handler.tasks.base import JobContext, Task
+from handler.task import Task
 
 
 class EchoInput(BaseModel):

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-# Codes a client may retry (the worker's error table); used when only the error string arrives.
+# Codes a client may retry (the worker's error table; tests/test_errors.py holds the two equal); used when
+# only the error string arrives.
 RETRYABLE = frozenset({"DOWNLOAD_FAILED", "TIMEOUT", "GPU_OOM", "UPLOAD_FAILED", "OVERLOADED", "CANCELLED",
                        "INTERNAL", "CUDA_FATAL"})
 SUCCESS = "success"

@@ -24,18 +24,22 @@ from handler.config import Settings, load_settings
 from handler.errors import Cancelled, CudaFatal, InvalidInput, Overloaded, WorkerError, printable
 from handler.io.download import Downloader
 from handler.io.inputs import MediaInputs
+from handler.io.outputs import InlineStorage, OutputSink
 from handler.io.result_cache import cache_secret
-from handler.io.storage import InlineStorage, S3Storage, Storage, bucket_from_job
+from handler.io.s3config import bucket_from_job
+from handler.io.storage import S3Storage
 from handler.io.workspace import Workspace, job_workspace
+from handler.job import JobContext
 from handler.logs import get_logger
 from handler.runtime.cancel import CancelToken
+from handler.runtime.container import Runtime
 from handler.runtime.devices import resolve_device
 from handler.runtime.gate import Gate
 from handler.runtime.memory import auto_slots, free_for_models, model_bytes, read_memory
 from handler.runtime.registry import Registry
 from handler.runtime.threads import in_thread, job_threads
+from handler.task import Task
 from handler.tasks import TASKS, load_task_modules
-from handler.tasks.base import JobContext, Runtime, Task
 
 log = get_logger(__name__)
 
@@ -66,7 +70,7 @@ class Arrival:
     # Files already in that directory, named by the job as ``attached://<name>``.
     attachments: Mapping[str, Path] = field(default_factory=dict)
     # Where outputs go instead of the worker's bucket (an HTTP reply carrying the bytes itself).
-    storage: Storage | None = None
+    storage: OutputSink | None = None
     # Told of a job's partial results as they come (a transcript's segments); called from any thread.
     on_event: Callable[[str, dict[str, Any]], None] | None = None
 
@@ -138,17 +142,19 @@ class Worker:
             )
         return task
 
-    def storage_for(self, job: dict[str, Any]) -> Storage:
-        """The job's own s3Config (checked like a download URL), else the worker's bucket, else inline."""
+    def storage_for(self, job: dict[str, Any]) -> OutputSink:
+        """Where the job's outputs go: its bucket (see :meth:`bucket_for`), else inline."""
+        return self.bucket_for(job) or self._inline()
+
+    def bucket_for(self, job: dict[str, Any]) -> S3Storage | None:
+        """The job's own s3Config (checked like a download URL), else the worker's bucket; None: neither."""
         policy = self.downloader.policy
         per_job = bucket_from_job(job, policy=policy, schemes=self.downloader.schemes)
         if per_job is not None:
             return S3Storage(per_job, self.settings, policy=policy)
-        return self._storage()
+        return self._bucket
 
-    def _storage(self) -> Storage:
-        if self._bucket is not None:
-            return self._bucket
+    def _inline(self) -> InlineStorage:
         return InlineStorage(self.settings.inline_output_max_bytes)
 
     async def handle(self, job: Any, arrival: Arrival = QUEUED) -> dict[str, Any]:
@@ -218,12 +224,13 @@ class Worker:
     ) -> dict[str, Any]:
         threads = job_threads()
         try:
-            storage = await self._storage_of(job, arrival, threads)
+            bucket = await self._bucket_of(job, arrival, threads)
+            storage = arrival.storage or bucket or self._inline()
             cancel = CancelToken()
-            inputs = MediaInputs(self.settings, self.downloader, storage, cancel, attachments=arrival.attachments)
+            inputs = MediaInputs(self.settings, self.downloader, bucket, cancel, attachments=arrival.attachments)
             log.debug("job.start", task=task.name)
             with _workspace(self.settings, arrival) as workspace:
-                ctx = JobContext(self.runtime, request_id, job, workspace, inputs, storage, cancel=cancel,
+                ctx = JobContext(self.runtime, request_id, job, workspace, inputs, storage, bucket, cancel=cancel,
                                  threads=threads, on_event=arrival.on_event)
                 try:
                     output = await task.run(ctx, params)
@@ -234,13 +241,13 @@ class Worker:
             threads.shutdown(wait=False, cancel_futures=True)
         return {**output, "request_id": request_id, "timings": ctx.timings.as_dict()}
 
-    async def _storage_of(self, job: dict[str, Any], arrival: Arrival, threads: Any) -> Storage:
-        if arrival.storage is not None:
-            return arrival.storage
+    async def _bucket_of(self, job: dict[str, Any], arrival: Arrival, threads: Any) -> S3Storage | None:
+        if arrival.storage is not None:  # outputs travel in the HTTP reply: no bucket for this job
+            return None
         if "s3Config" not in job:
-            return self._storage()
+            return self._bucket
         # A per-job endpoint is resolved (DNS) while it is checked: off the event loop, on the job's threads.
-        return await in_thread(functools.partial(self.storage_for, job), executor=threads,
+        return await in_thread(functools.partial(self.bucket_for, job), executor=threads,
                                on_late_error=self.lifecycle.late_error)
 
     def begin_shutdown(self) -> None:

@@ -11,278 +11,25 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import os
-import re
 import tempfile
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, TypeVar
+
+from handler.io.buckets import BucketSettings, split_bucket_endpoint
 
 T = TypeVar("T")
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
 MIB = 1024 * 1024
+# No `blank` given: a blank variable keeps the default.
+_UNSET: Any = object()
 
 
 class SettingsError(ValueError):
     """An environment variable has a value the worker cannot use; raised at start-up."""
-
-
-@dataclass(frozen=True)
-class BucketSettings:
-    """Credentials and location of an S3-compatible bucket."""
-
-    endpoint_url: str | None
-    access_key_id: str
-    secret_access_key: str = field(repr=False)
-    # None: the bucket runpod's rp_upload would use, named after the month ("11-26").
-    name: str | None
-    region: str | None = None
-
-    def bucket_name(self) -> str:
-        return self.name or time.strftime("%m-%y")
-
-
-# A virtual-hosted bucket endpoint: the bucket is the host's first labels.
-_VIRTUAL_HOSTED = (
-    re.compile(r"(?P<bucket>.+)\.(?P<service>s3[.-](?:(?P<region>[a-z0-9-]+)\.)?amazonaws\.com)"),
-    re.compile(r"(?P<bucket>.+)\.(?P<service>(?P<region>[a-z0-9-]+)\.digitaloceanspaces\.com)"),
-)
-
-
-def split_bucket_endpoint(url: str) -> tuple[str, str | None, str | None]:
-    """``https://<bucket>.s3.<region>.amazonaws.com`` -> (``https://s3.<region>.amazonaws.com``,
-    bucket, region): the bucket goes in the request, not twice in the key. Other URLs pass as
-    they are, with the region runpod's rp_upload reads from them (``.s3.<region>.``)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    for pattern in _VIRTUAL_HOSTED:
-        found = pattern.fullmatch(host)
-        if found:
-            netloc = found["service"] + (f":{parts.port}" if parts.port else "")
-            return urlunsplit((parts.scheme, netloc, "", "", "")), found["bucket"], found["region"]
-    aws = re.fullmatch(r"s3[.-](?P<region>[a-z0-9-]+)\.amazonaws\.com", host)
-    region = aws["region"] if aws else url.split(".s3.")[1].split(".")[0] if ".s3." in url else None
-    return url, None, region
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The worker's configuration. Build it with :func:`load_settings`."""
-
-    # Running on RunPod (RUNPOD_ENDPOINT_ID set): logs are JSON instead of console text.
-    on_runpod: bool = False
-    # RUNPOD_POD_ID: this worker's id on RunPod (reported by `system`; the host name elsewhere).
-    worker_id: str | None = None
-    # RUNPOD_WEBHOOK_POST_OUTPUT: set by RunPod's job loop; progress updates are posted only then.
-    post_progress: bool = False
-    # LOG_LEVEL: level of the worker's own log lines.
-    log_level: str = "INFO"
-    # LOG_FORMAT: auto (JSON on RunPod, console elsewhere), json or console.
-    log_format: str = "auto"
-
-    # WHISPER_MODEL: default Whisper model, an official name (turbo, tiny.en, ...) or a path.
-    whisper_model: str = "turbo"
-    # WHISPER_MODELS: other model names a job may ask for in `model` (comma separated).
-    whisper_models: tuple[str, ...] = ()
-    # WHISPER_MODEL_MAP: names a job may send that another served model answers, e.g.
-    # `base=turbo,large-v3=turbo` (clients of other workers always send their own name).
-    whisper_model_map: tuple[tuple[str, str], ...] = ()
-    # WHISPER_BATCH_SIZE: chunks of a recording (and of the jobs a worker holds) decoded together
-    # by default; 1 keeps openai-whisper's sequential transcribe (without VAD).
-    whisper_batch_size: int = 8
-    # WHISPER_BATCH_WINDOW_MS: how long a batch waits for chunks of other jobs before it runs.
-    whisper_batch_window_ms: float = 10.0
-    # MODEL_DIR: where baked weights live (whisper/<name>.pt, written by builder/).
-    model_dir: Path = Path("/models")
-    # ALLOW_MODEL_DOWNLOAD: fetch weights missing from MODEL_DIR at load time. Off, the worker
-    # makes no network call for models at all (the model libraries are put in offline mode).
-    allow_model_download: bool = True
-    # RUNPOD_HF_CACHE: RunPod's cached Hugging Face models (an endpoint's model cache); a repo id
-    # found there is used without a download.
-    runpod_hf_cache: Path = Path("/runpod-volume/huggingface-cache/hub")
-    # TTS_MODEL: speech model (VITS / MMS-TTS class), a Hugging Face repo id or a local dir.
-    tts_model: str = "facebook/mms-tts-eng"
-    # IMAGE_MODEL: text-to-image diffusers pipeline (SD, SDXL, FLUX class), repo id or dir.
-    image_model: str = "stabilityai/stable-diffusion-xl-base-1.0"
-    # VIDEO_MODEL: text-to-video diffusers pipeline (Wan2.1 T2V, LTX-Video), repo id or dir.
-    video_model: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
-    # ENABLE_CPU_OFFLOAD: keep diffusers models in RAM and move each to the GPU when used
-    # (fits small GPUs, runs slower).
-    enable_cpu_offload: bool = False
-    # PRECISION: number format the models run in. auto: half on CUDA (fp16 Whisper, bf16
-    # diffusion, the video VAE kept in fp32), fp32 on the CPU; half: those CUDA choices on any
-    # device (the suite runs them so on a CPU); full: fp32 everywhere. Speech is fp32 always.
-    precision: str = "auto"
-    # VIDEO_CACHE: reuse transformer work across denoising steps (diffusers' transformer cache):
-    # none, first_block (skip the other blocks while the first one's output barely changes) or
-    # faster (FasterCache: reuse attention outputs every other step). Faster, slightly different videos.
-    video_cache: str = "none"
-    # VIDEO_CACHE_THRESHOLD: first_block's relative change below which a step reuses the cache
-    # (higher: more steps skipped, less faithful).
-    video_cache_threshold: float = 0.05
-    # VIDEO_COMPILE: torch.compile the video transformer's repeated block once per process
-    # (regional compilation: tens of seconds at the first job, then faster steps).
-    video_compile: bool = False
-    # VIDEO_ATTENTION_BACKEND: diffusers attention backend of the video transformer (default:
-    # torch's scaled_dot_product_attention); flash and sage need their packages installed.
-    video_attention_backend: str | None = None
-    # VIDEO_GROUP_OFFLOAD: keep the video models in RAM and stream groups of layers to a small
-    # GPU as they run: none, block (a block at a time, on a side stream) or leaf (layer by layer).
-    video_group_offload: str = "none"
-    # DEVICE: auto (cuda when available), cuda or cpu. A worker that was given a GPU (see the two
-    # below) but cannot use it refuses to start unless DEVICE=cpu asks for the CPU on purpose.
-    device: str = "auto"
-    # RUNPOD_GPU_COUNT: set by RunPod, the GPUs given to this worker (above 0: a GPU is promised).
-    runpod_gpu_count: int = 0
-    # NVIDIA_VISIBLE_DEVICES: set by the NVIDIA container runtime, the devices given to the
-    # container (void, none or empty: none; the nvidia/cuda base image itself sets `all`).
-    nvidia_visible_devices: str | None = None
-    # PRELOAD: tasks whose default pipeline is loaded at start, off the job path (comma list).
-    preload: tuple[str, ...] = ()
-    # BAKE_MODELS: tasks whose models builder/ bakes into the image (comma list; image builds only).
-    bake_models: tuple[str, ...] = ("transcribe",)
-
-    # TASK_MODULES: extra task modules to serve (comma list of importable names, each with TASK).
-    task_modules: tuple[str, ...] = ()
-
-    # MAX_CONCURRENT_JOBS: jobs one worker holds at once (RunPod's concurrency_modifier);
-    # more than the GPU slots lets downloads, decoding and uploads overlap GPU work.
-    max_concurrent_jobs: int = 1
-    # MAX_CONCURRENT_GENERATIONS: GPU slots, jobs running model code at once; `auto` sizes
-    # them at start from free memory and the default model's measured footprint.
-    max_concurrent_generations: int | None = 1
-    # GENERATION_SLOTS_CAP: most slots `auto` may choose.
-    generation_slots_cap: int = 4
-    # MEMORY_RESERVE_MB: memory `auto` keeps free for activations and other processes.
-    memory_reserve_mb: int = 2048
-    # MODEL_INSTANCES: copies of each pipeline; a job borrows one for its whole run.
-    model_instances: int = 1
-    # MEMORY_PRESSURE_THRESHOLD: RAM or VRAM use (0-1) above which new jobs get OVERLOADED.
-    memory_pressure_threshold: float = 0.85
-    # MAX_JOBS_PER_WORKER: after this many jobs the result asks RunPod to restart the worker.
-    max_jobs_per_worker: int | None = None
-    # SHUTDOWN_GRACE_S: after SIGTERM, how long running jobs may finish before they are
-    # cancelled (and answered CANCELLED); keep it under the platform's kill timeout.
-    shutdown_grace_s: float = 10.0
-    # GENERATION_ACQUIRE_TIMEOUT: seconds a job waits for a slot before TIMEOUT.
-    generation_acquire_timeout: float = 600.0
-    # MODEL_LOAD_WAIT_TIMEOUT: seconds a job waits for another job's load of the same model.
-    model_load_wait_timeout: float = 1800.0
-
-    # BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY, BUCKET_NAME,
-    # BUCKET_REGION: output bucket (names as in runpod's rp_upload). Unset: inline outputs.
-    bucket: BucketSettings | None = None
-    # BUCKET_PREFIX: key prefix for every object the worker writes.
-    bucket_prefix: str = "outputs"
-    # PRESIGN_EXPIRY_S: lifetime of the presigned GET URLs in results (SigV4 allows at most 7 days).
-    presign_expiry_s: int = 3600
-    # RESULT_CACHE: answer a request seen before (same task, model weights, output-affecting
-    # fields and media bytes) from the bucket, on any worker; needs a bucket.
-    result_cache: bool = True
-    # RESULT_CACHE_PREFIX: key prefix of the result cache's entries.
-    result_cache_prefix: str = "cache"
-    # RESULT_CACHE_SECRET: key of the HMAC that authenticates cache entries (share it across an
-    # endpoint's workers). Unset: derived from BUCKET_SECRET_ACCESS_KEY, which every worker of the
-    # endpoint has and no job sees; with no bucket either, a random key per process.
-    result_cache_secret: str | None = field(default=None, repr=False)
-    # RESULT_CACHE_TIMEOUT_S: deadline of a whole cache lookup (or store); a slower one is a miss.
-    result_cache_timeout_s: float = 5.0
-    # UPLOAD_PREFIX: key prefix of the presigned uploads the `upload` task hands out (give it a
-    # bucket lifecycle rule); only objects under it may be deleted after reading.
-    upload_prefix: str = "uploads"
-    # UPLOAD_EXPIRY_S: lifetime of a presigned upload (POST) URL.
-    upload_expiry_s: int = 900
-    # UPLOAD_TIMEOUT_S: deadline of one output file's upload to a job's own bucket (s3Config).
-    upload_timeout_s: float = 600.0
-    # UPLOAD_MAX_ATTEMPTS: attempts per S3 request (botocore standard retry mode).
-    upload_max_attempts: int = 3
-    # S3_CONNECT_TIMEOUT_S, S3_READ_TIMEOUT_S: socket timeouts of S3 requests.
-    s3_connect_timeout_s: float = 5.0
-    s3_read_timeout_s: float = 60.0
-    # INLINE_OUTPUT_MAX_BYTES: with no bucket, the most file bytes one result may inline
-    # (RunPod refuses results over ~20 MB after base64).
-    inline_output_max_bytes: int = 10 * MIB
-
-    # DOWNLOAD_MAX_BYTES: largest media download (URL or bucket object).
-    download_max_bytes: int = 1024 * MIB
-    # DOWNLOAD_TIMEOUT_S: whole-download deadline, connect to last byte (URLs, and objects of a
-    # job's own bucket).
-    download_timeout_s: float = 300.0
-    # DOWNLOAD_MAX_REDIRECTS: redirects followed, each one checked like the first URL.
-    download_max_redirects: int = 5
-    # DOWNLOAD_ALLOW_HTTP: accept plain http URLs (https only by default).
-    download_allow_http: bool = False
-    # DOWNLOAD_ALLOWED_NETWORKS: non-public networks downloads may reach (CIDR list).
-    # Empty by default: loopback, private, link-local and other non-global addresses
-    # are refused.
-    download_allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    # BASE64_MAX_BYTES: largest decoded base64 input, checked before decoding.
-    base64_max_bytes: int = 100 * MIB
-    # MAX_SPEECH_CHARS: longest text the speech task accepts.
-    max_speech_chars: int = 5000
-    # MAX_IMAGE_PIXELS: largest width x height of a generated image or video frame.
-    max_image_pixels: int = 2048 * 2048
-    # VIDEO_CLIP_FRAMES: most frames one generated clip has (default: what the model family
-    # makes well, 81 for Wan, 121 for LTX); longer videos are joined from several clips.
-    video_clip_frames: int | None = None
-    # MAX_VIDEO_DURATION_S: longest video text2video makes (narration included).
-    max_video_duration_s: float = 60.0
-    # MAX_VIDEO_FRAMES: most frames one text2video job may make.
-    max_video_frames: int = 1921
-    # MAX_IMAGES: most images one text2image job may ask for.
-    max_images: int = 4
-    # MAX_STEPS: most inference steps a generation job may ask for.
-    max_steps: int = 100
-    # MAX_AUDIO_DURATION_S: longest audio a transcription accepts (checked before decoding).
-    max_audio_duration_s: float = 4 * 3600.0
-    # MEDIA_TIMEOUT_S: deadline of each ffmpeg/ffprobe run.
-    media_timeout_s: float = 600.0
-
-    # WORKER_MODE: queue (RunPod's job queue, `python -m handler`) or http (the HTTP server of
-    # `python -m handler serve`, for RunPod load-balancing endpoints and any container host).
-    worker_mode: str = "queue"
-    # HTTP_HOST: address the HTTP server binds (all interfaces in a container).
-    http_host: str = "0.0.0.0"  # noqa: S104 (a container's port is published on purpose)
-    # PORT: port of the HTTP server (RunPod load-balancing endpoints set it).
-    port: int = 80
-    # PORT_HEALTH: port of the health route, when it differs from PORT (unset: PORT).
-    port_health: int | None = None
-    # HEALTH_CHECK_PATH: the route RunPod's load balancer polls (204 loading, 200 ready, 503 not).
-    health_check_path: str = "/ping"
-    # MAX_CONCURRENT_REQUESTS: HTTP requests held at once (uploads and jobs); more get 429.
-    max_concurrent_requests: int = 32
-    # RETRY_AFTER_S: the Retry-After an overloaded, draining or full HTTP server answers with.
-    retry_after_s: int = 5
-    # API_KEY: when set, every HTTP route but the health route needs `Authorization: Bearer <key>`.
-    api_key: str | None = field(default=None, repr=False)
-
-    # USE_RAM_FILESYSTEM: put job directories under /dev/shm.
-    use_ram_filesystem: bool = False
-    # WORK_DIR: where job directories go (default: the system temp dir).
-    work_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
-
-    def job_root(self) -> Path:
-        """Directory that holds one temporary directory per job."""
-        shm = Path("/dev/shm")  # noqa: S108 (a private mkdtemp per job goes inside)
-        if self.use_ram_filesystem and shm.is_dir():
-            return shm
-        return self.work_dir
-
-    def allowed_whisper_models(self) -> tuple[str, ...]:
-        return (self.whisper_model, *self.whisper_models)
-
-
-def library_environment(settings: Settings) -> dict[str, str]:
-    """Variables the model libraries read when imported: with downloads off, huggingface_hub,
-    transformers and diffusers never reach the network (not even for request headers)."""
-    if settings.allow_model_download:
-        return {}
-    return {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
 def _parse_bool(raw: str) -> bool:
@@ -400,16 +147,261 @@ def _parse_level(raw: str) -> str:
     return _parse_choice("debug", "info", "warning", "error")(raw).upper()
 
 
+def _present(raw: str) -> bool:
+    """A variable whose being set (to anything but blanks) is the setting."""
+    return True
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+def setting(env: str, parse: Callable[[str], Any], default: Any = None, *, blank: Any = _UNSET,
+            default_factory: Callable[[], Any] | None = None, repr: bool = True) -> Any:
+    """A field of :class:`Settings` read from the variable ``env`` by ``parse``: the one
+    declaration of a setting (its comment above it is its documentation). Unset or blank, it
+    keeps ``default``; ``blank``, when given, is what a variable set to blanks means instead."""
+    metadata = {"env": env, "parse": parse, "blank": blank}
+    if default_factory is not None:
+        return field(default_factory=default_factory, repr=repr, metadata=metadata)
+    return field(default=default, repr=repr, metadata=metadata)
+
+
+def flag(env: str, default: bool) -> Any:
+    """A boolean setting: set but blank, it is off (as runpod's SDK reads its own flags)."""
+    return setting(env, _parse_bool, default, blank=False)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The worker's configuration. Build it with :func:`load_settings`."""
+
+    # Running on RunPod (RUNPOD_ENDPOINT_ID set): logs are JSON instead of console text.
+    on_runpod: bool = setting("RUNPOD_ENDPOINT_ID", _present, False)
+    # RUNPOD_POD_ID: this worker's id on RunPod (reported by `system`; the host name elsewhere).
+    worker_id: str | None = setting("RUNPOD_POD_ID", _text, None)
+    # RUNPOD_WEBHOOK_POST_OUTPUT: set by RunPod's job loop; progress updates are posted only then.
+    post_progress: bool = setting("RUNPOD_WEBHOOK_POST_OUTPUT", _present, False)
+    # LOG_LEVEL: level of the worker's own log lines.
+    log_level: str = setting("LOG_LEVEL", _parse_level, "INFO")
+    # LOG_FORMAT: auto (JSON on RunPod, console elsewhere), json or console.
+    log_format: str = setting("LOG_FORMAT", _parse_choice("auto", "json", "console"), "auto")
+
+    # WHISPER_MODEL: default Whisper model, an official name (turbo, tiny.en, ...) or a path.
+    whisper_model: str = setting("WHISPER_MODEL", str.strip, "turbo")
+    # WHISPER_MODELS: other model names a job may ask for in `model` (comma separated).
+    whisper_models: tuple[str, ...] = setting("WHISPER_MODELS", _parse_list, ())
+    # WHISPER_MODEL_MAP: names a job may send that another served model answers, e.g.
+    # `base=turbo,large-v3=turbo` (clients of other workers always send their own name).
+    whisper_model_map: tuple[tuple[str, str], ...] = setting("WHISPER_MODEL_MAP", _parse_pairs, ())
+    # WHISPER_BATCH_SIZE: chunks of a recording (and of the jobs a worker holds) decoded together
+    # by default; 1 keeps openai-whisper's sequential transcribe (without VAD).
+    whisper_batch_size: int = setting("WHISPER_BATCH_SIZE", _parse_positive_int, 8)
+    # WHISPER_BATCH_WINDOW_MS: how long a batch waits for chunks of other jobs before it runs.
+    whisper_batch_window_ms: float = setting("WHISPER_BATCH_WINDOW_MS", lambda raw: max(0.0, float(raw)), 10.0)
+    # MODEL_DIR: where baked weights live (whisper/<name>.pt, written by builder/).
+    model_dir: Path = setting("MODEL_DIR", Path, Path("/models"))
+    # ALLOW_MODEL_DOWNLOAD: fetch weights missing from MODEL_DIR at load time. Off, the worker
+    # makes no network call for models at all (the model libraries are put in offline mode).
+    allow_model_download: bool = flag("ALLOW_MODEL_DOWNLOAD", True)
+    # RUNPOD_HF_CACHE: RunPod's cached Hugging Face models (an endpoint's model cache); a repo id
+    # found there is used without a download.
+    runpod_hf_cache: Path = setting("RUNPOD_HF_CACHE", Path, Path("/runpod-volume/huggingface-cache/hub"))
+    # TTS_MODEL: speech model (VITS / MMS-TTS class), a Hugging Face repo id or a local dir.
+    tts_model: str = setting("TTS_MODEL", str.strip, "facebook/mms-tts-eng")
+    # IMAGE_MODEL: text-to-image diffusers pipeline (SD, SDXL, FLUX class), repo id or dir.
+    image_model: str = setting("IMAGE_MODEL", str.strip, "stabilityai/stable-diffusion-xl-base-1.0")
+    # VIDEO_MODEL: text-to-video diffusers pipeline (Wan2.1 T2V, LTX-Video), repo id or dir.
+    video_model: str = setting("VIDEO_MODEL", str.strip, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    # ENABLE_CPU_OFFLOAD: keep diffusers models in RAM and move each to the GPU when used
+    # (fits small GPUs, runs slower).
+    enable_cpu_offload: bool = flag("ENABLE_CPU_OFFLOAD", False)
+    # PRECISION: number format the models run in. auto: half on CUDA (fp16 Whisper, bf16
+    # diffusion, the video VAE kept in fp32), fp32 on the CPU; half: those CUDA choices on any
+    # device (the suite runs them so on a CPU); full: fp32 everywhere. Speech is fp32 always.
+    precision: str = setting("PRECISION", _parse_choice("auto", "half", "full"), "auto")
+    # VIDEO_CACHE: reuse transformer work across denoising steps (diffusers' transformer cache):
+    # none, first_block (skip the other blocks while the first one's output barely changes) or
+    # faster (FasterCache: reuse attention outputs every other step). Faster, slightly different videos.
+    video_cache: str = setting("VIDEO_CACHE", _parse_choice(*VIDEO_CACHES), "none")
+    # VIDEO_CACHE_THRESHOLD: first_block's relative change below which a step reuses the cache
+    # (higher: more steps skipped, less faithful).
+    video_cache_threshold: float = setting("VIDEO_CACHE_THRESHOLD", _parse_positive_float, 0.05)
+    # VIDEO_COMPILE: torch.compile the video transformer's repeated block once per process
+    # (regional compilation: tens of seconds at the first job, then faster steps).
+    video_compile: bool = flag("VIDEO_COMPILE", False)
+    # VIDEO_ATTENTION_BACKEND: diffusers attention backend of the video transformer (default:
+    # torch's scaled_dot_product_attention); flash and sage need their packages installed.
+    video_attention_backend: str | None = setting("VIDEO_ATTENTION_BACKEND", _parse_attention_backend, None)
+    # VIDEO_GROUP_OFFLOAD: keep the video models in RAM and stream groups of layers to a small
+    # GPU as they run: none, block (a block at a time, on a side stream) or leaf (layer by layer).
+    video_group_offload: str = setting("VIDEO_GROUP_OFFLOAD", _parse_choice(*VIDEO_GROUP_OFFLOADS), "none")
+    # DEVICE: auto (cuda when available), cuda or cpu. A worker that was given a GPU (see the two
+    # below) but cannot use it refuses to start unless DEVICE=cpu asks for the CPU on purpose.
+    device: str = setting("DEVICE", _parse_choice("auto", "cuda", "cpu"), "auto")
+    # RUNPOD_GPU_COUNT: set by RunPod, the GPUs given to this worker (above 0: a GPU is promised).
+    runpod_gpu_count: int = setting("RUNPOD_GPU_COUNT", lambda raw: max(0, int(raw)), 0)
+    # NVIDIA_VISIBLE_DEVICES: set by the NVIDIA container runtime, the devices given to the
+    # container (void, none or empty: none; the nvidia/cuda base image itself sets `all`).
+    nvidia_visible_devices: str | None = setting("NVIDIA_VISIBLE_DEVICES", _text, None)
+    # PRELOAD: tasks whose default pipeline is loaded at start, off the job path (comma list).
+    preload: tuple[str, ...] = setting("PRELOAD", _parse_list, ())
+    # BAKE_MODELS: tasks whose models builder/ bakes into the image (comma list; image builds only).
+    bake_models: tuple[str, ...] = setting("BAKE_MODELS", _parse_list, ("transcribe",))
+
+    # TASK_MODULES: extra task modules to serve (comma list of importable names, each with TASK).
+    task_modules: tuple[str, ...] = setting("TASK_MODULES", _parse_list, ())
+
+    # MAX_CONCURRENT_JOBS: jobs one worker holds at once (RunPod's concurrency_modifier);
+    # more than the GPU slots lets downloads, decoding and uploads overlap GPU work.
+    max_concurrent_jobs: int = setting("MAX_CONCURRENT_JOBS", _parse_positive_int, 1)
+    # MAX_CONCURRENT_GENERATIONS: GPU slots, jobs running model code at once; `auto` sizes
+    # them at start from free memory and the default model's measured footprint.
+    max_concurrent_generations: int | None = setting("MAX_CONCURRENT_GENERATIONS", _parse_slots, 1)
+    # GENERATION_SLOTS_CAP: most slots `auto` may choose.
+    generation_slots_cap: int = setting("GENERATION_SLOTS_CAP", _parse_positive_int, 4)
+    # MEMORY_RESERVE_MB: memory `auto` keeps free for activations and other processes.
+    memory_reserve_mb: int = setting("MEMORY_RESERVE_MB", lambda raw: max(0, int(raw)), 2048)
+    # MODEL_INSTANCES: copies of each pipeline; a job borrows one for its whole run.
+    model_instances: int = setting("MODEL_INSTANCES", _parse_positive_int, 1)
+    # MEMORY_PRESSURE_THRESHOLD: RAM or VRAM use (0-1) above which new jobs get OVERLOADED.
+    memory_pressure_threshold: float = setting("MEMORY_PRESSURE_THRESHOLD", _parse_fraction, 0.85)
+    # MAX_JOBS_PER_WORKER: after this many jobs the result asks RunPod to restart the worker.
+    max_jobs_per_worker: int | None = setting("MAX_JOBS_PER_WORKER", _parse_positive_int, None)
+    # SHUTDOWN_GRACE_S: after SIGTERM, how long running jobs may finish before they are
+    # cancelled (and answered CANCELLED); keep it under the platform's kill timeout.
+    shutdown_grace_s: float = setting("SHUTDOWN_GRACE_S", _parse_positive_float, 10.0)
+    # GENERATION_ACQUIRE_TIMEOUT: seconds a job waits for a slot before TIMEOUT.
+    generation_acquire_timeout: float = setting("GENERATION_ACQUIRE_TIMEOUT", _parse_positive_float, 600.0)
+    # MODEL_LOAD_WAIT_TIMEOUT: seconds a job waits for another job's load of the same model.
+    model_load_wait_timeout: float = setting("MODEL_LOAD_WAIT_TIMEOUT", _parse_positive_float, 1800.0)
+
+    # BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY, BUCKET_NAME,
+    # BUCKET_REGION: output bucket (names as in runpod's rp_upload). Unset: inline outputs.
+    bucket: BucketSettings | None = None
+    # BUCKET_PREFIX: key prefix for every object the worker writes.
+    bucket_prefix: str = setting("BUCKET_PREFIX", lambda raw: raw.strip().strip("/"), "outputs")
+    # PRESIGN_EXPIRY_S: lifetime of the presigned GET URLs in results (SigV4 allows at most 7 days).
+    presign_expiry_s: int = setting("PRESIGN_EXPIRY_S", _parse_int_up_to(7 * 24 * 3600), 3600)
+    # RESULT_CACHE: answer a request seen before (same task, model weights, output-affecting
+    # fields and media bytes) from the bucket, on any worker; needs a bucket.
+    result_cache: bool = flag("RESULT_CACHE", True)
+    # RESULT_CACHE_PREFIX: key prefix of the result cache's entries.
+    result_cache_prefix: str = setting("RESULT_CACHE_PREFIX", _parse_prefix, "cache")
+    # RESULT_CACHE_SECRET: key of the HMAC that authenticates cache entries (share it across an
+    # endpoint's workers). Unset: derived from BUCKET_SECRET_ACCESS_KEY, which every worker of the
+    # endpoint has and no job sees; with no bucket either, a random key per process.
+    result_cache_secret: str | None = setting("RESULT_CACHE_SECRET", _text, None, repr=False)
+    # RESULT_CACHE_TIMEOUT_S: deadline of a whole cache lookup (or store); a slower one is a miss.
+    result_cache_timeout_s: float = setting("RESULT_CACHE_TIMEOUT_S", _parse_positive_float, 5.0)
+    # UPLOAD_PREFIX: key prefix of the presigned uploads the `upload` task hands out (give it a
+    # bucket lifecycle rule); only objects under it may be deleted after reading.
+    upload_prefix: str = setting("UPLOAD_PREFIX", _parse_prefix, "uploads")
+    # UPLOAD_EXPIRY_S: lifetime of a presigned upload (POST) URL.
+    upload_expiry_s: int = setting("UPLOAD_EXPIRY_S", _parse_positive_int, 900)
+    # UPLOAD_TIMEOUT_S: deadline of one output file's upload to a job's own bucket (s3Config).
+    upload_timeout_s: float = setting("UPLOAD_TIMEOUT_S", _parse_positive_float, 600.0)
+    # UPLOAD_MAX_ATTEMPTS: attempts per S3 request (botocore standard retry mode).
+    upload_max_attempts: int = setting("UPLOAD_MAX_ATTEMPTS", _parse_positive_int, 3)
+    # S3_CONNECT_TIMEOUT_S, S3_READ_TIMEOUT_S: socket timeouts of S3 requests.
+    s3_connect_timeout_s: float = setting("S3_CONNECT_TIMEOUT_S", _parse_positive_float, 5.0)
+    s3_read_timeout_s: float = setting("S3_READ_TIMEOUT_S", _parse_positive_float, 60.0)
+    # INLINE_OUTPUT_MAX_BYTES: with no bucket, the most file bytes one result may inline
+    # (RunPod refuses results over ~20 MB after base64).
+    inline_output_max_bytes: int = setting("INLINE_OUTPUT_MAX_BYTES", _parse_positive_int, 10 * MIB)
+
+    # DOWNLOAD_MAX_BYTES: largest media download (URL or bucket object).
+    download_max_bytes: int = setting("DOWNLOAD_MAX_BYTES", _parse_positive_int, 1024 * MIB)
+    # DOWNLOAD_TIMEOUT_S: whole-download deadline, connect to last byte (URLs, and objects of a
+    # job's own bucket).
+    download_timeout_s: float = setting("DOWNLOAD_TIMEOUT_S", _parse_positive_float, 300.0)
+    # DOWNLOAD_MAX_REDIRECTS: redirects followed, each one checked like the first URL.
+    download_max_redirects: int = setting("DOWNLOAD_MAX_REDIRECTS", lambda raw: max(0, int(raw)), 5)
+    # DOWNLOAD_ALLOW_HTTP: accept plain http URLs (https only by default).
+    download_allow_http: bool = flag("DOWNLOAD_ALLOW_HTTP", False)
+    # DOWNLOAD_ALLOWED_NETWORKS: non-public networks downloads may reach (CIDR list).
+    # Empty by default: loopback, private, link-local and other non-global addresses
+    # are refused.
+    download_allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = setting(
+        "DOWNLOAD_ALLOWED_NETWORKS", _parse_networks, ())
+    # BASE64_MAX_BYTES: largest decoded base64 input, checked before decoding.
+    base64_max_bytes: int = setting("BASE64_MAX_BYTES", _parse_positive_int, 100 * MIB)
+    # MAX_SPEECH_CHARS: longest text the speech task accepts.
+    max_speech_chars: int = setting("MAX_SPEECH_CHARS", _parse_positive_int, 5000)
+    # MAX_IMAGE_PIXELS: largest width x height of a generated image or video frame.
+    max_image_pixels: int = setting("MAX_IMAGE_PIXELS", _parse_positive_int, 2048 * 2048)
+    # VIDEO_CLIP_FRAMES: most frames one generated clip has (default: what the model family
+    # makes well, 81 for Wan, 121 for LTX); longer videos are joined from several clips.
+    video_clip_frames: int | None = setting("VIDEO_CLIP_FRAMES", _parse_positive_int, None)
+    # MAX_VIDEO_DURATION_S: longest video text2video makes (narration included).
+    max_video_duration_s: float = setting("MAX_VIDEO_DURATION_S", _parse_positive_float, 60.0)
+    # MAX_VIDEO_FRAMES: most frames one text2video job may make.
+    max_video_frames: int = setting("MAX_VIDEO_FRAMES", _parse_positive_int, 1921)
+    # MAX_IMAGES: most images one text2image job may ask for.
+    max_images: int = setting("MAX_IMAGES", _parse_positive_int, 4)
+    # MAX_STEPS: most inference steps a generation job may ask for.
+    max_steps: int = setting("MAX_STEPS", _parse_positive_int, 100)
+    # MAX_AUDIO_DURATION_S: longest audio a transcription accepts (checked before decoding).
+    max_audio_duration_s: float = setting("MAX_AUDIO_DURATION_S", _parse_positive_float, 4 * 3600.0)
+    # MEDIA_TIMEOUT_S: deadline of each ffmpeg/ffprobe run.
+    media_timeout_s: float = setting("MEDIA_TIMEOUT_S", _parse_positive_float, 600.0)
+
+    # WORKER_MODE: queue (RunPod's job queue, `python -m handler`) or http (the HTTP server of
+    # `python -m handler serve`, for RunPod load-balancing endpoints and any container host).
+    worker_mode: str = setting("WORKER_MODE", _parse_choice("queue", "http"), "queue")
+    # HTTP_HOST: address the HTTP server binds (all interfaces in a container).
+    http_host: str = setting("HTTP_HOST",
+                             str.strip, "0.0.0.0")  # noqa: S104 (a container's port is published on purpose)
+    # PORT: port of the HTTP server (RunPod load-balancing endpoints set it).
+    port: int = setting("PORT", _parse_port, 80)
+    # PORT_HEALTH: port of the health route, when it differs from PORT (unset: PORT).
+    port_health: int | None = setting("PORT_HEALTH", _parse_port, None)
+    # HEALTH_CHECK_PATH: the route RunPod's load balancer polls (204 loading, 200 ready, 503 not).
+    health_check_path: str = setting("HEALTH_CHECK_PATH", _parse_path, "/ping")
+    # MAX_CONCURRENT_REQUESTS: HTTP requests held at once (uploads and jobs); more get 429.
+    max_concurrent_requests: int = setting("MAX_CONCURRENT_REQUESTS", _parse_positive_int, 32)
+    # RETRY_AFTER_S: the Retry-After an overloaded, draining or full HTTP server answers with.
+    retry_after_s: int = setting("RETRY_AFTER_S", _parse_positive_int, 5)
+    # API_KEY: when set, every HTTP route but the health route needs `Authorization: Bearer <key>`.
+    api_key: str | None = setting("API_KEY", _text, None, repr=False)
+
+    # USE_RAM_FILESYSTEM: put job directories under /dev/shm.
+    use_ram_filesystem: bool = flag("USE_RAM_FILESYSTEM", False)
+    # WORK_DIR: where job directories go (default: the system temp dir).
+    work_dir: Path = setting("WORK_DIR", Path, default_factory=lambda: Path(tempfile.gettempdir()))
+
+    def job_root(self) -> Path:
+        """Directory that holds one temporary directory per job."""
+        shm = Path("/dev/shm")  # noqa: S108 (a private mkdtemp per job goes inside)
+        if self.use_ram_filesystem and shm.is_dir():
+            return shm
+        return self.work_dir
+
+    def allowed_whisper_models(self) -> tuple[str, ...]:
+        return (self.whisper_model, *self.whisper_models)
+
+
+def library_environment(settings: Settings) -> dict[str, str]:
+    """Variables the model libraries read when imported: with downloads off, huggingface_hub,
+    transformers and diffusers never reach the network (not even for request headers)."""
+    if settings.allow_model_download:
+        return {}
+    return {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
 class _Env:
     """Reads variables from one mapping, naming the variable in every error."""
 
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._environ = environ
 
-    def get(self, name: str, parse: Callable[[str], T], default: T) -> T:
+    def get(self, name: str, parse: Callable[[str], T], default: T, *, blank: Any = _UNSET) -> T:
         raw = self._environ.get(name)
-        if raw is None or (raw.strip() == "" and parse is not _parse_bool):
+        if raw is None:
             return default
+        if raw.strip() == "":
+            return default if blank is _UNSET else blank
         try:
             return parse(raw)
         except ValueError as exc:
@@ -467,111 +459,24 @@ def _check_prefixes(settings: Settings) -> None:
                                     "outputs, uploads and cache entries need prefixes of their own")
 
 
+# The variables of the operator's bucket: one setting (`bucket`), read together by _bucket.
+BUCKET_VARIABLES = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY", "BUCKET_NAME",
+                    "BUCKET_REGION")
+
+
+def variables() -> tuple[str, ...]:
+    """Every environment variable the settings read, in declaration order."""
+    declared = (f.metadata["env"] for f in fields(Settings) if "env" in f.metadata)
+    return (*declared, *BUCKET_VARIABLES)
+
+
 def _read(env: _Env) -> Settings:
-    d = Settings()
-    return Settings(
-        on_runpod=env.text("RUNPOD_ENDPOINT_ID") is not None,
-        worker_id=env.text("RUNPOD_POD_ID"),
-        post_progress=env.text("RUNPOD_WEBHOOK_POST_OUTPUT") is not None,
-        log_level=env.get("LOG_LEVEL", _parse_level, d.log_level),
-        log_format=env.get("LOG_FORMAT", _parse_choice("auto", "json", "console"), d.log_format),
-        whisper_model=env.get("WHISPER_MODEL", str.strip, d.whisper_model),
-        whisper_models=env.get("WHISPER_MODELS", _parse_list, d.whisper_models),
-        whisper_model_map=env.get("WHISPER_MODEL_MAP", _parse_pairs, d.whisper_model_map),
-        whisper_batch_size=env.get("WHISPER_BATCH_SIZE", _parse_positive_int, d.whisper_batch_size),
-        whisper_batch_window_ms=env.get(
-            "WHISPER_BATCH_WINDOW_MS", lambda raw: max(0.0, float(raw)), d.whisper_batch_window_ms
-        ),
-        model_dir=env.get("MODEL_DIR", Path, d.model_dir),
-        allow_model_download=env.get("ALLOW_MODEL_DOWNLOAD", _parse_bool, d.allow_model_download),
-        runpod_hf_cache=env.get("RUNPOD_HF_CACHE", Path, d.runpod_hf_cache),
-        tts_model=env.get("TTS_MODEL", str.strip, d.tts_model),
-        image_model=env.get("IMAGE_MODEL", str.strip, d.image_model),
-        video_model=env.get("VIDEO_MODEL", str.strip, d.video_model),
-        enable_cpu_offload=env.get("ENABLE_CPU_OFFLOAD", _parse_bool, d.enable_cpu_offload),
-        precision=env.get("PRECISION", _parse_choice("auto", "half", "full"), d.precision),
-        video_cache=env.get("VIDEO_CACHE", _parse_choice(*VIDEO_CACHES), d.video_cache),
-        video_cache_threshold=env.get("VIDEO_CACHE_THRESHOLD", _parse_positive_float, d.video_cache_threshold),
-        video_compile=env.get("VIDEO_COMPILE", _parse_bool, d.video_compile),
-        video_attention_backend=env.get("VIDEO_ATTENTION_BACKEND", _parse_attention_backend,
-                                        d.video_attention_backend),
-        video_group_offload=env.get("VIDEO_GROUP_OFFLOAD", _parse_choice(*VIDEO_GROUP_OFFLOADS),
-                                    d.video_group_offload),
-        video_clip_frames=env.get("VIDEO_CLIP_FRAMES", _parse_positive_int, d.video_clip_frames),
-        max_video_duration_s=env.get("MAX_VIDEO_DURATION_S", _parse_positive_float, d.max_video_duration_s),
-        max_video_frames=env.get("MAX_VIDEO_FRAMES", _parse_positive_int, d.max_video_frames),
-        max_speech_chars=env.get("MAX_SPEECH_CHARS", _parse_positive_int, d.max_speech_chars),
-        max_image_pixels=env.get("MAX_IMAGE_PIXELS", _parse_positive_int, d.max_image_pixels),
-        max_images=env.get("MAX_IMAGES", _parse_positive_int, d.max_images),
-        max_steps=env.get("MAX_STEPS", _parse_positive_int, d.max_steps),
-        device=env.get("DEVICE", _parse_choice("auto", "cuda", "cpu"), d.device),
-        runpod_gpu_count=env.get("RUNPOD_GPU_COUNT", lambda raw: max(0, int(raw)), d.runpod_gpu_count),
-        nvidia_visible_devices=env.text("NVIDIA_VISIBLE_DEVICES"),
-        preload=env.get("PRELOAD", _parse_list, d.preload),
-        bake_models=env.get("BAKE_MODELS", _parse_list, d.bake_models),
-        task_modules=env.get("TASK_MODULES", _parse_list, d.task_modules),
-        max_concurrent_jobs=env.get("MAX_CONCURRENT_JOBS", _parse_positive_int, d.max_concurrent_jobs),
-        max_concurrent_generations=env.get(
-            "MAX_CONCURRENT_GENERATIONS", _parse_slots, d.max_concurrent_generations
-        ),
-        generation_slots_cap=env.get("GENERATION_SLOTS_CAP", _parse_positive_int, d.generation_slots_cap),
-        memory_reserve_mb=env.get("MEMORY_RESERVE_MB", lambda raw: max(0, int(raw)), d.memory_reserve_mb),
-        model_instances=env.get("MODEL_INSTANCES", _parse_positive_int, d.model_instances),
-        memory_pressure_threshold=env.get(
-            "MEMORY_PRESSURE_THRESHOLD", _parse_fraction, d.memory_pressure_threshold
-        ),
-        max_jobs_per_worker=env.get("MAX_JOBS_PER_WORKER", _parse_positive_int, d.max_jobs_per_worker),
-        shutdown_grace_s=env.get("SHUTDOWN_GRACE_S", _parse_positive_float, d.shutdown_grace_s),
-        generation_acquire_timeout=env.get(
-            "GENERATION_ACQUIRE_TIMEOUT", _parse_positive_float, d.generation_acquire_timeout
-        ),
-        model_load_wait_timeout=env.get(
-            "MODEL_LOAD_WAIT_TIMEOUT", _parse_positive_float, d.model_load_wait_timeout
-        ),
-        bucket=_bucket(env),
-        bucket_prefix=env.get("BUCKET_PREFIX", lambda raw: raw.strip().strip("/"), d.bucket_prefix),
-        presign_expiry_s=env.get("PRESIGN_EXPIRY_S", _parse_int_up_to(7 * 24 * 3600), d.presign_expiry_s),
-        upload_prefix=env.get("UPLOAD_PREFIX", _parse_prefix, d.upload_prefix),
-        result_cache=env.get("RESULT_CACHE", _parse_bool, d.result_cache),
-        result_cache_prefix=env.get("RESULT_CACHE_PREFIX", _parse_prefix, d.result_cache_prefix),
-        result_cache_secret=env.text("RESULT_CACHE_SECRET"),
-        result_cache_timeout_s=env.get(
-            "RESULT_CACHE_TIMEOUT_S", _parse_positive_float, d.result_cache_timeout_s
-        ),
-        upload_expiry_s=env.get("UPLOAD_EXPIRY_S", _parse_positive_int, d.upload_expiry_s),
-        upload_timeout_s=env.get("UPLOAD_TIMEOUT_S", _parse_positive_float, d.upload_timeout_s),
-        upload_max_attempts=env.get("UPLOAD_MAX_ATTEMPTS", _parse_positive_int, d.upload_max_attempts),
-        s3_connect_timeout_s=env.get(
-            "S3_CONNECT_TIMEOUT_S", _parse_positive_float, d.s3_connect_timeout_s
-        ),
-        s3_read_timeout_s=env.get("S3_READ_TIMEOUT_S", _parse_positive_float, d.s3_read_timeout_s),
-        inline_output_max_bytes=env.get(
-            "INLINE_OUTPUT_MAX_BYTES", _parse_positive_int, d.inline_output_max_bytes
-        ),
-        download_max_bytes=env.get("DOWNLOAD_MAX_BYTES", _parse_positive_int, d.download_max_bytes),
-        download_timeout_s=env.get("DOWNLOAD_TIMEOUT_S", _parse_positive_float, d.download_timeout_s),
-        download_max_redirects=env.get(
-            "DOWNLOAD_MAX_REDIRECTS", lambda raw: max(0, int(raw)), d.download_max_redirects
-        ),
-        download_allow_http=env.get("DOWNLOAD_ALLOW_HTTP", _parse_bool, d.download_allow_http),
-        download_allowed_networks=env.get(
-            "DOWNLOAD_ALLOWED_NETWORKS", _parse_networks, d.download_allowed_networks
-        ),
-        base64_max_bytes=env.get("BASE64_MAX_BYTES", _parse_positive_int, d.base64_max_bytes),
-        max_audio_duration_s=env.get(
-            "MAX_AUDIO_DURATION_S", _parse_positive_float, d.max_audio_duration_s
-        ),
-        media_timeout_s=env.get("MEDIA_TIMEOUT_S", _parse_positive_float, d.media_timeout_s),
-        worker_mode=env.get("WORKER_MODE", _parse_choice("queue", "http"), d.worker_mode),
-        http_host=env.get("HTTP_HOST", str.strip, d.http_host),
-        port=env.get("PORT", _parse_port, d.port),
-        port_health=env.get("PORT_HEALTH", _parse_port, d.port_health),
-        health_check_path=env.get("HEALTH_CHECK_PATH", _parse_path, d.health_check_path),
-        max_concurrent_requests=env.get(
-            "MAX_CONCURRENT_REQUESTS", _parse_positive_int, d.max_concurrent_requests
-        ),
-        retry_after_s=env.get("RETRY_AFTER_S", _parse_positive_int, d.retry_after_s),
-        api_key=env.text("API_KEY"),
-        use_ram_filesystem=env.get("USE_RAM_FILESYSTEM", _parse_bool, d.use_ram_filesystem),
-        work_dir=env.get("WORK_DIR", Path, d.work_dir),
-    )
+    values = {f.name: env.get(f.metadata["env"], f.metadata["parse"], _default(f), blank=f.metadata["blank"])
+              for f in fields(Settings) if "env" in f.metadata}
+    return Settings(**values, bucket=_bucket(env))
+
+
+def _default(declared: Field[Any]) -> Any:
+    if declared.default_factory is not MISSING:
+        return declared.default_factory()
+    return declared.default

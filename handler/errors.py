@@ -24,6 +24,13 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 _MAX_SHOWN = 80
+# Client errors that heal on retry (request timeout, throttling); every other 4xx will not.
+TRANSIENT_CLIENT_STATUSES = frozenset({408, 429})
+
+
+def transient_status(status: int) -> bool:
+    """Whether an HTTP error status (of a download server or a bucket) may heal on retry."""
+    return status >= 500 or status in TRANSIENT_CLIENT_STATUSES
 
 
 def printable(text: str, *, limit: int = _MAX_SHOWN) -> str:

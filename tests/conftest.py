@@ -20,7 +20,7 @@ from handler.config import Settings, load_settings
 from handler.logs import configure_logging
 from handler.runtime.registry import Registry
 from tests import media
-from tests.jobserver import JobServer
+from tests.jobserver import JobServer, WorkerProcess
 from tests.servers import SeaweedS3
 
 # Every log line of the suite, the worker's and its libraries', goes here too.
@@ -68,36 +68,24 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def tiny_vits(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-weight VITS speech model saved with save_pretrained."""
-    from tests.tiny_models import build_vits
+def _tiny_model(name: str, build: str, what: str) -> Any:
+    """A session fixture ``name``: the random-weight ``what`` that tests.tiny_models' ``build`` saves
+    with save_pretrained, loaded by the worker through the same from_pretrained as production."""
 
-    return build_vits(tmp_path_factory.mktemp("vits"))
+    def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+        from tests import tiny_models
 
+        path: Path = getattr(tiny_models, build)(tmp_path_factory.mktemp(name))
+        return path
 
-@pytest.fixture(scope="session")
-def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-weight Stable Diffusion pipeline saved with save_pretrained."""
-    from tests.tiny_models import build_stable_diffusion
-
-    return build_stable_diffusion(tmp_path_factory.mktemp("sd"))
+    saved.__doc__ = f"A random-weight {what} saved with save_pretrained."
+    return pytest.fixture(scope="session", name=name)(saved)
 
 
-@pytest.fixture(scope="session")
-def tiny_wan(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-weight Wan2.1 text-to-video pipeline saved with save_pretrained."""
-    from tests.tiny_models import build_wan
-
-    return build_wan(tmp_path_factory.mktemp("wan"))
-
-
-@pytest.fixture(scope="session")
-def tiny_ltx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-weight LTX-Video pipeline saved with save_pretrained."""
-    from tests.tiny_models import build_ltx
-
-    return build_ltx(tmp_path_factory.mktemp("ltx"))
+tiny_vits = _tiny_model("tiny_vits", "build_vits", "VITS speech model")
+tiny_sd = _tiny_model("tiny_sd", "build_stable_diffusion", "Stable Diffusion pipeline")
+tiny_wan = _tiny_model("tiny_wan", "build_wan", "Wan2.1 text-to-video pipeline")
+tiny_ltx = _tiny_model("tiny_ltx", "build_ltx", "LTX-Video pipeline")
 
 
 @pytest.fixture(scope="session")
@@ -228,3 +216,23 @@ def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith(("BUCKET_", "RUNPOD_WEBHOOK")):
             monkeypatch.delenv(name, raising=False)
+
+
+def start_worker(server: JobServer, tmp_path: Path, model_dir: Path, **env: str) -> WorkerProcess:
+    """The real worker process on ``server``'s job loop, its job directories under ``tmp_path/jobs``."""
+    work = tmp_path / "jobs"
+    work.mkdir(exist_ok=True)
+    return WorkerProcess(server, work, model_dir, **env)
+
+
+def stop_worker(worker: WorkerProcess) -> int:
+    """Stop ``worker`` (SIGTERM) and return its exit code; its log joins the session's secret check."""
+    code = worker.stop()
+    CAPTURED_LOGS.write(worker.log_path.read_text(errors="replace"))
+    return code
+
+
+def output_of(body: dict[str, Any]) -> dict[str, Any]:
+    """The handler's output in a job-done body (an empty dict when there is none)."""
+    output: dict[str, Any] = body.get("output", {})
+    return output

@@ -18,11 +18,12 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from handler.errors import GenerationTimeout
+from handler.job import JobContext
 from handler.runtime.cancel import CancelToken
 from handler.runtime.instances import InstancePool
 from handler.runtime.registry import PipelineKey
+from handler.task import Task
 from handler.tasks import TASKS
-from handler.tasks.base import JobContext, Task
 
 _ids = itertools.count()
 # Attempts seen per key by the "flaky" action (a client's retries of one job share a key).

@@ -52,6 +52,27 @@ class Recorder:
         return [item for batch in self.batches for item in batch if item[0] == job]
 
 
+class Held:
+    """A ``run_batch`` that holds the batches ``holds`` picks until :meth:`release`, then answers
+    through ``answer``; ``running`` is set once a held batch has started."""
+
+    def __init__(self, answer: Callable[[list[Item]], list[str]],
+                 holds: Callable[[list[Item]], bool] = lambda _batch: True) -> None:
+        self.answer = answer
+        self.holds = holds
+        self.running = threading.Event()
+        self._released = threading.Event()
+
+    def __call__(self, batch: list[Item]) -> list[str]:
+        if self.holds(batch):
+            self.running.set()
+            assert self._released.wait(10)
+        return self.answer(batch)
+
+    def release(self) -> None:
+        self._released.set()
+
+
 @pytest.fixture
 def gate() -> Iterator[Gate]:
     gate = Gate(slots=1, acquire_timeout=10)
@@ -161,27 +182,19 @@ def test_a_full_batch_does_not_wait_for_the_window(gate: Gate) -> None:
 def test_cancelled_job_leaves_the_queue(gate: Gate) -> None:
     """While a batch runs, a job still queued is cancelled: it gets CancelledError, none of its items
     reach run_batch, and the jobs before and after it complete with their own results."""
-    release = threading.Event()
-    running = threading.Event()
-
-    def run_batch(batch: list[Item]) -> list[str]:
-        if batch[0][0] == "first":
-            running.set()
-            assert release.wait(10)
-        return run(batch)
-
     run = Recorder()
-    batcher: Batcher[Item, str] = Batcher(run_batch, gate=gate, max_batch=2, window_s=0.0)
+    held = Held(run, holds=lambda batch: batch[0][0] == "first")
+    batcher: Batcher[Item, str] = Batcher(held, gate=gate, max_batch=2, window_s=0.0)
 
     async def scenario() -> tuple[list[str], BaseException | list[str], list[str]]:
         first = asyncio.create_task(batcher.submit("k", items("first", 2), cancel=CancelToken()))
-        assert await asyncio.to_thread(running.wait, 10)
+        assert await asyncio.to_thread(held.running.wait, 10)
         doomed = asyncio.create_task(batcher.submit("k", items("doomed", 4), cancel=CancelToken()))
         after = asyncio.create_task(batcher.submit("k", items("after", 3), cancel=CancelToken()))
         await asyncio.sleep(0.05)
         doomed.cancel()
         await asyncio.sleep(0.05)
-        release.set()
+        held.release()
         outcome = (await asyncio.gather(doomed, return_exceptions=True))[0]
         return await first, outcome, await after
 
@@ -194,24 +207,17 @@ def test_cancelled_job_leaves_the_queue(gate: Gate) -> None:
 def test_cancelled_job_in_a_running_batch_drops_its_results(gate: Gate) -> None:
     """A job cancelled while its items run in a batch shared with another job: the batch finishes,
     the other job gets its results, the cancelled one gets CancelledError, and nothing runs twice."""
-    release = threading.Event()
-    running = threading.Event()
-
-    def run_batch(batch: list[Item]) -> list[str]:
-        running.set()
-        assert release.wait(10)
-        return run(batch)
-
     run = Recorder()
-    batcher: Batcher[Item, str] = Batcher(run_batch, gate=gate, max_batch=8, window_s=0.1)
+    held = Held(run)
+    batcher: Batcher[Item, str] = Batcher(held, gate=gate, max_batch=8, window_s=0.1)
 
     async def scenario() -> tuple[list[str], BaseException | list[str]]:
         kept = asyncio.create_task(batcher.submit("k", items("kept", 2), cancel=CancelToken()))
         dropped = asyncio.create_task(batcher.submit("k", items("dropped", 2), cancel=CancelToken()))
-        assert await asyncio.to_thread(running.wait, 10)
+        assert await asyncio.to_thread(held.running.wait, 10)
         dropped.cancel()
         await asyncio.sleep(0.05)
-        release.set()
+        held.release()
         outcome = (await asyncio.gather(dropped, return_exceptions=True))[0]
         return await kept, outcome
 
@@ -224,25 +230,18 @@ def test_cancelled_job_in_a_running_batch_drops_its_results(gate: Gate) -> None:
 def test_cancelled_token_answers_cancelled(gate: Gate) -> None:
     """A job whose token is cancelled while its items wait gets Cancelled (CANCELLED), its items
     never run, and the job running at the time completes."""
-    release = threading.Event()
-    running = threading.Event()
-
-    def run_batch(batch: list[Item]) -> list[str]:
-        running.set()
-        assert release.wait(10)
-        return run(batch)
-
     run = Recorder()
-    batcher: Batcher[Item, str] = Batcher(run_batch, gate=gate, max_batch=2, window_s=0.0)
+    held = Held(run)
+    batcher: Batcher[Item, str] = Batcher(held, gate=gate, max_batch=2, window_s=0.0)
     token = CancelToken()
 
     async def scenario() -> tuple[list[str], BaseException | list[str]]:
         first = asyncio.create_task(batcher.submit("k", items("first", 2), cancel=CancelToken()))
-        assert await asyncio.to_thread(running.wait, 10)
+        assert await asyncio.to_thread(held.running.wait, 10)
         waiting = asyncio.create_task(batcher.submit("k", items("waiting", 2), cancel=token))
         await asyncio.sleep(0.05)
         token.cancel()
-        release.set()
+        held.release()
         outcome = (await asyncio.gather(waiting, return_exceptions=True))[0]
         return await first, outcome
 
@@ -402,27 +401,20 @@ def test_a_batch_gathers_while_another_batcher_holds_the_slot(gate: Gate) -> Non
     """Dispatchers take slots through the gate: while a batch of another batcher (another model)
     holds the only slot, two jobs that arrive one after the other wait in the queue, and run
     together once the slot is free, instead of one small batch each queueing at the gate."""
-    release = threading.Event()
-    running = threading.Event()
-
-    def hold(batch: list[Item]) -> list[str]:
-        running.set()
-        assert release.wait(10)
-        return [f"{job}/{index}" for job, index in batch]
-
-    other: Batcher[Item, str] = Batcher(hold, gate=gate, max_batch=8, window_s=0.0)
+    held = Held(lambda batch: [f"{job}/{index}" for job, index in batch])
+    other: Batcher[Item, str] = Batcher(held, gate=gate, max_batch=8, window_s=0.0)
     run = Recorder()
     batcher: Batcher[Item, str] = Batcher(run, gate=gate, max_batch=8, window_s=0.0)
 
     async def scenario() -> tuple[list[str], list[str], list[str]]:
         holder = asyncio.create_task(other.submit("k", items("other", 1), cancel=CancelToken()))
-        assert await asyncio.to_thread(running.wait, 10)
+        assert await asyncio.to_thread(held.running.wait, 10)
         first = asyncio.create_task(batcher.submit("k", items("first", 2), cancel=CancelToken()))
         await asyncio.sleep(0.05)
         second = asyncio.create_task(batcher.submit("k", items("second", 2), cancel=CancelToken()))
         await asyncio.sleep(0.05)
         assert gate.waiting == 1  # the dispatcher waits for the slot; no batch has been formed
-        release.set()
+        held.release()
         return await holder, await first, await second
 
     assert within(10, scenario()) == (expected("other", 1), expected("first", 2), expected("second", 2))

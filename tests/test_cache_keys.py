@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from handler.config import BucketSettings, Settings
+from handler.config import Settings
+from handler.io.buckets import BucketSettings
 from handler.io.result_cache import cache_key
+from handler.task import NOT_SHAPING_RESULTS, CachePolicy
 from handler.tasks import TASKS
-from handler.tasks.base import NOT_SHAPING_RESULTS, CachePolicy
 
 CACHED = {name: task for name, task in TASKS.items() if task.cache is not None}
 # Inputs that exercise each setting a task reads (narration and captions for text2video).

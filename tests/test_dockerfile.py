@@ -44,17 +44,26 @@ def test_requirements_do_not_pull_a_cuda_torch_in_ci() -> None:
     assert not re.search(r"^torch\b", requirements, re.MULTILINE)
 
 
+def _handler_imports(path: Path) -> set[str]:
+    return set(re.findall(r"^from (handler(?:\.\w+)*) import", path.read_text(), re.MULTILINE))
+
+
 def test_the_bake_step_has_what_builder_imports() -> None:
-    """Every handler module builder/ imports is copied into the image before `python -m builder bake` runs."""
+    """Every handler module builder/ imports, and every one those import in turn, is copied into the
+    image before `python -m builder bake` runs."""
     before_bake = DOCKERFILE.split("RUN python -m builder bake", 1)[0]
     copied = {source for args in (shlex.split(line[len("COPY "):]) for line in before_bake.splitlines()
                                   if line.startswith("COPY ")) for source in args[:-1]}
-    for path in (ROOT / "builder").glob("*.py"):
-        for module in re.findall(r"^from (handler(?:\.\w+)*) import", path.read_text(), re.MULTILINE):
-            parts = module.split(".")
-            needed = {"/".join(parts[:i]) + "/__init__.py" for i in range(1, len(parts))}
-            needed.add("/".join(parts) + ".py")
-            assert needed <= copied or "handler" in copied, (path.name, module, needed - copied)
+    pending = {module for path in (ROOT / "builder").glob("*.py") for module in _handler_imports(path)}
+    seen: set[str] = set()
+    while pending:
+        module = pending.pop()
+        seen.add(module)
+        parts = module.split(".")
+        needed = {"/".join(parts[:i]) + "/__init__.py" for i in range(1, len(parts))}
+        needed.add("/".join(parts) + ".py")
+        assert needed <= copied or "handler" in copied, (module, needed - copied)
+        pending |= _handler_imports(ROOT / ("/".join(parts) + ".py")) - seen
 
 
 def test_only_torch_comes_from_pytorchs_index() -> None:

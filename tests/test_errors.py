@@ -50,6 +50,23 @@ def test_codes_match_the_contract() -> None:
     assert DownloadRefused.retryable is False
 
 
+def test_the_client_retries_what_the_worker_calls_retryable() -> None:
+    """client/retry.py keeps its own copy of the retry table (the client imports nothing of the
+    worker): it names exactly the codes whose error class is retryable."""
+    from client.retry import RETRYABLE
+
+    assert {cls.code for cls in ALL_ERRORS if cls is not DownloadRefused and cls.retryable} == RETRYABLE
+
+
+def test_the_client_retries_every_status_the_worker_calls_transient() -> None:
+    """What heals on retry for the worker's downloads and bucket calls, the client retries too
+    (it adds 425, RunPod's own "too early")."""
+    from client.api import _RETRYABLE_HTTP
+    from handler.errors import TRANSIENT_CLIENT_STATUSES
+
+    assert _RETRYABLE_HTTP >= TRANSIENT_CLIENT_STATUSES
+
+
 def test_payload_shape() -> None:
     """The payload is what RunPod and clients need: a string error, code, request id, retry flag."""
     payload = InvalidInput("language: unknown", field="language").payload("rid")

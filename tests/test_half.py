@@ -27,7 +27,9 @@ import torch
 import whisper
 from whisper.tokenizer import get_tokenizer
 
-from handler.tasks import diffusion, speech, transcribe
+from handler.pipelines.diffusion import loading
+from handler.pipelines.speech import pipeline as speech
+from handler.tasks import transcribe
 from tests import media
 from tests.conftest import job, run_job
 
@@ -159,7 +161,7 @@ def test_text2image_runs_in_bf16(half_worker, tmp_path: Path) -> None:
     image.load()
     assert image.size == (64, 64)
     assert np.asarray(image).std() > 0
-    pipeline = diffusion.pipelines(half_worker.runtime, "text2image", str(half_worker.runtime.settings.image_model)
+    pipeline = loading.pipelines(half_worker.runtime, "text2image", str(half_worker.runtime.settings.image_model)
                                    ).first
     assert {pipeline.unet.dtype, pipeline.vae.dtype, pipeline.text_encoder.dtype} == {torch.bfloat16}
 
@@ -175,7 +177,7 @@ def probe_video(result: dict, target: Path) -> tuple[int, int, int]:
 
 
 def video_pipeline(worker, model: Path) -> Any:
-    return diffusion.pipelines(worker.runtime, "text2video", str(model), video=True).first
+    return loading.pipelines(worker.runtime, "text2video", str(model), video=True).first
 
 
 @pytest.mark.parametrize("family", ["wan", "ltx"])

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from handler.app import Worker
-from handler.config import SettingsError, load_settings
+from handler.config import SettingsError, load_settings, variables
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB = json.loads((ROOT / ".runpod" / "hub.json").read_text())
@@ -22,10 +22,8 @@ ENV_TYPES = {"string": str, "number": (int, float), "boolean": bool, "huggingfac
 
 
 def settings_read() -> set[str]:
-    """Every variable config.py reads."""
-    source = (ROOT / "handler" / "config.py").read_text()
-    names = set(re.findall(r'env\.(?:get|text)\(\s*"([A-Z0-9_]+)"', source))
-    return names | set(re.findall(r'"(BUCKET_[A-Z_]+)"', source))
+    """Every variable the settings declare."""
+    return set(variables())
 
 
 # Host CUDA versions (what a host's driver supports) RunPod's endpoint settings offer, newest first.

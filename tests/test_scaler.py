@@ -11,28 +11,16 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import CAPTURED_LOGS
+from tests.conftest import output_of, start_worker, stop_worker
 from tests.jobserver import JobServer, WorkerProcess
 
 pytestmark = pytest.mark.integration
 
 
 def start(server: JobServer, tmp_path: Path, model_dir: Path, **env: str) -> WorkerProcess:
-    work = tmp_path / "jobs"
-    work.mkdir(exist_ok=True)
-    worker = WorkerProcess(server, work, model_dir, **env)
+    worker = start_worker(server, tmp_path, model_dir, **env)
     server.run({"task": "fixture"}, timeout=120)  # ready: imports done, loop polling
     return worker
-
-
-def finish(worker: WorkerProcess) -> int:
-    code = worker.stop()
-    CAPTURED_LOGS.write(worker.log_path.read_text(errors="replace"))
-    return code
-
-
-def output_of(body: dict[str, Any]) -> dict[str, Any]:
-    return body.get("output", {})
 
 
 def test_one_held_jobs_follow_each_other_without_an_idle_second(
@@ -53,7 +41,7 @@ def test_one_held_jobs_follow_each_other_without_an_idle_second(
         assert server.taken.count("quick-0") == 1 and len(server.taken) == jobs + 1
         assert per_job < 0.3, f"{per_job * 1000:.0f} ms per job"
     finally:
-        assert finish(worker) == 0
+        assert stop_worker(worker) == 0
 
 
 def test_sigterm_drains_the_held_job_and_exits_cleanly(server: JobServer, tmp_path: Path, model_dir: Path) -> None:
@@ -68,7 +56,7 @@ def test_sigterm_drains_the_held_job_and_exits_cleanly(server: JobServer, tmp_pa
     worker.process.send_signal(signal.SIGTERM)
     assert worker.process.wait(20) == 0
     assert time.monotonic() - signalled < 1 + 4
-    finish(worker)
+    stop_worker(worker)
     assert output_of(server.result("long"))["error_code"] == "CANCELLED"
     assert "never" not in server.taken
     assert worker.job_dirs() == []
@@ -105,7 +93,7 @@ def test_a_job_handed_out_on_a_take_open_at_sigterm_is_answered(
         server.release_takes()
     assert worker.process.wait(8) == 0
     assert time.monotonic() - signalled < 5
-    finish(worker)
+    stop_worker(worker)
     assert server.wait_taken("late", 0)
     body = server.result("late")
     assert body["error"].startswith("CANCELLED")
@@ -142,7 +130,7 @@ def test_a_garbled_batch_is_answered_where_it_can_be_and_the_worker_keeps_servin
         assert output_of(server.result("after"))["output"] == "done"
         assert "scaler.job_unusable" in worker.log_path.read_text(errors="replace")
     finally:
-        assert finish(worker) == 0
+        assert stop_worker(worker) == 0
 
 
 def test_a_garbled_single_take_is_answered_where_it_can_be_and_the_worker_keeps_serving(
@@ -170,7 +158,7 @@ def test_a_garbled_single_take_is_answered_where_it_can_be_and_the_worker_keeps_
         assert worker.process.poll() is None
         assert worker.log_path.read_text(errors="replace").count("scaler.job_unusable") >= 5
     finally:
-        assert finish(worker) == 0
+        assert stop_worker(worker) == 0
 
 
 def test_stop_channel_cancels_the_held_job_and_the_next_runs_at_once(
@@ -193,7 +181,7 @@ def test_stop_channel_cancels_the_held_job_and_the_next_runs_at_once(
         assert time.monotonic() - answered_at < 0.5
         assert output_of(server.result("next"))["output"] == "done"
     finally:
-        assert finish(worker) == 0
+        assert stop_worker(worker) == 0
 
 
 def test_a_queued_job_starts_at_once_in_process() -> None:

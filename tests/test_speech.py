@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from handler.tasks.speech import split_sentences
+from handler.pipelines.speech.pipeline import split_sentences
 from tests.conftest import assert_no_job_dirs, job, run_job
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from handler.config import SettingsError, load_settings
-from handler.tasks import diffusion
+from handler.pipelines.diffusion import loading
 from tests.conftest import job, run_job
 
 FAMILIES = ["wan", "ltx"]
@@ -26,7 +26,7 @@ def video_model(request: pytest.FixtureRequest, tiny_wan: Path, tiny_ltx: Path) 
 
 
 def loaded(worker: Any, model: Path) -> Any:
-    return diffusion.pipelines(worker.runtime, "text2video", str(model), video=True).first
+    return loading.pipelines(worker.runtime, "text2video", str(model), video=True).first
 
 
 def blocks(pipeline: Any) -> torch.nn.ModuleList:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from handler.tasks.video_plan import FAMILIES, frame_size
+from handler.pipelines.diffusion.video_plan import FAMILIES, frame_size
 from tests import media
 from tests.conftest import assert_no_job_dirs, b64, job, run_job
 from tests.jobserver import JobServer, WorkerProcess

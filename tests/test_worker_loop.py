@@ -6,39 +6,21 @@ import base64
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests import media
-from tests.conftest import CAPTURED_LOGS
-from tests.jobserver import JobServer, WorkerProcess
+from tests.conftest import output_of, start_worker, stop_worker
+from tests.jobserver import JobServer
 
 pytestmark = pytest.mark.integration
-
-
-def start(server: JobServer, tmp_path: Path, model_dir: Path, **env: str) -> WorkerProcess:
-    work = tmp_path / "jobs"
-    work.mkdir(exist_ok=True)
-    worker = WorkerProcess(server, work, model_dir, **env)
-    return worker
-
-
-def stop(worker: WorkerProcess) -> int:
-    code = worker.stop()
-    CAPTURED_LOGS.write(worker.log_path.read_text(errors="replace"))
-    return code
-
-
-def output_of(body: dict[str, Any]) -> dict[str, Any]:
-    return body.get("output", {})
 
 
 @pytest.mark.slow
 def test_two_hundred_jobs_each_answered_once(server: JobServer, tmp_path: Path, model_dir: Path,
                                             speech_dir: Path) -> None:
     """200 jobs, 8 held, 1 slot: every job answered exactly once, with a request id; nothing left behind."""
-    worker = start(server, tmp_path, model_dir, MAX_CONCURRENT_JOBS="8", MAX_CONCURRENT_GENERATIONS="1",
+    worker = start_worker(server, tmp_path, model_dir, MAX_CONCURRENT_JOBS="8", MAX_CONCURRENT_GENERATIONS="1",
                    GENERATION_ACQUIRE_TIMEOUT="60")
     try:
         clip = media.encode(media.speak(media.SENTENCES[0], speech_dir / "loop.wav"), speech_dir / "loop.ogg",
@@ -70,14 +52,14 @@ def test_two_hundred_jobs_each_answered_once(server: JobServer, tmp_path: Path, 
         assert sum(snapshot["outcomes"].values()) == 200
         assert server.pings > 0  # the heartbeat reached the server too
     finally:
-        assert stop(worker) == 0
+        assert stop_worker(worker) == 0
 
 
 @pytest.mark.slow
 def test_stop_channel_cancels_waiting_and_running_jobs(server: JobServer, tmp_path: Path, model_dir: Path) -> None:
     """A job stopped while running, and one stopped while waiting for the slot, answer CANCELLED;
     the slot is free for the next job within a second, and no job directory is left."""
-    worker = start(server, tmp_path, model_dir, MAX_CONCURRENT_JOBS="4", MAX_CONCURRENT_GENERATIONS="1")
+    worker = start_worker(server, tmp_path, model_dir, MAX_CONCURRENT_JOBS="4", MAX_CONCURRENT_GENERATIONS="1")
     try:
         server.submit("running", {"task": "fixture", "action": "sleep", "seconds": 60})
         assert server.wait_taken("running", 60)
@@ -101,14 +83,14 @@ def test_stop_channel_cancels_waiting_and_running_jobs(server: JobServer, tmp_pa
         assert time.monotonic() - stopped_at < 5
         assert worker.job_dirs() == []
     finally:
-        assert stop(worker) == 0
+        assert stop_worker(worker) == 0
 
 
 @pytest.mark.slow
 def test_sigterm_answers_the_job_and_exits_cleanly(server: JobServer, tmp_path: Path, model_dir: Path) -> None:
     """SIGTERM during a long job: it is answered (CANCELLED after the grace period) and the process
     exits 0 within the grace period plus shutdown; a short job in flight finishes normally."""
-    worker = start(server, tmp_path, model_dir, MAX_CONCURRENT_JOBS="2", MAX_CONCURRENT_GENERATIONS="2",
+    worker = start_worker(server, tmp_path, model_dir, MAX_CONCURRENT_JOBS="2", MAX_CONCURRENT_GENERATIONS="2",
                    MODEL_INSTANCES="2", SHUTDOWN_GRACE_S="2")
     server.submit("long", {"task": "fixture", "action": "sleep", "seconds": 60})
     server.submit("short", {"task": "fixture", "action": "sleep", "seconds": 1})
@@ -118,7 +100,7 @@ def test_sigterm_answers_the_job_and_exits_cleanly(server: JobServer, tmp_path: 
     worker.process.send_signal(signal.SIGTERM)
     assert worker.process.wait(20) == 0
     assert time.monotonic() - signalled < 2 + 5
-    stop(worker)
+    stop_worker(worker)
     assert output_of(server.result("short"))["output"] == "done"
     assert output_of(server.result("long"))["error_code"] == "CANCELLED"
     assert worker.job_dirs() == []
@@ -127,11 +109,11 @@ def test_sigterm_answers_the_job_and_exits_cleanly(server: JobServer, tmp_path: 
 @pytest.mark.slow
 def test_recycling_through_the_loop(server: JobServer, tmp_path: Path, model_dir: Path) -> None:
     """MAX_JOBS_PER_WORKER=3: RunPod is told to stop the pod on the third result (stopPod)."""
-    worker = start(server, tmp_path, model_dir, MAX_JOBS_PER_WORKER="3")
+    worker = start_worker(server, tmp_path, model_dir, MAX_JOBS_PER_WORKER="3")
     try:
         for i in range(3):
             server.submit(f"r{i}", {"task": "fixture"})
             assert server.wait_for(i + 1, 60)
         assert [server.result(f"r{i}").get("stopPod", False) for i in range(3)] == [False, False, True]
     finally:
-        stop(worker)
+        stop_worker(worker)

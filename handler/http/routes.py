@@ -30,7 +30,7 @@ from handler.http.errors import HttpRefusal, error_body, openai_error, retries_l
 from handler.http.metrics import CONTENT_TYPE, Metrics
 from handler.http.uploads import Form, check_length, read_form
 from handler.io.media import audio_encoders
-from handler.io.storage import InlineStorage
+from handler.io.outputs import InlineStorage
 from handler.io.workspace import Workspace
 from handler.logs import get_logger
 from handler.runtime.lifecycle import State

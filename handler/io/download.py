@@ -26,8 +26,9 @@ from urllib.parse import urljoin
 import certifi
 import httpcore
 
-from handler.errors import DownloadFailed, DownloadRefused, InputTooLarge, WorkerError
+from handler.errors import DownloadFailed, DownloadRefused, InputTooLarge, WorkerError, transient_status
 from handler.io.addresses import AddressPolicy, IPNetwork, Resolver, check_url, system_resolver
+from handler.io.streams import copy_capped
 from handler.logs import get_logger
 from handler.runtime.cancel import CancelToken
 
@@ -154,20 +155,12 @@ class Downloader:
     def _save(
         self, chunks: Iterable[bytes], target: Path, *, deadline: float, field: str, cancel: CancelToken
     ) -> None:
-        written = 0
-        with target.open("wb") as out:
-            try:
-                for chunk in chunks:
-                    cancel.check()
-                    written += len(chunk)
-                    if written > self.max_bytes:
-                        raise self._too_large(field)
-                    if time.monotonic() > deadline:
-                        raise DownloadFailed(f"{field}: download took longer than {self.timeout_s:g}s", field=field)
-                    out.write(chunk)
-            except (httpcore.NetworkError, httpcore.ProtocolError):
-                cancel.check()  # the abort below broke the read: the job was cancelled
-                raise
+        def in_time() -> None:
+            if time.monotonic() > deadline:
+                raise DownloadFailed(f"{field}: download took longer than {self.timeout_s:g}s", field=field)
+
+        copy_capped(chunks, target, max_bytes=self.max_bytes, cancel=cancel,
+                    too_large=lambda: self._too_large(field), check=in_time)
 
     def _too_large(self, field: str) -> InputTooLarge:
         return InputTooLarge(f"{field}: download is larger than {self.max_bytes} bytes", field=field)
@@ -198,6 +191,4 @@ def _fail_redirect(field: str) -> str:
 def _check_status(status: int, *, field: str) -> None:
     if status == 200:
         return
-    # Client errors other than throttling and request timeouts will not heal on retry.
-    retryable = status >= 500 or status in (408, 429)
-    raise DownloadFailed(f"{field}: server answered HTTP {status}", field=field, retryable=retryable)
+    raise DownloadFailed(f"{field}: server answered HTTP {status}", field=field, retryable=transient_status(status))

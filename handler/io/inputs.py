@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 from handler.config import Settings
 from handler.errors import InputTooLarge, InvalidInput
 from handler.io.download import Downloader
-from handler.io.storage import Storage
+from handler.io.storage import S3Storage
 from handler.runtime.cancel import CancelToken
 
 _DATA_URI = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
@@ -58,12 +58,13 @@ class MediaInputs:
     """Fetches one job's inputs into its directory; stops when the job is cancelled."""
 
     def __init__(
-        self, settings: Settings, downloader: Downloader, storage: Storage, cancel: CancelToken | None = None,
+        self, settings: Settings, downloader: Downloader, bucket: S3Storage | None, cancel: CancelToken | None = None,
         *, attachments: Mapping[str, Path] | None = None,
     ) -> None:
         self._settings = settings
         self._downloader = downloader
-        self._storage = storage
+        # The job's bucket, for its s3:// inputs; None: it has none.
+        self._bucket = bucket
         self._cancel = cancel or CancelToken()
         # Only a job that arrived with files has any; a queued job naming attached:// gets an error.
         self._attachments = dict(attachments or {})
@@ -84,11 +85,13 @@ class MediaInputs:
         if delete_after_read and not key.startswith(prefix):
             raise InvalidInput(f"delete_after_read: only uploads ({prefix}...) can be deleted",
                                field="delete_after_read")
-        size = self._storage.fetch_object(
+        if self._bucket is None:
+            raise InvalidInput(f"{field}: s3:// inputs need a configured bucket", field=field)
+        size = self._bucket.fetch_object(
             bucket, key, target, max_bytes=self._settings.download_max_bytes, field=field, cancel=self._cancel
         )
         if delete_after_read:
-            self._storage.delete_object(bucket, key, field=field, cancel=self._cancel)
+            self._bucket.delete_object(bucket, key, field=field, cancel=self._cancel)
         return size
 
     def _attached(self, name: str, target: Path, *, field: str) -> int:

@@ -1,10 +1,12 @@
-"""Where output files go: an S3-compatible bucket (presigned URLs) or, with none, inline base64.
+"""The bucket: an S3-compatible store in two roles, the output sink of a job (files stored, presigned
+URLs answered; handler.io.outputs has the inline sink for a worker without one) and the reader of
+its ``s3://`` inputs, uploads and result cache entries.
 
 This is the only module that imports botocore, boto3 and s3transfer; their errors become the
 worker's in :func:`s3_errors`, one table for every call: ``UPLOAD_FAILED`` for writes,
 ``DOWNLOAD_FAILED`` for bucket inputs, retryable only when the failure can heal.
 
-A job's own ``s3Config`` is checked completely at the door (:func:`bucket_from_job`): its
+A job's own ``s3Config`` is checked completely at the door (handler.io.s3config): its
 endpoint passes the same address policy as download URLs, resolved there and again at every
 connect, and its bucket name must be a bucket name. Every call to such an endpoint has an
 overall deadline and stops when its job is cancelled: the job's client is its own, so its open
@@ -20,17 +22,15 @@ them: newer botocore defaults add CRC trailers that several S3-compatible stores
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import re
 import socket
 import threading
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import boto3
 import botocore.exceptions as boto_errors
@@ -41,25 +41,30 @@ from botocore.awsrequest import AWSHTTPConnectionPool, AWSHTTPSConnectionPool
 from botocore.config import Config
 from s3transfer.exceptions import CancelledError as TransferCancelled
 
-from handler.config import BucketSettings, Settings
-from handler.errors import Cancelled, DownloadFailed, InputTooLarge, InvalidInput, UploadFailed, WorkerError
-from handler.io.addresses import AddressPolicy, check_url
+from handler.config import Settings
+from handler.errors import (
+    Cancelled,
+    DownloadFailed,
+    InputTooLarge,
+    InvalidInput,
+    UploadFailed,
+    WorkerError,
+    transient_status,
+)
+from handler.io.addresses import AddressPolicy
+from handler.io.buckets import BucketSettings
+from handler.io.outputs import StoredFile, object_key
+from handler.io.streams import copy_capped
 from handler.logs import get_logger, register_secret
 from handler.runtime.cancel import CancelToken
 
 log = get_logger(__name__)
 
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
-_DOTS = re.compile(r"\.{2,}")
-# S3's bucket naming rules, with the upper case and underscores some compatible stores allow.
-_BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]")
-_MAX_CONFIG_CHARS = 2048
 MIB = 1024 * 1024
 _READ_CHUNK = MIB
 # Multipart settings: 16 MiB parts keep part counts low for multi-GB videos.
 _TRANSFER = TransferConfig(multipart_threshold=16 * MIB, multipart_chunksize=16 * MIB, max_concurrency=10)
 # What the store says about a request that may succeed if sent again.
-_TRANSIENT_STATUS = frozenset({408, 429})
 _TRANSIENT_CODES = frozenset({"RequestTimeout", "SlowDown", "Throttling", "TooManyRequests"})
 # botocore errors of the network or the store's answer: another try may get through. Every
 # other botocore error is about the request or its configuration and would fail again.
@@ -89,53 +94,12 @@ class ObjectMissing(DownloadFailed):
 
 
 @dataclass(frozen=True)
-class StoredFile:
-    """One output file as the client sees it."""
-
-    name: str
-    content_type: str
-    size: int
-    key: str | None = None
-    url: str | None = None
-    base64: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-
-class Storage(Protocol):
-    """Saves a job's output files and reads its bucket inputs."""
-
-    # Whether saved files outlive the result (a bucket), or travel inside it (inline).
-    durable: bool
-
-    def save(
-        self, path: Path, *, name: str, content_type: str, request_id: str, cancel: CancelToken | None = None
-    ) -> StoredFile: ...
-
-    def fetch_object(
-        self, bucket: str, key: str, target: Path, *, max_bytes: int, field: str, cancel: CancelToken | None = None
-    ) -> int: ...
-
-    def presign_upload(self, key: str, *, size: int, expires_s: int) -> PresignedUpload: ...
-
-    def delete_object(self, bucket: str, key: str, *, field: str, cancel: CancelToken | None = None) -> None: ...
-
-
-@dataclass(frozen=True)
 class PresignedUpload:
     """Where and how a client uploads one file itself: an S3 presigned POST (a form)."""
 
     url: str
     fields: dict[str, str]
     reference: str  # s3://bucket/key, for the next job's media field
-
-
-def object_key(prefix: str, request_id: str, name: str) -> str:
-    """``prefix/YYYY/MM/DD/request_id/name`` with ``name`` reduced to safe characters."""
-    safe = _DOTS.sub(".", _SAFE_NAME.sub("_", name)).lstrip("._") or "file"
-    day = time.strftime("%Y/%m/%d", time.gmtime())
-    return "/".join(part for part in (prefix, day, request_id, safe) if part)
 
 
 def _s3_error(exc: BaseException, *, field: str | None, bucket: str) -> WorkerError:
@@ -158,7 +122,7 @@ def _s3_error(exc: BaseException, *, field: str | None, bucket: str) -> WorkerEr
 def _client_error(exc: boto_errors.ClientError, *, field: str | None, bucket: str) -> WorkerError:
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
     code = str(exc.response.get("Error", {}).get("Code", "unknown"))
-    retryable = code in _TRANSIENT_CODES or status in _TRANSIENT_STATUS or not 400 <= status < 500
+    retryable = code in _TRANSIENT_CODES or status < 400 or transient_status(status)
     if field is None:
         return UploadFailed(f"storage refused the upload to {bucket!r} ({code})", retryable=retryable)
     if status == 404 or code in ("NoSuchKey", "404"):
@@ -174,41 +138,6 @@ def s3_errors(*, bucket: str, field: str | None = None) -> Iterator[None]:
     except (boto_errors.BotoCoreError, boto_errors.ClientError, boto_errors.UndefinedModelAttributeError,
             Boto3Error, *_TRANSFER_ERRORS) as exc:
         raise _s3_error(exc, field=field, bucket=bucket) from exc
-
-
-def bucket_from_job(job: dict[str, Any], *, policy: AddressPolicy, schemes: frozenset[str]) -> BucketSettings | None:
-    """RunPod's per-request ``s3Config``, checked completely, or None if the job has none.
-
-    Runs before any work of the job; resolves the endpoint's host, so call it off the event loop.
-    """
-    raw = job.get("s3Config")
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        raise InvalidInput("s3Config: must be an object", field="s3Config")
-    required = ("accessId", "accessSecret", "bucketName", "endpointUrl")
-    for name in required:
-        value = raw.get(name)
-        if not isinstance(value, str) or not value.strip() or len(value) > _MAX_CONFIG_CHARS:
-            raise InvalidInput(f"s3Config.{name}: required, a non-empty string", field=f"s3Config.{name}")
-    register_secret(raw["accessSecret"])
-    unknown = sorted(set(raw) - set(required))
-    if unknown:
-        raise InvalidInput("s3Config: unknown field", field=f"s3Config.{unknown[0]}"[:80])
-    if not _BUCKET_NAME.fullmatch(raw["bucketName"]) or ".." in raw["bucketName"]:
-        raise InvalidInput("s3Config.bucketName: not a valid bucket name", field="s3Config.bucketName")
-    field = "s3Config.endpointUrl"
-    parts = check_url(raw["endpointUrl"], schemes=schemes, field=field)
-    try:
-        assert parts.hostname is not None
-        policy.resolve(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-    except WorkerError as exc:
-        exc.field, exc.message = field, f"{field}: {exc.message}"
-        raise
-    return BucketSettings(
-        endpoint_url=raw["endpointUrl"], access_key_id=raw["accessId"], secret_access_key=raw["accessSecret"],
-        name=raw["bucketName"],
-    )
 
 
 class _Connections:
@@ -396,7 +325,8 @@ class S3Storage:
                 if int(response.get("ContentLength") or 0) > max_bytes:
                     raise _too_large(field, max_bytes)
                 with cancel.on_cancel(lambda: _abort_read(body)):
-                    return _save_stream(body, target, max_bytes=max_bytes, field=field, cancel=cancel)
+                    return copy_capped(body.iter_chunks(_READ_CHUNK), target, max_bytes=max_bytes, cancel=cancel,
+                                       too_large=lambda: _too_large(field, max_bytes))
             finally:
                 body.close()
 
@@ -462,23 +392,6 @@ def _timed_out(field: str | None, bucket: str, timeout_s: float) -> WorkerError:
                           retryable=True)
 
 
-def _save_stream(body: Any, target: Path, *, max_bytes: int, field: str, cancel: CancelToken) -> int:
-    """Copy an object's body to ``target``, counting what really arrives against the cap."""
-    written = 0
-    with target.open("wb") as out:
-        try:
-            for chunk in body.iter_chunks(_READ_CHUNK):
-                cancel.check()
-                written += len(chunk)
-                if written > max_bytes:
-                    raise _too_large(field, max_bytes)
-                out.write(chunk)
-        except Exception:
-            cancel.check()  # a read broken by the cancel callback is a cancellation
-            raise
-    return written
-
-
 def _abort_read(body: Any) -> None:
     """Unblock a read of ``body`` in another thread: shut its socket down (closing would not wake it)."""
     raw = getattr(body, "_raw_stream", None)  # botocore's StreamingBody over urllib3's response
@@ -491,39 +404,3 @@ def _abort_read(body: Any) -> None:
 
 def _too_large(field: str, max_bytes: int) -> InputTooLarge:
     return InputTooLarge(f"{field}: object is larger than {max_bytes} bytes", field=field)
-
-
-class InlineStorage:
-    """No bucket: small files come back base64 in the result, within a per-job budget."""
-
-    durable = False
-
-    def __init__(self, max_bytes: int) -> None:
-        self._max_bytes = max_bytes
-        self._used_lock = threading.Lock()
-        self._used = 0
-
-    def save(
-        self, path: Path, *, name: str, content_type: str, request_id: str, cancel: CancelToken | None = None
-    ) -> StoredFile:
-        size = path.stat().st_size
-        with self._used_lock:
-            if self._used + size > self._max_bytes:
-                raise InputTooLarge(
-                    f"output {name!r} ({size} bytes) does not fit inline in the result "
-                    f"(limit {self._max_bytes} bytes); configure a bucket or send s3Config"
-                )
-            self._used += size
-        encoded = base64.b64encode(path.read_bytes()).decode("ascii")
-        return StoredFile(name=name, content_type=content_type, size=size, base64=encoded)
-
-    def fetch_object(
-        self, bucket: str, key: str, target: Path, *, max_bytes: int, field: str, cancel: CancelToken | None = None
-    ) -> int:
-        raise InvalidInput(f"{field}: s3:// inputs need a configured bucket", field=field)
-
-    def presign_upload(self, key: str, *, size: int, expires_s: int) -> PresignedUpload:
-        raise InvalidInput("upload: uploads need a bucket (configure one, or send s3Config)")
-
-    def delete_object(self, bucket: str, key: str, *, field: str, cancel: CancelToken | None = None) -> None:
-        raise InvalidInput(f"{field}: s3:// inputs need a configured bucket", field=field)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from handler.task import Task
 from handler.tasks import speech, system, text2image, text2video, transcribe, upload
-from handler.tasks.base import Task
 
 TASKS: dict[str, Task[Any]] = {
     task.name: task

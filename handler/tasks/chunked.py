@@ -20,13 +20,14 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from handler.job import JobContext
 from handler.pipelines.whisper import decoding, vad
 from handler.pipelines.whisper.pipeline import WhisperPipeline
 from handler.runtime.batcher import Batcher
 from handler.runtime.cancel import CancelToken
+from handler.runtime.container import Runtime
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
-from handler.tasks.base import JobContext, Runtime
 
 Segments = list[dict[str, Any]]
 # The most chunks of all jobs in one batch (batch_size's own bound, or WHISPER_BATCH_SIZE if larger): a

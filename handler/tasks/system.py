@@ -7,9 +7,10 @@ import time
 from typing import Any, Literal
 
 from handler import __version__
+from handler.job import JobContext
 from handler.runtime.devices import describe
 from handler.runtime.memory import read_memory
-from handler.tasks.base import JobContext, Task, TaskInput
+from handler.task import Task, TaskInput
 
 
 class SystemInput(TaskInput):

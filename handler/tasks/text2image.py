@@ -13,11 +13,15 @@ import torch
 from pydantic import AliasChoices, Field
 
 from handler.errors import InputTooLarge, InvalidInput
-from handler.runtime.hub import model_identity
+from handler.job import JobContext
+from handler.limits import check_pixels, check_steps, served_model
+from handler.pipelines.diffusion import loading
+from handler.pipelines.diffusion.steps import step_callback
+from handler.pipelines.weights import model_identity
+from handler.runtime.container import Runtime
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
-from handler.tasks import diffusion
-from handler.tasks.base import VIDEO_SHAPING, CachePolicy, JobContext, Runtime, Task, TaskInput, input_fields, new_seed
+from handler.task import VIDEO_SHAPING, CachePolicy, Task, TaskInput, input_fields, new_seed
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 _CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -56,7 +60,7 @@ DiffusionPipeline = Any
 
 
 def get_pipelines(runtime: Runtime, name: str) -> InstancePool[DiffusionPipeline]:
-    return diffusion.pipelines(runtime, "text2image", name)
+    return loading.pipelines(runtime, "text2image", name)
 
 
 def preload(runtime: Runtime) -> None:
@@ -68,15 +72,10 @@ def _check_limits(ctx: JobContext, params: ImageInput) -> None:
     if params.num_images > settings.max_images:
         raise InputTooLarge(f"num_images: {params.num_images} is over the limit of {settings.max_images}",
                             field="num_images")
-    if params.num_inference_steps > settings.max_steps:
-        raise InputTooLarge(f"num_inference_steps: {params.num_inference_steps} is over the limit of "
-                            f"{settings.max_steps}", field="num_inference_steps")
-    if params.width and params.height and params.width * params.height > settings.max_image_pixels:
-        raise InputTooLarge(f"width x height: {params.width}x{params.height} is over the limit of "
-                            f"{settings.max_image_pixels} pixels", field="width")
-    if params.model not in (None, settings.image_model):
-        raise InvalidInput(f"model: {params.model!r} is not served here; use {settings.image_model!r}",
-                           field="model")
+    check_steps(params.num_inference_steps, settings.max_steps)
+    if params.width and params.height:
+        check_pixels(params.width, params.height, settings.max_image_pixels, field="width", label="width x height")
+    served_model(params.model, settings.image_model)
 
 
 def size_multiple(pipeline: DiffusionPipeline) -> int:
@@ -101,9 +100,7 @@ def resolve_size(ctx: JobContext, pipeline: DiffusionPipeline, params: ImageInpu
     for field, value in (("width", width), ("height", height)):
         if value % multiple:
             raise InvalidInput(f"{field}: {value} is not a multiple of {multiple}, as this model needs", field=field)
-    if width * height > ctx.settings.max_image_pixels:
-        raise InputTooLarge(f"width x height: {width}x{height} is over the limit of "
-                            f"{ctx.settings.max_image_pixels} pixels", field="width")
+    check_pixels(width, height, ctx.settings.max_image_pixels, field="width", label="width x height")
     return width, height
 
 
@@ -120,17 +117,6 @@ def _call_options(pipeline: DiffusionPipeline, params: ImageInput, width: int, h
     if params.guidance_scale is not None:
         options["guidance_scale"] = params.guidance_scale
     return options
-
-
-def step_callback(ctx: JobContext, progress: Progress, total: int, label: str = "") -> Any:
-    """A diffusers ``callback_on_step_end``: stop when cancelled, report progress."""
-
-    def on_step_end(_pipeline: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        ctx.cancel.check()
-        progress.report(f"{label}step {step + 1}/{total}", force=step + 1 == total)
-        return kwargs
-
-    return on_step_end
 
 
 def _save(ctx: JobContext, images: list[Any], fmt: ImageFormat) -> list[tuple[Any, str]]:
@@ -160,7 +146,7 @@ async def _generate(ctx: JobContext, params: ImageInput, model: str) -> dict[str
 
     def work(pipeline: DiffusionPipeline) -> list[Any]:
         generator = torch.Generator("cpu").manual_seed(seed)
-        callback = step_callback(ctx, progress, params.num_inference_steps)
+        callback = step_callback(ctx.cancel, progress, params.num_inference_steps)
         return list(pipeline(**options, generator=generator, callback_on_step_end=callback).images)
 
     images = await ctx.on_model(pipelines, work)

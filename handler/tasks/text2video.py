@@ -21,16 +21,30 @@ from pydantic import Field, model_validator
 from handler.config import Settings
 from handler.errors import InputTooLarge, InvalidInput, ModelLoadFailed
 from handler.io import media
+from handler.job import JobContext
+from handler.limits import check_pixels, check_steps, served_model
 from handler.logs import get_logger
+from handler.pipelines.captions import cues_from_words, write_srt
+from handler.pipelines.diffusion import loading
+from handler.pipelines.diffusion.steps import step_callback
+from handler.pipelines.diffusion.video_plan import (
+    AspectRatio,
+    Family,
+    Resolution,
+    SegmentPlan,
+    family_of,
+    frame_size,
+    plan_segments,
+)
+from handler.pipelines.speech.pipeline import get_pipelines as speech_pipelines
+from handler.pipelines.speech.pipeline import pieces_to_say
+from handler.pipelines.weights import model_identity, pretrained_source
 from handler.pipelines.whisper import pipeline as whisper_pipeline
-from handler.runtime.hub import model_identity, pretrained_source
+from handler.runtime.container import Runtime
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
-from handler.tasks import diffusion, speech, transcribe
-from handler.tasks.base import CachePolicy, JobContext, Runtime, Task, TaskInput, input_fields, new_seed
-from handler.tasks.captions import cues_from_words, write_srt
-from handler.tasks.text2image import step_callback
-from handler.tasks.video_plan import AspectRatio, Family, Resolution, SegmentPlan, family_of, frame_size, plan_segments
+from handler.task import CachePolicy, Task, TaskInput, input_fields, new_seed
+from handler.tasks import transcribe
 
 Captions = Literal["none", "soft", "burned"]
 log = get_logger(__name__)
@@ -73,7 +87,7 @@ class VideoInput(TaskInput):
 
 
 def get_pipelines(runtime: Runtime, name: str) -> InstancePool[Any]:
-    return diffusion.pipelines(runtime, "text2video", name, video=True)
+    return loading.pipelines(runtime, "text2video", name, video=True)
 
 
 def preload(runtime: Runtime) -> None:
@@ -101,18 +115,14 @@ def model_family(ctx: JobContext, name: str) -> Family:
 def _check_limits(ctx: JobContext, params: VideoInput) -> None:
     """Everything that needs no model: checked before the model's files are even read."""
     settings = ctx.settings
-    if params.model not in (None, settings.video_model):
-        raise InvalidInput(f"model: {params.model!r} is not served here; use {settings.video_model!r}", field="model")
-    if params.num_inference_steps > settings.max_steps:
-        raise InputTooLarge(f"num_inference_steps: {params.num_inference_steps} is over the limit of "
-                            f"{settings.max_steps}", field="num_inference_steps")
+    served_model(params.model, settings.video_model)
+    check_steps(params.num_inference_steps, settings.max_steps)
     _check_duration(ctx, params.duration_s, params.fps, field="duration_s")
     if params.narration is not None:
-        speech.check_text(ctx, params.narration, field="narration")
-    if params.width is not None and params.height is not None and params.width * params.height > \
-            settings.max_image_pixels:
-        raise InputTooLarge(f"width: {params.width}x{params.height} is over the limit of "
-                            f"{settings.max_image_pixels} pixels per frame", field="width")
+        pieces_to_say(params.narration, limit=settings.max_speech_chars, field="narration")
+    if params.width is not None and params.height is not None:
+        check_pixels(params.width, params.height, settings.max_image_pixels, field="width", label="width",
+                     unit="pixels per frame")
 
 
 def _frame_size(ctx: JobContext, params: VideoInput, family: Family) -> tuple[int, int]:
@@ -125,9 +135,7 @@ def _frame_size(ctx: JobContext, params: VideoInput, family: Family) -> tuple[in
     else:
         width, height = frame_size(params.aspect_ratio, params.resolution, family)
         field = "resolution"
-    if width * height > ctx.settings.max_image_pixels:
-        raise InputTooLarge(f"{field}: {width}x{height} is over the limit of {ctx.settings.max_image_pixels} "
-                            "pixels per frame", field=field)
+    check_pixels(width, height, ctx.settings.max_image_pixels, field=field, label=field, unit="pixels per frame")
     return width, height
 
 
@@ -147,9 +155,12 @@ async def _narration(ctx: JobContext, params: VideoInput) -> tuple[Path | None, 
     """The narration file, its samples at 16 kHz, and the input field it came from."""
     if params.narration is not None:
         field = "narration"
-        pieces = speech.check_text(ctx, params.narration, field=field)
-        samples, rate = await speech.synthesize(ctx, pieces, model=ctx.settings.tts_model, speaking_rate=1.0,
-                                                seed=params.seed or 0, field=field)
+        pieces = pieces_to_say(params.narration, limit=ctx.settings.max_speech_chars, field=field)
+        voices = await ctx.load(lambda: speech_pipelines(ctx.runtime, ctx.settings.tts_model))
+        pieces = voices.first.speakable(pieces, field=field)
+        samples = await ctx.on_model(voices, lambda voice: voice.synthesize(
+            pieces, speaking_rate=1.0, seed=params.seed or 0, cancel=ctx.cancel, field=field), stage="speech")
+        rate = voices.first.sample_rate
         path = ctx.workdir / "narration.wav"
         media.write_wav(path, samples, rate)
     elif params.audio is not None or params.audio_base64 is not None:
@@ -221,7 +232,8 @@ def _generate(ctx: JobContext, pipeline: Any, params: VideoInput, plan: SegmentP
         options["guidance_scale"] = params.guidance_scale
     for index, frames in enumerate(plan.segments):
         ctx.cancel.check()
-        callback = step_callback(ctx, progress, params.num_inference_steps, label=f"segment {index + 1}/{count}, ")
+        callback = step_callback(ctx.cancel, progress, params.num_inference_steps,
+                                 label=f"segment {index + 1}/{count}, ")
         generator = torch.Generator("cpu").manual_seed(seed + index)
         output = pipeline(**options, num_frames=frames, generator=generator, callback_on_step_end=callback)
         joiner.add(_to_uint8(np.asarray(output.frames[0])), last=index == count - 1)

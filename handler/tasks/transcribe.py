@@ -22,15 +22,17 @@ from whisper.utils import WriteSRT, WriteVTT
 from handler.config import Settings
 from handler.errors import InvalidInput, printable
 from handler.io import media
+from handler.job import JobContext
+from handler.pipelines.weights import file_identity
 from handler.pipelines.whisper import decoding
 from handler.pipelines.whisper.pipeline import WhisperPipeline, load_whisper, model_identity
 from handler.runtime.cancel import CancelToken
+from handler.runtime.container import Runtime
 from handler.runtime.devices import default_dtype
-from handler.runtime.identity import file_identity
 from handler.runtime.instances import InstancePool
 from handler.runtime.registry import PipelineKey
+from handler.task import VIDEO_SHAPING, CachePolicy, Task, TaskInput, input_fields
 from handler.tasks import chunked
-from handler.tasks.base import VIDEO_SHAPING, CachePolicy, JobContext, Runtime, Task, TaskInput, input_fields
 
 TextFormat = Literal["plain_text", "formatted_text", "srt", "vtt"]
 

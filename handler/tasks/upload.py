@@ -17,9 +17,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from handler.errors import InputTooLarge
-from handler.io.storage import object_key
-from handler.tasks.base import JobContext, Task, TaskInput
+from handler.errors import InputTooLarge, InvalidInput
+from handler.io.outputs import object_key
+from handler.job import JobContext
+from handler.task import Task, TaskInput
 
 
 class UploadInput(TaskInput):
@@ -36,7 +37,9 @@ async def run(ctx: JobContext, params: UploadInput) -> dict[str, Any]:
         raise InputTooLarge(f"size: {params.size} bytes is over the limit of {settings.download_max_bytes}",
                             field="size")
     key = object_key(settings.upload_prefix, uuid.uuid4().hex, params.file_name)
-    presign = functools.partial(ctx.storage.presign_upload, key, size=params.size, expires_s=settings.upload_expiry_s)
+    if ctx.bucket is None:
+        raise InvalidInput("upload: uploads need a bucket (configure one, or send s3Config)")
+    presign = functools.partial(ctx.bucket.presign_upload, key, size=params.size, expires_s=settings.upload_expiry_s)
     upload = await ctx.in_thread(presign)
     return {
         "upload": {"url": upload.url, "fields": upload.fields},

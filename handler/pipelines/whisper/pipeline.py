@@ -29,9 +29,9 @@ from whisper.tokenizer import get_tokenizer
 from handler.config import Settings
 from handler.errors import ModelLoadFailed
 from handler.logs import get_logger
+from handler.pipelines import weights as identity
 from handler.pipelines.whisper import decoding
 from handler.pipelines.whisper.vad import Chunk
-from handler.runtime import identity
 from handler.runtime.cancel import CancelToken
 
 log = get_logger(__name__)

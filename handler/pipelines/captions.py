@@ -1,4 +1,4 @@
-"""Captions from Whisper word timings: short cues, written as SRT."""
+"""Captions from Whisper word timings: short cues, written as SRT (text2video's subtitles)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from whisper.utils import format_timestamp
+from whisper.utils import WriteSRT
 
 _MAX_WORDS = 6
 _MAX_CUE_S = 3.0
@@ -42,9 +42,7 @@ def _cue(words: list[dict[str, Any]]) -> Cue:
 
 
 def write_srt(cues: list[Cue], path: Path) -> None:
-    lines = []
-    for index, cue in enumerate(cues, start=1):
-        start = format_timestamp(cue.start, always_include_hours=True, decimal_marker=",")
-        end = format_timestamp(cue.end, always_include_hours=True, decimal_marker=",")
-        lines += [str(index), f"{start} --> {end}", cue.text.replace("-->", "->"), ""]
-    path.write_text("\n".join(lines), encoding="utf-8")
+    """The cues as SRT, by openai-whisper's writer: the one that writes transcripts' SRT too."""
+    segments = [{"start": cue.start, "end": cue.end, "text": cue.text} for cue in cues]
+    with path.open("w", encoding="utf-8") as file:
+        WriteSRT(str(path.parent)).write_result({"segments": segments}, file=file)

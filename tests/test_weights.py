@@ -1,4 +1,5 @@
-"""Where models come from: RunPod's model cache, the baked cache, and no network at all with downloads off."""
+"""Where models come from (RunPod's model cache, the baked cache, and no network at all with downloads off)
+and what they are (the weights-hash memo: remembered for weights, never for job media, and bounded)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from handler.config import load_settings
-from handler.runtime.hub import cached, hf_cache_dir, pretrained_source
+from handler.pipelines import weights
+from handler.pipelines.weights import cached, hf_cache_dir, pretrained_source
 
 ROOT = Path(__file__).resolve().parents[1]
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -80,3 +82,23 @@ def test_no_network_call_with_downloads_off(tmp_path: Path, model_dir: Path, tin
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["loaded"] == ["speech", "text2image", "text2video", "transcribe"], done.stderr[-3000:]
     assert report["events"] == []
+
+
+
+def test_media_hashes_are_not_remembered_and_the_memo_is_bounded(tmp_path: Path, monkeypatch) -> None:
+    """A job's media (remember=False) leaves no entry; weights files are remembered, the least
+    recently used dropped past the bound, so the memo of a long-lived worker stays small."""
+    monkeypatch.setattr(weights, "_known", weights.OrderedDict())
+    monkeypatch.setattr(weights, "_KNOWN_MAX", 3)
+    files = []
+    for number in range(6):
+        path = tmp_path / f"f{number}.bin"
+        path.write_bytes(bytes([number]) * 10)
+        files.append(path)
+    media = weights.file_identity(files[0], remember=False)
+    assert len(weights._known) == 0
+    assert media == weights.file_identity(files[0])  # the same hash either way
+    for path in files[1:]:
+        weights.file_identity(path)
+    assert len(weights._known) == 3
+    assert [Path(marker[0]).name for marker in weights._known] == ["f3.bin", "f4.bin", "f5.bin"]

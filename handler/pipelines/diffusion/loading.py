@@ -8,11 +8,11 @@ import torch
 
 from handler.pipelines.diffusion import speedups
 from handler.pipelines.diffusion.speedups import VideoSpeedups
+from handler.pipelines.weights import pretrained_source
+from handler.runtime.container import Runtime
 from handler.runtime.devices import half_precision
-from handler.runtime.hub import pretrained_source
 from handler.runtime.instances import InstancePool
 from handler.runtime.registry import PipelineKey
-from handler.tasks.base import Runtime
 
 
 def dtype_for(device: str, precision: str = "auto") -> torch.dtype:

@@ -1,0 +1,53 @@
+"""A job's own bucket: RunPod's per-request ``s3Config``, checked completely at the door. Its
+endpoint must pass the one address policy, as any URL a job names must, and is read by the same
+parser as the worker's own bucket (handler.io.buckets)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from handler.errors import InvalidInput, WorkerError
+from handler.io.addresses import AddressPolicy, check_url
+from handler.io.buckets import BucketSettings, split_bucket_endpoint
+from handler.logs import register_secret
+
+# S3's bucket naming rules, with the upper case and underscores some compatible stores allow.
+_BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]")
+_MAX_CONFIG_CHARS = 2048
+
+
+def bucket_from_job(job: dict[str, Any], *, policy: AddressPolicy, schemes: frozenset[str]) -> BucketSettings | None:
+    """RunPod's per-request ``s3Config``, checked completely, or None if the job has none.
+
+    Runs before any work of the job; resolves the endpoint's host, so call it off the event loop.
+    """
+    raw = job.get("s3Config")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise InvalidInput("s3Config: must be an object", field="s3Config")
+    required = ("accessId", "accessSecret", "bucketName", "endpointUrl")
+    for name in required:
+        value = raw.get(name)
+        if not isinstance(value, str) or not value.strip() or len(value) > _MAX_CONFIG_CHARS:
+            raise InvalidInput(f"s3Config.{name}: required, a non-empty string", field=f"s3Config.{name}")
+    register_secret(raw["accessSecret"])
+    unknown = sorted(set(raw) - set(required))
+    if unknown:
+        raise InvalidInput("s3Config: unknown field", field=f"s3Config.{unknown[0]}"[:80])
+    if not _BUCKET_NAME.fullmatch(raw["bucketName"]) or ".." in raw["bucketName"]:
+        raise InvalidInput("s3Config.bucketName: not a valid bucket name", field="s3Config.bucketName")
+    field = "s3Config.endpointUrl"
+    parts = check_url(raw["endpointUrl"], schemes=schemes, field=field)
+    try:
+        assert parts.hostname is not None
+        policy.resolve(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    except WorkerError as exc:
+        exc.field, exc.message = field, f"{field}: {exc.message}"
+        raise
+    _, _, region = split_bucket_endpoint(raw["endpointUrl"])
+    return BucketSettings(
+        endpoint_url=raw["endpointUrl"], access_key_id=raw["accessId"], secret_access_key=raw["accessSecret"],
+        name=raw["bucketName"], region=region,
+    )

@@ -1,0 +1,1 @@
+"""Speech synthesis: transformers VITS / MMS-TTS class models."""

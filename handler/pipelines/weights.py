@@ -1,0 +1,97 @@
+"""Where weights come from and what they are: one place that finds and identifies them.
+
+Finding. A Hugging Face repo id is looked up, without any network call, in RunPod's cached
+models (``RUNPOD_HF_CACHE``, mounted on endpoints that enable the model cache) and then in
+MODEL_DIR/huggingface (where builder/ bakes them); only a repo found in neither is
+downloaded, and only when ALLOW_MODEL_DOWNLOAD is on.
+
+Identifying. The result cache keys on weights, not on names. Hashing a multi-GB checkpoint
+takes seconds, so each weights file's hash is computed once per process (remembered by path,
+size and modification time, for the most recent few hundred files) and, for models in the
+Hugging Face cache, the snapshot's revision (the commit of the weights) stands for its files.
+A job's media is hashed once and never remembered: it is never seen again. (Whisper
+checkpoints are found and identified by handler.pipelines.whisper.pipeline, from these hashes.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from handler.config import Settings
+
+_CHUNK = 4 * 2**20
+# Weights files remembered: far more than a worker serves, so a memo that never grows past it.
+_KNOWN_MAX = 512
+# Guards _known: the hashes of files already read, by (path, size, mtime), least recent first.
+_known_lock = threading.Lock()
+_known: OrderedDict[tuple[str, int, int], str] = OrderedDict()
+
+
+def file_identity(path: Path, *, remember: bool = True) -> str:
+    """sha256 of a file's bytes (remembered while the file is unchanged, unless ``remember`` is False)."""
+    stat = path.stat()
+    marker = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    with _known_lock:
+        found = _known.get(marker)
+        if found is not None:
+            _known.move_to_end(marker)
+            return found
+    digest = hashlib.sha256()
+    with path.open("rb") as source:
+        while chunk := source.read(_CHUNK):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    if remember:
+        with _known_lock:
+            _known[marker] = value
+            while len(_known) > _KNOWN_MAX:
+                _known.popitem(last=False)
+    return value
+
+
+def directory_identity(path: Path) -> str:
+    """A hash over every file of a model directory (names and contents)."""
+    if path.parent.name == "snapshots":  # a Hugging Face cache snapshot: its name is the revision
+        return f"revision:{path.name}"
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(file_identity(file).encode())
+    return digest.hexdigest()
+
+
+def hf_cache_dir(model_dir: Path) -> Path:
+    return model_dir / "huggingface"
+
+
+def cached(cache: Path, repo_id: str) -> bool:
+    """Whether the Hugging Face cache at ``cache`` holds a snapshot of ``repo_id``."""
+    snapshots = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    return snapshots.is_dir() and any(snapshots.iterdir())
+
+
+def pretrained_source(name: str, settings: Settings) -> tuple[str, dict[str, Any]]:
+    """``from_pretrained`` arguments for ``name``: a directory as is, a repo id from a cache."""
+    if Path(name).is_dir():
+        return name, {}
+    for cache in (settings.runpod_hf_cache, hf_cache_dir(settings.model_dir)):
+        if cached(cache, name):
+            return name, {"cache_dir": str(cache), "local_files_only": True}
+    return name, {"cache_dir": str(hf_cache_dir(settings.model_dir)),
+                  "local_files_only": not settings.allow_model_download}
+
+
+def model_identity(name: str, settings: Settings) -> str | None:
+    """What the weights of ``name`` are (for the result cache): a directory's file hashes, or the
+    revision of the cached snapshot; None when the model is not on this machine yet."""
+    if Path(name).is_dir():
+        return directory_identity(Path(name))
+    for cache in (settings.runpod_hf_cache, hf_cache_dir(settings.model_dir)):
+        ref = cache / f"models--{name.replace('/', '--')}" / "refs" / "main"
+        if cached(cache, name) and ref.is_file():
+            return f"revision:{ref.read_text().strip()}"
+    return None
