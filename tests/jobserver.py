@@ -235,6 +235,18 @@ class JobServer:
         return Handler
 
 
+def stop_process(process: subprocess.Popen[bytes]) -> int:
+    """SIGTERM, then the exit status within 30 s; a process still running then is killed."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
 class WorkerProcess:
     """`python -m handler` pointed at a JobServer (run from ``cwd``: another checkout, for a baseline)."""
 
@@ -251,13 +263,7 @@ class WorkerProcess:
                                             stdout=log, stderr=subprocess.STDOUT)
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(30)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
+        return stop_process(self.process)
 
     def job_dirs(self) -> list[Path]:
         return list(self.work_dir.iterdir())
@@ -361,11 +367,4 @@ class ServeProcess:
         self.process.send_signal(signal.SIGTERM)
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(30)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait(10)
+        return stop_process(self.process)
