@@ -58,9 +58,8 @@ def hook_names(module: torch.nn.Module) -> set[str]:
     return set(registry.hooks) if registry is not None else set()
 
 
-# Wan only: First Block Cache needs two blocks at least (a head and a tail), and the tiny LTX
-# transformer has one (its load fails with diffusers' IndexError); real LTX models have 28.
-@pytest.mark.parametrize("video_model", ["wan"], indirect=True)
+# First Block Cache needs two blocks at least (a head and a tail): both tiny transformers have two.
+@pytest.mark.parametrize("video_model", FAMILIES, indirect=True)
 def test_first_block_cache_skips_steps(make_fresh_worker, video_model: Path) -> None:
     """VIDEO_CACHE=first_block: hooks on the blocks, and with a high threshold the blocks after the
     first run on fewer steps than the first one does; the video is still made."""
