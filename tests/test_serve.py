@@ -39,6 +39,7 @@ pytestmark = [pytest.mark.integration,
 KEY = remember_secret("sk-serve-test-" + "7f3a9c2e5b1d")
 MAX_BYTES = 3_000_000
 MAX_REQUESTS = 9
+UPLOAD_DEADLINE_S = 4
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, tiny_vits:
         work, MODEL_DIR=str(model_dir), WHISPER_MODEL="tiny.en", WHISPER_MODEL_MAP="whisper-1=tiny.en",
         TTS_MODEL=str(tiny_vits), IMAGE_MODEL=str(tiny_sd), WHISPER_BATCH_WINDOW_MS="300", RESULT_CACHE="false",
         MAX_CONCURRENT_REQUESTS=str(MAX_REQUESTS), DOWNLOAD_MAX_BYTES=str(MAX_BYTES), API_KEY=KEY,
-        PRELOAD="transcribe",
+        PRELOAD="transcribe", DOWNLOAD_TIMEOUT_S=str(UPLOAD_DEADLINE_S),
     )
     try:
         server.wait_health(200)
@@ -315,6 +316,17 @@ def test_over_the_size_limit_is_413_without_reading_the_body(served: ServeProces
     with _raw_upload_head(served.port, length=None) as sock:
         sent = _send_until_closed(sock, 40 * MAX_BYTES)  # the server answers and closes long before the end
         assert sent < 3 * MAX_BYTES, sent
+
+
+def test_an_upload_that_stalls_is_answered_at_its_deadline(served: ServeProcess) -> None:
+    """A client that announces a body within the limit and then sends no more holds its request place
+    only until DOWNLOAD_TIMEOUT_S: then it gets DOWNLOAD_FAILED naming the file."""
+    started = time.monotonic()
+    with _raw_upload_head(served.port, length=MAX_BYTES // 2) as sock:
+        status, body = _response(sock)
+    error = json.loads(body[body.index("{"):])["error"]
+    assert status >= 400 and error["code"] == "DOWNLOAD_FAILED" and error["param"] == "file", (status, body)
+    assert UPLOAD_DEADLINE_S <= time.monotonic() - started < UPLOAD_DEADLINE_S + 10
 
 
 def test_more_requests_than_the_cap_get_429(served: ServeProcess) -> None:

@@ -24,7 +24,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from handler.app import Arrival, Worker
-from handler.errors import InputTooLarge, InvalidInput, WorkerError, printable
+from handler.errors import DownloadFailed, InputTooLarge, InvalidInput, WorkerError, printable
 from handler.http import openai
 from handler.http.errors import HttpRefusal, error_body, openai_error, retries_later, status_of
 from handler.http.metrics import CONTENT_TYPE, Metrics
@@ -281,8 +281,17 @@ class Routes:
         return await self._held(work)
 
     async def _form(self, request: Request, workspace: Workspace) -> Form:
-        return await read_form(request.stream(), request.headers.get("content-type"), workspace.path,
-                               file_fields=frozenset({"file"}), max_file_bytes=self.settings.download_max_bytes)
+        """The upload, read within DOWNLOAD_TIMEOUT_S: a client trickling its body must not hold one of
+        the worker's request places for longer than a download may take."""
+        limit = self.settings.download_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                return await read_form(request.stream(), request.headers.get("content-type"), workspace.path,
+                                       file_fields=frozenset({"file"}),
+                                       max_file_bytes=self.settings.download_max_bytes)
+        except TimeoutError:
+            raise DownloadFailed(f"file: the upload did not arrive within {limit:g} s (DOWNLOAD_TIMEOUT_S)",
+                                 field="file") from None
 
     async def _stream(self, inputs: dict[str, Any], arrival: Arrival, workspace: Workspace,
                       ticket: Ticket) -> Response:
