@@ -53,6 +53,7 @@ class BatchSpy:
 
     def __init__(self) -> None:
         self.sizes: list[int] = []
+        self.prompts: list[list[tuple[int, ...]]] = []  # each batch's windows' prompts
         self.lock = threading.Lock()
         self.fail_when: Any = None
 
@@ -62,6 +63,7 @@ class BatchSpy:
         def decode_windows(pipeline: Any, inputs: Any, settings: Any) -> Any:
             with spy.lock:
                 spy.sizes.append(len(inputs))
+                spy.prompts.append([window.prompt for window in inputs])
             if spy.fail_when is not None and spy.fail_when(inputs):
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             return original(pipeline, inputs, settings)
@@ -208,6 +210,30 @@ def _mel_sum(worker: Worker, clip: Path) -> float:
     model = next(iter(worker.runtime.registry.loaded().values())).pipeline.first.model
     audio = openai_whisper.load_audio(str(clip))
     return float(decoding.prepare_windows(model, audio, fixed_chunks(audio))[0].mel.sum())
+
+
+@pytest.mark.parametrize("condition", [True, False])
+def test_a_window_is_prompted_with_the_text_before_it_as_whisper_transcribe_does(
+    make_worker, spy: BatchSpy, librivox_chunk: tuple[Path, list[str]], tmp_path: Path, condition: bool
+) -> None:
+    """Real speech in two windows (the LibriVox chunk twice): with condition_on_previous_text (the
+    default) the second window is decoded after the first, prompted with its text; without, both
+    windows are decoded in one batch, unprompted."""
+    audio = openai_whisper.load_audio(str(librivox_chunk[0]))
+    path = tmp_path / "twice.wav"
+    speech_corpus.write_wav(path, np.concatenate([audio, np.zeros(8000, np.float32), audio]))
+    request = job(audio_base64=b64(path), condition_on_previous_text=condition)
+    result = run_job(make_worker(RESULT_CACHE="false"), request)
+    assert "error" not in result, result
+    if not condition:
+        assert spy.prompts == [[(), ()]]
+        return
+    assert spy.sizes[0] == 1 and spy.prompts[0] == [()]
+    later = [prompt for batch in spy.prompts[1:] for prompt in batch if prompt]
+    assert later, spy.prompts
+    tokenizer = openai_whisper.tokenizer.get_tokenizer(False)
+    heard = tokenizer.decode([token for token in later[0] if token < tokenizer.eot])
+    assert media.words_of(heard) <= media.words_of(result["transcription"]) and len(media.words_of(heard)) > 10
 
 
 @pytest.fixture(scope="module")

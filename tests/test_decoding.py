@@ -19,9 +19,11 @@ from handler.pipelines.whisper.vad import Chunk
 from handler.runtime.cancel import CancelToken
 from tests import clips, media
 
-# Beam search at temperature 0 only: deterministic, so two runs can be compared token for token.
-BEAM: dict[str, Any] = {"temperature": (0.0,), "beam_size": 5, "best_of": 5}
-GREEDY: dict[str, Any] = {"temperature": (0.0,), "beam_size": None, "best_of": None}
+# Beam search at temperature 0 only: deterministic, so two runs can be compared token for token;
+# chunks independent (no chunk prompted with the text before it), so any batch gives the same tokens.
+BEAM: dict[str, Any] = {"temperature": (0.0,), "beam_size": 5, "best_of": 5, "condition_on_previous_text": False}
+GREEDY: dict[str, Any] = {"temperature": (0.0,), "beam_size": None, "best_of": None,
+                          "condition_on_previous_text": False}
 
 
 @pytest.fixture(scope="module")
@@ -278,3 +280,84 @@ def test_batch_decoding_task_detects_languages_with_beams_on_a_multilingual_mode
     results = decoding.BatchDecodingTask(model, options).run(torch.randn(2, 80, 3000))
     assert len(results) == 2
     assert all(result.language in whisper.tokenizer.LANGUAGES for result in results)
+
+
+def test_each_window_of_a_batch_is_decoded_with_its_own_prompt(
+    model: Any, clip: clips.Clip, chunks: list[Chunk]
+) -> None:
+    """Two windows with different prompts in one decoder loop give, each, the tokens of openai-whisper
+    decoding it alone with that prompt; a longer prompt is cut to the shorter one's length, keeping
+    its last tokens; and the prompts change what is decoded."""
+    tokenizer = whisper.tokenizer.get_tokenizer(False)
+    short = tuple(tokenizer.encode(" THE MEETING IS OPEN. HELLO EVERYONE."))
+    long = tuple(tokenizer.encode(" the meeting minutes, in lower case, with no full stops at all and the"))
+    assert len(long) > len(short)
+    mel = whisper.log_mel_spectrogram(clip.audio, model.dims.n_mels, padding=whisper.audio.N_SAMPLES)
+    windows = torch.stack([whisper.pad_or_trim(mel[:, c.start // 160 : c.end // 160], 3000) for c in chunks[:2]])
+    settings = decoding.BatchSettings.from_options(model, BEAM)
+    with torch.no_grad():
+        batched = decoding._decode_prompted(model, model.encoder(windows), settings, [short, long])
+        unprompted = decoding._decode_prompted(model, model.encoder(windows), settings, [(), ()])
+
+    def alone(window: torch.Tensor, prompt: tuple[int, ...]) -> tuple[list[int], float]:
+        options = whisper.DecodingOptions(language="en", beam_size=5, temperature=0.0, fp16=False, prompt=list(prompt))
+        result = whisper.decode(model, window, options)
+        return list(result.tokens), round(result.no_speech_prob, 4)
+
+    expected = [alone(windows[0], short), alone(windows[1], long[-len(short):])]
+    assert [(r.tokens, round(r.no_speech_prob, 4)) for r in batched] == expected
+    assert [r.tokens for r in batched] != [r.tokens for r in unprompted]
+
+
+def _window(index: int) -> decoding.WindowInput:
+    return decoding.WindowInput(torch.zeros(1), decoding._Window(seek=100 * index, frames=100, end_s=index + 1.0))
+
+
+def _segment(tokens: list[int], temperature: float = 0.0) -> dict[str, Any]:
+    return {"tokens": tokens, "temperature": temperature, "start": 0.0}
+
+
+def test_sections_prompt_each_window_with_the_text_before_it_in_its_section(model: Any) -> None:
+    """Nine windows at width 8: three sections of three, decoded a window of each per round; each
+    window is prompted with the initial prompt and the tokens before it in its section, a silent
+    window passing its prompt on, and text decoded above temperature 0.5 prompting nothing."""
+    settings = decoding.BatchSettings.from_options(model, {})
+    sections = decoding.Sections([_window(i) for i in range(9)], width=8, settings=settings, initial=(7,))
+    rounds = []
+    while batch := sections.next_round():
+        rounds.append({index: window.prompt for index, window in batch})
+        for index, _ in batch:
+            silent, hot = index == 4, index == 6
+            sections.done(index, [] if silent else [_segment([100 + index], 1.0 if hot else 0.0)])
+    assert [sorted(found) for found in rounds] == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]
+    assert rounds[0] == {0: (7,), 3: (7,), 6: (7,)}
+    assert rounds[1] == {1: (7, 100), 4: (7, 103), 7: ()}
+    assert rounds[2] == {2: (7, 100, 101), 5: (7, 103), 8: (107,)}
+    assert [segment["tokens"] for segment in sections.segments()] == [[100 + i] for i in range(9) if i != 4]
+
+
+def test_without_conditioning_every_window_is_in_the_first_round_with_the_initial_prompt(model: Any) -> None:
+    settings = decoding.BatchSettings.from_options(model, {"condition_on_previous_text": False})
+    sections = decoding.Sections([_window(i) for i in range(5)], width=2, settings=settings, initial=(7,))
+    first = sections.next_round()
+    assert [(index, window.prompt) for index, window in first] == [(i, (7,)) for i in range(5)]
+    for index, _ in first:
+        sections.done(index, [_segment([100 + index])])
+    assert sections.next_round() == []
+
+
+def test_a_long_recording_keeps_full_batches_and_a_short_one_is_one_sequence(model: Any) -> None:
+    settings = decoding.BatchSettings.from_options(model, {})
+
+    def widths(count: int) -> list[int]:
+        sections = decoding.Sections([_window(i) for i in range(count)], width=8, settings=settings)
+        found = []
+        while batch := sections.next_round():
+            found.append(len(batch))
+            for index, _ in batch:
+                sections.done(index, [_segment([1])])
+        return found
+
+    assert widths(80) == [8] * 10
+    assert widths(2) == [1, 1]
+    assert widths(0) == []

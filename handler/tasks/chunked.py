@@ -2,9 +2,10 @@
 
 A recording is cut into chunks of at most 30 s (speech found by Silero VAD, or fixed windows
 cut at quiet points), their log-mel windows are computed on the CPU, and the windows go to the
-model's batcher: windows of every job held by this worker with the same decoding settings
-join the same batches (one encoder pass, one decoder loop), each job getting back its own
-segments. The batcher keeps each job's cancellation and error its own, and retries a batch
+model's batcher a round at a time (``decoding.Sections``: each window is prompted with the text
+of the window before it in its section, so a section's next window waits for its last):
+windows of every job held by this worker with the same decoding settings join the same batches
+(one encoder pass, one decoder loop), each job getting back its own segments. The batcher keeps each job's cancellation and error its own, and retries a batch
 that ran out of GPU memory in halves (:mod:`handler.runtime.batcher`).
 """
 
@@ -136,11 +137,16 @@ async def recognise(
         settings = await ctx.on_model(pipelines, lambda p: p.with_language(settings, mel), stage="language")
     progress = ChunkProgress(Progress(ctx.job, enabled=ctx.settings.post_progress), len(windows), label,
                              on_segments)
-    items = [_Item(window, settings, progress, pipelines, index) for index, window in enumerate(windows)]
+    sections = decoding.Sections(windows, width=batch_size, settings=settings,
+                                 initial=decoding.initial_prompt(pipelines.first.model, settings))
     submitted = time.perf_counter()
     batcher = _batcher(ctx.runtime, pipelines.first)
-    found = await batcher.submit(settings, items, cancel=ctx.cancel, limit=batch_size)
+    while batch := sections.next_round():  # each round's windows are prompted with the round before's text
+        items = [_Item(window, settings, progress, pipelines, index) for index, window in batch]
+        found = await batcher.submit(settings, items, cancel=ctx.cancel, limit=batch_size)
+        for (index, _), segments in zip(batch, found, strict=True):
+            sections.done(index, segments)
     started = progress.first_started or submitted
     ctx.timings.add("queued", (started - submitted) * 1000)
     ctx.timings.add("run", (time.perf_counter() - started) * 1000)
-    return decoding.result_of([segment for window in found for segment in window], settings.language)
+    return decoding.result_of(sections.segments(), settings.language)

@@ -1,15 +1,16 @@
 """Batched Whisper decoding: several 30 s windows of one recording through the model at once.
 
 ``whisper.transcribe`` walks a recording one 30 s window at a time, each window conditioned on
-the text of the one before. Here the recording is first cut into independent chunks of at most
-30 s (:mod:`handler.pipelines.whisper.vad`), and ``batch_size`` of them share one encoder pass and one
-decoder loop, greedy or beam search.
+the text of the one before. Here the recording is first cut into chunks of at most 30 s
+(:mod:`handler.pipelines.whisper.vad`), and up to ``batch_size`` of them share one encoder pass
+and one decoder loop, greedy or beam search, each with a prompt of its own.
 
 Public API::
 
     prepare_windows(model, audio, chunks) -> list[WindowInput]       # log-mel windows, on the CPU
     language_mel(model, audio) -> Tensor; detect_language(model, settings, mel) -> BatchSettings
     decode_windows(model, windows, settings) -> (settings, segments per window)  # one batch
+    Sections(windows, width=batch_size, settings=settings)  # which windows go together, prompted how
     transcribe_chunks(model, audio, chunks, *, options=None, batch_size=DEFAULT_BATCH_SIZE,
                       cancel=None) -> dict                             # all of the above, in order
     decode_with_fallback(model, features, settings) -> list[DecodingResult]
@@ -20,8 +21,11 @@ How the worker runs it (``handler/tasks/transcribe.py`` and ``handler/tasks/chun
 
     chunks = vad.speech_chunks(audio)                     # on the CPU, before any GPU slot
     windows = prepare_windows(model, audio, chunks)
-    # the windows of every job held go to the model's batcher, which calls, in a GPU slot,
-    settings, found = decode_windows(model, batch_of_windows, settings)
+    sections = Sections(windows, width=batch_size, settings=settings, initial=initial_prompt(model, settings))
+    while batch := sections.next_round():       # each round's windows carry their prompts
+        # go to the model's batcher with the windows of every job held; it calls, in a GPU slot,
+        settings, found = decode_windows(model, batch_of_windows, settings)
+        # and each window's segments come back: sections.done(index, segments)
 
 ``audio`` is 16 kHz mono float32 (``media.load_audio``). ``options`` is the dict that
 ``TranscribeInput.decode_options()`` builds, plus ``task`` ("transcribe" or "translate").
@@ -37,9 +41,12 @@ silence between chunks is never decoded and yields no segments.
 
 Differences from ``whisper.transcribe``, by design:
 
-- ``condition_on_previous_text`` is accepted and ignored: chunks are independent (that is what
-  lets them run together), so no chunk sees the text of the one before. ``initial_prompt`` is
-  the prompt of every chunk.
+- ``condition_on_previous_text`` conditions within sections: the chunks are cut into a few runs
+  of consecutive chunks (:class:`Sections`), decoded side by side, each chunk prompted with the
+  text before it in its run (and ``initial_prompt`` at the start of each run). A long recording
+  keeps batches of ``batch_size``; a short one is decoded in fewer, longer runs. Without
+  conditioning every chunk is independent, all of them batched at once, each prompted with
+  ``initial_prompt``.
 - Temperature fallback is per chunk: only the chunks whose result fails
   ``compression_ratio_threshold`` / ``logprob_threshold`` are decoded again at the next
   temperature, together in one batch, from the encoder output already computed.
@@ -86,6 +93,12 @@ from handler.runtime.cancel import CancelToken
 DEFAULT_BATCH_SIZE = 8
 # Rounds of decoding again the tails that windows leave untranscribed (see decode_windows).
 _TAIL_ROUNDS = 3
+# The most prompt tokens a window gets (DecodingTask keeps n_text_ctx // 2 - 1 = 223).
+_PROMPT_TOKENS = 223
+# Text decoded above this temperature is not a prompt for what follows (as whisper.transcribe).
+_PROMPT_RESET_TEMPERATURE = 0.5
+# The fewest windows a section of conditioned windows holds (see Sections).
+SECTION_WINDOWS = 3
 # A tail shorter than this (0.2 s) is not worth a window of its own.
 _MIN_TAIL_FRAMES = 20
 # Seconds per timestamp token: one encoder position is two mel frames.
@@ -113,6 +126,12 @@ class BatchDecodingTask(DecodingTask):  # type: ignore[misc]  # whisper ships no
     attend to it together (:meth:`_main_loop`). A single window keeps upstream's broadcast.
     """
 
+    def __init__(self, model: Whisper, options: DecodingOptions, *, prompts: Tensor | None = None) -> None:
+        """``prompts``: one row of prompt tokens per window (one length), written over the
+        placeholder prompt that ``options`` carries (``BatchSettings.at``)."""
+        super().__init__(model, options)
+        self._prompts = prompts
+
     def _get_audio_features(self, mel: Tensor) -> Tensor:
         features: Tensor = super()._get_audio_features(mel)
         if self.n_group == 1 or features.shape[0] == 1:
@@ -122,6 +141,8 @@ class BatchDecodingTask(DecodingTask):  # type: ignore[misc]  # whisper ships no
     def _detect_language(self, audio_features: Tensor, tokens: Tensor) -> Any:
         if self.n_group > 1 and audio_features.shape[0] == tokens.shape[0] * self.n_group:
             audio_features = audio_features[:: self.n_group]
+        if self._prompts is not None:  # each window's own prompt, after sot_prev (upstream writes languages here too)
+            tokens[:, 1 : 1 + self._prompts.shape[1]] = self._prompts
         return super()._detect_language(audio_features, tokens)
 
     def _main_loop(self, audio_features: Tensor, tokens: Tensor) -> Any:
@@ -131,10 +152,34 @@ class BatchDecodingTask(DecodingTask):  # type: ignore[misc]  # whisper ships no
         once per beam: 5x less of the decoder's heaviest reads at beam 5 (2 windows decoded 3.4x
         faster on the CPU, the same tokens; ``tests/test_decoding.py``).
         """
-        if self.n_group == 1 or audio_features.shape[0] != tokens.shape[0]:
-            return super()._main_loop(audio_features, tokens)
-        with _beams_share_cross_attention(self.model):
-            return super()._main_loop(audio_features[:: self.n_group], tokens)
+        sot_index: int = self.sot_index  # type: ignore[has-type]  # set by whisper's untyped __init__
+        self.sot_index = 0  # the first step's logits begin at sot (_logits_from)
+        try:
+            with _logits_from(self.model, sot_index):
+                if self.n_group == 1 or audio_features.shape[0] != tokens.shape[0]:
+                    return super()._main_loop(audio_features, tokens)
+                with _beams_share_cross_attention(self.model):
+                    return super()._main_loop(audio_features[:: self.n_group], tokens)
+        finally:
+            self.sot_index = sot_index
+
+
+@contextmanager
+def _logits_from(model: Whisper, start: int) -> Iterator[None]:
+    """While held, the decoder's first pass over the initial tokens yields logits from position
+    ``start`` (sot) on: the decoding loop reads only those at sot (no-speech) and at the last token.
+
+    Upstream projects every position onto the 51,864-token vocabulary, so a 200-token prompt
+    cost as much as 200 decoding steps of its beams (the heaviest product of tiny.en's step).
+    """
+    def last_positions(_module: torch.nn.Module, _args: Any, output: Tensor) -> Tensor | None:
+        return output[:, start:] if output.shape[1] > 1 else None
+
+    hook = model.decoder.ln.register_forward_hook(last_positions)
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 @contextmanager
@@ -185,6 +230,7 @@ class BatchSettings:
     # benchmark measures that against decoding the tails again (bench/accuracy.py).
     timestamps: bool = True
     tail_rounds: int = _TAIL_ROUNDS  # times a window's untranscribed tail is decoded again
+    condition: bool = True  # condition_on_previous_text: a window is prompted with the text before it
 
     @classmethod
     def from_options(cls, model: Whisper, options: Mapping[str, Any], *, fp16: bool | None = None) -> BatchSettings:
@@ -203,10 +249,12 @@ class BatchSettings:
             prompt=options.get("initial_prompt"),
             fp16=model.device.type == "cuda" if fp16 is None else fp16,
             decoding=tuple((key, options[key]) for key in _PASSED_ON if options.get(key) is not None),
+            condition=bool(options.get("condition_on_previous_text", True)),
         )
 
-    def at(self, temperature: float) -> DecodingOptions:
-        """DecodingOptions for one temperature: beams when greedy, best-of when sampling."""
+    def at(self, temperature: float, prompt_length: int = 0) -> DecodingOptions:
+        """DecodingOptions for one temperature: beams when greedy, best-of when sampling; room
+        for a prompt of ``prompt_length`` tokens (each window's own, see BatchDecodingTask)."""
         decoding = dict(self.decoding)
         if temperature > 0:
             decoding.pop("beam_size", None)
@@ -214,7 +262,7 @@ class BatchSettings:
         else:
             decoding.pop("best_of", None)
         return DecodingOptions(
-            task=self.task, language=self.language, temperature=temperature, prompt=self.prompt,
+            task=self.task, language=self.language, temperature=temperature, prompt=[0] * prompt_length or None,
             fp16=self.fp16, without_timestamps=not self.timestamps, **decoding,
         )
 
@@ -298,14 +346,88 @@ def transcribe_chunks(
     inputs = prepare_windows(model, audio, chunks)
     if inputs:
         settings = detect_language(model, settings, language_mel(model, audio))
-    segments: list[dict[str, Any]] = []
+    sections = Sections(inputs, width=batch_size, settings=settings, initial=initial_prompt(model, settings))
     with cancellable(model, cancel):
-        for start in range(0, len(inputs), batch_size):
-            if cancel is not None:
-                cancel.check()
-            settings, found = decode_windows(model, inputs[start : start + batch_size], settings)
-            segments.extend(segment for window in found for segment in window)
-    return result_of(segments, settings.language)
+        while round_ := sections.next_round():
+            for start in range(0, len(round_), batch_size):
+                if cancel is not None:
+                    cancel.check()
+                batch = round_[start : start + batch_size]
+                settings, found = decode_windows(model, [window for _, window in batch], settings)
+                for (index, _), segments in zip(batch, found, strict=True):
+                    sections.done(index, segments)
+    return result_of(sections.segments(), settings.language)
+
+
+class Sections:
+    """Which of a recording's windows are decoded together, and what each is prompted with.
+
+    ``whisper.transcribe`` prompts each window with the text before it
+    (``condition_on_previous_text``; without it tiny.en made 30% more word errors on real speech,
+    bench/RESULTS.md), which makes its windows one sequence. Here the windows are cut into
+    sections of at least ``SECTION_WINDOWS`` consecutive windows, at most ``width`` (the batch
+    size) of them, decoded side by side one round at a time; each window is prompted with the
+    text before it in its section, the first of a section with the initial prompt. A long
+    recording keeps full batches; a short one trades width for context. Without conditioning
+    every window is decoded in the first round, each prompted with the initial prompt only.
+    """
+
+    def __init__(self, windows: Sequence[WindowInput], *, width: int, settings: BatchSettings,
+                 initial: tuple[int, ...] = ()) -> None:
+        self._windows = list(windows)
+        self._rounds, self._source = _plan(len(self._windows), width, condition=settings.condition)
+        self._condition = settings.condition
+        self._initial = initial[-_PROMPT_TOKENS:]
+        self._after: dict[int, tuple[int, ...]] = {}  # the prompt of a window following window i
+        self._found: dict[int, list[dict[str, Any]]] = {}
+        self._round = 0
+
+    def next_round(self) -> list[tuple[int, WindowInput]]:
+        """The windows to decode now (their previous windows are done), with their prompts and indices."""
+        if self._round == len(self._rounds):
+            return []
+        batch = self._rounds[self._round]
+        self._round += 1
+        return [(index, replace(self._windows[index], prompt=self._prompt(index))) for index in batch]
+
+    def done(self, index: int, segments: list[dict[str, Any]]) -> None:
+        """Window ``index`` decoded to ``segments``: the prompt of the windows that follow it."""
+        self._found[index] = segments
+        prompt = self._prompt(index)
+        if segments and self._condition and segments[-1]["temperature"] > _PROMPT_RESET_TEMPERATURE:
+            prompt = ()  # as whisper.transcribe: text this uncertain is no context
+        elif segments and self._condition:
+            prompt = (*prompt, *(token for segment in segments for token in segment["tokens"]))[-_PROMPT_TOKENS:]
+        self._after[index] = prompt  # a silent window leaves the prompt as it was
+
+    def segments(self) -> list[dict[str, Any]]:
+        """Every window's segments so far, in time order."""
+        return [segment for index in sorted(self._found) for segment in self._found[index]]
+
+    def _prompt(self, index: int) -> tuple[int, ...]:
+        source = self._source[index]
+        return self._initial if source is None else self._after[source]
+
+
+def _plan(count: int, width: int, *, condition: bool) -> tuple[list[list[int]], list[int | None]]:
+    """Rounds of window indices, and for each window the window whose text prompts it (or None)."""
+    if not condition:
+        return ([list(range(count))] if count else []), [None] * count
+    sections = max(1, min(width, count // SECTION_WINDOWS))
+    bounds = [round(i * count / sections) for i in range(sections + 1)]
+    runs = [range(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+    rounds = [[run[step] for run in runs if step < len(run)] for step in range(max(map(len, runs), default=0))]
+    source: list[int | None] = [None, *range(count - 1)]
+    for run in runs:
+        source[run[0]] = None
+    return rounds, source
+
+
+def initial_prompt(model: Whisper, settings: BatchSettings) -> tuple[int, ...]:
+    """The tokens of ``settings.prompt`` (``initial_prompt``), as ``whisper.transcribe`` encodes it."""
+    if not settings.prompt:
+        return ()
+    return tuple(_tokenizer(model, settings).encode(" " + settings.prompt.strip()))
 
 
 @dataclass(frozen=True)
@@ -314,6 +436,9 @@ class WindowInput:
 
     mel: Tensor  # (n_mels, N_FRAMES), on the CPU
     window: _Window
+    # The tokens it is prompted with (whisper.transcribe's prompt: the initial prompt and the text
+    # before it, timestamps included), at most _PROMPT_TOKENS; see Sections.
+    prompt: tuple[int, ...] = ()
 
 
 def prepare_windows(model: Whisper, audio: np.ndarray, chunks: Sequence[Chunk]) -> list[WindowInput]:
@@ -363,7 +488,7 @@ def _decode_round(
     mels = mels.half() if settings.fp16 else mels
     with torch.no_grad():
         features = model.encoder(mels)
-    results = decode_with_fallback(model, features, settings)
+    results = _decode_prompted(model, features, settings, [item.prompt for item in inputs])
     outcomes: list[tuple[list[dict[str, Any]], WindowInput | None]] = []
     for item, result, window_mel in zip(inputs, results, mels, strict=True):
         if settings.is_silent(result):
@@ -372,6 +497,8 @@ def _decode_round(
         tokens, tail = list(result.tokens), None
         if not keep_tails:
             tokens, tail = _split_tail(tokens, item, tokenizer.timestamp_begin)
+            if tail is not None:
+                tail = replace(tail, prompt=_tail_prompt(item.prompt, tokens, result, settings))
         segments = _segments(result, tokens, item.window, tokenizer)
         if settings.word_timestamps and segments:
             # Windows are independent: speech before this one is not known here.
@@ -400,16 +527,53 @@ def _split_tail(tokens: list[int], item: WindowInput, timestamp_begin: int) -> t
     return tokens[:end], WindowInput(pad_or_trim(item.mel[:, frames : item.window.frames], N_FRAMES), window)
 
 
-def decode_with_fallback(model: Whisper, features: Tensor, settings: BatchSettings) -> list[DecodingResult]:
-    """One result per row of ``features`` (encoder output, one row per window).
+def _tail_prompt(prompt: tuple[int, ...], tokens: list[int], result: DecodingResult,
+                 settings: BatchSettings) -> tuple[int, ...]:
+    """The prompt of a window's tail: its window's, and with conditioning the text decoded before it."""
+    if not settings.condition:
+        return prompt
+    if result.temperature > _PROMPT_RESET_TEMPERATURE:
+        return ()
+    return (*prompt, *tokens)[-_PROMPT_TOKENS:]
+
+
+def _decode_prompted(
+    model: Whisper, features: Tensor, settings: BatchSettings, prompts: Sequence[tuple[int, ...]]
+) -> list[DecodingResult]:
+    """:func:`decode_with_fallback` for windows with prompts of their own.
+
+    The windows of one decoder loop share a prompt length (Whisper's decoder has no padding
+    mask): those with a prompt are decoded together, each prompt cut to the shortest one's length
+    (keeping its last tokens, as whisper.transcribe cuts a long prompt); those without, apart.
+    """
+    results: dict[int, DecodingResult] = {}
+    for prompted in (False, True):
+        rows = [index for index, prompt in enumerate(prompts) if bool(prompt) == prompted]
+        if not rows:
+            continue
+        length = min(len(prompts[index]) for index in rows)
+        tokens = torch.tensor([prompts[index][len(prompts[index]) - length :] for index in rows]) if length else None
+        for index, result in zip(rows, decode_with_fallback(model, features[rows], settings, tokens), strict=True):
+            results[index] = result
+    return [results[index] for index in range(len(prompts))]
+
+
+def decode_with_fallback(
+    model: Whisper, features: Tensor, settings: BatchSettings, prompts: Tensor | None = None
+) -> list[DecodingResult]:
+    """One result per row of ``features`` (encoder output, one row per window); ``prompts``, one
+    row of prompt tokens per window (of one length), or None.
 
     All rows are decoded at the first temperature; then only the rows that still need a
     fallback are decoded again, together, at the next one.
     """
     results: dict[int, DecodingResult] = {}
     pending = list(range(features.shape[0]))
+    length = 0 if prompts is None else prompts.shape[1]
     for temperature in settings.temperatures:
-        decoded = BatchDecodingTask(model, settings.at(temperature)).run(features[pending])
+        options = settings.at(temperature, length)
+        task = BatchDecodingTask(model, options, prompts=None if prompts is None else prompts[pending])
+        decoded = task.run(features[pending])
         for index, result in zip(pending, decoded, strict=True):
             results[index] = result
         pending = [index for index, result in zip(pending, decoded, strict=True) if settings.needs_fallback(result)]
