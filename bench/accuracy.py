@@ -5,7 +5,8 @@ joined into ~4-minute recordings; ``make corpus``). Engines, all on the same tin
 
 * ``whisper.transcribe``: the baseline, with the options the worker passes it by default;
 * ``worker default``: a job with only the audio (batched, speech chunks found by Silero VAD,
-  tails decoded again);
+  tails decoded again, each chunk prompted with the text before it in its section);
+* ``worker condition_on_previous_text false``: the same with every chunk independent;
 * ``worker enable_vad false``: the whole recording in 30 s windows cut at quiet points;
 * ``worker batch_size 1``: the worker's sequential path (``whisper.transcribe`` behind the handler);
 * ``faster-whisper fp32`` / ``int8`` (sequential) and ``batched b8 int8`` (its Silero VAD).
@@ -83,6 +84,7 @@ def _openai_engines(model: Any, worker: Worker) -> list[Engine]:
         return run
 
     return [Engine("whisper.transcribe", sequential), Engine("worker default", handler()),
+            Engine("worker condition_on_previous_text false", handler(condition_on_previous_text=False)),
             Engine("worker enable_vad false", handler(enable_vad=False)),
             Engine("worker batch_size 1", handler(batch_size=1))]
 

@@ -75,7 +75,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -154,6 +154,8 @@ class BatchDecodingTask(DecodingTask):  # type: ignore[misc]  # whisper ships no
         """
         sot_index: int = self.sot_index  # type: ignore[has-type]  # set by whisper's untyped __init__
         self.sot_index = 0  # the first step's logits begin at sot (_logits_from)
+        if self.n_group > 1:
+            self.inference.logits = _initial_pass_once_per_window(self.inference, self.n_group)
         try:
             with _logits_from(self.model, sot_index):
                 if self.n_group == 1 or audio_features.shape[0] != tokens.shape[0]:
@@ -162,6 +164,26 @@ class BatchDecodingTask(DecodingTask):  # type: ignore[misc]  # whisper ships no
                     return super()._main_loop(audio_features[:: self.n_group], tokens)
         finally:
             self.sot_index = sot_index
+
+
+def _initial_pass_once_per_window(inference: Any, n_group: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """``inference.logits`` with its first pass (the prompt and start tokens, the same for every
+    beam of a window) run on one row per window, its self-attention cache then copied per beam.
+
+    Upstream runs it on every beam: with a 223-token prompt at beam 5, 1,115 rows of prompt
+    through the decoder per window instead of 223.
+    """
+    logits = inference.logits
+
+    def first_pass_shared(tokens: Tensor, audio_features: Tensor) -> Tensor:
+        if tokens.shape[-1] != inference.initial_token_length or inference.kv_cache:
+            return cast(Tensor, logits(tokens, audio_features))
+        found = cast(Tensor, logits(tokens[::n_group], audio_features))  # one window's beams start alike
+        for module in inference.kv_modules:
+            inference.kv_cache[module] = inference.kv_cache[module].repeat_interleave(n_group, dim=0)
+        return found.repeat_interleave(n_group, dim=0)
+
+    return first_pass_shared
 
 
 @contextmanager
