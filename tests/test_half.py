@@ -29,7 +29,7 @@ from whisper.tokenizer import get_tokenizer
 
 from handler.pipelines.diffusion import loading
 from handler.pipelines.speech import pipeline as speech
-from handler.tasks import transcribe
+from handler.pipelines.whisper.pipeline import get_pipelines
 from tests import media
 from tests.conftest import job, run_job
 
@@ -55,7 +55,7 @@ def half_worker(make_fresh_worker, tiny_vits: Path, tiny_sd: Path, tiny_wan: Pat
 
 
 def whisper_pipeline(worker) -> Any:
-    return transcribe.get_pipelines(worker.runtime, "tiny.en").first
+    return get_pipelines(worker.runtime, "tiny.en").first
 
 
 def test_vad_chunks_feed_fp16_decoding_through_the_handler(half_worker, speech_wav: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from handler.pipelines.whisper.transcript import CAPTION_OPTIONS
 from handler.tasks.transcribe import TranscribeInput
 from tests import media
 from tests.conftest import CAPTURED_LOGS, assert_no_job_dirs, b64, job, run_job
@@ -59,6 +60,12 @@ def test_silence_gives_empty_transcript(make_worker, tmp_path: Path) -> None:
     assert "error" not in result, result
     assert result["transcription"] == ""
     assert result["segments"] == []
+
+
+def test_captions_are_timed_with_the_transcription_defaults() -> None:
+    """text2video's captions decode as a transcription job with only word_timestamps set would."""
+    defaults = TranscribeInput.model_construct(word_timestamps=True).decode_options()
+    assert dict(CAPTION_OPTIONS) == defaults
 
 
 def test_video_file_is_transcribed(make_worker, speech_wav: Path, tmp_path: Path) -> None:

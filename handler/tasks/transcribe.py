@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-import torch
 from pydantic import BeforeValidator, Field, model_validator
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 from whisper.utils import WriteSRT, WriteVTT
@@ -25,12 +24,11 @@ from handler.io import media
 from handler.job import JobContext
 from handler.pipelines.weights import file_identity
 from handler.pipelines.whisper import decoding
-from handler.pipelines.whisper.pipeline import WhisperPipeline, load_whisper, model_identity
+from handler.pipelines.whisper.pipeline import WhisperPipeline, get_pipelines, model_identity
+from handler.pipelines.whisper.transcript import is_silent, plain, temperatures, words
 from handler.runtime.cancel import CancelToken
 from handler.runtime.container import Runtime
-from handler.runtime.devices import default_dtype
 from handler.runtime.instances import InstancePool
-from handler.runtime.registry import PipelineKey
 from handler.task import VIDEO_SHAPING, CachePolicy, Task, TaskInput, input_fields
 from handler.tasks import chunked
 
@@ -45,8 +43,6 @@ def _format_name(value: Any) -> Any:
 
 
 Format = Annotated[TextFormat, BeforeValidator(_format_name)]
-# Peak amplitude below which audio is digital silence: nothing to transcribe.
-_SILENCE_PEAK = 1e-4
 # Token ids as worker-faster_whisper's clients send them: "-1", "-1,50362", "1, 2, 3".
 _SUPPRESS_TOKENS = re.compile(r"\s*-?\d{1,6}\s*(,\s*-?\d{1,6}\s*)*")
 _INPUT_NAME = "input.media"
@@ -100,7 +96,7 @@ class TranscribeInput(TaskInput):
     def decode_options(self) -> dict[str, Any]:
         """Keyword arguments for ``whisper.transcribe``."""
         options: dict[str, Any] = {
-            "temperature": _temperatures(self.temperature, self.temperature_increment_on_fallback),
+            "temperature": temperatures(self.temperature, self.temperature_increment_on_fallback),
             "compression_ratio_threshold": self.compression_ratio_threshold,
             "logprob_threshold": self.logprob_threshold,
             "no_speech_threshold": self.no_speech_threshold,
@@ -126,12 +122,6 @@ def _language_code(value: str) -> str:
     raise ValueError(f"language: unknown language {value!r}")
 
 
-def _temperatures(start: float, increment: float | None) -> tuple[float, ...]:
-    if increment is None:
-        return (start,)
-    return tuple(float(t) for t in np.arange(start, 1.0 + 1e-6, increment))
-
-
 def _check_suppress_tokens(pipeline: WhisperPipeline, params: TranscribeInput) -> None:
     """Token ids must exist in the served model's vocabulary (on CUDA, one that does not is a
     device-side assert that kills the worker)."""
@@ -142,41 +132,11 @@ def _check_suppress_tokens(pipeline: WhisperPipeline, params: TranscribeInput) -
                                f"(ids 0-{vocabulary - 1}, or -1)", field="suppress_tokens")
 
 
-def _pipeline_key(runtime: Runtime, model: str) -> PipelineKey:
-    dtype = str(default_dtype(runtime.device, runtime.settings.precision)).removeprefix("torch.")
-    return PipelineKey("transcribe", model, runtime.device, dtype)
-
-
-def get_pipelines(runtime: Runtime, model: str) -> InstancePool[WhisperPipeline]:
-    """The MODEL_INSTANCES loaded copies of ``model`` (loaded on first use)."""
-    settings = runtime.settings
-
-    def load() -> WhisperPipeline:
-        fp16 = default_dtype(runtime.device, settings.precision) == torch.float16
-        return WhisperPipeline(load_whisper(model, settings, runtime.device), model, runtime.device, fp16=fp16)
-
-    return runtime.registry.get(
-        _pipeline_key(runtime, model), lambda: InstancePool.build(settings.model_instances, load)
-    )
-
-
 def preload(runtime: Runtime) -> None:
     """Load the default model and pay its first-call costs, so a cold worker's first job is not slower."""
     get_pipelines(runtime, runtime.settings.whisper_model).first.warm_up()
     if runtime.settings.result_cache and runtime.settings.bucket is not None:  # hash the weights now, not in a job
         model_identity(runtime.settings.whisper_model, runtime.settings)
-
-
-async def word_timings(ctx: JobContext, audio: np.ndarray) -> list[dict[str, Any]]:
-    """Words and their times in ``audio`` (16 kHz mono), with the default Whisper model.
-
-    Used for captions; runs in a GPU slot like any transcription.
-    """
-    pipelines = await ctx.load(lambda: get_pipelines(ctx.runtime, ctx.settings.whisper_model))
-    params = TranscribeInput.model_construct(word_timestamps=True)
-    result, _ = await ctx.on_model(pipelines, lambda pipeline: _recognise(pipeline, audio, params, ctx.cancel),
-                                   stage="captions_run")
-    return _words(result)
 
 
 def _model_name(settings: Settings, params: TranscribeInput) -> str:
@@ -229,7 +189,7 @@ def _recognise(
     pipeline: WhisperPipeline, audio: np.ndarray, params: TranscribeInput, cancel: CancelToken
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Transcription, and translation when asked, by ``whisper.transcribe``; runs inside a GPU slot."""
-    if _is_silent(audio):
+    if is_silent(audio):
         empty = _empty_result(params.language)
         return empty, (empty if params.translate else None)
     options = params.decode_options()
@@ -252,7 +212,7 @@ async def _recognise_job(
     without VAD, else chunks in batches shared with the worker's other jobs."""
     if _batch_size(ctx.settings, params) == 1 and not params.enable_vad:
         return await ctx.on_model(pipelines, lambda pipeline: _recognise(pipeline, audio, params, ctx.cancel))
-    if _is_silent(audio):
+    if is_silent(audio):
         empty = _empty_result(params.language)
         return empty, (empty if params.translate else None)
     model = pipelines.first.model
@@ -277,10 +237,6 @@ async def _recognise_job(
     return result, translation
 
 
-def _is_silent(audio: np.ndarray) -> bool:
-    return audio.size == 0 or float(np.abs(audio).max()) < _SILENCE_PEAK
-
-
 def format_text(result: dict[str, Any], fmt: TextFormat) -> str:
     """The transcript in one of the output formats of worker-faster_whisper."""
     segments = result["segments"]
@@ -298,23 +254,8 @@ def _segments(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Segments as worker-faster_whisper returns them (ids counted from 1, as faster-whisper does)."""
     keys = ("seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
             "compression_ratio", "no_speech_prob")
-    return [{"id": number, **{key: _plain(segment.get(key)) for key in keys}}
+    return [{"id": number, **{key: plain(segment.get(key)) for key in keys}}
             for number, segment in enumerate(result["segments"], 1)]
-
-
-def _words(result: dict[str, Any]) -> list[dict[str, Any]]:
-    return [
-        {key: _plain(word[key]) for key in ("word", "start", "end", "probability")}
-        for segment in result["segments"]
-        for word in segment.get("words", [])
-    ]
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars to Python numbers, so the result serialises as JSON."""
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def _write_files(ctx: JobContext, result: dict[str, Any]) -> list[tuple[Path, str, str]]:
@@ -383,7 +324,7 @@ async def _transcribe(
         "duration_s": round(duration_s, 3),
     }
     if params.word_timestamps:
-        output["word_timestamps"] = _words(result)
+        output["word_timestamps"] = words(result)
     output["files"] = await _store(ctx, result, output)
     return output
 

@@ -33,6 +33,10 @@ from handler.pipelines import weights as identity
 from handler.pipelines.whisper import decoding
 from handler.pipelines.whisper.vad import Chunk
 from handler.runtime.cancel import CancelToken
+from handler.runtime.container import Runtime
+from handler.runtime.devices import default_dtype
+from handler.runtime.instances import InstancePool
+from handler.runtime.registry import PipelineKey
 
 log = get_logger(__name__)
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -191,3 +195,22 @@ class WhisperPipeline:
         noise = np.random.default_rng(0).normal(0, 0.01, whisper.audio.SAMPLE_RATE).astype(np.float32)
         options: dict[str, Any] = {"word_timestamps": True, "beam_size": 1, "temperature": 0.0}
         self.transcribe_chunks(noise, [Chunk(0, len(noise))], cancel=CancelToken(), batch_size=1, **options)
+
+
+def _pipeline_key(runtime: Runtime, model: str) -> PipelineKey:
+    dtype = str(default_dtype(runtime.device, runtime.settings.precision)).removeprefix("torch.")
+    return PipelineKey("transcribe", model, runtime.device, dtype)
+
+
+def get_pipelines(runtime: Runtime, model: str) -> InstancePool[WhisperPipeline]:
+    """The MODEL_INSTANCES loaded copies of ``model`` (loaded on first use), for every task that
+    runs Whisper: one pool per model, so transcriptions and captions borrow from the same copies."""
+    settings = runtime.settings
+
+    def load() -> WhisperPipeline:
+        fp16 = default_dtype(runtime.device, settings.precision) == torch.float16
+        return WhisperPipeline(load_whisper(model, settings, runtime.device), model, runtime.device, fp16=fp16)
+
+    return runtime.registry.get(
+        _pipeline_key(runtime, model), lambda: InstancePool.build(settings.model_instances, load)
+    )
