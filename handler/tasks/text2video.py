@@ -292,7 +292,7 @@ CACHE: CachePolicy[VideoInput] = CachePolicy(
                        "segment_frames", "narrated", "captions", "files"}),
     shaping=_shaping,
     models={"model": model_identity, "narration_model": model_identity,
-            "captions_model": whisper_pipeline.model_identity},
+            "captions_model": whisper_pipeline.checkpoint_identity},
     # Captions are timed by whisper.transcribe itself (word_timings), never in batches.
     unaffected=frozenset({"whisper_model_map", "whisper_batch_size", "image_model"}),
 )

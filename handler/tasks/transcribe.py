@@ -24,7 +24,7 @@ from handler.io import media
 from handler.job import JobContext
 from handler.pipelines.weights import file_identity
 from handler.pipelines.whisper import decoding
-from handler.pipelines.whisper.pipeline import WhisperPipeline, get_pipelines, model_identity
+from handler.pipelines.whisper.pipeline import WhisperPipeline, checkpoint_identity, get_pipelines
 from handler.pipelines.whisper.transcript import is_silent, plain, temperatures, words
 from handler.runtime.cancel import CancelToken
 from handler.runtime.container import Runtime
@@ -136,7 +136,7 @@ def preload(runtime: Runtime) -> None:
     """Load the default model and pay its first-call costs, so a cold worker's first job is not slower."""
     get_pipelines(runtime, runtime.settings.whisper_model).first.warm_up()
     if runtime.settings.result_cache and runtime.settings.bucket is not None:  # hash the weights now, not in a job
-        model_identity(runtime.settings.whisper_model, runtime.settings)
+        checkpoint_identity(runtime.settings.whisper_model, runtime.settings)
 
 
 def _model_name(settings: Settings, params: TranscribeInput) -> str:
@@ -300,7 +300,7 @@ CACHE: CachePolicy[TranscribeInput] = CachePolicy(
                        "device", "model",
                        "duration_s", "word_timestamps", "files"}),
     shaping=_shaping,
-    models={"model": model_identity},
+    models={"model": checkpoint_identity},
     unaffected=frozenset({"tts_model", "image_model", "video_model", "video_clip_frames", *VIDEO_SHAPING}),
 )
 

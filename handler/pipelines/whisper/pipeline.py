@@ -87,8 +87,8 @@ def load_checkpoint(path: Path, device: str, *, default_heads: bytes | None = No
     return model.to(device)
 
 
-def model_identity(name: str, settings: Settings) -> str | None:
-    """The weights of model ``name``: the hash of the baked file, else the hash openai-whisper's
+def checkpoint_identity(name: str, settings: Settings) -> str | None:
+    """The weights of Whisper model ``name``: the hash of the baked file, else the hash openai-whisper's
     download URL pins; None when there are none to know (the load would fail anyway)."""
     path = checkpoint_path(name, settings.model_dir)
     if path.is_file():
