@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from handler.errors import GenerationTimeout
+from handler.pipelines.whisper.pipeline import get_pipelines
 from handler.pipelines.whisper.transcript import CAPTION_OPTIONS
-from handler.tasks.transcribe import TranscribeInput
+from handler.tasks.transcribe import TranscribeInput, preload
 from tests import media
 from tests.conftest import CAPTURED_LOGS, assert_no_job_dirs, b64, job, run_job
 
@@ -66,6 +68,16 @@ def test_captions_are_timed_with_the_transcription_defaults() -> None:
     """text2video's captions decode as a transcription job with only word_timestamps set would."""
     defaults = TranscribeInput.model_construct(word_timestamps=True).decode_options()
     assert dict(CAPTION_OPTIONS) == defaults
+
+
+def test_preload_warms_up_only_a_borrowed_instance(make_worker) -> None:
+    """The warm-up (a decode, on CUDA) waits for a free instance like any job: with the only copy
+    held, preload gives up at the acquire timeout rather than decode on a model in use."""
+    worker = make_worker(GENERATION_ACQUIRE_TIMEOUT="0.2")
+    pipelines = get_pipelines(worker.runtime, "tiny.en")
+    with pipelines.borrow(1.0), pytest.raises(GenerationTimeout):
+        preload(worker.runtime)
+    preload(worker.runtime)
 
 
 def test_video_file_is_transcribed(make_worker, speech_wav: Path, tmp_path: Path) -> None:

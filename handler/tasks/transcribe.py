@@ -134,7 +134,10 @@ def _check_suppress_tokens(pipeline: WhisperPipeline, params: TranscribeInput) -
 
 def preload(runtime: Runtime) -> None:
     """Load the default model and pay its first-call costs, so a cold worker's first job is not slower."""
-    get_pipelines(runtime, runtime.settings.whisper_model).first.warm_up()
+    pipelines = get_pipelines(runtime, runtime.settings.whisper_model)
+    # Borrowed: on CUDA the warm-up decodes, and a job taken meanwhile may be using the first copy.
+    with pipelines.borrow(runtime.settings.generation_acquire_timeout) as pipeline:
+        pipeline.warm_up()
     if runtime.settings.result_cache and runtime.settings.bucket is not None:  # hash the weights now, not in a job
         checkpoint_identity(runtime.settings.whisper_model, runtime.settings)
 
