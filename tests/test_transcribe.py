@@ -56,12 +56,14 @@ def test_output_formats(make_worker, speech_wav: Path, fmt: str, marker: str) ->
     assert "base64" in names["transcript.srt"] and "url" not in names["transcript.srt"]
 
 
-def test_silence_gives_empty_transcript(make_worker, tmp_path: Path) -> None:
-    """Silence is not an error: the transcript is empty."""
-    result = run_job(make_worker(), job(audio_base64=b64(media.silence(tmp_path / "s.wav", 3.0))))
+@pytest.mark.parametrize("batch_size", [None, 1], ids=["batched", "sequential"])
+def test_silence_gives_empty_transcript(make_worker, tmp_path: Path, batch_size: int | None) -> None:
+    """Silence is not an error: on either path the transcript, and the translation asked for, are empty."""
+    result = run_job(make_worker(), job(audio_base64=b64(media.silence(tmp_path / "s.wav", 3.0)),
+                                        batch_size=batch_size, translate=True))
     assert "error" not in result, result
-    assert result["transcription"] == ""
-    assert result["segments"] == []
+    assert result["transcription"] == "" and result["translation"] == ""
+    assert result["segments"] == [] and result["translation_segments"] == []
 
 
 def test_captions_are_timed_with_the_transcription_defaults() -> None:

@@ -184,17 +184,10 @@ async def _decode(ctx: JobContext, target: Path, field: str) -> tuple[np.ndarray
     return audio, info.audio_duration_s
 
 
-def _empty_result(language: str | None) -> dict[str, Any]:
-    return {"text": "", "segments": [], "language": language}
-
-
 def _recognise(
     pipeline: WhisperPipeline, audio: np.ndarray, params: TranscribeInput, cancel: CancelToken
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Transcription, and translation when asked, by ``whisper.transcribe``; runs inside a GPU slot."""
-    if is_silent(audio):
-        empty = _empty_result(params.language)
-        return empty, (empty if params.translate else None)
     options = params.decode_options()
     result = pipeline.transcribe(audio, task="transcribe", cancel=cancel, **options)
     translation = None
@@ -211,13 +204,13 @@ def _batch_size(settings: Settings, params: TranscribeInput) -> int:
 async def _recognise_job(
     ctx: JobContext, pipelines: InstancePool[WhisperPipeline], audio: np.ndarray, params: TranscribeInput
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Transcription (and translation): openai-whisper's own sequential path for ``batch_size`` 1
-    without VAD, else chunks in batches shared with the worker's other jobs."""
+    """Transcription (and translation): nothing to decode in silence; openai-whisper's own sequential
+    path for ``batch_size`` 1 without VAD, else chunks in batches shared with the worker's other jobs."""
+    if is_silent(audio):
+        empty: dict[str, Any] = {"text": "", "segments": [], "language": params.language}
+        return empty, (empty if params.translate else None)
     if _batch_size(ctx.settings, params) == 1 and not params.enable_vad:
         return await ctx.on_model(pipelines, lambda pipeline: _recognise(pipeline, audio, params, ctx.cancel))
-    if is_silent(audio):
-        empty = _empty_result(params.language)
-        return empty, (empty if params.translate else None)
     model = pipelines.first.model
     with ctx.timings.measure("chunk"):
         speech_only = params.enable_vad is not False
