@@ -19,9 +19,10 @@ from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 from whisper.utils import WriteSRT, WriteVTT
 
 from handler.config import Settings
-from handler.errors import InvalidInput, printable
+from handler.errors import InvalidInput
 from handler.io import media
 from handler.job import JobContext
+from handler.limits import served_model
 from handler.pipelines.weights import file_identity
 from handler.pipelines.whisper import decoding
 from handler.pipelines.whisper.pipeline import WhisperPipeline, checkpoint_identity, get_pipelines
@@ -144,16 +145,8 @@ def preload(runtime: Runtime) -> None:
 
 def _model_name(settings: Settings, params: TranscribeInput) -> str:
     """The served model a job gets: its own choice, or the one WHISPER_MODEL_MAP maps it to."""
-    allowed = settings.allowed_whisper_models()
-    name = params.model or settings.whisper_model
-    if name in allowed:
-        return name
-    mapped = dict(settings.whisper_model_map).get(name)
-    if mapped is not None:
-        return mapped
-    accepted = [*allowed, *(alias for alias, _ in settings.whisper_model_map)]
-    raise InvalidInput(f"model: {printable(name)!r} is not served here; one of {', '.join(accepted)}",
-                       field="model")
+    return served_model(params.model or None, settings.whisper_model, others=settings.whisper_models,
+                        aliases=settings.whisper_model_map)
 
 
 def _check_language_support(pipeline: WhisperPipeline, params: TranscribeInput) -> None:
