@@ -21,6 +21,7 @@ from handler.logs import configure_logging
 from handler.runtime.registry import Registry
 from tests import media
 from tests.jobserver import JobServer, WorkerProcess
+from tests.sentences import SENTENCES
 from tests.servers import SeaweedS3
 
 # Every log line of the suite, the worker's and its libraries', goes here too.
@@ -97,6 +98,13 @@ def speech_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def speech_wav(speech_dir: Path) -> Path:
     """espeak-ng saying the known sentences."""
     return media.speak(" ".join(media.SENTENCES), speech_dir / "speech.wav")
+
+
+@pytest.fixture(scope="module")
+def sentence_clips(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """espeak-ng saying each of tests.sentences.SENTENCES, one file per sentence, in order."""
+    folder = tmp_path_factory.mktemp("sentences")
+    return [media.speak(text, folder / f"s{index}.wav") for index, text in enumerate(SENTENCES)]
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ from whisper.normalizers import EnglishTextNormalizer
 from tests import media, speech_corpus
 from tests.conftest import remember_secret
 from tests.jobserver import LOOPBACK, ServeProcess
-from tests.test_chunked import KEYWORDS, SENTENCES
+from tests.sentences import KEYWORDS, SENTENCES
 
 pytestmark = [pytest.mark.integration,
               # The client marks its translations route deprecated (OpenAI's own whisper-1 retirement).
@@ -67,12 +67,6 @@ def served(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, tiny_vits:
 @pytest.fixture(scope="module")
 def client(served: ServeProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{served.url}/v1", api_key=KEY, max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def sentence_clips(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    folder = tmp_path_factory.mktemp("sentences")
-    return [media.speak(text, folder / f"s{index}.wav") for index, text in enumerate(SENTENCES)]
 
 
 @pytest.fixture(scope="module")
