@@ -132,19 +132,25 @@ def shared_registry() -> Registry:
 SettingsFactory = Callable[..., Settings]
 
 
+def worker_settings(model_dir: Path, work_dir: Path, **env: str) -> Settings:
+    """Settings as the environment would give them (tiny.en on the CPU, no downloads), plus
+    overrides (env var names)."""
+    base = {
+        "WORK_DIR": str(work_dir),
+        "MODEL_DIR": str(model_dir),
+        "WHISPER_MODEL": "tiny.en",
+        "ALLOW_MODEL_DOWNLOAD": "false",
+        "DEVICE": "cpu",
+    }
+    return load_settings({**base, **env})
+
+
 @pytest.fixture
 def make_settings(model_dir: Path, work_dir: Path) -> SettingsFactory:
     """Settings as the environment would give them, plus overrides (env var names)."""
 
     def make(**env: str) -> Settings:
-        base = {
-            "WORK_DIR": str(work_dir),
-            "MODEL_DIR": str(model_dir),
-            "WHISPER_MODEL": "tiny.en",
-            "ALLOW_MODEL_DOWNLOAD": "false",
-            "DEVICE": "cpu",
-        }
-        return load_settings({**base, **env})
+        return worker_settings(model_dir, work_dir, **env)
 
     return make
 
