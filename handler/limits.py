@@ -3,14 +3,25 @@ MAX_STEPS, MAX_IMAGE_PIXELS."""
 
 from __future__ import annotations
 
-from handler.errors import InputTooLarge, InvalidInput
+from collections.abc import Sequence
+
+from handler.errors import InputTooLarge, InvalidInput, printable
 
 
-def served_model(requested: str | None, served: str) -> str:
-    """The model a job runs: the one this worker serves for its task, which a job may name."""
-    if requested not in (None, served):
-        raise InvalidInput(f"model: {requested!r} is not served here; use {served!r}", field="model")
-    return served
+def served_model(requested: str | None, served: str, *, others: Sequence[str] = (),
+                 aliases: Sequence[tuple[str, str]] = ()) -> str:
+    """The model a job runs: ``served`` (this worker's default for the task) unless the job names
+    another it also serves (``others``), or an alias (name, served model) of one."""
+    if requested is None:
+        return served
+    if requested == served or requested in others:
+        return requested
+    mapped = dict(aliases).get(requested)
+    if mapped is not None:
+        return mapped
+    accepted = [served, *others, *(alias for alias, _ in aliases)]
+    offered = f"one of {', '.join(accepted)}" if len(accepted) > 1 else f"use {served!r}"
+    raise InvalidInput(f"model: {printable(requested)!r} is not served here; {offered}", field="model")
 
 
 def check_steps(steps: int, limit: int) -> None:

@@ -21,6 +21,7 @@ from handler.logs import configure_logging
 from handler.runtime.registry import Registry
 from tests import media
 from tests.jobserver import JobServer, WorkerProcess
+from tests.sentences import SENTENCES
 from tests.servers import SeaweedS3
 
 # Every log line of the suite, the worker's and its libraries', goes here too.
@@ -99,6 +100,13 @@ def speech_wav(speech_dir: Path) -> Path:
     return media.speak(" ".join(media.SENTENCES), speech_dir / "speech.wav")
 
 
+@pytest.fixture(scope="module")
+def sentence_clips(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """espeak-ng saying each of tests.sentences.SENTENCES, one file per sentence, in order."""
+    folder = tmp_path_factory.mktemp("sentences")
+    return [media.speak(text, folder / f"s{index}.wav") for index, text in enumerate(SENTENCES)]
+
+
 @pytest.fixture(scope="session")
 def speech_mp3(speech_wav: Path, speech_dir: Path) -> Path:
     return media.encode(speech_wav, speech_dir / "speech.mp3", "-ar", "22050")
@@ -124,19 +132,25 @@ def shared_registry() -> Registry:
 SettingsFactory = Callable[..., Settings]
 
 
+def worker_settings(model_dir: Path, work_dir: Path, **env: str) -> Settings:
+    """Settings as the environment would give them (tiny.en on the CPU, no downloads), plus
+    overrides (env var names)."""
+    base = {
+        "WORK_DIR": str(work_dir),
+        "MODEL_DIR": str(model_dir),
+        "WHISPER_MODEL": "tiny.en",
+        "ALLOW_MODEL_DOWNLOAD": "false",
+        "DEVICE": "cpu",
+    }
+    return load_settings({**base, **env})
+
+
 @pytest.fixture
 def make_settings(model_dir: Path, work_dir: Path) -> SettingsFactory:
     """Settings as the environment would give them, plus overrides (env var names)."""
 
     def make(**env: str) -> Settings:
-        base = {
-            "WORK_DIR": str(work_dir),
-            "MODEL_DIR": str(model_dir),
-            "WHISPER_MODEL": "tiny.en",
-            "ALLOW_MODEL_DOWNLOAD": "false",
-            "DEVICE": "cpu",
-        }
-        return load_settings({**base, **env})
+        return worker_settings(model_dir, work_dir, **env)
 
     return make
 

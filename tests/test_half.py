@@ -27,11 +27,13 @@ import torch
 import whisper
 from whisper.tokenizer import get_tokenizer
 
+from handler.app import Worker
 from handler.pipelines.diffusion import loading
 from handler.pipelines.speech import pipeline as speech
-from handler.tasks import transcribe
+from handler.pipelines.whisper.pipeline import get_pipelines
+from handler.runtime.registry import Registry
 from tests import media
-from tests.conftest import job, run_job
+from tests.conftest import job, run_job, worker_settings
 
 
 @contextmanager
@@ -48,14 +50,20 @@ def output_dtypes(module: torch.nn.Module) -> Iterator[list[torch.dtype]]:
         hook.remove()
 
 
-@pytest.fixture
-def half_worker(make_fresh_worker, tiny_vits: Path, tiny_sd: Path, tiny_wan: Path):
-    return make_fresh_worker(PRECISION="half", TTS_MODEL=str(tiny_vits), IMAGE_MODEL=str(tiny_sd),
-                             VIDEO_MODEL=str(tiny_wan))
+@pytest.fixture(scope="module")
+def half_worker(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, tiny_vits: Path, tiny_sd: Path,
+                tiny_wan: Path) -> Worker:
+    """One half-precision worker for the module, with a registry of its own (the suite's shared one
+    holds fp32 pipelines): each model loads once, in the dtypes PRECISION=half gives it."""
+    work = tmp_path_factory.mktemp("half") / "jobs"
+    work.mkdir()
+    settings = worker_settings(model_dir, work, PRECISION="half", TTS_MODEL=str(tiny_vits),
+                               IMAGE_MODEL=str(tiny_sd), VIDEO_MODEL=str(tiny_wan))
+    return Worker(settings, registry=Registry(load_wait_timeout=120))
 
 
 def whisper_pipeline(worker) -> Any:
-    return transcribe.get_pipelines(worker.runtime, "tiny.en").first
+    return get_pipelines(worker.runtime, "tiny.en").first
 
 
 def test_vad_chunks_feed_fp16_decoding_through_the_handler(half_worker, speech_wav: Path) -> None:
@@ -181,17 +189,17 @@ def video_pipeline(worker, model: Path) -> Any:
 
 
 @pytest.mark.parametrize("family", ["wan", "ltx"])
-def test_text2video_bf16_transformer_fp32_vae(make_fresh_worker, tiny_wan: Path, tiny_ltx: Path, tmp_path: Path,
-                                              family: str) -> None:
+def test_text2video_bf16_transformer_fp32_vae(half_worker, make_fresh_worker, tiny_wan: Path, tiny_ltx: Path,
+                                              tmp_path: Path, family: str) -> None:
     """Wan and LTX: transformer and text encoder in bf16, the VAE in fp32; the latents cross
     between them and the mp4 decodes with the planned frames."""
     model = tiny_wan if family == "wan" else tiny_ltx
-    worker = make_fresh_worker(PRECISION="half", VIDEO_MODEL=str(model))
+    worker = half_worker if family == "wan" else make_fresh_worker(PRECISION="half", VIDEO_MODEL=str(model))
     pipeline = video_pipeline(worker, model)
     assert (pipeline.transformer.dtype, pipeline.text_encoder.dtype, pipeline.vae.dtype) == (
         torch.bfloat16, torch.bfloat16, torch.float32)
     with output_dtypes(pipeline.transformer) as seen:
-        result = run_job(worker, job(task="text2video", prompt="a red boat", resolution="144p", fps=8,
+        result = run_job(worker, job(task="text2video", prompt="a red boat", width=64, height=64, fps=8,
                                      duration_s=1.0, num_inference_steps=2, seed=2))
     assert "error" not in result, result
     assert seen == [torch.bfloat16] * len(seen) and seen
@@ -199,14 +207,13 @@ def test_text2video_bf16_transformer_fp32_vae(make_fresh_worker, tiny_wan: Path,
     assert (width, height) == (result["width"], result["height"]) and frames == result["frames"]
 
 
-def test_captioned_video_on_a_half_worker(make_fresh_worker, tiny_wan: Path, tmp_path: Path) -> None:
+def test_captioned_video_on_a_half_worker(half_worker, tmp_path: Path) -> None:
     """Captions (real tiny.en word timings of espeak speech) on a bf16 Wan clip narrated by that
     speech: a subtitle file comes back and the mp4 decodes."""
-    worker = make_fresh_worker(PRECISION="half", VIDEO_MODEL=str(tiny_wan))
     speech_wav = media.speak("hello world", tmp_path / "hello.wav", speed=200)
-    result = run_job(worker, job(task="text2video", prompt="a red boat", resolution="144p", fps=4,
-                                 duration_s=1.0, num_inference_steps=2, seed=2, captions="soft",
-                                 audio_base64=base64.b64encode(speech_wav.read_bytes()).decode()))
+    result = run_job(half_worker, job(task="text2video", prompt="a red boat", width=64, height=64, fps=4,
+                                      duration_s=1.0, num_inference_steps=2, seed=2, captions="soft",
+                                      audio_base64=base64.b64encode(speech_wav.read_bytes()).decode()))
     assert "error" not in result, result
     assert {f["name"] for f in result["files"]} >= {"video.mp4", "captions.srt"}
     probe_video(result, tmp_path / "v.mp4")

@@ -14,8 +14,8 @@ HANDLER = Path(__file__).resolve().parents[1] / "handler"
 FORBIDDEN = ("handler.tasks", "handler.task", "handler.job", "handler.app")
 TASKS = sorted(path for path in (HANDLER / "tasks").glob("*.py") if path.name != "__init__.py")
 # Task modules that still import a sibling, each until the accurate-transcription work moves the Whisper
-# engine's remaining parts (chunked.py, and the word timings text2video captions with) under pipelines/.
-PENDING = {("transcribe", "chunked"), ("text2video", "transcribe")}
+# engine's remaining part (chunked.py) under pipelines/.
+PENDING = {("transcribe", "chunked")}
 
 
 def imported_modules(path: Path) -> set[str]:

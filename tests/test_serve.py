@@ -30,7 +30,7 @@ from whisper.normalizers import EnglishTextNormalizer
 from tests import media, speech_corpus
 from tests.conftest import remember_secret
 from tests.jobserver import LOOPBACK, ServeProcess
-from tests.test_chunked import KEYWORDS, SENTENCES
+from tests.sentences import KEYWORDS, SENTENCES
 
 pytestmark = [pytest.mark.integration,
               # The client marks its translations route deprecated (OpenAI's own whisper-1 retirement).
@@ -69,16 +69,14 @@ def client(served: ServeProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{served.url}/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
-@pytest.fixture(scope="module")
-def sentence_clips(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    folder = tmp_path_factory.mktemp("sentences")
-    return [media.speak(text, folder / f"s{index}.wav") for index, text in enumerate(SENTENCES)]
+# Four sentences in one recording (15 s): tiny.en makes several segments of them.
+LONG_SENTENCES = 4
 
 
 @pytest.fixture(scope="module")
 def long_speech(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """All eight sentences in one recording: several segments."""
-    return media.speak(" ".join(SENTENCES), tmp_path_factory.mktemp("long") / "long.wav")
+    """The first LONG_SENTENCES sentences in one recording: several segments."""
+    return media.speak(" ".join(SENTENCES[:LONG_SENTENCES]), tmp_path_factory.mktemp("long") / "long.wav")
 
 
 def upload(path: Path) -> tuple[str, bytes]:
@@ -179,7 +177,8 @@ def test_streamed_transcription_sends_a_delta_per_segment(client: openai.OpenAI,
     deltas = [event.delta for event in events if event.type == "transcript.text.delta"]
     assert events[-1].type == "transcript.text.done" and [e.type for e in events[:-1]] == ["transcript.text.delta"] * (
         len(events) - 1)
-    assert "".join(deltas) == events[-1].text and all(word in events[-1].text.lower() for word in KEYWORDS)
+    spoken = KEYWORDS[:LONG_SENTENCES]
+    assert "".join(deltas) == events[-1].text and all(word in events[-1].text.lower() for word in spoken)
     assert verbose.segments is not None and len(verbose.segments) > 1
     assert len(deltas) == len(verbose.segments)
 

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from handler.tasks.transcribe import TranscribeInput
+from handler.errors import GenerationTimeout
+from handler.pipelines.whisper.pipeline import get_pipelines
+from handler.pipelines.whisper.transcript import CAPTION_OPTIONS
+from handler.tasks.transcribe import TranscribeInput, preload
 from tests import media
 from tests.conftest import CAPTURED_LOGS, assert_no_job_dirs, b64, job, run_job
 
@@ -53,12 +56,30 @@ def test_output_formats(make_worker, speech_wav: Path, fmt: str, marker: str) ->
     assert "base64" in names["transcript.srt"] and "url" not in names["transcript.srt"]
 
 
-def test_silence_gives_empty_transcript(make_worker, tmp_path: Path) -> None:
-    """Silence is not an error: the transcript is empty."""
-    result = run_job(make_worker(), job(audio_base64=b64(media.silence(tmp_path / "s.wav", 3.0))))
+@pytest.mark.parametrize("batch_size", [None, 1], ids=["batched", "sequential"])
+def test_silence_gives_empty_transcript(make_worker, tmp_path: Path, batch_size: int | None) -> None:
+    """Silence is not an error: on either path the transcript, and the translation asked for, are empty."""
+    result = run_job(make_worker(), job(audio_base64=b64(media.silence(tmp_path / "s.wav", 3.0)),
+                                        batch_size=batch_size, translate=True))
     assert "error" not in result, result
-    assert result["transcription"] == ""
-    assert result["segments"] == []
+    assert result["transcription"] == "" and result["translation"] == ""
+    assert result["segments"] == [] and result["translation_segments"] == []
+
+
+def test_captions_are_timed_with_the_transcription_defaults() -> None:
+    """text2video's captions decode as a transcription job with only word_timestamps set would."""
+    defaults = TranscribeInput.model_construct(word_timestamps=True).decode_options()
+    assert dict(CAPTION_OPTIONS) == defaults
+
+
+def test_preload_warms_up_only_a_borrowed_instance(make_worker) -> None:
+    """The warm-up (a decode, on CUDA) waits for a free instance like any job: with the only copy
+    held, preload gives up at the acquire timeout rather than decode on a model in use."""
+    worker = make_worker(GENERATION_ACQUIRE_TIMEOUT="0.2")
+    pipelines = get_pipelines(worker.runtime, "tiny.en")
+    with pipelines.borrow(1.0), pytest.raises(GenerationTimeout):
+        preload(worker.runtime)
+    preload(worker.runtime)
 
 
 def test_video_file_is_transcribed(make_worker, speech_wav: Path, tmp_path: Path) -> None:

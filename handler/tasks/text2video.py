@@ -40,11 +40,11 @@ from handler.pipelines.speech.pipeline import get_pipelines as speech_pipelines
 from handler.pipelines.speech.pipeline import pieces_to_say
 from handler.pipelines.weights import model_identity, pretrained_source
 from handler.pipelines.whisper import pipeline as whisper_pipeline
+from handler.pipelines.whisper.transcript import word_timings
 from handler.runtime.container import Runtime
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
 from handler.task import CachePolicy, Task, TaskInput, input_fields, new_seed
-from handler.tasks import transcribe
 
 Captions = Literal["none", "soft", "burned"]
 log = get_logger(__name__)
@@ -178,7 +178,10 @@ async def _narration(ctx: JobContext, params: VideoInput) -> tuple[Path | None, 
 
 async def _captions(ctx: JobContext, audio: np.ndarray) -> Path:
     with ctx.timings.measure("captions"):
-        words = await transcribe.word_timings(ctx, audio)
+        # With the default Whisper model, in a GPU slot like any transcription.
+        pipelines = await ctx.load(lambda: whisper_pipeline.get_pipelines(ctx.runtime, ctx.settings.whisper_model))
+        words = await ctx.on_model(pipelines, lambda pipeline: word_timings(pipeline, audio, ctx.cancel),
+                                   stage="captions_run")
         path = ctx.workdir / "captions.srt"
         write_srt(cues_from_words(words), path)
     return path
@@ -289,7 +292,7 @@ CACHE: CachePolicy[VideoInput] = CachePolicy(
                        "segment_frames", "narrated", "captions", "files"}),
     shaping=_shaping,
     models={"model": model_identity, "narration_model": model_identity,
-            "captions_model": whisper_pipeline.model_identity},
+            "captions_model": whisper_pipeline.checkpoint_identity},
     # Captions are timed by whisper.transcribe itself (word_timings), never in batches.
     unaffected=frozenset({"whisper_model_map", "whisper_batch_size", "image_model"}),
 )

@@ -14,23 +14,22 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-import torch
 from pydantic import BeforeValidator, Field, model_validator
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 from whisper.utils import WriteSRT, WriteVTT
 
 from handler.config import Settings
-from handler.errors import InvalidInput, printable
+from handler.errors import InvalidInput
 from handler.io import media
 from handler.job import JobContext
+from handler.limits import served_model
 from handler.pipelines.weights import file_identity
 from handler.pipelines.whisper import decoding
-from handler.pipelines.whisper.pipeline import WhisperPipeline, load_whisper, model_identity
+from handler.pipelines.whisper.pipeline import WhisperPipeline, checkpoint_identity, get_pipelines
+from handler.pipelines.whisper.transcript import is_silent, plain, temperatures, words
 from handler.runtime.cancel import CancelToken
 from handler.runtime.container import Runtime
-from handler.runtime.devices import default_dtype
 from handler.runtime.instances import InstancePool
-from handler.runtime.registry import PipelineKey
 from handler.task import VIDEO_SHAPING, CachePolicy, Task, TaskInput, input_fields
 from handler.tasks import chunked
 
@@ -45,8 +44,6 @@ def _format_name(value: Any) -> Any:
 
 
 Format = Annotated[TextFormat, BeforeValidator(_format_name)]
-# Peak amplitude below which audio is digital silence: nothing to transcribe.
-_SILENCE_PEAK = 1e-4
 # Token ids as worker-faster_whisper's clients send them: "-1", "-1,50362", "1, 2, 3".
 _SUPPRESS_TOKENS = re.compile(r"\s*-?\d{1,6}\s*(,\s*-?\d{1,6}\s*)*")
 _INPUT_NAME = "input.media"
@@ -100,7 +97,7 @@ class TranscribeInput(TaskInput):
     def decode_options(self) -> dict[str, Any]:
         """Keyword arguments for ``whisper.transcribe``."""
         options: dict[str, Any] = {
-            "temperature": _temperatures(self.temperature, self.temperature_increment_on_fallback),
+            "temperature": temperatures(self.temperature, self.temperature_increment_on_fallback),
             "compression_ratio_threshold": self.compression_ratio_threshold,
             "logprob_threshold": self.logprob_threshold,
             "no_speech_threshold": self.no_speech_threshold,
@@ -126,12 +123,6 @@ def _language_code(value: str) -> str:
     raise ValueError(f"language: unknown language {value!r}")
 
 
-def _temperatures(start: float, increment: float | None) -> tuple[float, ...]:
-    if increment is None:
-        return (start,)
-    return tuple(float(t) for t in np.arange(start, 1.0 + 1e-6, increment))
-
-
 def _check_suppress_tokens(pipeline: WhisperPipeline, params: TranscribeInput) -> None:
     """Token ids must exist in the served model's vocabulary (on CUDA, one that does not is a
     device-side assert that kills the worker)."""
@@ -142,55 +133,20 @@ def _check_suppress_tokens(pipeline: WhisperPipeline, params: TranscribeInput) -
                                f"(ids 0-{vocabulary - 1}, or -1)", field="suppress_tokens")
 
 
-def _pipeline_key(runtime: Runtime, model: str) -> PipelineKey:
-    dtype = str(default_dtype(runtime.device, runtime.settings.precision)).removeprefix("torch.")
-    return PipelineKey("transcribe", model, runtime.device, dtype)
-
-
-def get_pipelines(runtime: Runtime, model: str) -> InstancePool[WhisperPipeline]:
-    """The MODEL_INSTANCES loaded copies of ``model`` (loaded on first use)."""
-    settings = runtime.settings
-
-    def load() -> WhisperPipeline:
-        fp16 = default_dtype(runtime.device, settings.precision) == torch.float16
-        return WhisperPipeline(load_whisper(model, settings, runtime.device), model, runtime.device, fp16=fp16)
-
-    return runtime.registry.get(
-        _pipeline_key(runtime, model), lambda: InstancePool.build(settings.model_instances, load)
-    )
-
-
 def preload(runtime: Runtime) -> None:
     """Load the default model and pay its first-call costs, so a cold worker's first job is not slower."""
-    get_pipelines(runtime, runtime.settings.whisper_model).first.warm_up()
+    pipelines = get_pipelines(runtime, runtime.settings.whisper_model)
+    # Borrowed: on CUDA the warm-up decodes, and a job taken meanwhile may be using the first copy.
+    with pipelines.borrow(runtime.settings.generation_acquire_timeout) as pipeline:
+        pipeline.warm_up()
     if runtime.settings.result_cache and runtime.settings.bucket is not None:  # hash the weights now, not in a job
-        model_identity(runtime.settings.whisper_model, runtime.settings)
-
-
-async def word_timings(ctx: JobContext, audio: np.ndarray) -> list[dict[str, Any]]:
-    """Words and their times in ``audio`` (16 kHz mono), with the default Whisper model.
-
-    Used for captions; runs in a GPU slot like any transcription.
-    """
-    pipelines = await ctx.load(lambda: get_pipelines(ctx.runtime, ctx.settings.whisper_model))
-    params = TranscribeInput.model_construct(word_timestamps=True)
-    result, _ = await ctx.on_model(pipelines, lambda pipeline: _recognise(pipeline, audio, params, ctx.cancel),
-                                   stage="captions_run")
-    return _words(result)
+        checkpoint_identity(runtime.settings.whisper_model, runtime.settings)
 
 
 def _model_name(settings: Settings, params: TranscribeInput) -> str:
     """The served model a job gets: its own choice, or the one WHISPER_MODEL_MAP maps it to."""
-    allowed = settings.allowed_whisper_models()
-    name = params.model or settings.whisper_model
-    if name in allowed:
-        return name
-    mapped = dict(settings.whisper_model_map).get(name)
-    if mapped is not None:
-        return mapped
-    accepted = [*allowed, *(alias for alias, _ in settings.whisper_model_map)]
-    raise InvalidInput(f"model: {printable(name)!r} is not served here; one of {', '.join(accepted)}",
-                       field="model")
+    return served_model(params.model or None, settings.whisper_model, others=settings.whisper_models,
+                        aliases=settings.whisper_model_map)
 
 
 def _check_language_support(pipeline: WhisperPipeline, params: TranscribeInput) -> None:
@@ -221,17 +177,10 @@ async def _decode(ctx: JobContext, target: Path, field: str) -> tuple[np.ndarray
     return audio, info.audio_duration_s
 
 
-def _empty_result(language: str | None) -> dict[str, Any]:
-    return {"text": "", "segments": [], "language": language}
-
-
 def _recognise(
     pipeline: WhisperPipeline, audio: np.ndarray, params: TranscribeInput, cancel: CancelToken
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Transcription, and translation when asked, by ``whisper.transcribe``; runs inside a GPU slot."""
-    if _is_silent(audio):
-        empty = _empty_result(params.language)
-        return empty, (empty if params.translate else None)
     options = params.decode_options()
     result = pipeline.transcribe(audio, task="transcribe", cancel=cancel, **options)
     translation = None
@@ -248,13 +197,13 @@ def _batch_size(settings: Settings, params: TranscribeInput) -> int:
 async def _recognise_job(
     ctx: JobContext, pipelines: InstancePool[WhisperPipeline], audio: np.ndarray, params: TranscribeInput
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Transcription (and translation): openai-whisper's own sequential path for ``batch_size`` 1
-    without VAD, else chunks in batches shared with the worker's other jobs."""
+    """Transcription (and translation): nothing to decode in silence; openai-whisper's own sequential
+    path for ``batch_size`` 1 without VAD, else chunks in batches shared with the worker's other jobs."""
+    if is_silent(audio):
+        empty: dict[str, Any] = {"text": "", "segments": [], "language": params.language}
+        return empty, (empty if params.translate else None)
     if _batch_size(ctx.settings, params) == 1 and not params.enable_vad:
         return await ctx.on_model(pipelines, lambda pipeline: _recognise(pipeline, audio, params, ctx.cancel))
-    if _is_silent(audio):
-        empty = _empty_result(params.language)
-        return empty, (empty if params.translate else None)
     model = pipelines.first.model
     with ctx.timings.measure("chunk"):
         speech_only = params.enable_vad is not False
@@ -277,10 +226,6 @@ async def _recognise_job(
     return result, translation
 
 
-def _is_silent(audio: np.ndarray) -> bool:
-    return audio.size == 0 or float(np.abs(audio).max()) < _SILENCE_PEAK
-
-
 def format_text(result: dict[str, Any], fmt: TextFormat) -> str:
     """The transcript in one of the output formats of worker-faster_whisper."""
     segments = result["segments"]
@@ -298,23 +243,8 @@ def _segments(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Segments as worker-faster_whisper returns them (ids counted from 1, as faster-whisper does)."""
     keys = ("seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
             "compression_ratio", "no_speech_prob")
-    return [{"id": number, **{key: _plain(segment.get(key)) for key in keys}}
+    return [{"id": number, **{key: plain(segment.get(key)) for key in keys}}
             for number, segment in enumerate(result["segments"], 1)]
-
-
-def _words(result: dict[str, Any]) -> list[dict[str, Any]]:
-    return [
-        {key: _plain(word[key]) for key in ("word", "start", "end", "probability")}
-        for segment in result["segments"]
-        for word in segment.get("words", [])
-    ]
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars to Python numbers, so the result serialises as JSON."""
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def _write_files(ctx: JobContext, result: dict[str, Any]) -> list[tuple[Path, str, str]]:
@@ -359,7 +289,7 @@ CACHE: CachePolicy[TranscribeInput] = CachePolicy(
                        "device", "model",
                        "duration_s", "word_timestamps", "files"}),
     shaping=_shaping,
-    models={"model": model_identity},
+    models={"model": checkpoint_identity},
     unaffected=frozenset({"tts_model", "image_model", "video_model", "video_clip_frames", *VIDEO_SHAPING}),
 )
 
@@ -383,7 +313,7 @@ async def _transcribe(
         "duration_s": round(duration_s, 3),
     }
     if params.word_timestamps:
-        output["word_timestamps"] = _words(result)
+        output["word_timestamps"] = words(result)
     output["files"] = await _store(ctx, result, output)
     return output
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import os
 import re
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,10 @@ from handler.pipelines import weights as identity
 from handler.pipelines.whisper import decoding
 from handler.pipelines.whisper.vad import Chunk
 from handler.runtime.cancel import CancelToken
+from handler.runtime.container import Runtime
+from handler.runtime.devices import default_dtype
+from handler.runtime.instances import InstancePool
+from handler.runtime.registry import PipelineKey
 
 log = get_logger(__name__)
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -83,8 +86,8 @@ def load_checkpoint(path: Path, device: str, *, default_heads: bytes | None = No
     return model.to(device)
 
 
-def model_identity(name: str, settings: Settings) -> str | None:
-    """The weights of model ``name``: the hash of the baked file, else the hash openai-whisper's
+def checkpoint_identity(name: str, settings: Settings) -> str | None:
+    """The weights of Whisper model ``name``: the hash of the baked file, else the hash openai-whisper's
     download URL pins; None when there are none to know (the load would fail anyway)."""
     path = checkpoint_path(name, settings.model_dir)
     if path.is_file():
@@ -113,7 +116,8 @@ class WhisperPipeline:
     """A loaded model that serves one transcription at a time.
 
     openai-whisper installs key/value-cache hooks on the model during decoding, so one
-    instance must never run two decodes at once; the lock makes that a rule, not a hope.
+    instance must never run two decodes at once: each caller holds it borrowed from its
+    :class:`~handler.runtime.instances.InstancePool` (see :func:`get_pipelines`).
     """
 
     model: Whisper
@@ -122,23 +126,16 @@ class WhisperPipeline:
     # Activations in fp16 (openai-whisper keeps fp32 weights and casts them per layer).
     fp16: bool = False
 
-    def __post_init__(self) -> None:
-        self._in_use = threading.Lock()
-
     @property
     def is_multilingual(self) -> bool:
         return bool(self.model.is_multilingual)
 
     def transcribe(self, audio: np.ndarray, *, cancel: CancelToken, **options: Any) -> dict[str, Any]:
         """Run openai-whisper; stops at the next decoder step once ``cancel`` is set."""
-        with self._in_use:
-            hook = self.model.decoder.register_forward_pre_hook(lambda _module, _args: cancel.check())
-            try:
-                # whisper.transcribe turns fp16 off (with a warning) for a model on the CPU.
-                fp16 = self.fp16 and self.device == "cuda"
-                result: dict[str, Any] = whisper.transcribe(self.model, audio, verbose=None, fp16=fp16, **options)
-            finally:
-                hook.remove()
+        # whisper.transcribe turns fp16 off (with a warning) for a model on the CPU.
+        fp16 = self.fp16 and self.device == "cuda"
+        with decoding.cancellable(self.model, cancel):
+            result: dict[str, Any] = whisper.transcribe(self.model, audio, verbose=None, fp16=fp16, **options)
         return result
 
     def transcribe_chunks(
@@ -150,30 +147,27 @@ class WhisperPipeline:
         batch_size: int = decoding.DEFAULT_BATCH_SIZE,
         **options: Any,
     ) -> dict[str, Any]:
-        """``decoding.transcribe_chunks`` with this instance held; same options as :meth:`transcribe`.
+        """``decoding.transcribe_chunks`` on this instance; same options as :meth:`transcribe`.
 
         Find the chunks first (``vad.speech_chunks`` or ``vad.fixed_chunks``, on the CPU), outside
         the GPU slot: VAD takes about 1.7 s per 4 minutes of audio on one core.
         """
-        with self._in_use:
-            return decoding.transcribe_chunks(
-                self.model, audio, chunks, options=options, batch_size=batch_size, cancel=cancel, fp16=self.fp16
-            )
+        return decoding.transcribe_chunks(
+            self.model, audio, chunks, options=options, batch_size=batch_size, cancel=cancel, fp16=self.fp16
+        )
 
     def decode_windows(
         self, inputs: Sequence[decoding.WindowInput], settings: decoding.BatchSettings
     ) -> list[list[dict[str, Any]]]:
-        """``decoding.decode_windows`` with this instance held: windows of several jobs at once."""
-        with self._in_use:
-            return decoding.decode_windows(self.model, inputs, settings)[1]
+        """``decoding.decode_windows`` on this instance: windows of several jobs at once."""
+        return decoding.decode_windows(self.model, inputs, settings)[1]
 
     def with_language(self, settings: decoding.BatchSettings, mel: torch.Tensor) -> decoding.BatchSettings:
         """``settings`` with the language known: as given, else detected on ``mel``, the recording's
         first 30 s (``decoding.language_mel``)."""
         if settings.language is not None:
             return settings
-        with self._in_use:
-            return decoding.detect_language(self.model, settings, mel)
+        return decoding.detect_language(self.model, settings, mel)
 
     def warm_up(self) -> None:
         """Pay now, before jobs are taken, what only a first job pays: numba's word-alignment DTW
@@ -191,3 +185,22 @@ class WhisperPipeline:
         noise = np.random.default_rng(0).normal(0, 0.01, whisper.audio.SAMPLE_RATE).astype(np.float32)
         options: dict[str, Any] = {"word_timestamps": True, "beam_size": 1, "temperature": 0.0}
         self.transcribe_chunks(noise, [Chunk(0, len(noise))], cancel=CancelToken(), batch_size=1, **options)
+
+
+def _pipeline_key(runtime: Runtime, model: str) -> PipelineKey:
+    dtype = str(default_dtype(runtime.device, runtime.settings.precision)).removeprefix("torch.")
+    return PipelineKey("transcribe", model, runtime.device, dtype)
+
+
+def get_pipelines(runtime: Runtime, model: str) -> InstancePool[WhisperPipeline]:
+    """The MODEL_INSTANCES loaded copies of ``model`` (loaded on first use), for every task that
+    runs Whisper: one pool per model, so transcriptions and captions borrow from the same copies."""
+    settings = runtime.settings
+
+    def load() -> WhisperPipeline:
+        fp16 = default_dtype(runtime.device, settings.precision) == torch.float16
+        return WhisperPipeline(load_whisper(model, settings, runtime.device), model, runtime.device, fp16=fp16)
+
+    return runtime.registry.get(
+        _pipeline_key(runtime, model), lambda: InstancePool.build(settings.model_instances, load)
+    )
