@@ -26,26 +26,7 @@ from handler.pipelines.whisper.vad import fixed_chunks
 from handler.runtime.registry import Registry
 from tests import clips, media, speech_corpus
 from tests.conftest import b64, job, run_job
-
-# Eight short sentences, one per job; each job must get its own back.
-SENTENCES = (
-    "Please send the report by Friday morning.",
-    "The quick brown fox jumps over the lazy dog.",
-    "We will meet again next week to review the numbers.",
-    "Please close the window before you leave.",
-    "The children are playing in the garden.",
-    "Our meeting has been moved to Tuesday.",
-    "Turn left at the bridge and follow the river north.",
-    "My phone battery is almost empty.",
-)
-# A word of each sentence that tiny.en hears in espeak's voice (checked one by one).
-KEYWORDS = ("report", "fox", "numbers", "window", "garden", "tuesday", "river", "battery")
-
-
-@pytest.fixture(scope="module")
-def sentence_clips(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    folder = tmp_path_factory.mktemp("sentences")
-    return [media.speak(text, folder / f"s{index}.wav") for index, text in enumerate(SENTENCES)]
+from tests.sentences import KEYWORDS, SENTENCES
 
 
 class BatchSpy:

@@ -131,14 +131,17 @@ def test_word_timings_are_monotonic_and_inside_the_audio(beam_batched: dict[str,
 
 @pytest.fixture
 def decoder_runs(model: Any) -> Iterator[list[int]]:
-    """Rows of every decode the model runs (rows = chunks x beams or samples), in order."""
+    """Rows of every decode the model runs (rows = chunks x beams or samples), in order: the rows of
+    each decode's second step (its first pass over the prompt runs once per chunk)."""
     rows: list[int] = []
+    started = [False]
 
-    def first_step(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if kwargs.get("kv_cache") == {}:  # the first step of a decode; later steps fill the cache
+    def second_step(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if started[0]:
             rows.append(int(args[0].shape[0]))
+        started[0] = kwargs.get("kv_cache") == {}  # the first step of a decode; later steps fill the cache
 
-    hook = model.decoder.register_forward_pre_hook(first_step, with_kwargs=True)
+    hook = model.decoder.register_forward_pre_hook(second_step, with_kwargs=True)
     yield rows
     hook.remove()
 

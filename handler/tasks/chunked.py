@@ -5,7 +5,8 @@ cut at quiet points), their log-mel windows are computed on the CPU, and the win
 model's batcher a round at a time (``decoding.Sections``: each window is prompted with the text
 of the window before it in its section, so a section's next window waits for its last):
 windows of every job held by this worker with the same decoding settings join the same batches
-(one encoder pass, one decoder loop), each job getting back its own segments. The batcher keeps each job's cancellation and error its own, and retries a batch
+(one encoder pass, one decoder loop), each job getting back its own segments. The batcher
+keeps each job's cancellation and error its own, and retries a batch
 that ran out of GPU memory in halves (:mod:`handler.runtime.batcher`).
 """
 
