@@ -29,7 +29,7 @@ from handler.runtime.registry import Registry
 from tests import media
 from tests.fixture_tasks import TABLE
 from tests.jobserver import JobServer, ServeProcess, WorkerProcess
-from tests.test_chunked import SENTENCES
+from tests.sentences import SENTENCES
 
 
 def _serve(root: Path, **env: str) -> ServeProcess:

@@ -16,7 +16,7 @@ Public API::
     decode_with_fallback(model, features, settings) -> list[DecodingResult]
     BatchDecodingTask   # openai-whisper's DecodingTask, fixed for batches of beams/samples
 
-How the worker runs it (``handler/tasks/transcribe.py`` and ``handler/tasks/chunked.py``; a
+How the worker runs it (``handler/tasks/transcribe.py``; a
 ``batch_size`` of 1 without VAD keeps ``whisper.transcribe`` instead)::
 
     chunks = vad.speech_chunks(audio)                     # on the CPU, before any GPU slot
