@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import whisper
 
 from handler.pipelines.whisper import vad
@@ -99,11 +100,14 @@ def test_silence_gives_no_chunks() -> None:
 
 
 def test_concurrent_callers_get_the_same_chunks(gapped: clips.Clip, long_speech: np.ndarray) -> None:
-    """Four threads sharing the one VAD model (it keeps recurrent state) each get what they get alone.
+    """Four threads at once each get what they get alone, each pass through a copy of the model of
+    its own (it keeps recurrent state), and torch's thread count is restored after the last.
 
-    Without the model's lock, the threads' windows interleave through one state: the chunks
-    change, or torch crashes the process.
+    With one copy shared, the threads' windows interleave through one state: the chunks change,
+    or torch crashes the process. With each pass restoring the count it found, an overlapping
+    pass's one thread stays the process's.
     """
+    threads_before = torch.get_num_threads()
     inputs = [(gapped.audio, 6.0), (long_speech, 30.0), (long_speech[::-1].copy(), 30.0), (gapped.audio, 12.0)]
     alone = [vad.speech_chunks(audio, max_chunk_s=limit) for audio, limit in inputs]
     together: list[list[Chunk] | None] = [None] * len(inputs)
@@ -118,6 +122,8 @@ def test_concurrent_callers_get_the_same_chunks(gapped: clips.Clip, long_speech:
     for thread in threads:
         thread.join(timeout=60)
     assert together == alone
+    assert len(vad._idle) >= 2, "the passes ran one at a time"
+    assert torch.get_num_threads() == threads_before
 
 
 def test_fixed_windows_tile_the_audio_and_cut_in_a_pause_near_the_limit(gapped: clips.Clip) -> None:
