@@ -131,7 +131,9 @@ def speech_regions(
     with _one_torch_thread():  # a second copy is loaded inside it too: loading saves and restores threads
         with _idle_lock:
             model = _idle.pop() if _idle else None
-        model = model or _load_model()
+        if model is None:
+            with _model_load_lock:  # one load at a time: catch_warnings in _load_model is process-wide
+                model = _load_model()
         try:
             with torch.no_grad():
                 spans = get_speech_timestamps(
