@@ -99,7 +99,9 @@ def test_silence_gives_no_chunks() -> None:
     assert vad.speech_chunks(hiss) == []
 
 
-def test_concurrent_callers_get_the_same_chunks(gapped: clips.Clip, long_speech: np.ndarray) -> None:
+def test_concurrent_callers_get_the_same_chunks(
+    gapped: clips.Clip, long_speech: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Four threads at once each get what they get alone, each pass through a copy of the model of
     its own (it keeps recurrent state), and torch's thread count is restored after the last.
 
@@ -108,6 +110,7 @@ def test_concurrent_callers_get_the_same_chunks(gapped: clips.Clip, long_speech:
     pass's one thread stays the process's.
     """
     threads_before = torch.get_num_threads()
+    monkeypatch.setattr(vad, "_idle", [vad._vad_model()])  # one copy, whatever earlier tests loaded
     inputs = [(gapped.audio, 6.0), (long_speech, 30.0), (long_speech[::-1].copy(), 30.0), (gapped.audio, 12.0)]
     alone = [vad.speech_chunks(audio, max_chunk_s=limit) for audio, limit in inputs]
     together: list[list[Chunk] | None] = [None] * len(inputs)

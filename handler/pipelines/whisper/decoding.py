@@ -416,11 +416,10 @@ class Sections:
         """Window ``index`` decoded to ``segments``: the prompt of the windows that follow it."""
         self._found[index] = segments
         prompt = self._prompt(index)
-        if segments and self._condition and segments[-1]["temperature"] > _PROMPT_RESET_TEMPERATURE:
-            prompt = ()  # as whisper.transcribe: text this uncertain is no context
-        elif segments and self._condition:
-            prompt = (*prompt, *(token for segment in segments for token in segment["tokens"]))[-_PROMPT_TOKENS:]
-        self._after[index] = prompt  # a silent window leaves the prompt as it was
+        if segments:  # a silent window leaves the prompt as it was
+            tokens = [token for segment in segments for token in segment["tokens"]]
+            prompt = _next_prompt(prompt, tokens, segments[-1]["temperature"], condition=self._condition)
+        self._after[index] = prompt
 
     def segments(self) -> list[dict[str, Any]]:
         """Every window's segments so far, in time order."""
@@ -520,7 +519,8 @@ def _decode_round(
         if not keep_tails:
             tokens, tail = _split_tail(tokens, item, tokenizer.timestamp_begin)
             if tail is not None:
-                tail = replace(tail, prompt=_tail_prompt(item.prompt, tokens, result, settings))
+                prompt = _next_prompt(item.prompt, tokens, result.temperature, condition=settings.condition)
+                tail = replace(tail, prompt=prompt)
         segments = _segments(result, tokens, item.window, tokenizer)
         if settings.word_timestamps and segments:
             # Windows are independent: speech before this one is not known here.
@@ -549,12 +549,14 @@ def _split_tail(tokens: list[int], item: WindowInput, timestamp_begin: int) -> t
     return tokens[:end], WindowInput(pad_or_trim(item.mel[:, frames : item.window.frames], N_FRAMES), window)
 
 
-def _tail_prompt(prompt: tuple[int, ...], tokens: list[int], result: DecodingResult,
-                 settings: BatchSettings) -> tuple[int, ...]:
-    """The prompt of a window's tail: its window's, and with conditioning the text decoded before it."""
-    if not settings.condition:
+def _next_prompt(prompt: tuple[int, ...], tokens: Sequence[int], temperature: float, *,
+                 condition: bool) -> tuple[int, ...]:
+    """The prompt of what follows text ``tokens`` decoded at ``temperature`` with ``prompt`` (the
+    next window of a section, or a window's tail): as whisper.transcribe, the text appended and
+    the last 223 tokens kept; nothing after text this uncertain; the same prompt without conditioning."""
+    if not condition:
         return prompt
-    if result.temperature > _PROMPT_RESET_TEMPERATURE:
+    if temperature > _PROMPT_RESET_TEMPERATURE:
         return ()
     return (*prompt, *tokens)[-_PROMPT_TOKENS:]
 
