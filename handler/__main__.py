@@ -16,11 +16,15 @@ from typing import Any
 
 # The SDK reads its level once, at import, and at DEBUG it logs whole job outputs.
 os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
+# Numba (whisper's word-timing DTW, one thread) would start an OpenMP thread per core on first
+# use and keep them: past the cores, torch's own OpenMP threads stop spinning (handler.runtime.threads).
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 from handler.app import get_worker
 from handler.config import SettingsError, library_environment, load_settings
 from handler.logs import configure_logging, get_logger, redact_sdk_logs
 from handler.runtime.devices import GpuUnusable, check_device, describe
+from handler.runtime.threads import torch_threads
 from handler.sdk import import_runpod
 
 # Before anything imports the SDK its own way, which would run its processor probe (handler.sdk).
@@ -43,6 +47,7 @@ def main() -> None:
     except GpuUnusable as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         raise SystemExit(3) from exc
+    torch_threads(1)  # the main thread loads and serves; the gate's threads compute (handler.runtime.threads)
     worker = get_worker(settings)
     if sys.argv[1:2] == ["serve"] or settings.worker_mode == "http":
         from handler.http.server import serve

@@ -37,7 +37,7 @@ from handler.runtime.devices import resolve_device
 from handler.runtime.gate import Gate
 from handler.runtime.memory import auto_slots, free_for_models, model_bytes, read_memory
 from handler.runtime.registry import Registry
-from handler.runtime.threads import in_thread, job_threads
+from handler.runtime.threads import in_thread, job_threads, one_torch_thread
 from handler.task import Task
 from handler.tasks import TASKS, load_task_modules
 
@@ -286,8 +286,13 @@ class Worker:
         return sizing
 
     def preload(self, names: tuple[str, ...] | None = None) -> None:
-        """Load the default pipeline of each task named (default: PRELOAD)."""
-        for name in self.settings.preload if names is None else names:
+        """Load the default pipeline of each task named (default: PRELOAD), on the calling thread,
+        with torch on one thread of it (it is not one of the gate's: handler.runtime.threads)."""
+        with one_torch_thread():
+            self._preload(self.settings.preload if names is None else names)
+
+    def _preload(self, names: tuple[str, ...]) -> None:
+        for name in names:
             task = self.tasks.get(name)
             if task is None or task.preload is None:
                 log.warning("preload.skipped", task=name)

@@ -262,6 +262,24 @@ def test_beams_of_a_window_share_its_cross_attention_keys(
     assert all("qkv_attention" not in vars(b.cross_attn) for b in model.decoder.blocks)
 
 
+def test_a_single_windows_beams_attend_as_one_row(
+    model: Any, clip: clips.Clip, chunks: list[Chunk], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One window at beam 5 goes through the grouped cross-attention too (5 queries against one
+    key row), not upstream's broadcast of one key row over 5 beams (18x slower in torch's CPU
+    attention); the tokens are upstream's (test_each_window_of_a_batch_is_decoded_with_its_own_prompt)."""
+    shapes: list[tuple[int, int]] = []
+    grouped = decoding._grouped_attention
+
+    def spy(attend: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any = None) -> Any:
+        shapes.append((q.shape[0], k.shape[0]))
+        return grouped(attend, q, k, v, mask)
+
+    monkeypatch.setattr(decoding, "_grouped_attention", spy)
+    decoding.transcribe_chunks(model, clip.audio, chunks[:1], options=BEAM, batch_size=1)
+    assert set(shapes) == {(1, 1), (5, 1)}  # the prompt's pass on one row per window, then the beams
+
+
 # Random weights never finish a beam, so upstream's BeamSearchDecoder.finalize takes its path for
 # unfinished beams, which calls np.argsort on a tensor (a numpy 2 deprecation inside torch).
 @pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context and return_scalar:DeprecationWarning")
@@ -289,8 +307,9 @@ def test_each_window_of_a_batch_is_decoded_with_its_own_prompt(
     model: Any, clip: clips.Clip, chunks: list[Chunk]
 ) -> None:
     """Two windows with different prompts in one decoder loop give, each, the tokens of openai-whisper
-    decoding it alone with that prompt; a longer prompt is cut to the shorter one's length, keeping
-    its last tokens; and the prompts change what is decoded."""
+    decoding it alone with that prompt (and so does one window alone, its beams attending as one
+    row); a longer prompt is cut to the shorter one's length, keeping its last tokens; and the
+    prompts change what is decoded."""
     tokenizer = whisper.tokenizer.get_tokenizer(False)
     short = tuple(tokenizer.encode(" THE MEETING IS OPEN. HELLO EVERYONE."))
     long = tuple(tokenizer.encode(" the meeting minutes, in lower case, with no full stops at all and the"))
@@ -301,6 +320,7 @@ def test_each_window_of_a_batch_is_decoded_with_its_own_prompt(
     with torch.no_grad():
         batched = decoding._decode_prompted(model, model.encoder(windows), settings, [short, long])
         unprompted = decoding._decode_prompted(model, model.encoder(windows), settings, [(), ()])
+        single = decoding._decode_prompted(model, model.encoder(windows[:1]), settings, [short])
 
     def alone(window: torch.Tensor, prompt: tuple[int, ...]) -> tuple[list[int], float]:
         options = whisper.DecodingOptions(language="en", beam_size=5, temperature=0.0, fp16=False, prompt=list(prompt))
@@ -309,6 +329,7 @@ def test_each_window_of_a_batch_is_decoded_with_its_own_prompt(
 
     expected = [alone(windows[0], short), alone(windows[1], long[-len(short):])]
     assert [(r.tokens, round(r.no_speech_prob, 4)) for r in batched] == expected
+    assert [(r.tokens, round(r.no_speech_prob, 4)) for r in single] == expected[:1]
     assert [r.tokens for r in batched] != [r.tokens for r in unprompted]
 
 

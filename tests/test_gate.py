@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from handler.app import Worker
 from handler.errors import GenerationTimeout
 from handler.runtime.gate import Gate
 from handler.runtime.registry import PipelineKey, Registry
+from handler.runtime.threads import in_thread, job_threads
 from tests.conftest import assert_no_job_dirs
 from tests.fixture_tasks import TABLE, FixturePipeline
 
@@ -224,3 +230,49 @@ def test_a_slot_taken_first_runs_one_work_or_goes_back_unused() -> None:
         asyncio.run(scenario())
     finally:
         gate.shutdown()
+
+
+def test_torch_computes_on_the_gates_threads_and_on_one_thread_elsewhere(
+    worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each of the gate's threads runs torch on its share of the cores; a job's own threads and a
+    preload on one (handler.runtime.threads: past the cores, OpenMP's threads stop spinning).
+
+    With every thread on torch's default, each job's thread that touched torch kept a team of its own.
+    """
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    seen: dict[str, int] = {}
+
+    async def scenario() -> None:
+        for slots in (8, 2, 1):  # the last leaves 4 where threads that never set theirs start
+            gate = Gate(slots=slots, acquire_timeout=5)
+            seen[f"gate {slots}"], _ = await gate.run(torch.get_num_threads)
+            gate.shutdown()
+        threads = job_threads()
+        seen["job"] = await in_thread(torch.get_num_threads, on_late_error=print, executor=threads)
+        threads.shutdown()
+
+    def preload(_runtime: object) -> None:
+        seen["preload"] = torch.get_num_threads()
+
+    monkeypatch.setitem(TABLE, "fixture", dataclasses.replace(TABLE["fixture"], preload=preload))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        asyncio.run(scenario())
+        worker.preload(("fixture",))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"gate 1": 4, "gate 2": 2, "gate 8": 1, "job": 1, "preload": 1}
+
+
+def test_the_worker_entry_starts_numba_on_one_thread() -> None:
+    """``python -m handler`` keeps numba (whisper's DTW) from starting an OpenMP thread per core: the
+    setting is read when numba is imported, which importing the entry does."""
+    code = "import handler.__main__, numba\nprint(numba.config.NUMBA_NUM_THREADS)"
+    env = {key: value for key, value in os.environ.items() if key != "NUMBA_NUM_THREADS"}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "1"

@@ -15,6 +15,7 @@ import whisper
 
 from handler.pipelines.whisper import vad
 from handler.pipelines.whisper.vad import Chunk
+from handler.runtime.cancel import CancelToken
 from tests import clips, media
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -103,21 +104,33 @@ def test_concurrent_callers_get_the_same_chunks(
     gapped: clips.Clip, long_speech: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Four threads at once each get what they get alone, each pass through a copy of the model of
-    its own (it keeps recurrent state), and torch's thread count is restored after the last.
+    its own (it keeps recurrent state), each on one torch thread, and each thread's torch thread
+    count is as before after its pass.
 
     With one copy shared, the threads' windows interleave through one state: the chunks change,
-    or torch crashes the process. With each pass restoring the count it found, an overlapping
-    pass's one thread stays the process's.
+    or torch crashes the process. Torch's thread count is a setting of each thread: a pass that
+    set it for the process only would leave the others' passes on two threads.
     """
-    threads_before = torch.get_num_threads()
     monkeypatch.setattr(vad, "_idle", [vad._vad_model()])  # one copy, whatever earlier tests loaded
     inputs = [(gapped.audio, 6.0), (long_speech, 30.0), (long_speech[::-1].copy(), 30.0), (gapped.audio, 12.0)]
     alone = [vad.speech_chunks(audio, max_chunk_s=limit) for audio, limit in inputs]
     together: list[list[Chunk] | None] = [None] * len(inputs)
+    during: list[set[int]] = [set() for _ in inputs]
+    after: list[int] = [0] * len(inputs)
+
+    class Watch(CancelToken):  # Silero reports each window here: the pass's thread count then
+        def __init__(self, index: int) -> None:
+            super().__init__()
+            self.index = index
+
+        def check(self) -> None:
+            during[self.index].add(torch.get_num_threads())
 
     def run(index: int) -> None:
+        torch.set_num_threads(2)
         audio, limit = inputs[index]
-        together[index] = vad.speech_chunks(audio, max_chunk_s=limit)
+        together[index] = vad.speech_chunks(audio, max_chunk_s=limit, cancel=Watch(index))
+        after[index] = torch.get_num_threads()
 
     threads = [threading.Thread(target=run, args=(index,)) for index in range(len(inputs))]
     for thread in threads:
@@ -126,7 +139,8 @@ def test_concurrent_callers_get_the_same_chunks(
         thread.join(timeout=60)
     assert together == alone
     assert len(vad._idle) >= 2, "the passes ran one at a time"
-    assert torch.get_num_threads() == threads_before
+    assert during == [{1}] * len(inputs)
+    assert after == [2] * len(inputs)
 
 
 def test_fixed_windows_tile_the_audio_and_cut_in_a_pause_near_the_limit(gapped: clips.Clip) -> None:
@@ -162,7 +176,8 @@ def test_chunk_times_are_in_seconds() -> None:
 
 
 def test_loading_the_vad_leaves_torch_threads_alone() -> None:
-    """silero_vad's import sets torch to one thread process-wide; the worker's other models must keep theirs.
+    """silero_vad's import sets the importing thread (and threads started later) to one torch thread; the
+    worker's other models must keep theirs.
 
     Run in a fresh interpreter, where silero_vad is not imported yet.
     """

@@ -28,7 +28,7 @@ from handler.errors import GenerationTimeout
 from handler.logs import get_logger
 from handler.runtime.cancel import CancelToken
 from handler.runtime.devices import clear_cuda_cache, cuda_errors
-from handler.runtime.threads import LateErrorHook, in_thread
+from handler.runtime.threads import LateErrorHook, compute_threads, in_thread, torch_threads
 
 T = TypeVar("T")
 log = get_logger(__name__)
@@ -36,6 +36,12 @@ log = get_logger(__name__)
 
 def _log_late_error(exc: BaseException) -> None:
     log.error("gpu.late_error", error=repr(exc))
+
+
+def _slot_threads(slots: int) -> ThreadPoolExecutor:
+    """One thread per slot, each running torch on its share of the cores (handler.runtime.threads)."""
+    return ThreadPoolExecutor(max_workers=slots, thread_name_prefix="gpu", initializer=torch_threads,
+                              initargs=(compute_threads(slots),))
 
 
 class Gate:
@@ -46,7 +52,7 @@ class Gate:
             raise ValueError("a gate needs at least one slot")
         self.slots = slots
         self.acquire_timeout = acquire_timeout
-        self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="gpu")
+        self._executor = _slot_threads(slots)
         # asyncio semaphores belong to one event loop; production has one, tests many.
         self._semaphores_lock = threading.Lock()
         self._semaphores: weakref.WeakKeyDictionary[
@@ -74,7 +80,7 @@ class Gate:
                 raise RuntimeError("a gate in use cannot be resized")
             self._executor.shutdown(wait=False)
             self.slots = slots
-            self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="gpu")
+            self._executor = _slot_threads(slots)
 
     def _semaphore(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()

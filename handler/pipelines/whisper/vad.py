@@ -29,8 +29,6 @@ import itertools
 import math
 import threading
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +36,7 @@ import numpy as np
 import torch
 
 from handler.runtime.cancel import CancelToken
+from handler.runtime.threads import one_torch_thread
 
 SAMPLE_RATE = 16000
 MAX_CHUNK_S = 30.0
@@ -48,10 +47,6 @@ _model: Any = None
 _model_load_lock = threading.Lock()  # guards loading ``_model`` (once per process)
 _idle: list[Any] = []
 _idle_lock = threading.Lock()
-# Torch's thread setting is process-wide: the first VAD pass in sets one thread, the last out restores it.
-_threads_lock = threading.Lock()
-_threads_users = 0
-_threads_saved = 0
 
 
 @dataclass(frozen=True)
@@ -89,18 +84,15 @@ def _vad_model() -> Any:
 
 
 def _load_model() -> Any:
-    # Importing silero_vad runs torch.set_num_threads(1) for the whole process, which would
-    # leave every later CPU inference of the worker (Whisper included) on one core.
-    threads = torch.get_num_threads()
-    try:
+    # Importing silero_vad runs torch.set_num_threads(1), which would leave the importing thread
+    # (and threads started after it) on one core: the setting is put back.
+    with one_torch_thread():
         from silero_vad import load_silero_vad  # type: ignore[import-untyped]
 
         with warnings.catch_warnings():
             # The wheel ships TorchScript; torch 2.13 deprecates torch.jit.load but loads it fine.
             warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", DeprecationWarning)
             return load_silero_vad()
-    finally:
-        torch.set_num_threads(threads)
 
 
 def speech_regions(
@@ -128,7 +120,7 @@ def speech_regions(
     options = {"threshold": threshold, "max_speech_duration_s": max_region_s,
                "min_silence_duration_ms": min_silence_ms, "speech_pad_ms": speech_pad_ms}
 
-    with _one_torch_thread():  # a second copy is loaded inside it too: loading saves and restores threads
+    with one_torch_thread():  # its many tiny steps (one per 32 ms) run 2-4x slower on more threads
         with _idle_lock:
             model = _idle.pop() if _idle else None
         if model is None:
@@ -145,28 +137,6 @@ def speech_regions(
             with _idle_lock:
                 _idle.append(model)
     return [Chunk(int(span["start"]), int(span["end"])) for span in spans]
-
-
-@contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """Run Silero on one thread: its many tiny steps (one per 32 ms) run 2-4x slower on more.
-
-    The setting is process-wide; it is held only while VAD passes run (about 1 s per 2 minutes
-    of audio on one thread), and concurrent passes share it: the first sets it, the last restores it.
-    """
-    global _threads_users, _threads_saved
-    with _threads_lock:
-        if _threads_users == 0:
-            _threads_saved = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _threads_users += 1
-    try:
-        yield
-    finally:
-        with _threads_lock:
-            _threads_users -= 1
-            if _threads_users == 0:
-                torch.set_num_threads(_threads_saved)
 
 
 def merge_regions(regions: list[Chunk], *, max_samples: int) -> list[Chunk]:
