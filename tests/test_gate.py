@@ -240,7 +240,7 @@ def test_torch_computes_on_the_gates_threads_and_on_one_thread_elsewhere(
 
     With every thread on torch's default, each job's thread that touched torch kept a team of its own.
     """
-    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
     seen: dict[str, int] = {}
 
     async def scenario() -> None:

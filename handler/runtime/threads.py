@@ -45,9 +45,8 @@ def job_threads() -> ThreadPoolExecutor:
 
 
 def cores() -> int:
-    """The threads OpenMP gives a team by default: ``OMP_NUM_THREADS``, else the CPUs this process may use."""
-    configured = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    return int(configured) if configured.isdigit() and int(configured) > 0 else len(os.sched_getaffinity(0))
+    """The CPUs this process may use: what libgomp counts its threads against."""
+    return len(os.sched_getaffinity(0))
 
 
 def compute_threads(slots: int) -> int:
