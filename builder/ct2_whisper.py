@@ -121,31 +121,28 @@ def _linear(
     return out
 
 
+def _fused(src: dict[str, np.ndarray], ct2: str, dst: str, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """CTranslate2 fuses attention projections into one linear layer: split it into Whisper's
+    ``query``/``key``/``value``. Whisper's key has no bias (CTranslate2 keeps zeros there)."""
+    weights = _split(src[f"{ct2}/weight"], len(names))
+    biases = _split(src[f"{ct2}/bias"], len(names))
+    out = {}
+    for name, weight, bias in zip(names, weights, biases, strict=True):
+        out[f"{dst}.{name}.weight"] = _tensor(weight)
+        if name != "key":
+            out[f"{dst}.{name}.bias"] = _tensor(bias)
+    return out
+
+
 def _self_attention(src: dict[str, np.ndarray], ct2: str, dst: str) -> dict[str, torch.Tensor]:
-    weight_q, weight_k, weight_v = _split(src[f"{ct2}/linear_0/weight"], 3)
-    bias_q, _bias_k, bias_v = _split(src[f"{ct2}/linear_0/bias"], 3)
-    out = {
-        f"{dst}.query.weight": _tensor(weight_q),
-        f"{dst}.query.bias": _tensor(bias_q),
-        f"{dst}.key.weight": _tensor(weight_k),
-        f"{dst}.value.weight": _tensor(weight_v),
-        f"{dst}.value.bias": _tensor(bias_v),
-    }
+    out = _fused(src, f"{ct2}/linear_0", dst, ("query", "key", "value"))
     out.update(_linear(src, f"{ct2}/linear_1", f"{dst}.out"))
     return out
 
 
 def _cross_attention(src: dict[str, np.ndarray], ct2: str, dst: str) -> dict[str, torch.Tensor]:
-    weight_k, weight_v = _split(src[f"{ct2}/linear_1/weight"], 2)
-    _bias_k, bias_v = _split(src[f"{ct2}/linear_1/bias"], 2)
     out = _linear(src, f"{ct2}/linear_0", f"{dst}.query")
-    out.update(
-        {
-            f"{dst}.key.weight": _tensor(weight_k),
-            f"{dst}.value.weight": _tensor(weight_v),
-            f"{dst}.value.bias": _tensor(bias_v),
-        }
-    )
+    out.update(_fused(src, f"{ct2}/linear_1", dst, ("key", "value")))
     out.update(_linear(src, f"{ct2}/linear_2", f"{dst}.out"))
     return out
 

@@ -48,6 +48,15 @@ class WorkerError(Exception):
     # Whether RunPod should restart the worker process after this error.
     refresh_worker: ClassVar[bool] = False
 
+    def __init_subclass__(
+        cls, *, code: str | None = None, retryable: bool | None = None, refresh_worker: bool = False
+    ) -> None:
+        """A subclass states its code and retry policy in its header; what it leaves out it inherits."""
+        super().__init_subclass__()
+        cls.code = cls.code if code is None else code
+        cls.retryable = cls.retryable if retryable is None else retryable
+        cls.refresh_worker = cls.refresh_worker or refresh_worker
+
     def __init__(
         self, message: str, *, field: str | None = None, retryable: bool | None = None
     ) -> None:
@@ -72,81 +81,48 @@ class WorkerError(Exception):
         return result
 
 
-class InvalidInput(WorkerError):
+class InvalidInput(WorkerError, code="INVALID_INPUT", retryable=False):
     """The job asks for something the worker will never do: retrying cannot help."""
 
-    code = "INVALID_INPUT"
-    retryable = False
 
-
-class InputTooLarge(WorkerError):
+class InputTooLarge(WorkerError, code="INPUT_TOO_LARGE", retryable=False):
     """The job is over a configured limit; the same job will always be."""
 
-    code = "INPUT_TOO_LARGE"
-    retryable = False
 
-
-class DownloadFailed(WorkerError):
+class DownloadFailed(WorkerError, code="DOWNLOAD_FAILED", retryable=True):
     """An input URL could not be fetched; the remote side may recover."""
 
-    code = "DOWNLOAD_FAILED"
-    retryable = True
 
-
-class DownloadRefused(DownloadFailed):
+class DownloadRefused(DownloadFailed, retryable=False):
     """The URL points somewhere the worker must not go (private address, bad scheme)."""
 
-    retryable = False
 
-
-class GenerationTimeout(WorkerError):
+class GenerationTimeout(WorkerError, code="TIMEOUT", retryable=True):
     """No GPU slot came free in time; another worker, or later, may have one."""
 
-    code = "TIMEOUT"
-    retryable = True
 
-
-class GpuOutOfMemory(WorkerError):
+class GpuOutOfMemory(WorkerError, code="GPU_OOM", retryable=True):
     """CUDA ran out of memory; the cache was cleared and the worker is still healthy."""
 
-    code = "GPU_OOM"
-    retryable = True
 
-
-class ModelLoadFailed(WorkerError):
+class ModelLoadFailed(WorkerError, code="MODEL_LOAD_FAILED", retryable=False):
     """Weights are missing or broken; nothing was cached, and a retry gets the same files."""
 
-    code = "MODEL_LOAD_FAILED"
-    retryable = False
 
-
-class UploadFailed(WorkerError):
+class UploadFailed(WorkerError, code="UPLOAD_FAILED", retryable=True):
     """Storage refused or could not be reached after the bounded retries."""
 
-    code = "UPLOAD_FAILED"
-    retryable = True
 
-
-class Overloaded(WorkerError):
+class Overloaded(WorkerError, code="OVERLOADED", retryable=True):
     """Memory pressure is over the admission threshold; the job was refused up front."""
 
-    code = "OVERLOADED"
-    retryable = True
 
-
-class Cancelled(WorkerError):
+class Cancelled(WorkerError, code="CANCELLED", retryable=True):
     """RunPod cancelled the job or the worker is shutting down."""
 
-    code = "CANCELLED"
-    retryable = True
 
-
-class CudaFatal(WorkerError):
+class CudaFatal(WorkerError, code="CUDA_FATAL", retryable=True, refresh_worker=True):
     """A sticky CUDA error: this process cannot use the GPU again, so it asks to be replaced."""
-
-    code = "CUDA_FATAL"
-    retryable = True
-    refresh_worker = True
 
 
 ALL_ERRORS: tuple[type[WorkerError], ...] = (

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-LOOPBACK = "127.0.0.1"
+from tests.servers import LOOPBACK, ThreadedServer, free_port_block
+
 ROOT = Path(__file__).resolve().parents[1]
 # How long a job-take or job-stop request is held open when there is nothing to give.
 LONG_POLL_S = 0.5
@@ -33,7 +34,7 @@ LONG_POLL_S = 0.5
 HOLD_LIMIT_S = 30.0
 
 
-class JobServer:
+class JobServer(ThreadedServer):
     """Queue of jobs for workers, and a record of everything they posted back."""
 
     def __init__(self) -> None:
@@ -54,10 +55,7 @@ class JobServer:
         self.taken: list[str] = []
         self.pings = 0
         self._ids = itertools.count()
-        self._server = ThreadingHTTPServer((LOOPBACK, 0), self._handler_class())
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        super().__init__(ThreadingHTTPServer((LOOPBACK, 0), self._handler_class()))
 
     # --- what tests use -------------------------------------------------------------
 
@@ -130,14 +128,6 @@ class JobServer:
     def result(self, job_id: str) -> dict[str, Any]:
         with self._lock:
             return self.results[job_id][0]
-
-    def __enter__(self) -> JobServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
     # --- the protocol -----------------------------------------------------------------
 
@@ -265,6 +255,14 @@ class WorkerProcess:
     def stop(self) -> int:
         return stop_process(self.process)
 
+    def sigterm(self, *, within_s: float) -> None:
+        """SIGTERM while jobs are held: the process must exit 0 within ``within_s`` seconds."""
+        signalled = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        assert self.process.wait(within_s + 15) == 0
+        elapsed = time.monotonic() - signalled
+        assert elapsed < within_s, f"exited {elapsed:.1f} s after SIGTERM"
+
     def job_dirs(self) -> list[Path]:
         return list(self.work_dir.iterdir())
 
@@ -273,8 +271,6 @@ class LocalApi:
     """`python -m handler --rp_serve_api` (the SDK's local HTTP API) on a free loopback port."""
 
     def __init__(self, work_dir: Path, **env: str) -> None:
-        from tests.servers import free_port_block
-
         self.port = free_port_block(1)
         self.url = f"http://{LOOPBACK}:{self.port}"
         self.log_path = work_dir / f"api-{time.monotonic_ns()}.log"
@@ -319,8 +315,6 @@ class ServeProcess:
     """`python -m handler serve` on free loopback ports (PORT, and PORT_HEALTH beside it when asked)."""
 
     def __init__(self, work_dir: Path, *, separate_health: bool = False, **env: str) -> None:
-        from tests.servers import free_port_block
-
         self.port = free_port_block(2)
         self.health_port = self.port + 1 if separate_health else self.port
         self.url = f"http://{LOOPBACK}:{self.port}"

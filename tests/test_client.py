@@ -27,7 +27,7 @@ from client.retry import Backoff, Outcome, with_retries
 from tests import media
 from tests.conftest import CAPTURED_LOGS
 from tests.jobserver import LOOPBACK, ROOT, LocalApi
-from tests.servers import SeaweedS3, loopback_server
+from tests.servers import SeaweedS3, ThreadedServer, loopback_server
 
 pytestmark = pytest.mark.integration
 # Greedy decoding: the same words from tiny.en, in a fraction of the time.
@@ -204,7 +204,7 @@ def test_usage_errors_exit_2(tmp_path: Path, clips: dict[str, Path]) -> None:
         assert exited.value.code == 2, args
 
 
-class RunPodStandIn:
+class RunPodStandIn(ThreadedServer):
     """RunPod's endpoint API on loopback, in front of the local API: Bearer auth on every request,
     ``/<endpoint>/run`` queues, ``/<endpoint>/status/<id>`` answers at once (IN_QUEUE, then IN_PROGRESS
     with a progress message, then the result), as RunPod's does."""
@@ -214,8 +214,8 @@ class RunPodStandIn:
         self.seen: list[tuple[str, str]] = []  # (path, Authorization) of each request
         self.results: dict[str, dict[str, Any] | None] = {}
         self._lock = threading.Lock()  # guards seen and results
-        self._server = loopback_server(self.answer)
-        self.base = f"http://{LOOPBACK}:{self._server.server_address[1]}"
+        super().__init__(loopback_server(self.answer))
+        self.base = f"http://{LOOPBACK}:{self.port}"
 
     def answer(self, request: BaseHTTPRequestHandler) -> None:
         auth = request.headers.get("Authorization", "")
@@ -266,14 +266,6 @@ class RunPodStandIn:
         request.send_header("Content-Length", str(len(data)))
         request.end_headers()
         request.wfile.write(data)
-
-    def __enter__(self) -> RunPodStandIn:
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 def test_a_runpod_endpoint_with_the_same_code_and_no_key_in_sight(local_api: LocalApi, tmp_path: Path,
@@ -330,7 +322,7 @@ def failed(code: str, message: str) -> Reply:
     return json_reply({"status": "FAILED", "output": output, "error": message})
 
 
-class Scripted:
+class Scripted(ThreadedServer):
     """A hostile endpoint on loopback: RunPod's routes, answered from a script, every request recorded.
 
     A file's bytes are its scenario's name (the client sends them as ``audio_base64``; an upload task
@@ -344,8 +336,8 @@ class Scripted:
         self.paths: dict[str, Reply] = {}
         self.seen: list[tuple[str, str]] = []  # (path, Authorization) of each request
         self._lock = threading.Lock()  # guards seen
-        self._server = loopback_server(self.answer)
-        self.base = f"http://{LOOPBACK}:{self._server.server_address[1]}"
+        super().__init__(loopback_server(self.answer))
+        self.base = f"http://{LOOPBACK}:{self.port}"
 
     def answer(self, request: BaseHTTPRequestHandler) -> None:
         body = request.rfile.read(int(request.headers.get("Content-Length", "0")))
@@ -376,14 +368,6 @@ class Scripted:
         """The Authorization headers of the requests whose path holds ``fragment``."""
         with self._lock:
             return {auth for path, auth in self.seen if fragment in path}
-
-    def __enter__(self) -> Scripted:
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 KEY = "rpa_" + "7" * 24

@@ -22,7 +22,15 @@ import s3transfer.exceptions
 import torch
 from botocore.exceptions import ClientError
 
-from handler.errors import ALL_ERRORS, DownloadRefused, GpuOutOfMemory, InvalidInput, WorkerError, printable
+from handler.errors import (
+    ALL_ERRORS,
+    CudaFatal,
+    DownloadRefused,
+    GpuOutOfMemory,
+    InvalidInput,
+    WorkerError,
+    printable,
+)
 from handler.io import media
 from handler.io.download import httpcore_errors
 from handler.io.storage import s3_errors
@@ -72,6 +80,13 @@ def test_payload_shape() -> None:
     payload = InvalidInput("language: unknown", field="language").payload("rid")
     assert payload == {"error": "INVALID_INPUT: language: unknown", "error_code": "INVALID_INPUT",
                        "request_id": "rid", "retryable": False, "field": "language"}
+
+
+def test_only_a_sticky_cuda_error_asks_for_a_new_worker() -> None:
+    """CUDA_FATAL's payload carries ``refresh_worker``; no other code's does."""
+    asking = {cls.code for cls in ALL_ERRORS if "refresh_worker" in cls("x").payload("rid")}
+    assert asking == {"CUDA_FATAL"}
+    assert CudaFatal("x").payload("rid")["refresh_worker"] is True
 
 
 def test_every_error_is_a_worker_error() -> None:

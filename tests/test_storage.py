@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from handler.io.outputs import InlineStorage, object_key
+from handler.io.outputs import InlineStorage
+from handler.io.storage import object_key
 from tests import media
 from tests.conftest import assert_no_job_dirs, b64, job, remember_secret, run_job
 from tests.servers import HttpServer, SeaweedS3

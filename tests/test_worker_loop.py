@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import signal
 import time
 from pathlib import Path
 
@@ -96,10 +95,7 @@ def test_sigterm_answers_the_job_and_exits_cleanly(server: JobServer, tmp_path: 
     server.submit("short", {"task": "fixture", "action": "sleep", "seconds": 1})
     assert server.wait_taken("long", 60) and server.wait_taken("short", 10)
     time.sleep(0.3)
-    signalled = time.monotonic()
-    worker.process.send_signal(signal.SIGTERM)
-    assert worker.process.wait(20) == 0
-    assert time.monotonic() - signalled < 2 + 5
+    worker.sigterm(within_s=2 + 5)
     stop_worker(worker)
     assert output_of(server.result("short"))["output"] == "done"
     assert output_of(server.result("long"))["error_code"] == "CANCELLED"

@@ -6,18 +6,13 @@ files in the result itself as base64.
 from __future__ import annotations
 
 import base64
-import re
 import threading
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from handler.errors import InputTooLarge
 from handler.runtime.cancel import CancelToken
-
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
-_DOTS = re.compile(r"\.{2,}")
 
 
 @dataclass(frozen=True)
@@ -44,13 +39,6 @@ class OutputSink(Protocol):
     def save(
         self, path: Path, *, name: str, content_type: str, request_id: str, cancel: CancelToken | None = None
     ) -> StoredFile: ...
-
-
-def object_key(prefix: str, request_id: str, name: str) -> str:
-    """``prefix/YYYY/MM/DD/request_id/name`` with ``name`` reduced to safe characters."""
-    safe = _DOTS.sub(".", _SAFE_NAME.sub("_", name)).lstrip("._") or "file"
-    day = time.strftime("%Y/%m/%d", time.gmtime())
-    return "/".join(part for part in (prefix, day, request_id, safe) if part)
 
 
 class InlineStorage:

@@ -23,6 +23,7 @@ them: newer botocore defaults add CRC trailers that several S3-compatible stores
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import threading
 import time
@@ -53,7 +54,7 @@ from handler.errors import (
 )
 from handler.io.addresses import AddressPolicy
 from handler.io.buckets import BucketSettings
-from handler.io.outputs import StoredFile, object_key
+from handler.io.outputs import StoredFile
 from handler.io.streams import copy_capped
 from handler.logs import get_logger, register_secret
 from handler.runtime.cancel import CancelToken
@@ -80,6 +81,8 @@ _TRANSFER_ERRORS: tuple[type[Exception], ...] = (
     transfer_errors.S3CopyFailedError, transfer_errors.S3DownloadFailedError, transfer_errors.S3UploadFailedError,
     transfer_errors.S3ValidationError, transfer_errors.TransferNotDoneError,
 )
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+_DOTS = re.compile(r"\.{2,}")
 
 
 # One session for every client: it parses S3's service model once (a new session costs a
@@ -87,6 +90,13 @@ _TRANSFER_ERRORS: tuple[type[Exception], ...] = (
 # sessions are not thread-safe, so clients are made one at a time (a few ms each).
 _SESSION = boto3.session.Session()
 _session_lock = threading.Lock()
+
+
+def object_key(prefix: str, request_id: str, name: str) -> str:
+    """``prefix/YYYY/MM/DD/request_id/name`` with ``name`` reduced to safe characters."""
+    safe = _DOTS.sub(".", _SAFE_NAME.sub("_", name)).lstrip("._") or "file"
+    day = time.strftime("%Y/%m/%d", time.gmtime())
+    return "/".join(part for part in (prefix, day, request_id, safe) if part)
 
 
 class ObjectMissing(DownloadFailed):

@@ -42,7 +42,7 @@ class LoadedPipeline:
     load_ms: float
     loaded_at: float
     # Memory the load took where the model lives (approximate when loads overlap).
-    memory_bytes: int = 0
+    memory_bytes: int
 
 
 class Registry:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from handler.errors import InputTooLarge, InvalidInput
-from handler.io.outputs import object_key
+from handler.io.storage import object_key
 from handler.job import JobContext
 from handler.task import Task, TaskInput
 
