@@ -385,3 +385,18 @@ def test_a_long_recording_keeps_full_batches_and_a_short_one_is_one_sequence(mod
     assert widths(80) == [8] * 10
     assert widths(2) == [1, 1]
     assert widths(0) == []
+
+
+def test_the_batch_decoding_task_runs_the_vectorised_steps(model: Any) -> None:
+    """BatchDecodingTask puts tests/test_search.py's beam search and timestamp rules in place of
+    upstream's (greedy decoding keeps upstream's decoder)."""
+    from whisper.decoding import ApplyTimestampRules
+
+    from handler.pipelines.whisper.search import BeamSearch, TimestampRules
+
+    task = decoding.BatchDecodingTask(model, whisper.DecodingOptions(language="en", beam_size=5, fp16=False))
+    assert type(task.decoder) is BeamSearch
+    filters = {type(f) for f in task.logit_filters}
+    assert TimestampRules in filters and ApplyTimestampRules not in filters
+    greedy = decoding.BatchDecodingTask(model, whisper.DecodingOptions(language="en", fp16=False))
+    assert type(greedy.decoder) is not BeamSearch

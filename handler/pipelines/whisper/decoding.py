@@ -86,6 +86,7 @@ from whisper.model import Whisper
 from whisper.timing import add_word_timestamps
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
+from handler.pipelines.whisper.search import vectorised
 from handler.pipelines.whisper.vad import Chunk, fixed_chunks, speech_chunks
 from handler.runtime.cancel import CancelToken
 
@@ -131,6 +132,7 @@ class BatchDecodingTask(DecodingTask):  # type: ignore[misc]  # whisper ships no
         placeholder prompt that ``options`` carries (``BatchSettings.at``)."""
         super().__init__(model, options)
         self._prompts = prompts
+        vectorised(self)  # upstream's beam search update and timestamp rules, on the whole batch at once
 
     def _get_audio_features(self, mel: Tensor) -> Tensor:
         features: Tensor = super()._get_audio_features(mel)
