@@ -9,6 +9,8 @@ joined into ~4-minute recordings; ``make corpus``). Engines, all on the same tin
 * ``worker condition_on_previous_text false``: the same with every chunk independent;
 * ``worker enable_vad false``: the whole recording in 30 s windows cut at quiet points;
 * ``worker batch_size 1``: the worker's sequential path (``whisper.transcribe`` behind the handler);
+* ``worker default, upstream per-step loops``: the default with openai-whisper's own beam search
+  update and timestamp rules (``handler.pipelines.whisper.search`` off);
 * ``faster-whisper fp32`` / ``int8`` (sequential) and ``batched b8 int8`` (its Silero VAD).
 
 Each engine runs alone in a process of its own, as a user runs it: OpenMP's threads spin between
@@ -58,7 +60,10 @@ WORKER_INPUTS: dict[str, dict[str, Any]] = {
     "worker enable_vad false": {"enable_vad": False},
     "worker batch_size 1": {"batch_size": 1},
 }
-ENGINES = ("whisper.transcribe", *WORKER_INPUTS, "faster-whisper fp32", "faster-whisper int8",
+# The worker's default with openai-whisper's own per-row beam search and timestamp rules
+# (handler.pipelines.whisper.search off): what the vectorised steps save.
+UPSTREAM_STEPS = "worker default, upstream per-step loops"
+ENGINES = ("whisper.transcribe", *WORKER_INPUTS, UPSTREAM_STEPS, "faster-whisper fp32", "faster-whisper int8",
            "faster-whisper batched b8 int8")
 
 
@@ -135,6 +140,11 @@ def _build(name: str, checkpoint: Path) -> Transcriber:
         return _whisper_transcribe(checkpoint)
     if name in WORKER_INPUTS:
         return _worker(checkpoint, WORKER_INPUTS[name])
+    if name == UPSTREAM_STEPS:
+        from handler.pipelines.whisper import decoding
+
+        decoding.vectorised = lambda _task: None  # this process only
+        return _worker(checkpoint, {})
     return _faster_whisper(name)
 
 
