@@ -53,10 +53,12 @@ ENV BAKE_MODELS=${BAKE_MODELS} \
     WHISPER_MODELS=${WHISPER_MODELS} \
     TTS_MODEL=${TTS_MODEL} \
     IMAGE_MODEL=${IMAGE_MODEL}
-# builder/ reads the worker's own settings; only those modules come before the bake, so code
-# changes elsewhere in handler/ do not invalidate the weights layer.
+# builder/ reads the worker's own settings and bakes where handler.pipelines.weights looks; only
+# those modules come before the bake, so code changes elsewhere in handler/ do not invalidate the
+# weights layer.
 COPY handler/__init__.py handler/config.py ./handler/
 COPY handler/io/__init__.py handler/io/buckets.py ./handler/io/
+COPY handler/pipelines/__init__.py handler/pipelines/weights.py ./handler/pipelines/
 COPY builder ./builder
 RUN python -m builder bake \
     && chmod -R a+rX "$MODEL_DIR"

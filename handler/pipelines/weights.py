@@ -3,23 +3,33 @@
 Finding. A Hugging Face repo id is looked up, without any network call, in RunPod's cached
 models (``RUNPOD_HF_CACHE``, mounted on endpoints that enable the model cache) and then in
 MODEL_DIR/huggingface (where builder/ bakes them); only a repo found in neither is
-downloaded, and only when ALLOW_MODEL_DOWNLOAD is on.
+downloaded, and only when ALLOW_MODEL_DOWNLOAD is on. Whisper checkpoints are baked in
+MODEL_DIR/whisper: official models under the file name of their official download
+(``large-v3-turbo.pt`` for ``turbo``), imported ones as ``<name>.pt``.
 
 Identifying. The result cache keys on weights, not on names. Hashing a multi-GB checkpoint
 takes seconds, so each weights file's hash is computed once per process (remembered by path,
 size and modification time, for the most recent few hundred files) and, for models in the
 Hugging Face cache, the snapshot's revision (the commit of the weights) stands for its files.
-A job's media is hashed once and never remembered: it is never seen again. (Whisper
-checkpoints are found and identified by handler.pipelines.whisper.pipeline, from these hashes.)
+A job's media is hashed once and never remembered: it is never seen again. A Whisper
+checkpoint is its file's hash, or before it is baked the hash its official download URL pins.
+
+builder/ bakes into the same places, through this module: it is copied into the image before the
+bake, so it imports only the standard library, the settings, and openai-whisper's model table.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+import whisper
 
 from handler.config import Settings
 
@@ -29,6 +39,8 @@ _KNOWN_MAX = 512
 # Guards _known: the hashes of files already read, by (path, size, mtime), least recent first.
 _known_lock = threading.Lock()
 _known: OrderedDict[tuple[str, int, int], str] = OrderedDict()
+# A Whisper model named, not a path to a checkpoint.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def file_identity(path: Path, *, remember: bool = True) -> str:
@@ -95,3 +107,26 @@ def model_identity(name: str, settings: Settings) -> str | None:
         if cached(cache, name) and ref.is_file():
             return f"revision:{ref.read_text().strip()}"
     return None
+
+
+def whisper_dir(model_dir: Path) -> Path:
+    return model_dir / "whisper"
+
+
+def whisper_checkpoint(name: str, model_dir: Path) -> Path:
+    """Where the weights of Whisper model ``name`` are (or would be) baked."""
+    if not _PLAIN_NAME.fullmatch(name):
+        return Path(name)
+    official = whisper._MODELS.get(name)
+    filename = os.path.basename(urlsplit(official).path) if official else f"{name}.pt"
+    return whisper_dir(model_dir) / filename
+
+
+def whisper_identity(name: str, settings: Settings) -> str | None:
+    """The weights of Whisper model ``name``: the hash of the baked file, else the hash openai-whisper's
+    download URL pins; None when there are none to know (the load would fail anyway)."""
+    path = whisper_checkpoint(name, settings.model_dir)
+    if path.is_file():
+        return file_identity(path)
+    official = whisper._MODELS.get(name)
+    return f"sha256:{official.split('/')[-2]}" if official else None

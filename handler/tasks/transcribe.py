@@ -39,9 +39,9 @@ from handler.errors import InvalidInput
 from handler.io import media
 from handler.job import JobContext
 from handler.limits import served_model
-from handler.pipelines.weights import file_identity
+from handler.pipelines.weights import file_identity, whisper_identity
 from handler.pipelines.whisper import decoding, vad
-from handler.pipelines.whisper.pipeline import WhisperPipeline, checkpoint_identity, get_pipelines
+from handler.pipelines.whisper.pipeline import WhisperPipeline, get_pipelines
 from handler.pipelines.whisper.transcript import is_silent, plain, temperatures, words
 from handler.runtime.batcher import Batcher
 from handler.runtime.cancel import CancelToken
@@ -157,7 +157,7 @@ def preload(runtime: Runtime) -> None:
     with pipelines.borrow(runtime.settings.generation_acquire_timeout) as pipeline:
         pipeline.warm_up()
     if runtime.settings.result_cache and runtime.settings.bucket is not None:  # hash the weights now, not in a job
-        checkpoint_identity(runtime.settings.whisper_model, runtime.settings)
+        whisper_identity(runtime.settings.whisper_model, runtime.settings)
 
 
 def _model_name(settings: Settings, params: TranscribeInput) -> str:
@@ -430,7 +430,7 @@ CACHE: CachePolicy[TranscribeInput] = CachePolicy(
                        "device", "model",
                        "duration_s", "word_timestamps", "files"}),
     shaping=_shaping,
-    models={"model": checkpoint_identity},
+    models={"model": whisper_identity},
     unaffected=frozenset({"tts_model", "image_model", "video_model", "video_clip_frames", *VIDEO_SHAPING}),
 )
 

@@ -1,7 +1,5 @@
-"""openai-whisper models: where their weights live, how they load, how one runs safely.
+"""openai-whisper models: how they load, how one runs safely (handler.pipelines.weights finds them).
 
-Baked weights live in ``MODEL_DIR/whisper/``: official models under the file name of their
-official download (``large-v3-turbo.pt`` for ``turbo``), imported ones as ``<name>.pt``.
 A checkpoint may carry its own alignment heads (the builder stores them when importing a
 CTranslate2 model); otherwise official models get openai-whisper's table.
 """
@@ -9,14 +7,11 @@ CTranslate2 model); otherwise official models get openai-whisper's table.
 from __future__ import annotations
 
 import importlib
-import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -28,7 +23,7 @@ from whisper.tokenizer import get_tokenizer
 from handler.config import Settings
 from handler.errors import ModelLoadFailed
 from handler.logs import get_logger
-from handler.pipelines import weights as identity
+from handler.pipelines.weights import whisper_checkpoint, whisper_dir
 from handler.pipelines.whisper import decoding
 from handler.pipelines.whisper.vad import Chunk
 from handler.runtime.cancel import CancelToken
@@ -38,27 +33,13 @@ from handler.runtime.instances import InstancePool
 from handler.runtime.registry import PipelineKey
 
 log = get_logger(__name__)
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # numba's options (NUMBA_CACHE_DIR ...), set on the module at run time: no attributes mypy can see.
 _NUMBA_CONFIG: ModuleType = importlib.import_module("numba.core.config")
 
 
-def weights_dir(model_dir: Path) -> Path:
-    return model_dir / "whisper"
-
-
-def checkpoint_path(name: str, model_dir: Path) -> Path:
-    """Where the weights of model ``name`` are (or would be) baked."""
-    if not _PLAIN_NAME.fullmatch(name):
-        return Path(name)
-    official = whisper._MODELS.get(name)
-    filename = os.path.basename(urlsplit(official).path) if official else f"{name}.pt"
-    return weights_dir(model_dir) / filename
-
-
 def compiled_dir(model_dir: Path) -> Path:
     """Where numba keeps the word-alignment code it compiled (see :func:`cache_compiled_alignment`)."""
-    return weights_dir(model_dir) / "compiled"
+    return whisper_dir(model_dir) / "compiled"
 
 
 def cache_compiled_alignment(directory: Path) -> None:
@@ -86,20 +67,10 @@ def load_checkpoint(path: Path, device: str, *, default_heads: bytes | None = No
     return model.to(device)
 
 
-def checkpoint_identity(name: str, settings: Settings) -> str | None:
-    """The weights of Whisper model ``name``: the hash of the baked file, else the hash openai-whisper's
-    download URL pins; None when there are none to know (the load would fail anyway)."""
-    path = checkpoint_path(name, settings.model_dir)
-    if path.is_file():
-        return identity.file_identity(path)
-    official = whisper._MODELS.get(name)
-    return f"sha256:{official.split('/')[-2]}" if official else None
-
-
 def load_whisper(name: str, settings: Settings, device: str) -> Whisper:
     """Baked weights if present, else the official download when allowed."""
     cache_compiled_alignment(compiled_dir(settings.model_dir))
-    path = checkpoint_path(name, settings.model_dir)
+    path = whisper_checkpoint(name, settings.model_dir)
     if path.is_file():
         return load_checkpoint(path, device, default_heads=whisper._ALIGNMENT_HEADS.get(name))
     if name in whisper._MODELS and settings.allow_model_download:
