@@ -1,13 +1,15 @@
 """A job's own bucket: RunPod's per-request ``s3Config``, checked completely at the door. Its
 endpoint must pass the one address policy, as any URL a job names must, and is read by the same
-parser as the worker's own bucket (handler.io.buckets)."""
+parser as the worker's own bucket (handler.io.buckets): a virtual-hosted endpoint of the bucket
+the job names (``https://<bucket>.s3.<region>.amazonaws.com``) is its service endpoint and region,
+so the bucket goes in the request, not twice in the key."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
 
-from handler.errors import InvalidInput, WorkerError
+from handler.errors import InvalidInput, WorkerError, printable
 from handler.io.addresses import AddressPolicy, check_url
 from handler.io.buckets import BucketSettings, split_bucket_endpoint
 from handler.logs import register_secret
@@ -39,15 +41,18 @@ def bucket_from_job(job: dict[str, Any], *, policy: AddressPolicy, schemes: froz
     if not _BUCKET_NAME.fullmatch(raw["bucketName"]) or ".." in raw["bucketName"]:
         raise InvalidInput("s3Config.bucketName: not a valid bucket name", field="s3Config.bucketName")
     field = "s3Config.endpointUrl"
-    parts = check_url(raw["endpointUrl"], schemes=schemes, field=field)
+    check_url(raw["endpointUrl"], schemes=schemes, field=field)
+    endpoint, hosted, region = split_bucket_endpoint(raw["endpointUrl"])
+    if hosted is not None and hosted != raw["bucketName"]:
+        raise InvalidInput(f"{field}: the endpoint is bucket {printable(hosted)!r}'s, not bucketName's", field=field)
+    parts = check_url(endpoint, schemes=schemes, field=field)
     try:
         assert parts.hostname is not None
         policy.resolve(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
     except WorkerError as exc:
         exc.field, exc.message = field, f"{field}: {exc.message}"
         raise
-    _, _, region = split_bucket_endpoint(raw["endpointUrl"])
     return BucketSettings(
-        endpoint_url=raw["endpointUrl"], access_key_id=raw["accessId"], secret_access_key=raw["accessSecret"],
+        endpoint_url=endpoint, access_key_id=raw["accessId"], secret_access_key=raw["accessSecret"],
         name=raw["bucketName"], region=region,
     )
