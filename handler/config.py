@@ -22,7 +22,10 @@ from handler.io.buckets import BucketSettings, split_bucket_endpoint
 T = TypeVar("T")
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off", ""})
+_FALSE = frozenset({"0", "false", "no", "off"})
+# The variables of the operator's bucket: one setting (`bucket`), read together by _bucket.
+BUCKET_VARIABLES = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY", "BUCKET_NAME",
+                    "BUCKET_REGION")
 MIB = 1024 * 1024
 # No `blank` given: a blank variable keeps the default.
 _UNSET: Any = object()
@@ -276,8 +279,7 @@ class Settings:
     # MODEL_LOAD_WAIT_TIMEOUT: seconds a job waits for another job's load of the same model.
     model_load_wait_timeout: float = setting("MODEL_LOAD_WAIT_TIMEOUT", _parse_positive_float, 1800.0)
 
-    # BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY, BUCKET_NAME,
-    # BUCKET_REGION: output bucket (names as in runpod's rp_upload). Unset: inline outputs.
+    # BUCKET_VARIABLES: the output bucket (the names of runpod's rp_upload). Unset: inline outputs.
     bucket: BucketSettings | None = None
     # BUCKET_PREFIX: key prefix for every object the worker writes.
     bucket_prefix: str = setting("BUCKET_PREFIX", lambda raw: raw.strip().strip("/"), "outputs")
@@ -413,13 +415,12 @@ class _Env:
 
 
 def _bucket(env: _Env) -> BucketSettings | None:
-    """The operator's bucket, from the variables runpod's rp_upload reads (BUCKET_NAME optional)."""
-    names = ("BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY")
-    access_key, secret = (env.text(n) for n in names)
-    name, endpoint = env.text("BUCKET_NAME"), env.text("BUCKET_ENDPOINT_URL")
+    """The operator's bucket, from BUCKET_VARIABLES, which runpod's rp_upload reads (BUCKET_NAME optional)."""
+    endpoint, access_key, secret, name, region_set = (env.text(n) for n in BUCKET_VARIABLES)
     if access_key is None and secret is None and name is None:
         return None
-    missing = [n for n, value in zip(names, (access_key, secret), strict=True) if not value]
+    credentials = dict(zip(BUCKET_VARIABLES[1:3], (access_key, secret), strict=True))
+    missing = [variable for variable, value in credentials.items() if not value]
     if missing:
         raise SettingsError(f"bucket configuration is incomplete: {', '.join(missing)} not set")
     assert access_key and secret
@@ -430,7 +431,7 @@ def _bucket(env: _Env) -> BucketSettings | None:
             raise SettingsError(f"BUCKET_ENDPOINT_URL names bucket {hosted!r} but BUCKET_NAME is {name!r}")
         name = name or hosted
     return BucketSettings(endpoint_url=endpoint, access_key_id=access_key, secret_access_key=secret, name=name,
-                          region=env.text("BUCKET_REGION") or region)
+                          region=region_set or region)
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -459,15 +460,15 @@ def _check_prefixes(settings: Settings) -> None:
                                     "outputs, uploads and cache entries need prefixes of their own")
 
 
-# The variables of the operator's bucket: one setting (`bucket`), read together by _bucket.
-BUCKET_VARIABLES = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY", "BUCKET_NAME",
-                    "BUCKET_REGION")
-
-
 def variables() -> tuple[str, ...]:
     """Every environment variable the settings read, in declaration order."""
     declared = (f.metadata["env"] for f in fields(Settings) if "env" in f.metadata)
     return (*declared, *BUCKET_VARIABLES)
+
+
+def defaults() -> dict[str, Any]:
+    """What each declared variable means when it is not set (the bucket's have none: no bucket)."""
+    return {f.metadata["env"]: _default(f) for f in fields(Settings) if "env" in f.metadata}
 
 
 def _read(env: _Env) -> Settings:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from handler.config import variables
+from handler.config import defaults, variables
 from handler.schema import schemas
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +38,58 @@ def test_the_configuration_table_is_the_settings_declaration() -> None:
     assert len(declared) > 25
     assert sorted(declared - configuration_rows()) == []
     assert sorted(configuration_rows() - declared - NOT_SETTINGS) == []
+
+
+# Variables whose default the README says in words, not as the value the declaration holds.
+IN_WORDS = {"WORK_DIR": "system temp", "ALLOW_MODEL_DOWNLOAD": "`true` (image: `false`)"}
+
+
+def configuration_defaults() -> dict[str, str]:
+    """The default cell of the README's configuration table, by variable (a row of two variables
+    with two defaults, ``5, 60``, gives each its own)."""
+    section = README.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    found: dict[str, str] = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            names_cell, default_cell = line.split("|")[1:3]
+            names = re.findall(r"`([A-Z0-9_]+)`", names_cell)
+            cells = [c.strip() for c in default_cell.split(",")] if len(names) > 1 else [default_cell.strip()]
+            found.update(zip(names, cells if len(cells) == len(names) else cells[:1] * len(names), strict=True))
+    return found
+
+
+def shown(variable: str, value: object) -> str:
+    """A default as the README writes it: blank for none, true/false, sizes of bytes in MiB or GiB."""
+    if value is None or value in ((), ""):
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, int | float) and variable.endswith("_BYTES"):
+        for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+            if value >= size and value % size == 0:
+                return f"{int(value // size)} {unit}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def test_the_configuration_table_shows_each_declared_default() -> None:
+    """Each row's default is the declared one: the value itself (backticks aside), or, where none is
+    declared or the platform sets the variable, words that say what happens (``(set by RunPod)``,
+    ``the family's``), or IN_WORDS."""
+    table = configuration_defaults()
+    wrong = {}
+    for variable, value in defaults().items():
+        cell = table[variable]
+        if variable in IN_WORDS:
+            assert cell == IN_WORDS[variable], variable
+            continue
+        expected = shown(variable, value)
+        if cell.startswith("(") or (expected == "" and cell):
+            continue  # set by the platform, or nothing declared: the README says in words what is used
+        if cell.replace("`", "") != expected:
+            wrong[variable] = (cell, expected)
+    assert wrong == {}, "README default != declared default: " + repr(wrong)
 
 
 def test_the_two_commands_are_first() -> None:
