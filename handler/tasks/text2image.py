@@ -78,25 +78,11 @@ def _check_limits(ctx: JobContext, params: ImageInput) -> None:
     served_model(params.model, settings.image_model)
 
 
-def size_multiple(pipeline: DiffusionPipeline) -> int:
-    """What width and height must divide by: the VAE's factor (SD pipelines insist on 8 at least),
-    doubled for 2x2-patched latents (FLUX)."""
-    factor = max(8, int(getattr(pipeline, "vae_scale_factor", 8)))
-    return factor * 2 if "Flux" in type(pipeline).__name__ else factor
-
-
-def default_size(pipeline: DiffusionPipeline) -> int:
-    sample = getattr(pipeline, "default_sample_size", None)
-    if sample is None:
-        sample = pipeline.unet.config.sample_size
-    return int(sample) * int(getattr(pipeline, "vae_scale_factor", 8))
-
-
 def resolve_size(ctx: JobContext, pipeline: DiffusionPipeline, params: ImageInput) -> tuple[int, int]:
     """The (width, height) to generate, checked against the model."""
-    default = default_size(pipeline)
+    default = loading.default_size(pipeline)
     width, height = params.width or default, params.height or default
-    multiple = size_multiple(pipeline)
+    multiple = loading.size_multiple(pipeline)
     for field, value in (("width", width), ("height", height)):
         if value % multiple:
             raise InvalidInput(f"{field}: {value} is not a multiple of {multiple}, as this model needs", field=field)

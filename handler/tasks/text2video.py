@@ -30,15 +30,17 @@ from handler.pipelines.diffusion.steps import step_callback
 from handler.pipelines.diffusion.video_plan import (
     AspectRatio,
     Family,
+    Joiner,
     Resolution,
     SegmentPlan,
     family_of,
     frame_size,
     plan_segments,
+    to_uint8,
 )
 from handler.pipelines.speech.pipeline import get_pipelines as speech_pipelines
 from handler.pipelines.speech.pipeline import pieces_to_say
-from handler.pipelines.weights import model_identity, pretrained_source
+from handler.pipelines.weights import model_identity, pretrained_source, whisper_identity
 from handler.pipelines.whisper import pipeline as whisper_pipeline
 from handler.pipelines.whisper.transcript import word_timings
 from handler.runtime.container import Runtime
@@ -187,44 +189,10 @@ async def _captions(ctx: JobContext, audio: np.ndarray) -> Path:
     return path
 
 
-def _to_uint8(frames: np.ndarray) -> np.ndarray:
-    scaled: np.ndarray = np.clip(frames, 0.0, 1.0) * 255.0 + 0.5
-    return scaled.astype(np.uint8)
-
-
-class _Joiner:
-    """Writes segments to the encoder, crossfading ``overlap`` frames where two meet."""
-
-    def __init__(self, writer: media.FrameWriter, plan: SegmentPlan) -> None:
-        self._writer = writer
-        self._plan = plan
-        self._pending: np.ndarray | None = None  # the previous segment's tail
-        self.poster: np.ndarray | None = None
-
-    def add(self, frames: np.ndarray, *, last: bool) -> None:
-        overlap = self._plan.overlap
-        if self._pending is not None:
-            weights = np.linspace(0.0, 1.0, overlap + 2, dtype=np.float32)[1:-1, None, None, None]
-            blended = self._pending.astype(np.float32) * (1 - weights) + frames[:overlap].astype(np.float32) * weights
-            self._emit(blended.round().astype(np.uint8))
-            frames = frames[overlap:]
-        if not last and overlap:
-            frames, self._pending = frames[:-overlap], frames[-overlap:]
-        self._emit(frames)
-
-    def _emit(self, frames: np.ndarray) -> None:
-        room = self._plan.frames - self._writer.frames
-        frames = frames[:room]
-        if len(frames):
-            if self.poster is None:
-                self.poster = frames[len(frames) // 2]
-            self._writer.write(frames)
-
-
 def _generate(ctx: JobContext, pipeline: Any, params: VideoInput, plan: SegmentPlan, writer: media.FrameWriter,
               size: tuple[int, int], seed: int) -> np.ndarray:
     width, height = size
-    joiner = _Joiner(writer, plan)
+    joiner = Joiner(writer, plan)
     progress = Progress(ctx.job, enabled=ctx.settings.post_progress)
     count = len(plan.segments)
     options: dict[str, Any] = {"prompt": params.prompt, "height": height, "width": width,
@@ -239,7 +207,7 @@ def _generate(ctx: JobContext, pipeline: Any, params: VideoInput, plan: SegmentP
                                  label=f"segment {index + 1}/{count}, ")
         generator = torch.Generator("cpu").manual_seed(seed + index)
         output = pipeline(**options, num_frames=frames, generator=generator, callback_on_step_end=callback)
-        joiner.add(_to_uint8(np.asarray(output.frames[0])), last=index == count - 1)
+        joiner.add(to_uint8(np.asarray(output.frames[0])), last=index == count - 1)
     assert joiner.poster is not None
     poster: np.ndarray = joiner.poster
     return poster
@@ -292,7 +260,7 @@ CACHE: CachePolicy[VideoInput] = CachePolicy(
                        "segment_frames", "narrated", "captions", "files"}),
     shaping=_shaping,
     models={"model": model_identity, "narration_model": model_identity,
-            "captions_model": whisper_pipeline.checkpoint_identity},
+            "captions_model": whisper_identity},
     # Captions are timed by whisper.transcribe itself (word_timings), never in batches.
     unaffected=frozenset({"whisper_model_map", "whisper_batch_size", "image_model"}),
 )

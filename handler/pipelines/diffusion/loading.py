@@ -1,4 +1,5 @@
-"""Loading diffusers pipelines (images and video) the same way for every task."""
+"""Loading diffusers pipelines (images and video) the same way for every task, and the image sizes a
+loaded one takes."""
 
 from __future__ import annotations
 
@@ -71,3 +72,17 @@ def pipelines(runtime: Runtime, task: str, name: str, *, video: bool = False) ->
     return runtime.registry.get(
         key, lambda: InstancePool.build(count, lambda: load_pipeline(name, runtime, video=video))
     )
+
+
+def size_multiple(pipeline: Any) -> int:
+    """What width and height must divide by: the VAE's factor (SD pipelines insist on 8 at least),
+    doubled for 2x2-patched latents (FLUX)."""
+    factor = max(8, int(getattr(pipeline, "vae_scale_factor", 8)))
+    return factor * 2 if "Flux" in type(pipeline).__name__ else factor
+
+
+def default_size(pipeline: Any) -> int:
+    sample = getattr(pipeline, "default_sample_size", None)
+    if sample is None:
+        sample = pipeline.unet.config.sample_size
+    return int(sample) * int(getattr(pipeline, "vae_scale_factor", 8))

@@ -1,14 +1,17 @@
 """Turning a request (duration, fps, aspect ratio, resolution) into what a video model accepts.
 
 Pure arithmetic, no models: sizes rounded to the model family's multiple, frame counts to
-its ``k*n + 1`` rule, and long videos cut into segments that overlap by a short crossfade.
+its ``k*n + 1`` rule, and long videos cut into segments that overlap by a short crossfade
+(:class:`Joiner` joins the generated segments so).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
+
+import numpy as np
 
 AspectRatio = Literal["16:9", "9:16", "1:1", "4:3", "3:4"]
 Resolution = Literal["144p", "240p", "360p", "480p", "720p", "1080p"]
@@ -85,3 +88,47 @@ def plan_segments(total: int, family: Family, *, fps: int, clip_frames: int | No
         return SegmentPlan(covered, (clip,) * full, overlap, tail)
     last = aligned_frames(tail + overlap, family)
     return SegmentPlan(total, (*((clip,) * full), last), overlap, 0)
+
+
+class FrameSink(Protocol):
+    """Where joined frames go (handler.io.media.FrameWriter): the count so far, and more."""
+
+    @property
+    def frames(self) -> int: ...
+
+    def write(self, frames: np.ndarray) -> None: ...
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """A pipeline's float frames in [0, 1] as the encoder's bytes."""
+    scaled: np.ndarray = np.clip(frames, 0.0, 1.0) * 255.0 + 0.5
+    return scaled.astype(np.uint8)
+
+
+class Joiner:
+    """Writes segments to the encoder, crossfading ``overlap`` frames where two meet."""
+
+    def __init__(self, writer: FrameSink, plan: SegmentPlan) -> None:
+        self._writer = writer
+        self._plan = plan
+        self._pending: np.ndarray | None = None  # the previous segment's tail
+        self.poster: np.ndarray | None = None
+
+    def add(self, frames: np.ndarray, *, last: bool) -> None:
+        overlap = self._plan.overlap
+        if self._pending is not None:
+            weights = np.linspace(0.0, 1.0, overlap + 2, dtype=np.float32)[1:-1, None, None, None]
+            blended = self._pending.astype(np.float32) * (1 - weights) + frames[:overlap].astype(np.float32) * weights
+            self._emit(blended.round().astype(np.uint8))
+            frames = frames[overlap:]
+        if not last and overlap:
+            frames, self._pending = frames[:-overlap], frames[-overlap:]
+        self._emit(frames)
+
+    def _emit(self, frames: np.ndarray) -> None:
+        room = self._plan.frames - self._writer.frames
+        frames = frames[:room]
+        if len(frames):
+            if self.poster is None:
+                self.poster = frames[len(frames) // 2]
+            self._writer.write(frames)
