@@ -19,7 +19,7 @@ from handler.app import Worker
 from handler.config import Settings, load_settings
 from handler.logs import configure_logging
 from handler.runtime.registry import Registry
-from tests import media
+from tests import clips, media
 from tests.jobserver import JobServer, WorkerProcess
 from tests.sentences import SENTENCES
 from tests.servers import SeaweedS3
@@ -98,6 +98,12 @@ def speech_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def speech_wav(speech_dir: Path) -> Path:
     """espeak-ng saying the known sentences."""
     return media.speak(" ".join(media.SENTENCES), speech_dir / "speech.wav")
+
+
+@pytest.fixture(scope="session")
+def gapped_clip(tmp_path_factory: pytest.TempPathFactory) -> clips.Clip:
+    """Four sentences with 2 s of silence between them (about 22 s)."""
+    return clips.sentences_with_gaps(tmp_path_factory.mktemp("gapped"))
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +241,7 @@ def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def start_worker(server: JobServer, tmp_path: Path, model_dir: Path, **env: str) -> WorkerProcess:
     """The real worker process on ``server``'s job loop, its job directories under ``tmp_path/jobs``."""
     work = tmp_path / "jobs"
-    work.mkdir(exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     return WorkerProcess(server, work, model_dir, **env)
 
 

@@ -23,8 +23,8 @@ from handler.io import media
 from handler.io.download import Downloader
 from handler.io.storage import S3Storage
 from handler.runtime.cancel import CancelToken
-from tests.conftest import CAPTURED_LOGS
-from tests.jobserver import JobServer, WorkerProcess
+from tests.conftest import start_worker, stop_worker
+from tests.jobserver import JobServer
 from tests.servers import HttpServer, SeaweedS3
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.1/32"),)
@@ -149,10 +149,8 @@ def test_sigterm_during_a_stalled_download_exits_in_grace(tmp_path: Path, model_
     is left, and the process exits within SHUTDOWN_GRACE_S plus a few seconds (not after the
     download's 300 s deadline)."""
     with HttpServer({"/slow": stalling(release)}) as media_server, JobServer() as server:
-        work = tmp_path / "jobs"
-        work.mkdir()
-        worker = WorkerProcess(server, work, model_dir, SHUTDOWN_GRACE_S="2", DOWNLOAD_ALLOW_HTTP="true",
-                               DOWNLOAD_ALLOWED_NETWORKS="127.0.0.1/32")
+        worker = start_worker(server, tmp_path, model_dir, SHUTDOWN_GRACE_S="2", DOWNLOAD_ALLOW_HTTP="true",
+                              DOWNLOAD_ALLOWED_NETWORKS="127.0.0.1/32")
         try:
             server.submit("stalled", {"task": "fixture", "url": media_server.url("/slow")})
             assert server.wait_taken("stalled", 60)
@@ -161,8 +159,7 @@ def test_sigterm_during_a_stalled_download_exits_in_grace(tmp_path: Path, model_
                 time.sleep(0.05)
             worker.sigterm(within_s=2 + 5)
         finally:
-            worker.stop()
-            CAPTURED_LOGS.write(worker.log_path.read_text(errors="replace"))
+            stop_worker(worker)
         results = server.results["stalled"]
         assert len(results) == 1 and results[0]["output"]["error_code"] == "CANCELLED", results
         assert worker.job_dirs() == []

@@ -277,13 +277,13 @@ def multilingual_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context and return_scalar:DeprecationWarning")
 @pytest.mark.parametrize("enable_vad", [False, True])
 def test_the_chunked_path_detects_the_language_whisper_transcribe_detects(
-    make_settings, multilingual_dir: Path, tmp_path: Path, enable_vad: bool
+    make_settings, multilingual_dir: Path, tmp_path: Path, enable_vad: bool, gapped_clip: clips.Clip
 ) -> None:
     """On a multilingual model, the batched path (fixed windows or VAD chunks) detects the language
     that ``whisper.transcribe`` detects on the same audio: on the recording's first 30 s, not on
     its first chunk (which starts after the leading noise with VAD, and ends before 30 s)."""
     rng = np.random.default_rng(5)
-    speech = clips.sentences_with_gaps(tmp_path).audio
+    speech = gapped_clip.audio
     audio = np.concatenate([rng.normal(0, 0.02, 12 * speech_corpus.SAMPLE_RATE).astype(np.float32), speech])
     path = tmp_path / "noise-then-speech.wav"
     speech_corpus.write_wav(path, audio)

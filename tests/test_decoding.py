@@ -32,24 +32,18 @@ def model(model_dir: Path) -> Any:
 
 
 @pytest.fixture(scope="module")
-def clip(tmp_path_factory: pytest.TempPathFactory) -> clips.Clip:
-    """Four sentences with 2 s of silence between them (about 22 s)."""
-    return clips.sentences_with_gaps(tmp_path_factory.mktemp("batch"))
-
-
-@pytest.fixture(scope="module")
-def chunks(clip: clips.Clip) -> list[Chunk]:
+def chunks(gapped_clip: clips.Clip) -> list[Chunk]:
     """One VAD chunk per sentence, so that a batch of 4 holds four different windows."""
-    found = vad.speech_chunks(clip.audio, max_chunk_s=6.0)
+    found = vad.speech_chunks(gapped_clip.audio, max_chunk_s=6.0)
     assert len(found) == 4
     return found
 
 
 @pytest.fixture(scope="module")
-def beam_batched(model: Any, clip: clips.Clip, chunks: list[Chunk]) -> dict[str, Any]:
+def beam_batched(model: Any, gapped_clip: clips.Clip, chunks: list[Chunk]) -> dict[str, Any]:
     """The four chunks in one batch, beam 5, with word timings."""
     options = {**BEAM, "word_timestamps": True}
-    return decoding.transcribe_chunks(model, clip.audio, chunks, options=options, batch_size=4)
+    return decoding.transcribe_chunks(model, gapped_clip.audio, chunks, options=options, batch_size=4)
 
 
 def _tokens_per_chunk(result: dict[str, Any]) -> dict[int, list[int]]:
@@ -60,34 +54,34 @@ def _tokens_per_chunk(result: dict[str, Any]) -> dict[int, list[int]]:
 
 
 def test_beam_search_in_a_batch_gives_the_tokens_of_one_chunk_at_a_time(
-    model: Any, clip: clips.Clip, chunks: list[Chunk], beam_batched: dict[str, Any]
+    model: Any, gapped_clip: clips.Clip, chunks: list[Chunk], beam_batched: dict[str, Any]
 ) -> None:
     """Beam 5 over 4 chunks at once yields, chunk by chunk, the tokens of decoding each alone.
 
     openai-whisper's own DecodingTask fails here (cross-attention shape mismatch); this is
     what BatchDecodingTask fixes.
     """
-    alone = decoding.transcribe_chunks(model, clip.audio, chunks, options=BEAM, batch_size=1)
+    alone = decoding.transcribe_chunks(model, gapped_clip.audio, chunks, options=BEAM, batch_size=1)
     assert len(_tokens_per_chunk(alone)) == 4
     assert _tokens_per_chunk(beam_batched) == _tokens_per_chunk(alone)
 
 
 def test_greedy_in_a_batch_gives_the_tokens_of_one_chunk_at_a_time(
-    model: Any, clip: clips.Clip, chunks: list[Chunk]
+    model: Any, gapped_clip: clips.Clip, chunks: list[Chunk]
 ) -> None:
     """Greedy decoding of 4 chunks at once yields the same tokens per chunk as one at a time."""
-    batched = decoding.transcribe_chunks(model, clip.audio, chunks, options=GREEDY, batch_size=4)
-    alone = decoding.transcribe_chunks(model, clip.audio, chunks, options=GREEDY, batch_size=1)
+    batched = decoding.transcribe_chunks(model, gapped_clip.audio, chunks, options=GREEDY, batch_size=4)
+    alone = decoding.transcribe_chunks(model, gapped_clip.audio, chunks, options=GREEDY, batch_size=1)
     assert len(_tokens_per_chunk(alone)) == 4
     assert _tokens_per_chunk(batched) == _tokens_per_chunk(alone)
 
 
 def test_batched_transcript_has_the_words_of_sequential_whisper(
-    model: Any, clip: clips.Clip, beam_batched: dict[str, Any]
+    model: Any, gapped_clip: clips.Clip, beam_batched: dict[str, Any]
 ) -> None:
     """Batched beam search and greedy both recognise the spoken words, as whisper.transcribe does."""
-    sequential = whisper.transcribe(model, clip.audio, verbose=None, fp16=False, **BEAM)
-    greedy = decoding.transcribe_batched(model, clip.audio, options=GREEDY, batch_size=4)
+    sequential = whisper.transcribe(model, gapped_clip.audio, verbose=None, fp16=False, **BEAM)
+    greedy = decoding.transcribe_batched(model, gapped_clip.audio, options=GREEDY, batch_size=4)
     for result in (sequential, beam_batched, greedy):
         assert media.recognised(result["text"]) >= 0.8, result["text"]
     shared = media.words_of(beam_batched["text"]) & media.words_of(sequential["text"])
@@ -106,18 +100,18 @@ def _assert_ordered_inside_chunks(result: dict[str, Any], chunks: list[Chunk]) -
 
 
 def test_segments_are_ordered_and_inside_their_chunks(
-    model: Any, clip: clips.Clip, chunks: list[Chunk], beam_batched: dict[str, Any]
+    model: Any, gapped_clip: clips.Clip, chunks: list[Chunk], beam_batched: dict[str, Any]
 ) -> None:
     """Segment times are in recording time, in order, each inside the chunk (so the audio) it came from.
 
     Both from the timestamp tokens alone and after word timings have moved segment edges.
     """
     _assert_ordered_inside_chunks(beam_batched, chunks)
-    greedy = decoding.transcribe_chunks(model, clip.audio, chunks, options=GREEDY, batch_size=4)
+    greedy = decoding.transcribe_chunks(model, gapped_clip.audio, chunks, options=GREEDY, batch_size=4)
     _assert_ordered_inside_chunks(greedy, chunks)
 
 
-def test_word_timings_are_monotonic_and_inside_the_audio(beam_batched: dict[str, Any], clip: clips.Clip) -> None:
+def test_word_timings_are_monotonic_and_inside_the_audio(beam_batched: dict[str, Any], gapped_clip: clips.Clip) -> None:
     """Within each segment every word starts before it ends and after the previous one ends, inside the audio."""
     segments = beam_batched["segments"]
     assert media.recognised(" ".join(w["word"] for s in segments for w in s["words"])) >= 0.8
@@ -126,7 +120,7 @@ def test_word_timings_are_monotonic_and_inside_the_audio(beam_batched: dict[str,
         assert words, segment
         assert all(w["start"] <= w["end"] for w in words), words
         assert all(a["end"] <= b["start"] for a, b in itertools.pairwise(words)), words
-        assert words[0]["start"] >= 0.0 and words[-1]["end"] <= clip.duration_s, segment
+        assert words[0]["start"] >= 0.0 and words[-1]["end"] <= gapped_clip.duration_s, segment
 
 
 @pytest.fixture
@@ -147,26 +141,28 @@ def decoder_runs(model: Any) -> Iterator[list[int]]:
 
 
 def test_fallback_decodes_only_the_failing_chunks_again(
-    model: Any, clip: clips.Clip, chunks: list[Chunk], decoder_runs: list[int]
+    model: Any, gapped_clip: clips.Clip, chunks: list[Chunk], decoder_runs: list[int]
 ) -> None:
     """With an impossible logprob_threshold, speech chunks fall back through every temperature, silent ones don't.
 
     Silence is exempt from fallback (as in whisper.transcribe), so of [speech, silence, speech,
     silence] only the two speech chunks are decoded again, together, at each higher temperature.
     """
-    gap_start, gap_end = clip.gaps[0]
+    gap_start, gap_end = gapped_clip.gaps[0]
     silence = Chunk(gap_start + 1600, gap_end - 1600)
-    mixed = [chunks[0], silence, chunks[2], Chunk(clip.gaps[2][0] + 1600, clip.gaps[2][1] - 1600)]
+    mixed = [chunks[0], silence, chunks[2], Chunk(gapped_clip.gaps[2][0] + 1600, gapped_clip.gaps[2][1] - 1600)]
     options = {**GREEDY, "temperature": (0.0, 0.5, 1.0), "best_of": 2, "logprob_threshold": 0.0}
-    result = decoding.transcribe_chunks(model, clip.audio, mixed, options=options, batch_size=4)
+    result = decoding.transcribe_chunks(model, gapped_clip.audio, mixed, options=options, batch_size=4)
     assert decoder_runs == [4, 2 * 2, 2 * 2]  # 4 chunks greedy, then 2 chunks x best_of 2, twice
     assert {segment["seek"] for segment in result["segments"]} == {mixed[0].start // 160, mixed[2].start // 160}
     assert {segment["temperature"] for segment in result["segments"]} == {1.0}
 
 
-def test_fallback_keeps_the_first_result_of_chunks_that_pass(model: Any, clip: clips.Clip, chunks: list[Chunk]) -> None:
+def test_fallback_keeps_the_first_result_of_chunks_that_pass(
+    model: Any, gapped_clip: clips.Clip, chunks: list[Chunk]
+) -> None:
     """decode_with_fallback returns one result per chunk, each at the temperature where it stopped."""
-    mel = whisper.log_mel_spectrogram(clip.audio, model.dims.n_mels, padding=whisper.audio.N_SAMPLES)
+    mel = whisper.log_mel_spectrogram(gapped_clip.audio, model.dims.n_mels, padding=whisper.audio.N_SAMPLES)
     windows = torch.stack([whisper.pad_or_trim(mel[:, c.start // 160 : c.end // 160], 3000) for c in chunks[:2]])
     settings = decoding.BatchSettings.from_options(model, {**GREEDY, "temperature": (0.0, 1.0)})
     with torch.no_grad():
@@ -175,7 +171,7 @@ def test_fallback_keeps_the_first_result_of_chunks_that_pass(model: Any, clip: c
     assert media.recognised(" ".join(r.text for r in results)) >= 0.8
 
 
-def test_setting_the_cancel_token_stops_decoding_at_the_next_step(model: Any, clip: clips.Clip) -> None:
+def test_setting_the_cancel_token_stops_decoding_at_the_next_step(model: Any, gapped_clip: clips.Clip) -> None:
     """A token cancelled mid-decode raises Cancelled at the next decoder step; no hook stays on the model."""
     token = CancelToken()
     steps: list[int] = []
@@ -188,19 +184,19 @@ def test_setting_the_cancel_token_stops_decoding_at_the_next_step(model: Any, cl
     hook = model.decoder.register_forward_pre_hook(cancel_at_step_five)
     try:
         with pytest.raises(Cancelled):
-            decoding.transcribe_batched(model, clip.audio, options=GREEDY, cancel=token)
+            decoding.transcribe_batched(model, gapped_clip.audio, options=GREEDY, cancel=token)
     finally:
         hook.remove()
     assert len(steps) == 5
     assert not model.decoder._forward_pre_hooks and not model.decoder.blocks[0].attn.key._forward_hooks
 
 
-def test_a_cancelled_token_stops_before_the_first_batch(model: Any, clip: clips.Clip) -> None:
+def test_a_cancelled_token_stops_before_the_first_batch(model: Any, gapped_clip: clips.Clip) -> None:
     """An already cancelled job decodes nothing."""
     token = CancelToken()
     token.cancel()
     with pytest.raises(Cancelled):
-        decoding.transcribe_batched(model, clip.audio, options=GREEDY, cancel=token)
+        decoding.transcribe_batched(model, gapped_clip.audio, options=GREEDY, cancel=token)
 
 
 def test_silence_gives_an_empty_transcript(model: Any) -> None:
@@ -209,12 +205,14 @@ def test_silence_gives_an_empty_transcript(model: Any) -> None:
     assert result == {"text": "", "segments": [], "language": "en"}
 
 
-def test_unknown_options_and_bad_batch_sizes_are_refused(model: Any, clip: clips.Clip, chunks: list[Chunk]) -> None:
+def test_unknown_options_and_bad_batch_sizes_are_refused(
+    model: Any, gapped_clip: clips.Clip, chunks: list[Chunk]
+) -> None:
     """A misspelt option or a batch size under 1 is a ValueError naming it, not silently ignored."""
     with pytest.raises(ValueError, match="beam_sise"):
-        decoding.transcribe_chunks(model, clip.audio, chunks, options={"beam_sise": 5})
+        decoding.transcribe_chunks(model, gapped_clip.audio, chunks, options={"beam_sise": 5})
     with pytest.raises(ValueError, match="batch_size"):
-        decoding.transcribe_chunks(model, clip.audio, chunks, batch_size=0)
+        decoding.transcribe_chunks(model, gapped_clip.audio, chunks, batch_size=0)
 
 
 def test_decode_options_of_the_transcribe_task_are_accepted(model: Any) -> None:
@@ -229,7 +227,7 @@ def test_decode_options_of_the_transcribe_task_are_accepted(model: Any) -> None:
     assert settings.language == "en" and settings.fp16 is False
 
 
-def test_pipeline_decodes_chunks_with_the_transcribe_options(model: Any, clip: clips.Clip) -> None:
+def test_pipeline_decodes_chunks_with_the_transcribe_options(model: Any, gapped_clip: clips.Clip) -> None:
     """WhisperPipeline.transcribe_chunks takes the task's decode options as whisper.transcribe does."""
     from handler.pipelines.whisper.pipeline import WhisperPipeline
     from handler.tasks.transcribe import TranscribeInput
@@ -237,13 +235,14 @@ def test_pipeline_decodes_chunks_with_the_transcribe_options(model: Any, clip: c
     options = TranscribeInput.model_validate({"audio": "https://example.com/a.mp3"}).decode_options()
     options.update(GREEDY)
     pipeline = WhisperPipeline(model, "tiny.en", "cpu")
-    chunks = vad.fixed_chunks(clip.audio, max_chunk_s=12.0)
-    result = pipeline.transcribe_chunks(clip.audio, chunks, cancel=CancelToken(), task="transcribe", **options)
+    chunks = vad.fixed_chunks(gapped_clip.audio, max_chunk_s=12.0)
+    result = pipeline.transcribe_chunks(gapped_clip.audio, chunks, cancel=CancelToken(), task="transcribe", **options)
     assert media.recognised(result["text"]) >= 0.8, result["text"]
 
 
 def test_beams_of_a_window_share_its_cross_attention_keys(
-    model: Any, clip: clips.Clip, chunks: list[Chunk], beam_batched: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    model: Any, gapped_clip: clips.Clip, chunks: list[Chunk], beam_batched: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Cross-attention keys are projected once per window, not once per beam (4 rows, not 20), the
     attention's own math path (no SDPA) gives the same tokens, and the model is left as it was."""
@@ -254,7 +253,7 @@ def test_beams_of_a_window_share_its_cross_attention_keys(
     hook = block.cross_attn.key.register_forward_hook(lambda _m, _i, out: rows.append(out.shape[0]))
     monkeypatch.setattr(MultiHeadAttention, "use_sdpa", False)
     try:
-        without_sdpa = decoding.transcribe_chunks(model, clip.audio, chunks, options=BEAM, batch_size=4)
+        without_sdpa = decoding.transcribe_chunks(model, gapped_clip.audio, chunks, options=BEAM, batch_size=4)
     finally:
         hook.remove()
     assert rows and set(rows) == {4}
@@ -263,7 +262,7 @@ def test_beams_of_a_window_share_its_cross_attention_keys(
 
 
 def test_a_single_windows_beams_attend_as_one_row(
-    model: Any, clip: clips.Clip, chunks: list[Chunk], monkeypatch: pytest.MonkeyPatch
+    model: Any, gapped_clip: clips.Clip, chunks: list[Chunk], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One window at beam 5 goes through the grouped cross-attention too (5 queries against one
     key row), not upstream's broadcast of one key row over 5 beams (18x slower in torch's CPU
@@ -276,7 +275,7 @@ def test_a_single_windows_beams_attend_as_one_row(
         return grouped(attend, q, k, v, mask)
 
     monkeypatch.setattr(decoding, "_grouped_attention", spy)
-    decoding.transcribe_chunks(model, clip.audio, chunks[:1], options=BEAM, batch_size=1)
+    decoding.transcribe_chunks(model, gapped_clip.audio, chunks[:1], options=BEAM, batch_size=1)
     assert set(shapes) == {(1, 1), (5, 1)}  # the prompt's pass on one row per window, then the beams
 
 
@@ -304,7 +303,7 @@ def test_batch_decoding_task_detects_languages_with_beams_on_a_multilingual_mode
 
 
 def test_each_window_of_a_batch_is_decoded_with_its_own_prompt(
-    model: Any, clip: clips.Clip, chunks: list[Chunk]
+    model: Any, gapped_clip: clips.Clip, chunks: list[Chunk]
 ) -> None:
     """Two windows with different prompts in one decoder loop give, each, the tokens of openai-whisper
     decoding it alone with that prompt (and so does one window alone, its beams attending as one
@@ -314,7 +313,7 @@ def test_each_window_of_a_batch_is_decoded_with_its_own_prompt(
     short = tuple(tokenizer.encode(" THE MEETING IS OPEN. HELLO EVERYONE."))
     long = tuple(tokenizer.encode(" the meeting minutes, in lower case, with no full stops at all and the"))
     assert len(long) > len(short)
-    mel = whisper.log_mel_spectrogram(clip.audio, model.dims.n_mels, padding=whisper.audio.N_SAMPLES)
+    mel = whisper.log_mel_spectrogram(gapped_clip.audio, model.dims.n_mels, padding=whisper.audio.N_SAMPLES)
     windows = torch.stack([whisper.pad_or_trim(mel[:, c.start // 160 : c.end // 160], 3000) for c in chunks[:2]])
     settings = decoding.BatchSettings.from_options(model, BEAM)
     with torch.no_grad():

@@ -14,7 +14,8 @@ import torch
 from handler.config import load_settings
 from handler.runtime import devices
 from handler.runtime.devices import GpuUnusable, check_device, describe, gpu_promises
-from tests.jobserver import JobServer, WorkerProcess
+from tests.conftest import start_worker, stop_worker
+from tests.jobserver import JobServer
 
 ROOT = Path(__file__).resolve().parents[1]
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA works here: nothing to refuse")
@@ -139,9 +140,7 @@ def test_the_worker_process_exits_when_its_gpu_is_unusable(tmp_path: Path) -> No
 def test_the_worker_process_runs_on_the_cpu_on_purpose(server: JobServer, tmp_path: Path) -> None:
     """The same promise with DEVICE=cpu starts the real worker: it answers a `system` job that reports the
     device, torch's CUDA build and the driver."""
-    work = tmp_path / "jobs"
-    work.mkdir()
-    worker = WorkerProcess(server, work, tmp_path / "models", DEVICE="cpu", RUNPOD_GPU_COUNT="1")
+    worker = start_worker(server, tmp_path, tmp_path / "models", DEVICE="cpu", RUNPOD_GPU_COUNT="1")
     try:
         server.submit("sys", {"task": "system"})
         assert server.wait_for(1, timeout=120), worker.log_path.read_text(errors="replace")[-2000:]
@@ -149,5 +148,5 @@ def test_the_worker_process_runs_on_the_cpu_on_purpose(server: JobServer, tmp_pa
         assert snapshot["device"] == "cpu" and snapshot["torch_cuda"] == torch.version.cuda
         assert snapshot["torch"] == torch.__version__ and "driver" in snapshot
     finally:
-        assert worker.stop() == 0
+        assert stop_worker(worker) == 0
     assert '"torch_cuda"' in worker.log_path.read_text() or "torch_cuda=" in worker.log_path.read_text()

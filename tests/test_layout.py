@@ -4,6 +4,7 @@ jobs, and a task never imports another task."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,10 @@ def imported_modules(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
+        elif isinstance(node, ast.ImportFrom):
+            # (the layout checks read absolute imports only)
+            assert node.level == 0, f"{path.name}:{node.lineno}: a relative import"
+            assert node.module is not None
             found.add(node.module)
             found.update(f"{node.module}.{alias.name}" for alias in node.names)
     return found
@@ -79,3 +83,31 @@ def test_the_readme_map_names_every_folder_and_module() -> None:
               if p.name != "__init__.py"}
     listed = _readme_map()
     assert sorted(name for name in names if f" {name} " not in listed and f" {name}\n" not in listed) == []
+
+
+def _map_entry(folder: str) -> str:
+    """The map's entry for ``folder`` (``io``, ``pipelines/whisper``): its line and the description
+    lines under it."""
+    lines = _readme_map().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith(f"{folder.split('/')[-1]}/ "))
+    entry = [lines[start]]
+    for line in lines[start + 1 :]:
+        if not line.startswith(" " * 18):
+            break
+        entry.append(line)
+    return " ".join(entry)
+
+
+SUBFOLDERS = sorted(
+    str(path.relative_to(HANDLER)) for path in [*HANDLER.iterdir(), *(HANDLER / "pipelines").iterdir()]
+    if path.is_dir() and not path.name.startswith("__") and path.name != "pipelines"
+)
+
+
+@pytest.mark.parametrize("folder", SUBFOLDERS)
+def test_the_readme_map_names_every_module_of_a_folder(folder: str) -> None:
+    """Inside each folder's entry, each of its modules is named (``result_cache`` as "result cache")."""
+    entry = _map_entry(folder).lower()
+    modules = [p.stem for p in (HANDLER / folder).glob("*.py") if p.name != "__init__.py"]
+    missing = [m for m in modules if not re.search(rf"\b({m}|{m.replace('_', ' ')})\b", entry)]
+    assert not missing, f"the README map's {folder}/ entry does not name {missing}"

@@ -10,21 +10,15 @@ from typing import Any
 import pytest
 
 from tests import media
-from tests.conftest import CAPTURED_LOGS, remember_presigned
+from tests.conftest import remember_presigned, start_worker, stop_worker
 from tests.jobserver import JobServer, WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def start(server: JobServer, root: Path, model_dir: Path, name: str, env: dict[str, str]) -> WorkerProcess:
-    work = root / name
-    work.mkdir()
-    return WorkerProcess(server, work, model_dir, RUNPOD_POD_ID=name, **env)
-
-
-def stop(worker: WorkerProcess) -> None:
-    worker.stop()
-    CAPTURED_LOGS.write(worker.log_path.read_text(errors="replace"))
+    """Worker ``name`` (its RUNPOD_POD_ID), its job directories its own."""
+    return start_worker(server, root / name, model_dir, RUNPOD_POD_ID=name, **env)
 
 
 def output(server: JobServer, job_id: str) -> dict[str, Any]:
@@ -49,7 +43,7 @@ def test_workers_share_one_queue_and_one_cache(workers: int, tmp_path: Path, mod
             server.submit("computed", job)
             assert server.wait_for(1, 120)
         finally:
-            stop(first)
+            stop_worker(first)
         assert output(server, "computed")["cached"] is False
         pool = [start(server, tmp_path, model_dir, f"w{i}", bucket_env) for i in range(workers)]
         try:
@@ -59,7 +53,7 @@ def test_workers_share_one_queue_and_one_cache(workers: int, tmp_path: Path, mod
             assert server.wait_for(2 + 8 * workers, 180), f"only {len(server.results)} answered"
         finally:
             for worker in pool:
-                stop(worker)
+                stop_worker(worker)
         again = output(server, "again")
         assert again["cached"] is True and media.recognised(again["transcription"]) >= 0.7
         assert server.answered_by["again"][0] != "first"

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from handler.tasks.text2image import ImageInput
-from tests.conftest import assert_no_job_dirs, job, run_job
-from tests.jobserver import JobServer, WorkerProcess
+from tests.conftest import assert_no_job_dirs, job, run_job, start_worker, stop_worker
+from tests.jobserver import JobServer
 
 
 def images_of(result: dict) -> list[Image.Image]:
@@ -99,10 +99,8 @@ def test_images_land_in_the_bucket(make_worker, tiny_sd: Path, bucket_env: dict)
 @pytest.mark.slow
 def test_progress_reaches_the_job_server(tiny_sd: Path, model_dir: Path, tmp_path: Path) -> None:
     """Through the real worker loop, step progress arrives on the job server while the job runs."""
-    work = tmp_path / "jobs"
-    work.mkdir()
     with JobServer() as server:
-        worker = WorkerProcess(server, work, model_dir, IMAGE_MODEL=str(tiny_sd))
+        worker = start_worker(server, tmp_path, model_dir, IMAGE_MODEL=str(tiny_sd))
         try:
             server.submit("paint", {"task": "text2image", "prompt": "a boat", "width": 64, "height": 64,
                                     "steps": 4, "seed": 2})
@@ -111,7 +109,7 @@ def test_progress_reaches_the_job_server(tiny_sd: Path, model_dir: Path, tmp_pat
             assert server.progress.get("paint"), "no progress update arrived"
             assert server.progress["paint"][-1] == "step 4/4"
         finally:
-            worker.stop()
+            stop_worker(worker)
 
 
 SDXL_TEST_INPUT = {  # runpod-workers/worker-sdxl's test_input.json, verbatim

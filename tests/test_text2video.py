@@ -13,8 +13,8 @@ import pytest
 
 from handler.pipelines.diffusion.video_plan import FAMILIES, frame_size
 from tests import media
-from tests.conftest import assert_no_job_dirs, b64, job, run_job
-from tests.jobserver import JobServer, WorkerProcess
+from tests.conftest import assert_no_job_dirs, b64, job, run_job, start_worker, stop_worker
+from tests.jobserver import JobServer
 
 
 def save_video(result: dict, target: Path) -> Path:
@@ -200,11 +200,9 @@ def test_outputs_in_the_bucket_and_progress_on_the_job_server(tiny_wan: Path, mo
                                                              bucket_env: dict, speech_wav: Path) -> None:
     """Through the real worker loop: progress arrives per segment and step, and the mp4, poster and
     captions land in the bucket and download through their presigned URLs."""
-    work = tmp_path / "jobs"
-    work.mkdir()
     with JobServer() as server:
-        worker = WorkerProcess(server, work, model_dir, VIDEO_MODEL=str(tiny_wan), VIDEO_CLIP_FRAMES="17",
-                               **bucket_env)
+        worker = start_worker(server, tmp_path, model_dir, VIDEO_MODEL=str(tiny_wan), VIDEO_CLIP_FRAMES="17",
+                              **bucket_env)
         try:
             inputs = {"task": "text2video", "prompt": "a tree", "resolution": "144p", "fps": 8, "duration_s": 5.0,
                       "num_inference_steps": 3, "seed": 9, "audio_base64": b64(speech_wav), "captions": "soft"}
@@ -224,7 +222,7 @@ def test_outputs_in_the_bucket_and_progress_on_the_job_server(tiny_wan: Path, mo
             assert {f["name"] for f in body["output"]["files"]} == {"video.mp4", "poster.jpg", "captions.srt"}
             assert worker.job_dirs() == []
         finally:
-            worker.stop()
+            stop_worker(worker)
 
 
 @pytest.mark.parametrize(

@@ -38,12 +38,6 @@ _LONG_TEXT = " ".join(
 
 
 @pytest.fixture(scope="module")
-def gapped(tmp_path_factory: pytest.TempPathFactory) -> clips.Clip:
-    """Four sentences with 2 s of silence between them (about 22 s)."""
-    return clips.sentences_with_gaps(tmp_path_factory.mktemp("vad"))
-
-
-@pytest.fixture(scope="module")
 def long_speech(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
     """About 53 s of espeak-ng speech with no pause longer than between two words."""
     directory = tmp_path_factory.mktemp("vad-long")
@@ -64,22 +58,23 @@ def _uncovered_speech(audio: np.ndarray, chunks: list[Chunk]) -> int:
 
 
 @pytest.mark.parametrize("max_chunk_s", [6.0, 12.0, 30.0])
-def test_chunks_are_cut_inside_the_pauses(gapped: clips.Clip, max_chunk_s: float) -> None:
+def test_chunks_are_cut_inside_the_pauses(gapped_clip: clips.Clip, max_chunk_s: float) -> None:
     """Every chunk edge is in silence, every cut between chunks lies in one of the gaps, no speech is left out."""
-    chunks = vad.speech_chunks(gapped.audio, max_chunk_s=max_chunk_s)
+    chunks = vad.speech_chunks(gapped_clip.audio, max_chunk_s=max_chunk_s)
     assert chunks, "speech must give chunks"
     assert all(0 < chunk.duration_s <= max_chunk_s for chunk in chunks)
     assert all(a.end <= b.start for a, b in itertools.pairwise(chunks)), "chunks overlap or are unordered"
-    assert all(clips.rms(gapped.audio, edge, 800) < _PAUSE_RMS for edge in _cuts(chunks)), _cuts(chunks)
+    assert all(clips.rms(gapped_clip.audio, edge, 800) < _PAUSE_RMS for edge in _cuts(chunks)), _cuts(chunks)
     for before, after in itertools.pairwise(chunks):
-        assert any(lo <= before.end <= after.start <= hi for lo, hi in gapped.gaps), (before, after, gapped.gaps)
-    assert _uncovered_speech(gapped.audio, chunks) == 0
+        gaps = gapped_clip.gaps
+        assert any(lo <= before.end <= after.start <= hi for lo, hi in gaps), (before, after, gaps)
+    assert _uncovered_speech(gapped_clip.audio, chunks) == 0
 
 
-def test_sentences_merge_up_to_the_limit(gapped: clips.Clip) -> None:
+def test_sentences_merge_up_to_the_limit(gapped_clip: clips.Clip) -> None:
     """With 6 s chunks each sentence is its own chunk; with 30 s the whole 22 s clip is one."""
-    assert len(vad.speech_chunks(gapped.audio, max_chunk_s=6.0)) == len(clips.SENTENCES)
-    assert len(vad.speech_chunks(gapped.audio, max_chunk_s=30.0)) == 1
+    assert len(vad.speech_chunks(gapped_clip.audio, max_chunk_s=6.0)) == len(clips.SENTENCES)
+    assert len(vad.speech_chunks(gapped_clip.audio, max_chunk_s=30.0)) == 1
 
 
 def test_long_speech_is_split_into_windows_of_at_most_30_s(long_speech: np.ndarray) -> None:
@@ -101,7 +96,7 @@ def test_silence_gives_no_chunks() -> None:
 
 
 def test_concurrent_callers_get_the_same_chunks(
-    gapped: clips.Clip, long_speech: np.ndarray, monkeypatch: pytest.MonkeyPatch
+    gapped_clip: clips.Clip, long_speech: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Four threads at once each get what they get alone, each pass through a copy of the model of
     its own (it keeps recurrent state), each on one torch thread, and each thread's torch thread
@@ -112,7 +107,8 @@ def test_concurrent_callers_get_the_same_chunks(
     set it for the process only would leave the others' passes on two threads.
     """
     monkeypatch.setattr(vad, "_idle", [vad._vad_model()])  # one copy, whatever earlier tests loaded
-    inputs = [(gapped.audio, 6.0), (long_speech, 30.0), (long_speech[::-1].copy(), 30.0), (gapped.audio, 12.0)]
+    gapped = gapped_clip.audio
+    inputs = [(gapped, 6.0), (long_speech, 30.0), (long_speech[::-1].copy(), 30.0), (gapped, 12.0)]
     alone = [vad.speech_chunks(audio, max_chunk_s=limit) for audio, limit in inputs]
     together: list[list[Chunk] | None] = [None] * len(inputs)
     during: list[set[int]] = [set() for _ in inputs]
@@ -143,13 +139,13 @@ def test_concurrent_callers_get_the_same_chunks(
     assert after == [2] * len(inputs)
 
 
-def test_fixed_windows_tile_the_audio_and_cut_in_a_pause_near_the_limit(gapped: clips.Clip) -> None:
+def test_fixed_windows_tile_the_audio_and_cut_in_a_pause_near_the_limit(gapped_clip: clips.Clip) -> None:
     """Without VAD the chunks cover every sample once, none over the limit, each cut at the quietest point nearby."""
-    chunks = vad.fixed_chunks(gapped.audio, max_chunk_s=5.0, search_s=2.0)
-    assert chunks[0].start == 0 and chunks[-1].end == len(gapped.audio)
+    chunks = vad.fixed_chunks(gapped_clip.audio, max_chunk_s=5.0, search_s=2.0)
+    assert chunks[0].start == 0 and chunks[-1].end == len(gapped_clip.audio)
     assert all(a.end == b.start for a, b in itertools.pairwise(chunks))
     assert all(chunk.duration_s <= 5.0 for chunk in chunks)
-    first_gap = gapped.gaps[0]
+    first_gap = gapped_clip.gaps[0]
     assert first_gap[0] <= chunks[0].end <= first_gap[1], "the first cut must fall in the pause before 5 s"
 
 
