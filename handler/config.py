@@ -419,8 +419,8 @@ def _bucket(env: _Env) -> BucketSettings | None:
     endpoint, access_key, secret, name, region_set = (env.text(n) for n in BUCKET_VARIABLES)
     if access_key is None and secret is None and name is None:
         return None
-    credentials = dict(zip(BUCKET_VARIABLES[1:3], (access_key, secret), strict=True))
-    missing = [variable for variable, value in credentials.items() if not value]
+    credentials = zip(BUCKET_VARIABLES[1:3], (access_key, secret), strict=True)
+    missing = [variable for variable, value in credentials if not value]
     if missing:
         raise SettingsError(f"bucket configuration is incomplete: {', '.join(missing)} not set")
     assert access_key and secret
