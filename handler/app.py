@@ -35,8 +35,16 @@ from handler.runtime.cancel import CancelToken
 from handler.runtime.container import Runtime
 from handler.runtime.devices import resolve_device
 from handler.runtime.gate import Gate
-from handler.runtime.memory import auto_slots, free_for_models, model_bytes, read_memory
+from handler.runtime.memory import (
+    auto_slots,
+    device_memory,
+    free_for_models,
+    memory_budget,
+    model_bytes,
+    read_memory,
+)
 from handler.runtime.registry import Registry
+from handler.runtime.residency import Residency
 from handler.runtime.threads import in_thread, job_threads, one_torch_thread
 from handler.task import Task
 from handler.tasks import TASKS, load_task_modules
@@ -91,15 +99,23 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.tasks = tasks
+        registry = registry or Registry(load_wait_timeout=settings.model_load_wait_timeout)
+        device = resolve_device(settings.device)
         self.runtime = Runtime(
             settings=settings,
-            registry=registry or Registry(load_wait_timeout=settings.model_load_wait_timeout),
+            registry=registry,
+            residency=Residency(
+                device=device, forget=registry.forget, adopt=registry.adopt,
+                budget=memory_budget(device=device, budget_mb=settings.gpu_memory_budget_mb,
+                                     reserve_mb=settings.memory_reserve_mb, device_total=device_memory(device)),
+                host_reserve=settings.memory_reserve_mb * 2**20,
+            ),
             gate=gate
             or Gate(
                 slots=settings.max_concurrent_generations or 1,
                 acquire_timeout=settings.generation_acquire_timeout,
             ),
-            device=resolve_device(settings.device),
+            device=device,
             cache_secret=cache_secret(settings),
         )
         self.runtime.sizing.update(mode="fixed", slots=self.runtime.gate.slots)

@@ -239,6 +239,11 @@ class Settings:
     # VIDEO_GROUP_OFFLOAD: keep the video models in RAM and stream groups of layers to a small
     # GPU as they run: none, block (a block at a time, on a side stream) or leaf (layer by layer).
     video_group_offload: str = setting("VIDEO_GROUP_OFFLOAD", _parse_choice(*VIDEO_GROUP_OFFLOADS), "none")
+    # VIDEO_TEXT_ENCODER_OFFLOAD: keep a video model's text encoder (UMT5-XXL for Wan: three quarters
+    # of its weights, used once per prompt) in host RAM, its layers visiting the GPU while they encode:
+    # `auto` does so when the pipeline's weights are more than half the GPU memory budget.
+    video_text_encoder_offload: str = setting("VIDEO_TEXT_ENCODER_OFFLOAD", _parse_choice("auto", "true", "false"),
+                                              "auto")
     # DEVICE: auto (cuda when available), cuda or cpu. A worker that was given a GPU (see the two
     # below) but cannot use it refuses to start unless DEVICE=cpu asks for the CPU on purpose.
     device: str = setting("DEVICE", _parse_choice("auto", "cuda", "cpu"), "auto")
@@ -263,8 +268,13 @@ class Settings:
     max_concurrent_generations: int | None = setting("MAX_CONCURRENT_GENERATIONS", _parse_slots, 1)
     # GENERATION_SLOTS_CAP: most slots `auto` may choose.
     generation_slots_cap: int = setting("GENERATION_SLOTS_CAP", _parse_positive_int, 4)
-    # MEMORY_RESERVE_MB: memory `auto` keeps free for activations and other processes.
+    # MEMORY_RESERVE_MB: memory kept out of the GPU memory budget (for the CUDA context and other
+    # processes) and out of the slots `auto` sizes; host RAM a parked pipeline must leave free.
     memory_reserve_mb: int = setting("MEMORY_RESERVE_MB", lambda raw: max(0, int(raw)), 2048)
+    # GPU_MEMORY_BUDGET_MB: bytes the pipelines' weights and working memory may take on the device;
+    # unset, the GPU's memory less MEMORY_RESERVE_MB (no bound on the CPU). Idle pipelines leave the
+    # device, least recently used first, to make room (handler.runtime.residency).
+    gpu_memory_budget_mb: int | None = setting("GPU_MEMORY_BUDGET_MB", _parse_positive_int, None)
     # MODEL_INSTANCES: copies of each pipeline; a job borrows one for its whole run.
     model_instances: int = setting("MODEL_INSTANCES", _parse_positive_int, 1)
     # MEMORY_PRESSURE_THRESHOLD: RAM or VRAM use (0-1) above which new jobs get OVERLOADED.

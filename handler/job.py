@@ -3,6 +3,7 @@ and its timings, with the one recipe for model work, file output and the result 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -95,16 +96,26 @@ class JobContext:
         with self.timings.measure("load"):
             return await self.in_thread(get_pool)
 
-    async def on_model(self, pool: InstancePool[P], work: Callable[[P], T], *, stage: str = "run") -> T:
+    async def on_model(
+        self, pool: InstancePool[P], work: Callable[[P], T], *, stage: str = "run", working: int = 0
+    ) -> T:
         """Run ``work`` with an instance of ``pool`` to itself, in a GPU slot.
 
-        The one recipe for model work: the gate's slot and acquire timeout, an exclusive
-        instance, CUDA errors translated, the job's cancel token, ``queued`` and ``stage`` timings.
+        The one recipe for model work: the gate's slot and acquire timeout, the pool placed on the
+        device with ``working`` bytes beside it (waiting for room, within the same timeout), an
+        exclusive instance, CUDA errors translated, the job's cancel token, ``queued`` (slot and
+        room) and ``stage`` timings.
         """
+        timeout = self.settings.generation_acquire_timeout
 
         def borrowed() -> T:
-            with pool.borrow(self.settings.generation_acquire_timeout) as instance, self.timings.measure(stage):
-                return work(instance)
+            with contextlib.ExitStack() as held:
+                with self.timings.measure("queued"):
+                    held.enter_context(self.runtime.residency.hold(pool, working=working, timeout=timeout,
+                                                                   cancel=self.cancel))
+                    instance = held.enter_context(pool.borrow(timeout))
+                with self.timings.measure(stage):
+                    return work(instance)
 
         result, waited_ms = await self.runtime.gate.run(
             borrowed, token=self.cancel, on_late_error=self.runtime.lifecycle.late_error

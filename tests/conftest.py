@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from handler.app import Worker
-from handler.config import Settings, load_settings
+from handler.config import Settings, library_environment, load_settings
 from handler.logs import configure_logging
 from handler.runtime.registry import Registry
 from tests import clips, media, network_guard
@@ -47,6 +47,9 @@ def remember_presigned(result: Any) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     configure_logging(level="DEBUG", stream=CAPTURED_LOGS)
+    # As the worker's start-up does, before a model library is imported: with downloads off (as in
+    # every test), they never reach the network.
+    os.environ.update(library_environment(load_settings({"ALLOW_MODEL_DOWNLOAD": "false"})))
     _guard_network(config)
 
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from handler.errors import GenerationTimeout
 from handler.job import JobContext
 from handler.runtime.cancel import CancelToken
-from handler.runtime.instances import InstancePool
+from handler.runtime.instances import InstancePool, Placement, move_whole
 from handler.runtime.registry import PipelineKey
 from handler.task import Task
 from handler.tasks import TASKS
@@ -50,17 +50,27 @@ class FixtureInput(BaseModel):
     failures: int = 0
     # Run the action in a batch of the worker's shared batcher (as transcription chunks run), not alone.
     batched: bool = False
+    # What the model weighs on the device (its pool's placement), and the working memory the job asks for.
+    weights_mb: int = 0
+    working_mb: int = 0
 
 
 class FixturePipeline:
-    """Counts calls and how many run at once on this instance."""
+    """Counts calls and how many run at once on this instance, and records its moves between
+    devices (``events``: ("run", start, end) and ("move", device, time))."""
 
     def __init__(self) -> None:
         self.id = next(_ids)
         self.calls = 0
         self.running = 0
         self.max_running = 0
+        self.device = "cpu"
+        self.events: list[tuple[str, Any, float]] = []
         self._lock = threading.Lock()
+
+    def to(self, device: str) -> None:
+        self.device = device
+        self.events.append(("move", device, time.monotonic()))
 
     def __call__(self, action: str, seconds: float, cancel: CancelToken, gigabytes: float = 0.0) -> str:
         with self._lock:
@@ -104,10 +114,11 @@ def _load(how: str) -> FixturePipeline:
     return FixturePipeline()
 
 
-def pipelines_for(ctx: JobContext, model: str, load: str = "ok") -> InstancePool[FixturePipeline]:
+def pipelines_for(ctx: JobContext, model: str, load: str = "ok", weights_mb: int = 0) -> InstancePool[FixturePipeline]:
     key = PipelineKey("fixture", model, ctx.runtime.device, "float32")
-    return ctx.runtime.registry.get(key, lambda: InstancePool.build(ctx.settings.model_instances,
-                                                                    lambda: _load(load)))
+    placement = Placement(weights=weights_mb * 2**20, move=move_whole) if weights_mb else None
+    return ctx.runtime.registry.get(key, lambda: InstancePool.build(
+        ctx.settings.model_instances, lambda: _load(load), lambda _: placement or Placement()))
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,19 +154,23 @@ def _flaky(params: FixtureInput) -> int:
 async def run(ctx: JobContext, params: FixtureInput) -> dict[str, Any]:
     if params.action == "flaky":
         return {"output": "done", "attempt": _flaky(params), "model": params.model}
-    pipelines = pipelines_for(ctx, params.model, params.load)
+    pipelines = pipelines_for(ctx, params.model, params.load, params.weights_mb)
     (ctx.workdir / "scratch.bin").write_bytes(b"x" * 1024)
     if params.url is not None:
         with ctx.timings.measure("download"):
             await asyncio.to_thread(ctx.inputs.from_url, params.url, ctx.workdir / "input.bin", field="url")
 
     def work(pipeline: FixturePipeline) -> tuple[str, int]:
-        return pipeline(params.action, params.seconds, ctx.cancel, params.gigabytes), pipeline.id
+        started = time.monotonic()
+        try:
+            return pipeline(params.action, params.seconds, ctx.cancel, params.gigabytes), pipeline.id
+        finally:
+            pipeline.events.append(("run", started, time.monotonic()))
 
     if params.batched:
         output, instance = await _batched(ctx, pipelines, params)
     else:
-        output, instance = await ctx.on_model(pipelines, work)
+        output, instance = await ctx.on_model(pipelines, work, working=params.working_mb * 2**20)
     return {"output": output, "instance": instance, "model": params.model}
 
 

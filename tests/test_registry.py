@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from handler.errors import GenerationTimeout, ModelLoadFailed
+from handler.runtime.instances import InstancePool
 from handler.runtime.registry import PipelineKey, Registry
 
 KEY = PipelineKey("t", "m", "cpu", "float32")
@@ -95,9 +96,19 @@ def test_waiting_for_a_slow_load_is_bounded() -> None:
         assert first.result(5) == "slow"
 
 
-def test_evict_forgets_a_pipeline() -> None:
-    """After eviction the next request loads a fresh pipeline."""
+def test_a_forgotten_pool_loads_again_and_is_adopted_back_only_if_none_was() -> None:
+    """A pool the residency dropped is forgotten (the next request loads a fresh one, and the key is
+    on the new pool); forgetting a stale pool leaves the new one; adopting puts a pool back only
+    where the key has none."""
     registry = Registry()
-    first = registry.get(KEY, object)
-    assert registry.evict(KEY)
-    assert registry.get(KEY, object) is not first
+    first = registry.get(KEY, lambda: InstancePool([object()]))
+    assert first.key == KEY
+    registry.forget(KEY, first)
+    second = registry.get(KEY, lambda: InstancePool([object()]))
+    assert second is not first
+    registry.forget(KEY, first)  # stale: the registry holds another pool for the key
+    registry.adopt(KEY, first)
+    assert registry.get(KEY, lambda: InstancePool([object()])) is second
+    registry.forget(KEY, second)
+    registry.adopt(KEY, first)
+    assert registry.get(KEY, lambda: InstancePool([object()])) is first

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from handler.runtime.container import Runtime
@@ -34,12 +34,26 @@ class _RuntimeCollector(Collector):
         slots.add_metric(["waiting"], gate.waiting)
         yield slots
         yield self._batches()
+        yield from self._residency()
         memory = read_memory()
         gauge = GaugeMetricFamily("worker_memory_bytes", "RAM and VRAM", labels=["kind"])
         for kind, value in (("ram_total", memory.ram_total), ("ram_available", memory.ram_available),
                             ("rss", memory.rss), ("vram_total", memory.vram_total), ("vram_free", memory.vram_free)):
             gauge.add_metric([kind], value)
         yield gauge
+
+    def _residency(self) -> Iterator[Metric]:
+        residency = self._runtime.residency
+        placed = GaugeMetricFamily("worker_pipeline_bytes", "bytes of each loaded pipeline's weights, by where "
+                                   "they are (device, parked in host RAM, dropped)", labels=["task", "model", "place"])
+        for key, info in residency.snapshot():
+            placed.add_metric([key.task, key.model, info["place"]], info["bytes"])
+        yield placed
+        moves = CounterMetricFamily("worker_pipeline_moves", "pipelines moved to make room on the device, by task "
+                                    "and direction (to_device, park, drop)", labels=["task", "direction"])
+        for (task, direction), count in sorted(residency.moves.counts.items()):
+            moves.add_metric([task, direction], count)
+        yield moves
 
     def _batches(self) -> Metric:
         family = HistogramMetricFamily("worker_batch_size", "items per batch run, by batcher",

@@ -21,6 +21,8 @@ bake, so it imports only the standard library, the settings, and openai-whisper'
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import re
 import threading
@@ -107,6 +109,39 @@ def model_identity(name: str, settings: Settings) -> str | None:
         if cached(cache, name) and ref.is_file():
             return f"revision:{ref.read_text().strip()}"
     return None
+
+
+def pretrained_dir(name: str, settings: Settings) -> Path | None:
+    """The local folder of ``name``'s files: a directory as is, or the cached snapshot; None when
+    the model is not on this machine yet."""
+    if Path(name).is_dir():
+        return Path(name)
+    for cache in (settings.runpod_hf_cache, hf_cache_dir(settings.model_dir)):
+        ref = cache / f"models--{name.replace('/', '--')}" / "refs" / "main"
+        if cached(cache, name) and ref.is_file():
+            return ref.parent.parent / "snapshots" / ref.read_text().strip()
+    return None
+
+
+# A weights file of no variant: `model.safetensors`, or one shard `model-00001-of-00002.safetensors`
+# (`model.fp16.safetensors` is a variant, which from_pretrained without `variant` does not read).
+_PLAIN_WEIGHTS = re.compile(r"[^.]+(-\d+-of-\d+)?\.safetensors")
+
+
+def safetensors_elements(folder: Path) -> dict[str, int]:
+    """Elements of the weights in each component folder of a diffusers or transformers model
+    (``""``: the folder itself), read from the files' headers: what the model will weigh, before
+    it loads."""
+    counts: dict[str, int] = {}
+    for path in sorted(folder.rglob("*.safetensors")):
+        if not _PLAIN_WEIGHTS.fullmatch(path.name):
+            continue
+        with path.open("rb") as file:
+            header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
+        component = path.parent.relative_to(folder).as_posix().removeprefix(".")
+        counts[component] = counts.get(component, 0) + sum(
+            math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
+    return counts
 
 
 def whisper_dir(model_dir: Path) -> Path:

@@ -1,5 +1,5 @@
-"""The Runtime: the long-lived parts of the worker (settings, registry, gate, batchers, lifecycle)
-that every job is handed, built once at start-up."""
+"""The Runtime: the long-lived parts of the worker (settings, registry, GPU memory, gate, batchers,
+lifecycle) that every job is handed, built once at start-up."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from handler.runtime.flights import SingleFlight
 from handler.runtime.gate import Gate
 from handler.runtime.lifecycle import Lifecycle
 from handler.runtime.registry import Registry
+from handler.runtime.residency import Residency
 from handler.runtime.stats import WorkerStats
 
 ItemT = TypeVar("ItemT")
@@ -28,6 +29,8 @@ class Runtime:
     registry: Registry
     gate: Gate
     device: str
+    # Which pipelines are on the device, under the GPU memory budget (see memory_budget).
+    residency: Residency = field(default_factory=lambda: Residency(device="cpu", budget=None))
     stats: WorkerStats = field(default_factory=WorkerStats)
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     # Identical cacheable jobs held at once compute once.

@@ -1,4 +1,4 @@
-"""Memory readings: admission control and automatic GPU-slot sizing."""
+"""Memory readings: admission control, automatic GPU-slot sizing, and what a model weighs."""
 
 from __future__ import annotations
 
@@ -64,3 +64,42 @@ def auto_slots(*, free: int, reserve: int, footprint: int, cap: int) -> int:
     if footprint <= 0:
         return 1
     return max(1, min(cap, (free - reserve) // footprint))
+
+
+def host_room() -> int:
+    """Bytes of host RAM available now (where parked pipelines go)."""
+    return int(psutil.virtual_memory().available)
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each storage counted once (tied weights share one)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_meta:  # no storage: what it would take once loaded (a model built to be measured)
+            total += tensor.numel() * tensor.element_size()
+            continue
+        if tensor.layout != torch.strided:  # sparse (Whisper's alignment-head mask): a few bytes
+            continue
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def memory_budget(*, device: str, budget_mb: int | None, reserve_mb: int, device_total: int) -> int | None:
+    """Bytes the pipelines may take on the device: GPU_MEMORY_BUDGET_MB when set, else the GPU's
+    memory less the reserve; on the CPU, unbounded unless set."""
+    if budget_mb is not None:
+        return budget_mb * MIB
+    if device != "cuda":
+        return None
+    return max(0, device_total - reserve_mb * MIB)
+
+
+def device_memory(device: str) -> int:
+    """The GPU's total memory in bytes (0 on the CPU)."""
+    if device != "cuda":
+        return 0
+    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)

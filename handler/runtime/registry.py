@@ -5,6 +5,10 @@ different models load in parallel), looks again, loads, and publishes. A load th
 is not cached: the next request tries again. A load that runs out of GPU memory is
 ``GPU_OOM`` and a sticky CUDA error during a load is ``CUDA_FATAL``, as in model code; any
 other failure is ``MODEL_LOAD_FAILED``, its details in the log, not in the client's message.
+
+Loaders build their pools in host RAM; the runtime's
+:class:`~handler.runtime.residency.Residency` places a pool on the device when a job holds it,
+and may later park or drop it (a dropped pool is forgotten here, so it loads again).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any, TypeVar
 from handler.errors import GenerationTimeout, ModelLoadFailed, WorkerError
 from handler.logs import get_logger
 from handler.runtime.devices import cuda_errors
-from handler.runtime.memory import model_bytes, read_memory
+from handler.runtime.instances import InstancePool
 
 T = TypeVar("T")
 log = get_logger(__name__)
@@ -41,8 +45,6 @@ class LoadedPipeline:
     pipeline: Any
     load_ms: float
     loaded_at: float
-    # Memory the load took where the model lives (approximate when loads overlap).
-    memory_bytes: int
 
 
 class Registry:
@@ -80,7 +82,6 @@ class Registry:
     def _load(self, key: PipelineKey, loader: Callable[[], T]) -> T:
         log.info("pipeline.load.start", task=key.task, model=key.model, device=key.device)
         started = time.perf_counter()
-        before = read_memory()
         try:
             with cuda_errors():
                 pipeline = loader()
@@ -92,8 +93,9 @@ class Registry:
                 f"could not load model {key.model!r} ({type(exc).__name__}); the worker log has the details"
             ) from exc
         load_ms = (time.perf_counter() - started) * 1000
-        memory = model_bytes(before, read_memory(), key.device)
-        self._pipelines[key] = LoadedPipeline(pipeline, load_ms, time.time(), memory)
+        if isinstance(pipeline, InstancePool):
+            pipeline.key = key
+        self._pipelines[key] = LoadedPipeline(pipeline, load_ms, time.time())
         log.info("pipeline.load.done", task=key.task, model=key.model, ms=round(load_ms, 1))
         return pipeline
 
@@ -104,7 +106,15 @@ class Registry:
         """A snapshot of what is loaded now."""
         return dict(self._pipelines)
 
-    def evict(self, key: PipelineKey) -> bool:
-        """Forget a pipeline (its memory goes when the last job using it ends)."""
-        with self._lock_for(key):
-            return self._pipelines.pop(key, None) is not None
+    def forget(self, key: PipelineKey, pool: InstancePool[Any]) -> None:
+        """Forget ``pool`` (the residency dropped it): the next job for ``key`` loads it again.
+        Called with the residency's lock held, so it never takes a key's lock (a load may hold
+        that one while it waits for the residency)."""
+        found = self._pipelines.get(key)
+        if found is not None and found.pipeline is pool:
+            del self._pipelines[key]
+
+    def adopt(self, key: PipelineKey, pool: InstancePool[Any]) -> None:
+        """Publish again a pool the residency took back after dropping it, unless a new copy was loaded."""
+        if key not in self._pipelines:
+            self._pipelines[key] = LoadedPipeline(pool, 0.0, time.time())

@@ -14,7 +14,7 @@ from pydantic import Field
 from handler.io import media
 from handler.job import JobContext
 from handler.limits import served_model
-from handler.pipelines.speech.pipeline import get_pipelines, pieces_to_say
+from handler.pipelines.speech.pipeline import get_pipelines, pieces_to_say, working_bytes
 from handler.pipelines.weights import model_identity
 from handler.runtime.container import Runtime
 from handler.task import VIDEO_SHAPING, CachePolicy, Task, TaskInput, input_fields, new_seed
@@ -31,7 +31,10 @@ class SpeechInput(TaskInput):
 
 
 def preload(runtime: Runtime) -> None:
-    get_pipelines(runtime, runtime.settings.tts_model)
+    """Load the default model and place it on the device (a resident like any, parked when idle and
+    needed elsewhere)."""
+    pipelines = get_pipelines(runtime, runtime.settings.tts_model)
+    runtime.residency.place(pipelines, timeout=runtime.settings.generation_acquire_timeout)
 
 
 async def synthesize(
@@ -44,7 +47,8 @@ async def synthesize(
     pipelines = await ctx.load(lambda: get_pipelines(ctx.runtime, model))
     pieces = pipelines.first.speakable(pieces, field=field)
     samples = await ctx.on_model(pipelines, lambda pipeline: pipeline.synthesize(
-        pieces, speaking_rate=speaking_rate, seed=seed, cancel=ctx.cancel, field=field), stage="speech")
+        pieces, speaking_rate=speaking_rate, seed=seed, cancel=ctx.cancel, field=field), stage="speech",
+        working=working_bytes(pieces))
     return samples, pipelines.first.sample_rate
 
 

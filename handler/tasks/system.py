@@ -20,12 +20,18 @@ class SystemInput(TaskInput):
 
 
 def _pipelines(ctx: JobContext) -> list[dict[str, Any]]:
-    return [
-        {"task": key.task, "model": key.model, "device": key.device, "dtype": key.dtype,
-         "load_ms": round(loaded.load_ms, 1), "loaded_at": round(loaded.loaded_at, 3),
-         "memory_mb": round(loaded.memory_bytes / 2**20, 1)}
-        for key, loaded in ctx.runtime.registry.loaded().items()
-    ]
+    """Every pipeline this worker has loaded: where it is now (``device``, ``parked`` in host RAM,
+    ``dropped``), the bytes of its weights, its last use, and its load."""
+    loaded = ctx.runtime.registry.loaded()
+    found = []
+    for key, place in ctx.runtime.residency.snapshot():
+        load = loaded.get(key)
+        found.append({"task": key.task, "model": key.model, "device": key.device, "dtype": key.dtype,
+                      "place": place["place"], "memory_mb": round(place["bytes"] / 2**20, 1),
+                      "in_use": place["holders"], "last_use": place["last_use"],
+                      "load_ms": round(load.load_ms, 1) if load else None,
+                      "loaded_at": round(load.loaded_at, 3) if load else None})
+    return found
 
 
 async def run(ctx: JobContext, params: SystemInput) -> dict[str, Any]:
@@ -38,7 +44,7 @@ async def run(ctx: JobContext, params: SystemInput) -> dict[str, Any]:
         "pipelines": _pipelines(ctx),
         "slots": {"total": runtime.gate.slots, "busy": runtime.gate.busy, "waiting": runtime.gate.waiting,
                   "sizing": runtime.sizing},
-        "memory": read_memory().as_dict(),
+        "memory": {**read_memory().as_dict(), "gpu_budget": runtime.residency.summary()},
         **runtime.stats.snapshot(),
     }
 

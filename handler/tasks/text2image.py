@@ -64,7 +64,10 @@ def get_pipelines(runtime: Runtime, name: str) -> InstancePool[DiffusionPipeline
 
 
 def preload(runtime: Runtime) -> None:
-    get_pipelines(runtime, runtime.settings.image_model)
+    """Load the default model and place it on the device (a resident like any, parked when idle and
+    needed elsewhere)."""
+    pipelines = get_pipelines(runtime, runtime.settings.image_model)
+    runtime.residency.place(pipelines, timeout=runtime.settings.generation_acquire_timeout)
 
 
 def _check_limits(ctx: JobContext, params: ImageInput) -> None:
@@ -123,9 +126,22 @@ async def run(ctx: JobContext, params: ImageInput) -> dict[str, Any]:
     return await ctx.cached(key, CACHE, lambda: _generate(ctx, params, model))
 
 
+def _refuse_unfitting(ctx: JobContext, params: ImageInput, need: int, width: int, height: int) -> None:
+    """INPUT_TOO_LARGE for a request that could never fit the GPU memory budget (``need`` bytes with
+    the model's weights), naming what makes it large."""
+    field = "num_images" if params.num_images > 1 else "width"
+    ctx.runtime.residency.check_fits(need, field=field, what=f"{params.num_images} image(s) of {width}x{height}")
+
+
 async def _generate(ctx: JobContext, params: ImageInput, model: str) -> dict[str, Any]:
+    if params.width is not None and params.height is not None:  # before the load, weights from the files
+        need = (loading.least_device_weights(ctx.runtime, model, video=False)
+                + loading.image_working_bytes(params.width, params.height, params.num_images))
+        _refuse_unfitting(ctx, params, need, params.width, params.height)
     pipelines = await ctx.load(lambda: get_pipelines(ctx.runtime, model))
     width, height = resolve_size(ctx, pipelines.first, params)
+    working = loading.image_working_bytes(width, height, params.num_images)
+    _refuse_unfitting(ctx, params, pipelines.running_bytes + working, width, height)
     options = _call_options(pipelines.first, params, width, height)
     seed = params.seed if params.seed is not None else new_seed()
     progress = Progress(ctx.job, enabled=ctx.settings.post_progress)
@@ -135,7 +151,7 @@ async def _generate(ctx: JobContext, params: ImageInput, model: str) -> dict[str
         callback = step_callback(ctx.cancel, progress, params.num_inference_steps)
         return list(pipeline(**options, generator=generator, callback_on_step_end=callback).images)
 
-    images = await ctx.on_model(pipelines, work)
+    images = await ctx.on_model(pipelines, work, working=working)
     saved = await ctx.in_thread(lambda: _save(ctx, images, params.format))
     files = await ctx.save_files([(path, name, _CONTENT_TYPES[params.format]) for path, name in saved])
     return {"model": model, "seed": seed, "width": width, "height": height,

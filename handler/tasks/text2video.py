@@ -40,6 +40,7 @@ from handler.pipelines.diffusion.video_plan import (
 )
 from handler.pipelines.speech.pipeline import get_pipelines as speech_pipelines
 from handler.pipelines.speech.pipeline import pieces_to_say
+from handler.pipelines.speech.pipeline import working_bytes as speech_working_bytes
 from handler.pipelines.weights import model_identity, pretrained_source, whisper_identity
 from handler.pipelines.whisper import pipeline as whisper_pipeline
 from handler.pipelines.whisper.transcript import word_timings
@@ -93,7 +94,10 @@ def get_pipelines(runtime: Runtime, name: str) -> InstancePool[Any]:
 
 
 def preload(runtime: Runtime) -> None:
-    get_pipelines(runtime, runtime.settings.video_model)
+    """Load the default model and place it on the device (a resident like any, parked when idle and
+    needed elsewhere)."""
+    pipelines = get_pipelines(runtime, runtime.settings.video_model)
+    runtime.residency.place(pipelines, timeout=runtime.settings.generation_acquire_timeout)
 
 
 def model_family(ctx: JobContext, name: str) -> Family:
@@ -127,16 +131,20 @@ def _check_limits(ctx: JobContext, params: VideoInput) -> None:
                      unit="pixels per frame")
 
 
+def _size_field(params: VideoInput) -> str:
+    return "width" if params.width is not None else "resolution"
+
+
 def _frame_size(ctx: JobContext, params: VideoInput, family: Family) -> tuple[int, int]:
+    field = _size_field(params)
     if params.width is not None and params.height is not None:
-        width, height, field = params.width, params.height, "width"
+        width, height = params.width, params.height
         for name, value in (("width", width), ("height", height)):
             if value % family.side_multiple:
                 raise InvalidInput(f"{name}: {value} is not a multiple of {family.side_multiple}, as "
                                    f"{family.name} models need", field=name)
     else:
         width, height = frame_size(params.aspect_ratio, params.resolution, family)
-        field = "resolution"
     check_pixels(width, height, ctx.settings.max_image_pixels, field=field, label=field, unit="pixels per frame")
     return width, height
 
@@ -161,7 +169,8 @@ async def _narration(ctx: JobContext, params: VideoInput) -> tuple[Path | None, 
         voices = await ctx.load(lambda: speech_pipelines(ctx.runtime, ctx.settings.tts_model))
         pieces = voices.first.speakable(pieces, field=field)
         samples = await ctx.on_model(voices, lambda voice: voice.synthesize(
-            pieces, speaking_rate=1.0, seed=params.seed or 0, cancel=ctx.cancel, field=field), stage="speech")
+            pieces, speaking_rate=1.0, seed=params.seed or 0, cancel=ctx.cancel, field=field), stage="speech",
+            working=speech_working_bytes(pieces))
         rate = voices.first.sample_rate
         path = ctx.workdir / "narration.wav"
         media.write_wav(path, samples, rate)
@@ -183,7 +192,8 @@ async def _captions(ctx: JobContext, audio: np.ndarray) -> Path:
         # With the default Whisper model, in a GPU slot like any transcription.
         pipelines = await ctx.load(lambda: whisper_pipeline.get_pipelines(ctx.runtime, ctx.settings.whisper_model))
         words = await ctx.on_model(pipelines, lambda pipeline: word_timings(pipeline, audio, ctx.cancel),
-                                   stage="captions_run")
+                                   stage="captions_run",
+                                   working=whisper_pipeline.working_bytes(pipelines.first, batch=1, beams=5))
         path = ctx.workdir / "captions.srt"
         write_srt(cues_from_words(words), path)
     return path
@@ -213,15 +223,28 @@ def _generate(ctx: JobContext, pipeline: Any, params: VideoInput, plan: SegmentP
     return poster
 
 
+def _refuse_unfitting(ctx: JobContext, params: VideoInput, need: int, size: tuple[int, int], frames: int) -> None:
+    """INPUT_TOO_LARGE for a video whose segments could never fit the GPU memory budget (``need``
+    bytes with the model's weights)."""
+    ctx.runtime.residency.check_fits(need, field=_size_field(params),
+                                     what=f"a segment of {frames} frames of {size[0]}x{size[1]}")
+
+
 async def _render(ctx: JobContext, params: VideoInput, plan: SegmentPlan, size: tuple[int, int], seed: int,
                   model: str) -> tuple[Path, np.ndarray]:
+    frames = max(plan.segments)
+    working = loading.video_working_bytes(*size, frames)
+    _refuse_unfitting(ctx, params, loading.least_device_weights(ctx.runtime, model, video=True) + working, size,
+                      frames)
     pipelines = await ctx.load(lambda: get_pipelines(ctx.runtime, model))
+    _refuse_unfitting(ctx, params, pipelines.running_bytes + working, size, frames)
     path = ctx.workdir / "frames.mp4"
     writer = media.FrameWriter(path, width=size[0], height=size[1], fps=params.fps, hold=plan.hold,
                                timeout_s=ctx.settings.media_timeout_s, cancel=ctx.cancel)
     try:
         poster = await ctx.on_model(
-            pipelines, lambda pipeline: _generate(ctx, pipeline, params, plan, writer, size, seed), stage="generate"
+            pipelines, lambda pipeline: _generate(ctx, pipeline, params, plan, writer, size, seed), stage="generate",
+            working=working,
         )
     except BaseException:
         writer.abort()
@@ -269,6 +292,12 @@ CACHE: CachePolicy[VideoInput] = CachePolicy(
 async def _make(ctx: JobContext, params: VideoInput, model: str) -> dict[str, Any]:
     family = await ctx.in_thread(lambda: model_family(ctx, model))
     size = _frame_size(ctx, params, family)
+    # Before anything loads: a narration can only add segments, never make them longer.
+    least = plan_segments(math.ceil(params.duration_s * params.fps), family, fps=params.fps,
+                          clip_frames=ctx.settings.video_clip_frames)
+    need = (loading.least_device_weights(ctx.runtime, model, video=True)
+            + loading.video_working_bytes(*size, max(least.segments)))
+    _refuse_unfitting(ctx, params, need, size, max(least.segments))
     seed = params.seed if params.seed is not None else new_seed()
     narration, samples, narration_field = await _narration(ctx, params)
     duration = max(params.duration_s, samples.size / media.SAMPLE_RATE if samples is not None else 0.0)

@@ -8,6 +8,8 @@
 - the attention backend (``set_attention_backend``).
 - group offload (``enable_group_offload``): weights stay in RAM and groups of layers are moved to
   the GPU as they run, for GPUs too small for the model.
+- the text encoder alone offloaded (``apply_group_offloading`` at leaf level): used once per
+  prompt, it stays in RAM and its layers visit the GPU while they encode (see loading.py for when).
 
 MagCache is not offered: diffusers 0.42 needs magnitude ratios calibrated per checkpoint (it ships
 them for FLUX only) and the step count fixed when the hook is installed, while each job picks its own.
@@ -60,6 +62,31 @@ def place(pipeline: Any, device: str, speedups: VideoSpeedups) -> Any:
         options.update(num_blocks_per_group=1, use_stream=device == "cuda")
     pipeline.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"), **options)
     return pipeline
+
+
+def offload_component(module: torch.nn.Module, device: str) -> None:
+    """Keep ``module`` in host RAM; each of its layers comes onto ``device`` while it runs (the next
+    one copied meanwhile on a CUDA stream) and goes back after."""
+    from diffusers.hooks.group_offloading import apply_group_offloading
+
+    apply_group_offloading(module, onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                           offload_type="leaf_level", use_stream=device == "cuda")
+
+
+def is_offloaded(module: torch.nn.Module) -> bool:
+    """Whether diffusers' group offload hooks place ``module``."""
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    return bool(_is_group_offload_enabled(module))
+
+
+def offload_transient(module: torch.nn.Module) -> int:
+    """Bytes a leaf-offloaded module has on the device at once: the layer running and the next one
+    being copied, at most twice its largest layer."""
+    from handler.runtime.memory import module_bytes
+
+    leaves = [m for m in module.modules() if not list(m.children())]
+    return 2 * max((module_bytes(leaf) for leaf in leaves), default=0)
 
 
 def apply(pipeline: Any, speedups: VideoSpeedups) -> None:

@@ -16,7 +16,8 @@ from handler.errors import InputTooLarge, InvalidInput
 from handler.pipelines.weights import pretrained_source
 from handler.runtime.cancel import CancelToken
 from handler.runtime.container import Runtime
-from handler.runtime.instances import InstancePool
+from handler.runtime.instances import InstancePool, Placement, move_whole
+from handler.runtime.memory import MIB, module_bytes
 from handler.runtime.registry import PipelineKey
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
@@ -64,6 +65,10 @@ class SpeechPipeline:
     def sample_rate(self) -> int:
         return int(self.model.config.sampling_rate)
 
+    def to(self, device: str) -> None:
+        """Move the weights (the residency parks an idle model in host RAM and brings it back)."""
+        self.model.to(device)
+
     def speakable(self, pieces: list[str], *, field: str = "text") -> list[str]:
         """The pieces the tokenizer makes any input of (emoji alone make none); refused when none is."""
         kept = [piece for piece in pieces if len(self.tokenizer(piece)["input_ids"]) > 0]
@@ -100,8 +105,9 @@ def load_speech(name: str, runtime: Runtime) -> SpeechPipeline:
     from transformers import AutoTokenizer, VitsModel
 
     source, options = pretrained_source(name, runtime.settings)
+    # Built in host RAM: the residency places it on the device when a job holds it.
     model: Any = VitsModel.from_pretrained(source, **options)
-    model = model.to(runtime.device).eval()
+    model.eval()
     tokenizer = AutoTokenizer.from_pretrained(source, **options)
     return SpeechPipeline(model, tokenizer, name, runtime.device)
 
@@ -110,4 +116,16 @@ def get_pipelines(runtime: Runtime, name: str) -> InstancePool[SpeechPipeline]:
     """MODEL_INSTANCES copies of the speech model ``name`` (fp32 on every device), loaded on first use."""
     key = PipelineKey("speech", name, runtime.device, "float32")
     count = runtime.settings.model_instances
-    return runtime.registry.get(key, lambda: InstancePool.build(count, lambda: load_speech(name, runtime)))
+    return runtime.registry.get(
+        key, lambda: InstancePool.build(count, lambda: load_speech(name, runtime), _placement))
+
+
+def _placement(pipeline: SpeechPipeline) -> Placement:
+    return Placement(weights=module_bytes(pipeline.model), move=move_whole)
+
+
+def working_bytes(pieces: list[str]) -> int:
+    """GPU memory one synthesis takes beyond the weights: VITS makes one piece (a sentence) at a
+    time, its activations a few hundred bytes per output sample, up to about 20 s of audio a piece,
+    so a fixed allowance, with room for the longest (an estimate; bench/README's run-book measures it)."""
+    return 256 * MIB if pieces else 0

@@ -29,7 +29,8 @@ from handler.pipelines.whisper.vad import Chunk
 from handler.runtime.cancel import CancelToken
 from handler.runtime.container import Runtime
 from handler.runtime.devices import default_dtype
-from handler.runtime.instances import InstancePool
+from handler.runtime.instances import InstancePool, Placement, move_whole
+from handler.runtime.memory import module_bytes
 from handler.runtime.registry import PipelineKey
 
 log = get_logger(__name__)
@@ -101,6 +102,10 @@ class WhisperPipeline:
     def is_multilingual(self) -> bool:
         return bool(self.model.is_multilingual)
 
+    def to(self, device: str) -> None:
+        """Move the weights (the residency parks an idle model in host RAM and brings it back)."""
+        self.model.to(device)
+
     def transcribe(self, audio: np.ndarray, *, cancel: CancelToken, **options: Any) -> dict[str, Any]:
         """Run openai-whisper; stops at the next decoder step once ``cancel`` is set."""
         # whisper.transcribe turns fp16 off (with a warning) for a model on the CPU.
@@ -170,8 +175,24 @@ def get_pipelines(runtime: Runtime, model: str) -> InstancePool[WhisperPipeline]
 
     def load() -> WhisperPipeline:
         fp16 = default_dtype(runtime.device, settings.precision) == torch.float16
-        return WhisperPipeline(load_whisper(model, settings, runtime.device), model, runtime.device, fp16=fp16)
+        # Built in host RAM: the residency places it on the device when a job holds it.
+        return WhisperPipeline(load_whisper(model, settings, "cpu"), model, runtime.device, fp16=fp16)
+
+    def placement(pipeline: WhisperPipeline) -> Placement:
+        return Placement(weights=module_bytes(pipeline.model), move=move_whole)
 
     return runtime.registry.get(
-        _pipeline_key(runtime, model), lambda: InstancePool.build(settings.model_instances, load)
+        _pipeline_key(runtime, model), lambda: InstancePool.build(settings.model_instances, load, placement)
     )
+
+
+def working_bytes(pipeline: WhisperPipeline, *, batch: int, beams: int) -> int:
+    """GPU memory a decode of ``batch`` windows with ``beams`` beams each takes beyond the weights:
+    the encoder's activations per window and the decoder's key/value caches per beam (self-attention
+    over its 448 text positions, cross-attention over the 1500 audio frames), in the activations' dtype,
+    with room for the layer a step runs. An estimate: bench/README's GPU run-book measures it."""
+    dims = pipeline.model.dims
+    size = 2 if pipeline.fp16 else 4
+    encoder = dims.n_audio_ctx * dims.n_audio_state * size * 8
+    caches = 2 * dims.n_text_layer * (dims.n_text_ctx + dims.n_audio_ctx) * dims.n_text_state * size
+    return int(batch * (encoder + max(1, beams) * caches))
