@@ -1,4 +1,4 @@
-"""The README documents every input field and every setting, so it cannot drift from the code."""
+"""The README and docs/ document every input field and every setting, so they cannot drift from the code."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from handler.schema import schemas
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+CONFIGURATION = (ROOT / "docs" / "configuration.md").read_text()
 
 
 def test_every_input_field_is_documented() -> None:
@@ -25,14 +26,13 @@ NOT_SETTINGS = {"RUNPOD_LOG_LEVEL"}
 
 
 def configuration_rows() -> set[str]:
-    """The variables named in the first cell of each row of the README's configuration table."""
-    section = README.split("## Configuration", 1)[1].split("\n## ", 1)[0]
-    cells = (line.split("|")[1] for line in section.splitlines() if line.startswith("| `"))
+    """The variables named in the first cell of each row of docs/configuration.md's table."""
+    cells = (line.split("|")[1] for line in CONFIGURATION.splitlines() if line.startswith("| `"))
     return {name for cell in cells for name in re.findall(r"`([A-Z0-9_]+)`", cell)}
 
 
 def test_the_configuration_table_is_the_settings_declaration() -> None:
-    """The README's configuration table has a row for each variable config.py declares, and no
+    """docs/configuration.md has a row for each variable config.py declares, and no
     other (but for NOT_SETTINGS): checked against the declaration itself, not its source text."""
     declared = set(variables())
     assert len(declared) > 25
@@ -40,16 +40,15 @@ def test_the_configuration_table_is_the_settings_declaration() -> None:
     assert sorted(configuration_rows() - declared - NOT_SETTINGS) == []
 
 
-# Variables whose default the README says in words, not as the value the declaration holds.
+# Variables whose default the configuration table says in words, not as the value the declaration holds.
 IN_WORDS = {"WORK_DIR": "system temp", "ALLOW_MODEL_DOWNLOAD": "`true` (image: `false`)"}
 
 
 def configuration_defaults() -> dict[str, str]:
-    """The default cell of the README's configuration table, by variable (a row of two variables
+    """The default cell of docs/configuration.md's table, by variable (a row of two variables
     with two defaults, ``5, 60``, gives each its own)."""
-    section = README.split("## Configuration", 1)[1].split("\n## ", 1)[0]
     found: dict[str, str] = {}
-    for line in section.splitlines():
+    for line in CONFIGURATION.splitlines():
         if line.startswith("| `"):
             names_cell, default_cell = line.split("|")[1:3]
             names = re.findall(r"`([A-Z0-9_]+)`", names_cell)
@@ -59,7 +58,7 @@ def configuration_defaults() -> dict[str, str]:
 
 
 def shown(variable: str, value: object) -> str:
-    """A default as the README writes it: blank for none, true/false, sizes of bytes in MiB or GiB."""
+    """A default as the configuration table writes it: blank for none, true/false, sizes of bytes in MiB or GiB."""
     if value is None or value in ((), ""):
         return ""
     if isinstance(value, bool):
@@ -86,10 +85,10 @@ def test_the_configuration_table_shows_each_declared_default() -> None:
             continue
         expected = shown(variable, value)
         if cell.startswith("(") or (expected == "" and cell):
-            continue  # set by the platform, or nothing declared: the README says in words what is used
+            continue  # set by the platform, or nothing declared: the table says in words what is used
         if cell.replace("`", "") != expected:
             wrong[variable] = (cell, expected)
-    assert wrong == {}, "README default != declared default: " + repr(wrong)
+    assert wrong == {}, "documented default != declared default: " + repr(wrong)
 
 
 def test_the_two_commands_are_first() -> None:
