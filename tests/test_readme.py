@@ -97,3 +97,22 @@ def test_the_two_commands_are_first() -> None:
     first_block = README.split("```bash", 1)[1].split("```", 1)[0]
     assert "make run" in first_block and "make test" in first_block
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def requirement_pins() -> dict[str, str]:
+    """``name==version`` lines of requirements.txt, by lower-case name."""
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        name, sep, version = line.partition("==")
+        if sep and not line.startswith("#"):
+            pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+def test_the_upstream_internals_name_the_pinned_versions() -> None:
+    """Each ``library==version`` docs/architecture.md names beside an upstream internal is the pin in
+    requirements.txt: the list says which release each internal was checked against."""
+    named = re.findall(r"\b([a-z][a-z0-9-]*)==([0-9][0-9a-z.]*[0-9a-z])", (ROOT / "docs" / "architecture.md").read_text())
+    assert len(named) >= 5
+    pins = requirement_pins()
+    assert [(name, version, pins.get(name)) for name, version in named if pins.get(name) != version] == []
