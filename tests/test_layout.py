@@ -153,9 +153,9 @@ def upstream_reliances(path: Path) -> set[str]:
         elif isinstance(node, ast.Assign):
             found.update(ast.unparse(target) for target in node.targets
                          if isinstance(target, ast.Attribute) and _root(target) in outside)
-        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
-            if isinstance(node.value, ast.Name) and node.value.id in outside:
-                found.add(ast.unparse(node))
+        elif (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+              and isinstance(node.value, ast.Name) and node.value.id in outside):
+            found.add(ast.unparse(node))
     return found
 
 
