@@ -1,9 +1,12 @@
-"""The README and docs/ document every input field and every setting, so they cannot drift from the code."""
+"""The README and docs/ held to the code: every input field and setting documented, the pinned versions
+named as pinned, every relative link alive, and the README short enough to be a landing page."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+
+import pytest
 
 from handler.config import defaults, variables
 from handler.schema import schemas
@@ -112,7 +115,70 @@ def requirement_pins() -> dict[str, str]:
 def test_the_upstream_internals_name_the_pinned_versions() -> None:
     """Each ``library==version`` docs/architecture.md names beside an upstream internal is the pin in
     requirements.txt: the list says which release each internal was checked against."""
-    named = re.findall(r"\b([a-z][a-z0-9-]*)==([0-9][0-9a-z.]*[0-9a-z])", (ROOT / "docs" / "architecture.md").read_text())
+    architecture = (ROOT / "docs" / "architecture.md").read_text()
+    named = re.findall(r"\b([a-z][a-z0-9-]*)==([0-9][0-9a-z.]*[0-9a-z])", architecture)
     assert len(named) >= 5
     pins = requirement_pins()
     assert [(name, version, pins.get(name)) for name, version in named if pins.get(name) != version] == []
+
+
+# The README is the landing page; the references live in docs/.
+README_MAX_BYTES = 12 * 1024
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md"]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def test_the_readme_is_a_landing_page() -> None:
+    """README.md stays short enough to read on a screen or two; whatever grows goes to docs/."""
+    size = len((ROOT / "README.md").read_bytes())
+    assert size <= README_MAX_BYTES, f"README.md is {size} bytes; move reference text to docs/"
+
+
+def prose(path: Path) -> list[str]:
+    """The lines of a markdown file outside its fenced code blocks."""
+    lines, fenced = [], False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            lines.append(line)
+    return lines
+
+
+def anchors(path: Path) -> set[str]:
+    """The anchors GitHub gives the headings of a markdown file (``## `x` (y)`` -> ``x-y``)."""
+    found: set[str] = set()
+    for line in prose(path):
+        if line.startswith("#"):
+            slug = re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            found.add(slug if slug not in found else next(f"{slug}-{n}" for n in range(1, 100)
+                                                              if f"{slug}-{n}" not in found))
+    return found
+
+
+def broken_links(path: Path) -> list[str]:
+    """The relative links of ``path`` whose file, or whose heading in a markdown file, does not exist."""
+    broken = []
+    for line in prose(path):
+        for target in LINK.findall(line):
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:: not this repository's
+            file, _, anchor = target.partition("#")
+            resolved = (path.parent / file).resolve() if file else path
+            if not resolved.exists() or (anchor and resolved.suffix == ".md" and anchor not in anchors(resolved)):
+                broken.append(target)
+    return broken
+
+
+@pytest.mark.parametrize("path", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_points_at_a_file_and_heading(path: Path) -> None:
+    """Each relative link in the README, docs/ and bench/README.md reaches an existing file, and its
+    ``#anchor`` a heading of that file, so moving text between them cannot leave a dead link."""
+    assert broken_links(path) == []
+
+
+def test_the_link_check_sees_a_missing_file_and_a_missing_heading(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("# Title\n\n## `x` (y)\n\n[a](page.md#x-y) [b](gone.md) [c](#nowhere) [d](https://e.org)\n"
+                    "```\n[e](gone-too.md)\n```\n")
+    assert broken_links(page) == ["gone.md", "#nowhere"]
