@@ -43,7 +43,7 @@ import torch
 RESULTS = Path(__file__).with_name("RESULTS.md")
 START, END = "<!-- bench-gpu:start -->", "<!-- bench-gpu:end -->"
 TOKENS_PER_WINDOW = 100
-# 400 s in all: the device command's timeout (README) leaves room in a session's 15 device minutes
+# 400 s in all: the device command's timeout (bench/README.md) leaves room in a session's 15 device minutes
 # for the machine's start and a rerun of a part.
 BUDGETS_S = {"preflight": 15, "tests": 75, "whisper": 120, "image": 60, "video": 130}
 TEST_LOG = Path(__file__).with_name("out") / "gpu-tests.log"

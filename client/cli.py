@@ -39,7 +39,7 @@ JOB_FIELDS: tuple[tuple[str, Any], ...] = (
 
 
 def _add_job_fields(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("job options (sent only when given; see the README's transcribe table)")
+    group = parser.add_argument_group("job options (sent only when given; see docs/jobs.md's transcribe table)")
     for name, kind in JOB_FIELDS:
         flag = "--" + name.replace("_", "-")
         if kind is bool:

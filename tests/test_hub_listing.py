@@ -17,7 +17,7 @@ from handler.config import SettingsError, load_settings, variables
 ROOT = Path(__file__).resolve().parents[1]
 HUB = json.loads((ROOT / ".runpod" / "hub.json").read_text())
 TESTS = json.loads((ROOT / ".runpod" / "tests.json").read_text())
-README = (ROOT / "README.md").read_text()
+OPERATIONS = (ROOT / "docs" / "operations.md").read_text()
 ENV_TYPES = {"string": str, "number": (int, float), "boolean": bool, "huggingface": str}
 
 
@@ -100,12 +100,12 @@ def test_base_image_cuda_is_the_torch_builds() -> None:
     assert cuda_of_base_image() == torch_cuda()
 
 
-def test_readme_tells_the_same_cuda_story() -> None:
-    """The README names the torch build and the host CUDA versions it allows, as derived from the Dockerfile."""
-    readme = (ROOT / "README.md").read_text()
+def test_the_operations_guide_tells_the_same_cuda_story() -> None:
+    """docs/operations.md names the torch build and the host CUDA versions it allows, as derived from the
+    Dockerfile."""
     major, minor = torch_cuda()
-    assert f"`TORCH_CUDA=cu{major}{minor}`" in readme
-    assert ", ".join(hosts_for_the_torch_build()) in readme
+    assert f"`TORCH_CUDA=cu{major}{minor}`" in OPERATIONS
+    assert ", ".join(hosts_for_the_torch_build()) in OPERATIONS
 
 
 def test_every_env_entry_is_a_real_setting_with_a_typed_default() -> None:
@@ -156,17 +156,17 @@ def test_numbers_carry_the_workers_limits() -> None:
                     load_settings({key: str(refused)})
 
 
-def readme_disk_table() -> dict[str, float]:
-    """The README's container disk budget: what lies on the disk, in GB, one row each."""
-    table = README.split("| on the container disk | GB |", 1)[1].split("\n\n", 1)[0]
+def documented_disk_table() -> dict[str, float]:
+    """docs/operations.md's container disk budget: what lies on the disk, in GB, one row each."""
+    table = OPERATIONS.split("| on the container disk | GB |", 1)[1].split("\n\n", 1)[0]
     rows = re.findall(r"^\| (.+?) \| ([\d.]+) \|$", table, re.MULTILINE)
     return {what: float(gb) for what, gb in rows}
 
 
 def test_container_disk_fits_the_all_tasks_preset() -> None:
     """containerDiskInGb holds the image and every model the *All tasks* preset downloads at first use, as
-    the README adds them up (its total is the sum of its rows); each default model has its row."""
-    rows = readme_disk_table()
+    docs/operations.md adds them up (its total is the sum of its rows); each default model has its row."""
+    rows = documented_disk_table()
     total = rows.pop("total")
     assert abs(sum(rows.values()) - total) < 0.5, (sum(rows.values()), total)
     assert HUB["config"]["containerDiskInGb"] >= total

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,26 +70,27 @@ def test_every_pending_exception_is_still_needed() -> None:
         assert other in sibling_tasks(HANDLER / "tasks" / f"{task}.py"), (task, other)
 
 
-def _readme_map() -> str:
-    readme = (HANDLER.parent / "README.md").read_text()
-    return readme.split("## Where things are", 1)[1].split("```", 2)[1]
+def _code_map() -> str:
+    """The map in docs/architecture.md's "Where things are"."""
+    architecture = (HANDLER.parent / "docs" / "architecture.md").read_text()
+    return architecture.split("## Where things are", 1)[1].split("```", 2)[1]
 
 
-def test_the_readme_map_names_every_folder_and_module() -> None:
-    """The README's "Where things are" names each folder of handler/ and each module at its top and
-    under pipelines/, so a newcomer's map matches the tree."""
+def test_the_code_map_names_every_folder_and_module() -> None:
+    """docs/architecture.md's "Where things are" names each folder of handler/ and each module at its
+    top and under pipelines/, so a newcomer's map matches the tree."""
     names = {f"{p.name}/" for p in HANDLER.iterdir() if p.is_dir() and not p.name.startswith("__")}
     names |= {f"{p.name}/" for p in (HANDLER / "pipelines").iterdir() if p.is_dir() and not p.name.startswith("__")}
     names |= {p.name for p in [*HANDLER.glob("*.py"), *(HANDLER / "pipelines").glob("*.py")]
               if p.name != "__init__.py"}
-    listed = _readme_map()
+    listed = _code_map()
     assert sorted(name for name in names if f" {name} " not in listed and f" {name}\n" not in listed) == []
 
 
 def _map_entry(folder: str) -> str:
     """The map's entry for ``folder`` (``io``, ``pipelines/whisper``): its line and the description
     lines under it."""
-    lines = _readme_map().splitlines()
+    lines = _code_map().splitlines()
     start = next(i for i, line in enumerate(lines) if line.lstrip().startswith(f"{folder.split('/')[-1]}/ "))
     entry = [lines[start]]
     for line in lines[start + 1 :]:
@@ -105,9 +107,75 @@ SUBFOLDERS = sorted(
 
 
 @pytest.mark.parametrize("folder", SUBFOLDERS)
-def test_the_readme_map_names_every_module_of_a_folder(folder: str) -> None:
+def test_the_code_map_names_every_module_of_a_folder(folder: str) -> None:
     """Inside each folder's entry, each of its modules is named (``result_cache`` as "result cache")."""
     entry = _map_entry(folder).lower()
     modules = [p.stem for p in (HANDLER / folder).glob("*.py") if p.name != "__init__.py"]
     missing = [m for m in modules if not re.search(rf"\b({m}|{m.replace('_', ' ')})\b", entry)]
-    assert not missing, f"the README map's {folder}/ entry does not name {missing}"
+    assert not missing, f"the code map's {folder}/ entry does not name {missing}"
+
+
+# Library classes subclassed as the library means them to be: pydantic's models are how input is declared.
+PUBLIC_BASES = {"BaseModel"}
+
+
+def outside_names(tree: ast.Module) -> set[str]:
+    """The names a module binds to what it imports from outside the project and the standard library."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            module = node.module if isinstance(node, ast.ImportFrom) else None
+            for alias in node.names:
+                top = (module or alias.name).split(".")[0]
+                if top not in ("handler", "builder") and top not in sys.stdlib_module_names:
+                    names.add(alias.asname or alias.name.split(".")[0])
+    return names
+
+
+def _root(node: ast.expr) -> str | None:
+    while isinstance(node, ast.Attribute | ast.Subscript):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def upstream_reliances(path: Path) -> set[str]:
+    """What ``path`` does to outside libraries beyond calling them: each class it derives from one
+    (its own name), each attribute of one it assigns (``Owner.attr``), each private attribute of one
+    it reads (``module._name``)."""
+    tree = ast.parse(path.read_text(), str(path))
+    outside = outside_names(tree)
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            if any(_root(base) in outside and ast.unparse(base).split(".")[-1] not in PUBLIC_BASES
+                   for base in node.bases):
+                found.add(node.name)
+        elif isinstance(node, ast.Assign):
+            found.update(ast.unparse(target) for target in node.targets
+                         if isinstance(target, ast.Attribute) and _root(target) in outside)
+        elif (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+              and isinstance(node.value, ast.Name) and node.value.id in outside):
+            found.add(ast.unparse(node))
+    return found
+
+
+SOURCES = sorted([*HANDLER.rglob("*.py"), *(HANDLER.parent / "builder").rglob("*.py")])
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(HANDLER.parent)))
+def test_every_upstream_internal_relied_on_is_listed(path: Path) -> None:
+    """Each subclass of a library class, each attribute of a library assigned, and each private name
+    of a library read is named in docs/architecture.md's list of upstream internals, so that list is
+    what to check on an upgrade."""
+    listed = (HANDLER.parent / "docs" / "architecture.md").read_text().split(
+        "## Upstream internals the worker relies on", 1)[1]
+    missing = sorted(name for name in upstream_reliances(path) if name not in listed)
+    assert not missing, f"{path.name} relies on {missing}, which docs/architecture.md does not list"
+
+
+def test_the_upstream_check_sees_a_subclass_a_patch_and_a_private_read(tmp_path: Path) -> None:
+    source = tmp_path / "m.py"
+    source.write_text("import whisper\nfrom uvicorn import Server\nfrom pydantic import BaseModel\n"
+                      "class S(Server): ...\nclass M(BaseModel): ...\nwhisper.load_model = None\n"
+                      "x = whisper._MODELS\n")
+    assert upstream_reliances(source) == {"S", "whisper.load_model", "whisper._MODELS"}

@@ -1,23 +1,28 @@
-"""The README documents every input field and every setting, so it cannot drift from the code."""
+"""The README and docs/ held to the code: every input field and setting documented, the pinned versions
+named as pinned, every relative link alive, and the README short enough to be a landing page."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import pytest
+
 from handler.config import defaults, variables
 from handler.schema import schemas
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+JOBS = (ROOT / "docs" / "jobs.md").read_text()
+CONFIGURATION = (ROOT / "docs" / "configuration.md").read_text()
 
 
 def test_every_input_field_is_documented() -> None:
-    """Each property of each task's JSON Schema appears in the README's field tables."""
+    """Each property of each task's JSON Schema appears in docs/jobs.md's field tables."""
     for task, schema in schemas().items():
         for field in schema["properties"]:
             if field != "task":
-                assert f"`{field}`" in README, f"{task}.{field} is not in the README"
+                assert f"`{field}`" in JOBS, f"{task}.{field} is not in docs/jobs.md"
 
 
 # Rows of the configuration table for variables other code reads (the SDK's own log level).
@@ -25,14 +30,13 @@ NOT_SETTINGS = {"RUNPOD_LOG_LEVEL"}
 
 
 def configuration_rows() -> set[str]:
-    """The variables named in the first cell of each row of the README's configuration table."""
-    section = README.split("## Configuration", 1)[1].split("\n## ", 1)[0]
-    cells = (line.split("|")[1] for line in section.splitlines() if line.startswith("| `"))
+    """The variables named in the first cell of each row of docs/configuration.md's table."""
+    cells = (line.split("|")[1] for line in CONFIGURATION.splitlines() if line.startswith("| `"))
     return {name for cell in cells for name in re.findall(r"`([A-Z0-9_]+)`", cell)}
 
 
 def test_the_configuration_table_is_the_settings_declaration() -> None:
-    """The README's configuration table has a row for each variable config.py declares, and no
+    """docs/configuration.md has a row for each variable config.py declares, and no
     other (but for NOT_SETTINGS): checked against the declaration itself, not its source text."""
     declared = set(variables())
     assert len(declared) > 25
@@ -40,16 +44,15 @@ def test_the_configuration_table_is_the_settings_declaration() -> None:
     assert sorted(configuration_rows() - declared - NOT_SETTINGS) == []
 
 
-# Variables whose default the README says in words, not as the value the declaration holds.
+# Variables whose default the configuration table says in words, not as the value the declaration holds.
 IN_WORDS = {"WORK_DIR": "system temp", "ALLOW_MODEL_DOWNLOAD": "`true` (image: `false`)"}
 
 
 def configuration_defaults() -> dict[str, str]:
-    """The default cell of the README's configuration table, by variable (a row of two variables
+    """The default cell of docs/configuration.md's table, by variable (a row of two variables
     with two defaults, ``5, 60``, gives each its own)."""
-    section = README.split("## Configuration", 1)[1].split("\n## ", 1)[0]
     found: dict[str, str] = {}
-    for line in section.splitlines():
+    for line in CONFIGURATION.splitlines():
         if line.startswith("| `"):
             names_cell, default_cell = line.split("|")[1:3]
             names = re.findall(r"`([A-Z0-9_]+)`", names_cell)
@@ -59,7 +62,7 @@ def configuration_defaults() -> dict[str, str]:
 
 
 def shown(variable: str, value: object) -> str:
-    """A default as the README writes it: blank for none, true/false, sizes of bytes in MiB or GiB."""
+    """A default as the configuration table writes it: blank for none, true/false, sizes of bytes in MiB or GiB."""
     if value is None or value in ((), ""):
         return ""
     if isinstance(value, bool):
@@ -86,10 +89,10 @@ def test_the_configuration_table_shows_each_declared_default() -> None:
             continue
         expected = shown(variable, value)
         if cell.startswith("(") or (expected == "" and cell):
-            continue  # set by the platform, or nothing declared: the README says in words what is used
+            continue  # set by the platform, or nothing declared: the table says in words what is used
         if cell.replace("`", "") != expected:
             wrong[variable] = (cell, expected)
-    assert wrong == {}, "README default != declared default: " + repr(wrong)
+    assert wrong == {}, "documented default != declared default: " + repr(wrong)
 
 
 def test_the_two_commands_are_first() -> None:
@@ -97,3 +100,85 @@ def test_the_two_commands_are_first() -> None:
     first_block = README.split("```bash", 1)[1].split("```", 1)[0]
     assert "make run" in first_block and "make test" in first_block
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def requirement_pins() -> dict[str, str]:
+    """``name==version`` lines of requirements.txt, by lower-case name."""
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        name, sep, version = line.partition("==")
+        if sep and not line.startswith("#"):
+            pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+def test_the_upstream_internals_name_the_pinned_versions() -> None:
+    """Each ``library==version`` docs/architecture.md names beside an upstream internal is the pin in
+    requirements.txt: the list says which release each internal was checked against."""
+    architecture = (ROOT / "docs" / "architecture.md").read_text()
+    named = re.findall(r"\b([a-z][a-z0-9-]*)==([0-9][0-9a-z.]*[0-9a-z])", architecture)
+    assert len(named) >= 5
+    pins = requirement_pins()
+    assert [(name, version, pins.get(name)) for name, version in named if pins.get(name) != version] == []
+
+
+# The README is the landing page; the references live in docs/.
+README_MAX_BYTES = 12 * 1024
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md"]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def test_the_readme_is_a_landing_page() -> None:
+    """README.md stays short enough to read on a screen or two; whatever grows goes to docs/."""
+    size = len((ROOT / "README.md").read_bytes())
+    assert size <= README_MAX_BYTES, f"README.md is {size} bytes; move reference text to docs/"
+
+
+def prose(path: Path) -> list[str]:
+    """The lines of a markdown file outside its fenced code blocks."""
+    lines, fenced = [], False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            lines.append(line)
+    return lines
+
+
+def anchors(path: Path) -> set[str]:
+    """The anchors GitHub gives the headings of a markdown file (``## `x` (y)`` -> ``x-y``)."""
+    found: set[str] = set()
+    for line in prose(path):
+        if line.startswith("#"):
+            slug = re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            found.add(slug if slug not in found else next(f"{slug}-{n}" for n in range(1, 100)
+                                                              if f"{slug}-{n}" not in found))
+    return found
+
+
+def broken_links(path: Path) -> list[str]:
+    """The relative links of ``path`` whose file, or whose heading in a markdown file, does not exist."""
+    broken = []
+    for line in prose(path):
+        for target in LINK.findall(line):
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:: not this repository's
+            file, _, anchor = target.partition("#")
+            resolved = (path.parent / file).resolve() if file else path
+            if not resolved.exists() or (anchor and resolved.suffix == ".md" and anchor not in anchors(resolved)):
+                broken.append(target)
+    return broken
+
+
+@pytest.mark.parametrize("path", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_points_at_a_file_and_heading(path: Path) -> None:
+    """Each relative link in the README, docs/ and bench/README.md reaches an existing file, and its
+    ``#anchor`` a heading of that file, so moving text between them cannot leave a dead link."""
+    assert broken_links(path) == []
+
+
+def test_the_link_check_sees_a_missing_file_and_a_missing_heading(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("# Title\n\n## `x` (y)\n\n[a](page.md#x-y) [b](gone.md) [c](#nowhere) [d](https://e.org)\n"
+                    "```\n[e](gone-too.md)\n```\n")
+    assert broken_links(page) == ["gone.md", "#nowhere"]

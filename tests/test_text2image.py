@@ -119,18 +119,18 @@ SDXL_TEST_INPUT = {  # runpod-workers/worker-sdxl's test_input.json, verbatim
     "height": 1024, "width": 1024, "num_inference_steps": 25, "refiner_inference_steps": 50, "guidance_scale": 7.5,
     "strength": 0.3, "high_noise_frac": 0.8, "seed": 42, "scheduler": "K_EULER", "num_images": 1, "image_url": None,
 }
-README_TEXT = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+JOBS_DOC = (Path(__file__).resolve().parents[1] / "docs" / "jobs.md").read_text()
 
 
 def test_worker_sdxl_clients_are_refused_only_on_listed_fields(painter) -> None:
-    """worker-sdxl's own test input is refused only on a field the README lists as unsupported, naming
+    """worker-sdxl's own test input is refused only on a field docs/jobs.md lists as unsupported, naming
     it; without those fields (null is "not given") the same request completes with the same vocabulary
     (at 64x64 and 2 steps: the tiny CPU model would take minutes at 1024x1024)."""
     refused = run_job(painter, job(task="text2image", **SDXL_TEST_INPUT))
     assert refused["error_code"] == "INVALID_INPUT", refused
     assert refused["field"] in ImageInput.unsupported and "not supported by this worker" in refused["error"]
     for name in ImageInput.unsupported:
-        assert f"`{name}`" in README_TEXT
+        assert f"`{name}`" in JOBS_DOC
     supported = {k: (None if k in ImageInput.unsupported else v) for k, v in SDXL_TEST_INPUT.items()}
     done = run_job(painter, job(task="text2image", **{**supported, "width": 64, "height": 64,
                                                       "num_inference_steps": 2}))
