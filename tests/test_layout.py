@@ -132,6 +132,9 @@ def outside_names(tree: ast.Module) -> set[str]:
     return names
 
 
+OURS = ("handler", "builder")
+
+
 def _root(node: ast.expr) -> str | None:
     while isinstance(node, ast.Attribute | ast.Subscript):
         node = node.value
@@ -141,7 +144,7 @@ def _root(node: ast.expr) -> str | None:
 def upstream_reliances(path: Path) -> set[str]:
     """What ``path`` does to outside libraries beyond calling them: each class it derives from one
     (its own name), each attribute of one it assigns (``Owner.attr``), each private attribute of one
-    it reads (``module._name``)."""
+    it reads (``module._name``) or imports (``_name``)."""
     tree = ast.parse(path.read_text(), str(path))
     outside = outside_names(tree)
     found = set()
@@ -156,6 +159,9 @@ def upstream_reliances(path: Path) -> set[str]:
         elif (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
               and isinstance(node.value, ast.Name) and node.value.id in outside):
             found.add(ast.unparse(node))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "handler").split(".")[0] not in OURS:
+            found.update(alias.name for alias in node.names
+                         if alias.name.startswith("_") and not alias.name.startswith("__"))
     return found
 
 
@@ -177,5 +183,5 @@ def test_the_upstream_check_sees_a_subclass_a_patch_and_a_private_read(tmp_path:
     source = tmp_path / "m.py"
     source.write_text("import whisper\nfrom uvicorn import Server\nfrom pydantic import BaseModel\n"
                       "class S(Server): ...\nclass M(BaseModel): ...\nwhisper.load_model = None\n"
-                      "x = whisper._MODELS\n")
-    assert upstream_reliances(source) == {"S", "whisper.load_model", "whisper._MODELS"}
+                      "x = whisper._MODELS\nfrom whisper.audio import _private\n")
+    assert upstream_reliances(source) == {"S", "whisper.load_model", "whisper._MODELS", "_private"}

@@ -5,12 +5,14 @@ cancellation, requests that could never fit refused before any work."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from handler.app import Worker
 from handler.errors import Cancelled, GenerationTimeout, InputTooLarge
@@ -235,3 +237,247 @@ def test_no_room_in_time_is_timeout_and_cancelled_while_waiting_is_cancelled(mak
     memory = worker.runtime.residency
     assert memory.used() == 60 * MB  # b's weights alone: no working memory left counted
     assert worker.runtime.gate.busy == 0
+
+
+# The mixed sequence on real tiny pipelines (random weights, loaded through from_pretrained like
+# production) and real Whisper tiny.en, under a budget that holds any one task but not all.
+
+
+def predicted_places(budget: int, jobs: list[tuple[str, int, int]], gone: str) -> list[dict[str, str]]:
+    """What least-recently-used placement gives after each job: ``jobs`` are (pipeline, its weights,
+    the job's working bytes); ``gone`` is the place an evicted pipeline takes (parked or dropped)."""
+    places: dict[str, str] = {}
+    recent: list[str] = []  # on the device, least recently used first
+    after = []
+    for name, weights, working in jobs:
+        sizes = {job_name: job_weights for job_name, job_weights, _ in jobs}
+        over = sum(sizes[n] for n in recent) + working + (0 if name in recent else weights) - budget
+        for victim in [n for n in recent if n != name]:
+            if over <= 0:
+                break
+            recent.remove(victim)
+            places[victim] = gone
+            over -= sizes[victim]
+        if name in recent:
+            recent.remove(name)
+        recent.append(name)
+        places[name] = "device"
+        after.append(dict(places))
+    return after
+
+
+def frames_of(result: dict, target: Path) -> bytes:
+    from tests.test_text2video import all_frames, save_video
+
+    return all_frames(save_video(result, target))
+
+
+@pytest.mark.slow
+def test_a_mixed_sequence_fits_a_budget_that_holds_one_task_at_a_time(
+    make_fresh_worker, tiny_sd: Path, tiny_wan: Path, tiny_vits: Path, speech_wav: Path, tmp_path: Path,
+) -> None:
+    """Image, video, transcription, speech, image, video (and a last transcription) on a budget that
+    holds any one of them but not all: every job succeeds, the places after each job are the ones
+    least-recently-used placement predicts, and a pipeline brought back from host RAM gives what
+    it gave when freshly loaded (same seed: same pixels, same frames; same transcript)."""
+    from handler.pipelines.diffusion import loading
+    from handler.pipelines.speech.pipeline import working_bytes as speech_working
+    from handler.pipelines.whisper.pipeline import pipeline_working_bytes as whisper_working
+    from tests.conftest import b64, run_job
+
+    models = {"IMAGE_MODEL": str(tiny_sd), "VIDEO_MODEL": str(tiny_wan), "TTS_MODEL": str(tiny_vits)}
+    sizing = make_fresh_worker(**models)
+    image = {"task": "text2image", "prompt": "a lighthouse", "num_inference_steps": 2, "seed": 7,
+             "width": 64, "height": 64}
+    video = {"task": "text2video", "prompt": "a red boat", "resolution": "144p", "fps": 8, "duration_s": 1.0,
+             "num_inference_steps": 2, "seed": 4}
+    listen = {"audio_base64": b64(speech_wav)}
+    speak = {"task": "speech", "text": "Hello there.", "seed": 3}
+    jobs = [("text2image", image), ("text2video", video), ("transcribe", listen), ("speech", speak),
+            ("text2image", image), ("text2video", video), ("transcribe", listen)]
+    for _, inputs in jobs[:4]:  # load each once to learn what it weighs
+        assert "error" not in run_job(sizing, {"id": "size", "input": inputs})
+    pools = {key.task: loaded.pipeline for key, loaded in sizing.runtime.registry.loaded().items()}
+    video_frames = 9  # 1 s at 8 fps: one segment of 9 frames (a Wan clip is 4k+1 frames)
+    working = {
+        "text2image": loading.image_working_bytes(64, 64, 1),
+        "text2video": loading.video_working_bytes(256, 144, video_frames),
+        "transcribe": whisper_working(pools["transcribe"].first, batch=1, beams=5),
+        "speech": speech_working(["Hello there."]),
+    }
+    needs = {task: pools[task].weights + working[task] for task in working}
+    budget = max(needs.values()) + pools["text2image"].weights // 2
+    assert budget < sum(pool.weights for pool in pools.values()) + max(working.values())
+
+    worker = make_fresh_worker(GPU_MEMORY_BUDGET_MB=str(-(-budget // MB)), **models)
+    budget = worker.runtime.residency.budget
+    assert budget is not None
+    expected = predicted_places(budget, [(task, pools[task].weights, working[task]) for task, _ in jobs], "parked")
+    results = []
+    for (task, inputs), places in zip(jobs, expected, strict=True):
+        result = run_job(worker, {"id": task, "input": inputs})
+        assert "error" not in result, result
+        results.append(result)
+        assert {t: place for (t, _), place in worker.runtime.residency.places().items()} == places, task
+    assert "parked" in {place for after in expected for place in after.values()}
+    assert results[4]["files"][0]["base64"] == results[0]["files"][0]["base64"]
+    assert frames_of(results[5], tmp_path / "b.mp4") == frames_of(results[1], tmp_path / "a.mp4")
+    assert results[6]["transcription"] == results[2]["transcription"] and results[2]["transcription"].strip()
+
+
+def test_the_video_text_encoder_is_offloaded_where_the_budget_needs_it(
+    make_fresh_worker, tiny_wan: Path, tmp_path: Path
+) -> None:
+    """With VIDEO_TEXT_ENCODER_OFFLOAD the text encoder stays in host RAM under diffusers' offload
+    hooks (counted as visiting, not as placed) and the video is frame for frame the one made without;
+    `auto` offloads only where the pipeline's weights are over half the budget."""
+    from handler.pipelines.diffusion import loading, speedups
+    from tests.conftest import run_job
+
+    video = {"task": "text2video", "prompt": "a red boat", "resolution": "144p", "fps": 8, "duration_s": 1.0,
+             "num_inference_steps": 2, "seed": 4}
+    frames = {}
+    for offload in ("true", "false"):
+        worker = make_fresh_worker(VIDEO_MODEL=str(tiny_wan), VIDEO_TEXT_ENCODER_OFFLOAD=offload)
+        result = run_job(worker, {"id": offload, "input": video})
+        assert "error" not in result, result
+        frames[offload] = frames_of(result, tmp_path / f"{offload}.mp4")
+        (pool,) = [loaded.pipeline for loaded in worker.runtime.registry.loaded().values()]
+        encoder = pool.first.text_encoder
+        assert speedups.is_offloaded(encoder) == (offload == "true")
+        whole = sum(loading.module_bytes(m) for m in loading.modules(pool.first).values())
+        if offload == "true":
+            assert pool.weights == whole - loading.module_bytes(encoder)
+            assert 0 < pool.placement.transient < loading.module_bytes(encoder)
+        else:
+            assert pool.weights == whole and pool.placement.transient == 0
+    assert frames["true"] == frames["false"]
+
+    runtime = make_fresh_worker(VIDEO_MODEL=str(tiny_wan)).runtime
+    pipeline = pool.first  # the tiny pipeline weighs about 0.26 MB
+    decisions = [loading.offload_text_encoder(dataclasses.replace(runtime, residency=Residency(
+        device="cpu", budget=budget)), pipeline) for budget in (400_000, 1_000_000, None)]
+    assert decisions == [True, False, False]
+
+
+# The defaults' real footprints (their published architectures on the meta device).
+
+GB = 10**9
+GIB = 2**30
+RESERVE = 2 * GIB
+DEFAULT_REQUESTS = {"transcribe": "batch 8, beam 5", "text2image": "one 1024x1024 image",
+                    "text2video": "81 frames of 832x480", "speech": "a sentence"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DefaultNeed:
+    """One task's default pipeline on a GPU: placed weights, what visits while it runs, working memory."""
+
+    task: str
+    label: str
+    placed: int
+    visiting: int
+    working: int
+
+    @property
+    def alone(self) -> int:
+        return self.placed + self.visiting + self.working
+
+
+@pytest.fixture(scope="module")
+def default_needs() -> dict[str, DefaultNeed]:
+    """Each task's default pipeline, its weights measured on its published architecture."""
+    from whisper.model import ModelDimensions
+
+    from handler.pipelines.diffusion import loading
+    from handler.pipelines.speech.pipeline import working_bytes as speech_working
+    from handler.pipelines.whisper.pipeline import working_bytes as whisper_working
+    from tests.default_models import COMPONENTS, _umt5_xxl, largest_leaf_bytes
+
+    weights = {component.name: component.bytes() for component in COMPONENTS}
+    turbo = ModelDimensions(n_mels=128, n_audio_ctx=1500, n_audio_state=1280, n_audio_head=20, n_audio_layer=32,
+                            n_vocab=51866, n_text_ctx=448, n_text_state=1280, n_text_head=20, n_text_layer=4)
+    video = weights["Wan2.1 1.3B transformer"] + weights["Wan VAE"]
+    video_working = loading.video_working_bytes(832, 480, 81)
+    return {
+        "transcribe": DefaultNeed("transcribe", "Whisper turbo (fp32 weights, fp16 compute)", weights["Whisper turbo"],
+                                  0, whisper_working(turbo, fp16=True, batch=8, beams=5)),
+        "text2image": DefaultNeed("text2image", "SDXL base (bf16)",
+                                  sum(weights[n] for n in ("SDXL UNet", "SDXL text encoders", "SDXL VAE")), 0,
+                                  loading.image_working_bytes(1024, 1024, 1)),
+        "text2video": DefaultNeed("text2video", "Wan2.1 T2V 1.3B (bf16, VAE fp32)",
+                                  video + weights["UMT5-XXL text encoder"], 0, video_working),
+        "text2video-offloaded": DefaultNeed("text2video", "the same, its text encoder offloaded", video,
+                                            2 * largest_leaf_bytes(_umt5_xxl, torch.bfloat16), video_working),
+        "speech": DefaultNeed("speech", "MMS-TTS (fp32)", weights["MMS-TTS"], 0, speech_working(["a sentence"])),
+    }
+
+
+def _gb(value: int) -> str:
+    return f"{value / GB:.1f} GB"
+
+
+def _table_rows(needs: dict[str, DefaultNeed]) -> list[str]:
+    rows = []
+    for need in needs.values():
+        on_gpu = _gb(need.placed) + (f" + {_gb(need.visiting)} visiting" if need.visiting else "")
+        request = DEFAULT_REQUESTS[need.task]
+        rows.append(f"| `{need.task}`: {need.label} | {on_gpu} | {_gb(need.working)} ({request}) | {_gb(need.alone)} |")
+    return rows
+
+
+def _size_rows(needs: dict[str, DefaultNeed]) -> list[str]:
+    rows = []
+    whole_video = needs["text2video"].placed
+    for size in (16, 24, 48, 80):
+        budget = size * GIB - RESERVE
+        offloaded = whole_video > budget // 2  # VIDEO_TEXT_ENCODER_OFFLOAD=auto
+        tasks = [needs[t] for t in ("transcribe", "text2image",
+                                    "text2video-offloaded" if offloaded else "text2video", "speech")]
+        placed = sum(need.placed for need in tasks)
+        resident = placed + max(need.visiting + need.working for need in tasks) <= budget
+        fits_alone = all(need.alone <= budget for need in tasks)
+        holds = ("all stay resident" if resident else
+                 "each task alone; with several, idle ones are parked in host RAM" if fits_alone else "not every task")
+        rows.append(f"| {size} GB | {budget / GIB:.0f} GiB | {'offloaded' if offloaded else 'on the GPU'} | "
+                    f"{holds} ({_gb(placed)} of weights) |")
+    return rows
+
+
+@pytest.mark.slow
+def test_the_memory_table_is_the_defaults_published_architectures(default_needs: dict[str, DefaultNeed]) -> None:
+    """docs/operations.md's table of what each task needs at its defaults, and of which GPU sizes hold
+    what, is computed here from the default models' architectures: it cannot drift from them."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    expected = _table_rows(default_needs) + _size_rows(default_needs)
+    missing = [row for row in expected if row not in text]
+    assert not missing, "docs/operations.md should have these rows:\n" + "\n".join(missing)
+    assert default_needs["text2video"].placed == pytest.approx(14.7 * GB, rel=0.01)  # the issue's count
+    assert default_needs["text2image"].placed == pytest.approx(6.9 * GB, rel=0.01)
+
+
+@pytest.mark.parametrize("offload", ["auto", "false"])
+def test_the_mixed_sequence_at_real_footprints_never_plans_past_a_24_gb_budget(
+    default_needs: dict[str, DefaultNeed], offload: str
+) -> None:
+    """The policy with the defaults' real footprints on a 24 GB GPU (22 GiB budget): the mixed
+    sequence succeeds and what is counted on the device never passes the budget; with the video
+    text encoder kept on the GPU the four do not fit at once, so pipelines are parked."""
+    budget = 24 * GIB - RESERVE
+    video = "text2video-offloaded" if offload == "auto" else "text2video"
+    memory = Residency(device="cuda", budget=budget, host_reserve=0, host_room=lambda: 10**12)
+    pools = {}
+    for task in ("transcribe", "text2image", video, "speech"):
+        need = default_needs[task]
+        made = InstancePool([Weights()], Placement(weights=need.placed, transient=need.visiting, move=move_whole))
+        made.key = PipelineKey(task, task, "cuda", "bfloat16")
+        pools[need.task] = made
+    peak = 0
+    for task in ("text2image", "text2video", "transcribe", "speech", "text2image", "text2video"):
+        with memory.hold(pools[task], working=default_needs[video if task == "text2video" else task].working,
+                         timeout=1):
+            peak = max(peak, memory.used())
+            assert memory.used() <= budget
+    parked = memory.moves.counts.get(("text2image", "park"), 0) + memory.moves.counts.get(("text2video", "park"), 0)
+    assert (parked > 0) == (offload == "false")
+    assert peak <= budget

@@ -193,7 +193,7 @@ async def _captions(ctx: JobContext, audio: np.ndarray) -> Path:
         pipelines = await ctx.load(lambda: whisper_pipeline.get_pipelines(ctx.runtime, ctx.settings.whisper_model))
         words = await ctx.on_model(pipelines, lambda pipeline: word_timings(pipeline, audio, ctx.cancel),
                                    stage="captions_run",
-                                   working=whisper_pipeline.working_bytes(pipelines.first, batch=1, beams=5))
+                                   working=whisper_pipeline.pipeline_working_bytes(pipelines.first, batch=1, beams=5))
         path = ctx.workdir / "captions.srt"
         write_srt(cues_from_words(words), path)
     return path

@@ -41,7 +41,7 @@ from handler.job import JobContext
 from handler.limits import served_model
 from handler.pipelines.weights import file_identity, whisper_identity
 from handler.pipelines.whisper import decoding, vad
-from handler.pipelines.whisper.pipeline import WhisperPipeline, get_pipelines, working_bytes
+from handler.pipelines.whisper.pipeline import WhisperPipeline, get_pipelines, pipeline_working_bytes
 from handler.pipelines.whisper.transcript import is_silent, plain, temperatures, words
 from handler.runtime.batcher import Batcher
 from handler.runtime.cancel import CancelToken
@@ -156,7 +156,7 @@ def preload(runtime: Runtime) -> None:
     timeout = runtime.settings.generation_acquire_timeout
     # Placed on the device (one more resident, parked when idle and needed elsewhere), and borrowed:
     # on CUDA the warm-up decodes, and a job taken meanwhile may be using the first copy.
-    working = working_bytes(pipelines.first, batch=1, beams=1)
+    working = pipeline_working_bytes(pipelines.first, batch=1, beams=1)
     with runtime.residency.hold(pipelines, working=working, timeout=timeout), pipelines.borrow(timeout) as pipeline:
         pipeline.warm_up()
     if runtime.settings.result_cache and runtime.settings.bucket is not None:  # hash the weights now, not in a job
@@ -277,7 +277,8 @@ def _batcher(runtime: Runtime, model: WhisperPipeline) -> Batcher[_Item, Segment
         for item in items:
             item.progress.started()
         pool, settings = items[0].pipelines, items[0].settings
-        working = working_bytes(pool.first, batch=len(items), beams=int(dict(settings.decoding).get("beam_size", 1)))
+        beams = int(dict(settings.decoding).get("beam_size", 1))
+        working = pipeline_working_bytes(pool.first, batch=len(items), beams=beams)
         with runtime.residency.hold(pool, working=working, timeout=timeout), pool.borrow(timeout) as pipeline:
             found = pipeline.decode_windows([item.window for item in items], settings)
         for item, segments in zip(items, found, strict=True):
@@ -306,7 +307,7 @@ async def recognise(
             raise ValueError("language_mel: needed to detect the language")
         mel = language_mel
         settings = await ctx.on_model(pipelines, lambda p: p.with_language(settings, mel), stage="language",
-                                      working=working_bytes(pipelines.first, batch=1, beams=1))
+                                      working=pipeline_working_bytes(pipelines.first, batch=1, beams=1))
     progress = ChunkProgress(Progress(ctx.job, enabled=ctx.settings.post_progress), len(windows), label,
                              on_segments)
     sections = decoding.Sections(windows, width=batch_size, settings=settings,
@@ -350,7 +351,7 @@ async def _recognise_job(
         empty: dict[str, Any] = {"text": "", "segments": [], "language": params.language}
         return empty, (empty if params.translate else None)
     if _batch_size(ctx.settings, params) == 1 and not params.enable_vad:
-        working = working_bytes(pipelines.first, batch=1, beams=params.beam_size)
+        working = pipeline_working_bytes(pipelines.first, batch=1, beams=params.beam_size)
         return await ctx.on_model(pipelines, lambda pipeline: _recognise(pipeline, audio, params, ctx.cancel),
                                   working=working)
     model = pipelines.first.model

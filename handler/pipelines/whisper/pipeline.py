@@ -186,13 +186,17 @@ def get_pipelines(runtime: Runtime, model: str) -> InstancePool[WhisperPipeline]
     )
 
 
-def working_bytes(pipeline: WhisperPipeline, *, batch: int, beams: int) -> int:
+def pipeline_working_bytes(pipeline: WhisperPipeline, *, batch: int, beams: int) -> int:
+    """:func:`working_bytes` of a loaded model."""
+    return working_bytes(pipeline.model.dims, fp16=pipeline.fp16, batch=batch, beams=beams)
+
+
+def working_bytes(dims: ModelDimensions, *, fp16: bool, batch: int, beams: int) -> int:
     """GPU memory a decode of ``batch`` windows with ``beams`` beams each takes beyond the weights:
     the encoder's activations per window and the decoder's key/value caches per beam (self-attention
     over its 448 text positions, cross-attention over the 1500 audio frames), in the activations' dtype,
     with room for the layer a step runs. An estimate: bench/README's GPU run-book measures it."""
-    dims = pipeline.model.dims
-    size = 2 if pipeline.fp16 else 4
+    size = 2 if fp16 else 4
     encoder = dims.n_audio_ctx * dims.n_audio_state * size * 8
     caches = 2 * dims.n_text_layer * (dims.n_text_ctx + dims.n_audio_ctx) * dims.n_text_state * size
     return int(batch * (encoder + max(1, beams) * caches))
