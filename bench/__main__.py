@@ -16,6 +16,7 @@ from bench import (
     coldstart,
     loop,
     overhead,
+    residency,
     scaleout,
     serve,
     shared,
@@ -54,6 +55,8 @@ def main(names: list[str]) -> None:
             rows.extend(accuracy.measure())
         elif name == "batched_handler":
             rows.extend(batched.measure_handler())
+        elif name == "residency":
+            rows.extend(residency.measure())
         elif name == "coldstart":
             rows.extend(coldstart.measure())
         elif name == "first_job":

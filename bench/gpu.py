@@ -17,6 +17,9 @@ part that runs out keeps what it measured and says where it stopped):
 - video: a Wan2.1-1.3B-shaped transformer at 480p (832x480), 81 frames, bf16: seconds per step
   (two passes: guidance), extrapolated to 30 steps; with First Block Cache and regional compilation
   as far as the budget allows; the Wan VAE decode in fp32.
+- memory: the mixed sequence of tasks at the defaults' real shapes under a 24 GB GPU's budget
+  (handler.runtime.residency), each job's working memory allocated for real: no GPU_OOM, and the
+  time to park each pipeline in host RAM and bring it back.
 
 Random weights at real shapes are built on the device (nothing to download). Results go, as a
 table, into bench/RESULTS.md's GPU section (``--out`` elsewhere), rewritten after every row, so a
@@ -43,11 +46,11 @@ import torch
 RESULTS = Path(__file__).with_name("RESULTS.md")
 START, END = "<!-- bench-gpu:start -->", "<!-- bench-gpu:end -->"
 TOKENS_PER_WINDOW = 100
-# 400 s in all: the device command's timeout (bench/README.md) leaves room in a session's 15 device minutes
+# 450 s in all: the device command's timeout (bench/README.md) leaves room in a session's 15 device minutes
 # for the machine's start and a rerun of a part.
-BUDGETS_S = {"preflight": 15, "tests": 75, "whisper": 120, "image": 60, "video": 130}
+BUDGETS_S = {"preflight": 15, "tests": 75, "whisper": 110, "image": 60, "video": 120, "memory": 70}
 TEST_LOG = Path(__file__).with_name("out") / "gpu-tests.log"
-DRY_BUDGETS_S = {"preflight": 30, "tests": 45, "whisper": 30, "image": 10, "video": 15}
+DRY_BUDGETS_S = {"preflight": 30, "tests": 45, "whisper": 30, "image": 10, "video": 15, "memory": 10}
 
 
 class OutOfTime(Exception):
@@ -393,10 +396,88 @@ def video_bench(part: Part) -> None:
     part.add(f"Wan VAE decode (fp32, tiled), {frames} frames", f"{decode:.2f} s")
 
 
+# --- GPU memory -------------------------------------------------------------------------------
+
+class _Pipeline:
+    """A pipeline's weights as one module, moved whole like the worker moves a pipeline."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.moves: list[tuple[str, float]] = []
+
+    def to(self, target: str) -> None:
+        started = time.perf_counter()
+        self.module.to(target)
+        sync()
+        self.moves.append((target, time.perf_counter() - started))
+
+
+def _default_pipelines(dry: bool) -> dict[str, tuple[torch.nn.Module, int]]:
+    """Each task's default pipeline at its real shapes (uninitialised weights in host RAM), and its
+    working memory at the default request; tiny stand-ins in a dry run."""
+    from handler.pipelines.diffusion import loading
+    from tests.default_models import COMPONENTS
+
+    if dry:
+        return {task: (torch.nn.Linear(64, 64 * (index + 1)), 2**16)
+                for index, task in enumerate(("transcribe", "text2image", "text2video", "speech"))}
+    working = {"transcribe": 2 * 10**9, "text2image": loading.image_working_bytes(1024, 1024, 1),
+               "text2video": loading.video_working_bytes(832, 480, 81), "speech": 2**28}
+    built: dict[str, list[torch.nn.Module]] = {}
+    for component in COMPONENTS:
+        if component.name == "UMT5-XXL text encoder":
+            continue  # offloaded at a 24 GB budget (VIDEO_TEXT_ENCODER_OFFLOAD=auto): it visits, it is not placed
+        with torch.device("meta"):
+            module = component.build()
+        built.setdefault(component.task, []).append(module.to_empty(device="cpu").to(component.dtype))
+    return {task: (torch.nn.ModuleList(modules), working[task]) for task, modules in built.items()}
+
+
+def memory_bench(part: Part) -> None:
+    """The mixed sequence (image, video, transcription, speech, image, video) at the defaults' real
+    shapes under a 24 GB GPU's budget: each job's working memory really allocated while it holds its
+    pipeline; no GPU_OOM, what is counted stays within the budget; park and restore times."""
+    from handler.runtime.instances import InstancePool, Placement, move_whole
+    from handler.runtime.memory import module_bytes
+    from handler.runtime.registry import PipelineKey
+    from handler.runtime.residency import Residency
+
+    dry, dev = dry_run(), device()
+    budget = 2**20 if dry else 22 * 2**30
+    if dev == "cuda":
+        budget = min(budget, torch.cuda.get_device_properties(0).total_memory - 2 * 2**30)
+    memory = Residency(device=dev, budget=budget, host_reserve=0)
+    pools = {}
+    for task, (module, working) in _default_pipelines(dry).items():
+        pool = InstancePool([_Pipeline(module)], Placement(weights=module_bytes(module), move=move_whole))
+        pool.key = PipelineKey(task, task, dev, "bfloat16")
+        pools[task] = (pool, working)
+        part.check()
+    peak = 0
+    for task in ("text2image", "text2video", "transcribe", "speech", "text2image", "text2video"):
+        pool, working = pools[task]
+        with memory.hold(pool, working=working, timeout=60):
+            activations = torch.empty(working, dtype=torch.uint8, device=dev)
+            sync()
+            peak = max(peak, memory.used())
+            del activations
+        part.check()
+    part.add("mixed sequence, 24 GB budget", f"{peak / 2**30:.1f} GiB counted at most",
+             f"budget {budget / 2**30:.1f} GiB; no GPU_OOM")
+    for task, (pool, _) in pools.items():
+        moves = pool.first.moves
+        to_device = [s for target, s in moves if target == dev]
+        parked = [s for target, s in moves if target == "cpu"]
+        part.add(f"{task}: {pool.weights / 2**30:.2f} GiB of weights",
+                 f"to device {np.median(to_device):.2f} s" if to_device else "never placed",
+                 f"park {np.median(parked):.2f} s" if parked else "never parked")
+
+
 # --- the table --------------------------------------------------------------------------------
 
 PARTS: dict[str, Callable[[Part], None]] = {
     "preflight": preflight, "tests": gpu_tests, "whisper": whisper_bench, "image": image_bench, "video": video_bench,
+    "memory": memory_bench,
 }
 
 

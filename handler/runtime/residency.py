@@ -221,6 +221,13 @@ class Residency:
         log.info(f"residency.{direction}", task=resident.key.task, model=resident.key.model,
                  bytes=resident.weights, ms=round((time.perf_counter() - started) * 1000, 1), reason=reason)
 
+    def evict_idle(self, *, reason: str) -> None:
+        """Move every idle pipeline off the device (parked, or dropped when host RAM is short)."""
+        with self._residents_lock:
+            for resident in [r for r in self._residents.values() if r.place == "device" and r.holders == 0]:
+                if resident.pool.placement.move is not None:
+                    self._evict(resident, reason=reason)
+
     # What `system` and /metrics show.
 
     def snapshot(self) -> list[tuple[Any, dict[str, Any]]]:
