@@ -481,3 +481,47 @@ def test_the_mixed_sequence_at_real_footprints_never_plans_past_a_24_gb_budget(
     parked = memory.moves.counts.get(("text2image", "park"), 0) + memory.moves.counts.get(("text2video", "park"), 0)
     assert (parked > 0) == (offload == "false")
     assert peak <= budget
+
+
+def test_places_are_visible_in_system_and_metrics(make_budget_worker) -> None:
+    """`system` shows each pipeline's place, bytes and use, and the budget; /metrics has
+    worker_pipeline_bytes by place and worker_pipeline_moves_total by direction."""
+    from handler.http.metrics import Metrics
+
+    worker = make_budget_worker()
+
+    async def scenario() -> dict:
+        for model in ("a", "b"):
+            assert "error" not in await worker.handle(fixture_job(model=model, weights_mb=60))
+        return await worker.handle({"id": "s", "input": {"task": "system"}})
+
+    snapshot = asyncio.run(scenario())
+    places = {p["model"]: (p["place"], p["memory_mb"], p["in_use"]) for p in snapshot["pipelines"]}
+    assert places == {"a": ("parked", 60.0, 0), "b": ("device", 60.0, 0)}
+    assert snapshot["memory"]["gpu_budget"] == {"budget_mb": 100.0, "used_mb": 60.0, "device": "cpu"}
+    text = Metrics(worker.runtime).text().decode()
+    assert 'worker_pipeline_bytes{model="a",place="parked",task="fixture"} 6.291456e+07' in text
+    assert 'worker_pipeline_moves_total{direction="park",task="fixture"} 1.0' in text
+
+
+def test_every_copy_moves_and_counts_and_self_placing_pipelines_stay(make_budget_worker, tiny_wan: Path) -> None:
+    """With MODEL_INSTANCES=2 a pool weighs both copies and both move; a pipeline its own offload hooks
+    place (VIDEO_GROUP_OFFLOAD) is never moved, its largest component counted while it runs."""
+    from handler.pipelines.diffusion import loading
+
+    worker = make_budget_worker(MODEL_INSTANCES="2")
+
+    async def scenario() -> None:
+        for model in ("a", "b"):
+            assert "error" not in await worker.handle(fixture_job(model=model, weights_mb=25))
+
+    asyncio.run(scenario())
+    (pool_a,) = [p.pipeline for k, p in worker.runtime.registry.loaded().items() if k.model == "a"]
+    assert pool_a.weights == 50 * MB and worker.runtime.residency.used() == 100 * MB
+    assert all(len([e for e in copy.events if e[0] == "move"]) == 1 for copy in pool_a.instances)
+
+    video = make_budget_worker(VIDEO_GROUP_OFFLOAD="leaf", VIDEO_MODEL=str(tiny_wan)).runtime
+    pool = loading.pipelines(video, "text2video", str(tiny_wan), video=True)
+    assert pool.placement.move is None and pool.running_bytes == pool.placement.transient > 0
+    video.residency.place(pool, timeout=1)
+    assert video.residency.places() == {("text2video", str(tiny_wan)): "device"}
