@@ -27,7 +27,7 @@ def test_dry_run_writes_a_table_in_under_two_minutes(tmp_path: Path) -> None:
     assert text.startswith("# Results\n\nkept\n") and text.rstrip().endswith("after") and "\nold\n" not in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith(("| part", "| ---"))]
     parts = {row.split(" | ")[0].removeprefix("| ") for row in rows}
-    assert parts == {"preflight", "tests", "whisper", "image", "video"}, rows
+    assert parts == {"preflight", "tests", "whisper", "image", "video", "memory"}, rows
     assert not [row for row in rows if "| failed |" in row], rows
     assert any("RTF" in row for row in rows) and any("step (2 passes)" in row for row in rows)
     assert any(row.startswith("| tests | ") and "SKIPPED" in row for row in rows), rows  # a row per outcome
