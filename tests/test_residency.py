@@ -274,30 +274,34 @@ def frames_of(result: dict, target: Path) -> bytes:
 
 @pytest.mark.slow
 def test_a_mixed_sequence_fits_a_budget_that_holds_one_task_at_a_time(
-    make_fresh_worker, tiny_sd: Path, tiny_wan: Path, tiny_vits: Path, speech_wav: Path, tmp_path: Path,
+    make_settings, tiny_sd: Path, tiny_wan: Path, tiny_vits: Path, tmp_path: Path,
 ) -> None:
     """Image, video, transcription, speech, image, video (and a last transcription) on a budget that
     holds any one of them but not all: every job succeeds, the places after each job are the ones
     least-recently-used placement predicts, and a pipeline brought back from host RAM gives what
     it gave when freshly loaded (same seed: same pixels, same frames; same transcript)."""
     from handler.pipelines.diffusion import loading
+    from handler.pipelines.speech.pipeline import get_pipelines as speech_pipelines
     from handler.pipelines.speech.pipeline import working_bytes as speech_working
+    from handler.pipelines.whisper.pipeline import get_pipelines as whisper_pipelines
     from handler.pipelines.whisper.pipeline import pipeline_working_bytes as whisper_working
+    from tests import media
     from tests.conftest import b64, run_job
 
     models = {"IMAGE_MODEL": str(tiny_sd), "VIDEO_MODEL": str(tiny_wan), "TTS_MODEL": str(tiny_vits)}
-    sizing = make_fresh_worker(**models)
+    registry = Registry(load_wait_timeout=120)
+    loader = Worker(make_settings(**models), registry=registry).runtime  # loads each once, to learn its weight
+    pools = {"text2image": loading.pipelines(loader, "text2image", str(tiny_sd)),
+             "text2video": loading.pipelines(loader, "text2video", str(tiny_wan), video=True),
+             "transcribe": whisper_pipelines(loader, "tiny.en"), "speech": speech_pipelines(loader, str(tiny_vits))}
     image = {"task": "text2image", "prompt": "a lighthouse", "num_inference_steps": 2, "seed": 7,
              "width": 64, "height": 64}
     video = {"task": "text2video", "prompt": "a red boat", "resolution": "144p", "fps": 8, "duration_s": 1.0,
              "num_inference_steps": 2, "seed": 4}
-    listen = {"audio_base64": b64(speech_wav)}
+    listen = {"audio_base64": b64(media.speak("Hello world, this is a test.", tmp_path / "hello.wav"))}
     speak = {"task": "speech", "text": "Hello there.", "seed": 3}
     jobs = [("text2image", image), ("text2video", video), ("transcribe", listen), ("speech", speak),
             ("text2image", image), ("text2video", video), ("transcribe", listen)]
-    for _, inputs in jobs[:4]:  # load each once to learn what it weighs
-        assert "error" not in run_job(sizing, {"id": "size", "input": inputs})
-    pools = {key.task: loaded.pipeline for key, loaded in sizing.runtime.registry.loaded().items()}
     video_frames = 9  # 1 s at 8 fps: one segment of 9 frames (a Wan clip is 4k+1 frames)
     working = {
         "text2image": loading.image_working_bytes(64, 64, 1),
@@ -309,7 +313,8 @@ def test_a_mixed_sequence_fits_a_budget_that_holds_one_task_at_a_time(
     budget = max(needs.values()) + pools["text2image"].weights // 2
     assert budget < sum(pool.weights for pool in pools.values()) + max(working.values())
 
-    worker = make_fresh_worker(GPU_MEMORY_BUDGET_MB=str(-(-budget // MB)), **models)
+    # A worker whose residency has seen none of them: the loaded pools come in from host RAM.
+    worker = Worker(make_settings(GPU_MEMORY_BUDGET_MB=str(-(-budget // MB)), **models), registry=registry)
     budget = worker.runtime.residency.budget
     assert budget is not None
     expected = predicted_places(budget, [(task, pools[task].weights, working[task]) for task, _ in jobs], "parked")
