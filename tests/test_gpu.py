@@ -143,3 +143,31 @@ def test_batched_fp16_decoding_aligns_words_on_an_fp16_mel() -> None:
     assert words
     assert len(seen) >= 2 and set(seen) == {torch.float16}, seen  # decoding, then each alignment
     assert all(0 <= w["start"] <= w["end"] <= 20 and np.isfinite([w["start"], w["end"]]).all() for w in words)
+
+
+def test_parked_pipelines_free_the_gpu_and_come_back_intact() -> None:
+    """Three 600 MiB pipelines on a 1.5 GiB budget, used in turn: what torch has allocated on the GPU
+    never passes the budget, the least recently used one is parked in host RAM each time, and a
+    parked one comes back with its weights unchanged."""
+    from handler.runtime.instances import InstancePool, Placement, move_whole
+    from handler.runtime.memory import module_bytes
+    from handler.runtime.registry import PipelineKey
+    from handler.runtime.residency import Residency
+
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    memory = Residency(device="cuda", budget=1536 * 2**20)
+    pools = []
+    for name in "abc":
+        module = torch.nn.Linear(8192, 19200, bias=False)  # 600 MiB of fp32
+        pool = InstancePool([module], Placement(weights=module_bytes(module), move=move_whole))
+        pool.key = PipelineKey(name, name, "cuda", "float32")
+        pools.append(pool)
+    sample = pools[0].first.weight[:4, :64].clone()
+    for pool in pools * 2:
+        with memory.hold(pool, timeout=5):
+            assert pool.first.weight.device.type == "cuda"
+            assert torch.cuda.memory_allocated() - base <= memory.budget
+    assert sorted(memory.places().values()) == ["device", "device", "parked"]
+    with memory.hold(pools[0], timeout=5):
+        assert torch.equal(pools[0].first.weight[:4, :64].cpu(), sample)

@@ -530,3 +530,20 @@ def test_every_copy_moves_and_counts_and_self_placing_pipelines_stay(make_budget
     assert pool.placement.move is None and pool.running_bytes == pool.placement.transient > 0
     video.residency.place(pool, timeout=1)
     assert video.residency.places() == {("text2video", str(tiny_wan)): "device"}
+
+
+def test_a_request_too_large_for_the_budget_is_refused_before_any_load(
+    make_fresh_worker, tiny_sd: Path, tiny_wan: Path
+) -> None:
+    """A video or a batch of images whose working memory alone passes the budget is INPUT_TOO_LARGE,
+    naming the field, before the model loads (nothing in the registry afterwards)."""
+    from tests.conftest import run_job
+
+    worker = make_fresh_worker(GPU_MEMORY_BUDGET_MB="20", IMAGE_MODEL=str(tiny_sd), VIDEO_MODEL=str(tiny_wan))
+    video = run_job(worker, {"id": "v", "input": {"task": "text2video", "prompt": "a boat", "resolution": "480p"}})
+    assert video["error_code"] == "INPUT_TOO_LARGE" and video["field"] == "resolution", video
+    assert "budget" in video["error"] and "MiB" in video["error"]
+    images = run_job(worker, {"id": "i", "input": {"task": "text2image", "prompt": "a boat", "width": 512,
+                                                   "height": 512, "num_images": 4}})
+    assert images["error_code"] == "INPUT_TOO_LARGE" and images["field"] == "num_images", images
+    assert worker.runtime.registry.loaded() == {}
