@@ -90,12 +90,12 @@ NOT_SHAPING_RESULTS = frozenset({
     # device it resolved to is in the key.
     "model_dir", "allow_model_download", "runpod_hf_cache", "whisper_models", "device", "preload", "bake_models",
     "task_modules",
-    # How jobs share the worker: batches give each job the result it gets alone; offloading
-    # moves the same weights between memories.
+    # How jobs share the worker: batches give each job the result it gets alone; offloading and
+    # the GPU memory budget move the same weights between memories.
     "max_concurrent_jobs", "max_concurrent_generations", "generation_slots_cap", "memory_reserve_mb",
     "model_instances", "memory_pressure_threshold", "max_jobs_per_worker", "shutdown_grace_s",
     "generation_acquire_timeout", "model_load_wait_timeout", "whisper_batch_window_ms", "enable_cpu_offload",
-    "video_group_offload",
+    "video_group_offload", "video_text_encoder_offload", "gpu_memory_budget_mb",
     # Compiling runs the same operations as fused kernels: the same video to within rounding.
     "video_compile",
     # Where results go and how they travel (the cache is per bucket).
