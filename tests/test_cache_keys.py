@@ -54,6 +54,7 @@ def other_value(name: str, value: Any) -> Any:
         "result_cache_secret": "s", "worker_id": "w1", "nvidia_visible_devices": "0",
         "download_allowed_networks": (), "device": "cuda", "video_attention_backend": "_native_math",
         "log_format": "json", "port_health": 8081, "api_key": "k", "worker_mode": "http",
+        "gpu_memory_budget_mb": 20000,
     }
     if name in specials:
         return specials[name]
