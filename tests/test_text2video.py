@@ -204,7 +204,7 @@ def test_outputs_in_the_bucket_and_progress_on_the_job_server(tiny_wan: Path, mo
         worker = start_worker(server, tmp_path, model_dir, VIDEO_MODEL=str(tiny_wan), VIDEO_CLIP_FRAMES="17",
                               **bucket_env)
         try:
-            inputs = {"task": "text2video", "prompt": "a tree", "resolution": "144p", "fps": 8, "duration_s": 5.0,
+            inputs = {"task": "text2video", "prompt": "a tree", "width": 64, "height": 64, "fps": 8, "duration_s": 5.0,
                       "num_inference_steps": 3, "seed": 9, "audio_base64": b64(speech_wav), "captions": "soft"}
             server.submit("film", inputs)
             assert server.wait_for(1, 180)
