@@ -433,6 +433,33 @@ def _default_pipelines(dry: bool) -> dict[str, tuple[torch.nn.Module, int]]:
     return {task: (torch.nn.ModuleList(modules), working[task]) for task, modules in built.items()}
 
 
+def _text_encoder_offload(part: Part, dry: bool, dev: str) -> None:
+    """What VIDEO_TEXT_ENCODER_OFFLOAD costs a video job: one prompt encode (512 tokens) by UMT5-XXL
+    under the leaf offload hooks against the encoder placed on the device (twice a job with a
+    negative prompt)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from handler.pipelines.diffusion import speedups
+
+    config = (UMT5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4) if dry else
+              UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                         feed_forward_proj="gated-gelu"))
+    dtype = torch.float32 if dry else torch.bfloat16
+    with torch.device("meta"):
+        encoder = UMT5EncoderModel(config)
+    encoder = encoder.to_empty(device=dev).to(dtype).eval()
+    for parameter in encoder.parameters():  # uninitialised memory may hold NaNs; filled where it is fast
+        parameter.data.normal_(0, 0.02)
+    tokens = torch.randint(0, config.vocab_size, (1, 16 if dry else 512), device=dev)
+    with torch.inference_mode():
+        placed = timed(lambda: encoder(tokens), runs=1 if dry else 3, part=part)
+        encoder.to("cpu")
+        speedups.offload_component(encoder, dev)
+        offloaded = timed(lambda: encoder(tokens), runs=1 if dry else 3, part=part)
+    part.add("UMT5-XXL prompt encode: offloaded vs placed", f"{offloaded:.2f} s vs {placed:.2f} s",
+             f"{offloaded - placed:+.2f} s a prompt (a job with a negative prompt encodes two)")
+
+
 def memory_bench(part: Part) -> None:
     """The mixed sequence (image, video, transcription, speech, image, video) at the defaults' real
     shapes under a 24 GB GPU's budget: each job's working memory really allocated while it holds its
@@ -464,6 +491,7 @@ def memory_bench(part: Part) -> None:
         part.check()
     part.add("mixed sequence, 24 GB budget", f"{peak / 2**30:.1f} GiB counted at most",
              f"budget {budget / 2**30:.1f} GiB; no GPU_OOM")
+    _text_encoder_offload(part, dry, dev)
     for task, (pool, _) in pools.items():
         moves = pool.first.moves
         to_device = [s for target, s in moves if target == dev]
