@@ -16,6 +16,7 @@ cancellation and error its own, and retries a batch that ran out of GPU memory i
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import io
@@ -29,16 +30,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from torch import Tensor
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 from whisper.utils import WriteSRT, WriteVTT
 
 from handler.config import Settings
-from handler.errors import InvalidInput
+from handler.errors import InputTooLarge, InvalidInput
 from handler.io import media
 from handler.job import JobContext
 from handler.limits import served_model
+from handler.pipelines.diarize import labels
+from handler.pipelines.diarize import pipeline as diarization
 from handler.pipelines.weights import file_identity, whisper_identity
 from handler.pipelines.whisper import decoding, vad
 from handler.pipelines.whisper.pipeline import WhisperPipeline, get_pipelines
@@ -64,6 +67,31 @@ Format = Annotated[TextFormat, BeforeValidator(_format_name)]
 # Token ids as worker-faster_whisper's clients send them: "-1", "-1,50362", "1, 2, 3".
 _SUPPRESS_TOKENS = re.compile(r"\s*-?\d{1,6}\s*(,\s*-?\d{1,6}\s*)*")
 _INPUT_NAME = "input.media"
+# Reference voices of known speakers: how many a job may name, and how long each clip may be.
+MAX_KNOWN_SPEAKERS = 4
+MAX_REFERENCE_S = 30.0
+_MIN_REFERENCE_SPEECH_S = 1.0
+# A speaker's name is a VTT voice tag and an SRT prefix: no markup or line breaks in it.
+_SPEAKER_NAME = r"^[^<>\[\]&\r\n\t]{1,64}$"
+
+
+class KnownSpeaker(BaseModel):
+    """A voice to name: a short clip of that speaker alone (5-10 s of speech is plenty)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(..., pattern=_SPEAKER_NAME, description="the label this voice gets")
+    audio: str | None = Field(None, description="https URL or s3://bucket/key of the reference clip")
+    audio_base64: str | None = Field(None, description="the reference clip, base64")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> KnownSpeaker:
+        if (self.audio is None) == (self.audio_base64 is None):
+            raise ValueError("give exactly one of audio or audio_base64")
+        self.name = self.name.strip()
+        if not self.name:
+            raise ValueError("name: empty")
+        return self
 
 
 class TranscribeInput(TaskInput):
@@ -99,6 +127,17 @@ class TranscribeInput(TaskInput):
     word_timestamps: bool = False
     batch_size: int | None = Field(None, ge=1, le=64, description="chunks decoded together (default "
                                    "WHISPER_BATCH_SIZE); 1 without VAD is openai-whisper's sequential transcribe")
+    diarize: bool = Field(False, description="label who speaks: a speaker on each segment and word, "
+                          "segments split where the speaker changes")
+    num_speakers: int | None = Field(None, ge=1, le=diarization.MAX_SPEAKERS,
+                                     description="with diarize: exactly this many speakers")
+    min_speakers: int | None = Field(None, ge=1, le=diarization.MAX_SPEAKERS,
+                                     description="with diarize: at least this many speakers")
+    max_speakers: int | None = Field(None, ge=1, le=diarization.MAX_SPEAKERS,
+                                     description="with diarize: at most this many speakers")
+    known_speakers: list[KnownSpeaker] | None = Field(
+        None, max_length=MAX_KNOWN_SPEAKERS, description="with diarize: up to 4 {name, audio | audio_base64} "
+        f"clips of speakers to name (at most {MAX_REFERENCE_S:g} s each)")
 
     @model_validator(mode="after")
     def _check(self) -> TranscribeInput:
@@ -109,7 +148,37 @@ class TranscribeInput(TaskInput):
         self.suppress_tokens = ",".join(str(int(t)) for t in self.suppress_tokens.split(","))
         if self.language is not None:
             self.language = _language_code(self.language)
+        self._check_speakers()
         return self
+
+    def _check_speakers(self) -> None:
+        speaker_fields = ("num_speakers", "min_speakers", "max_speakers", "known_speakers")
+        if not self.diarize:
+            for name in speaker_fields:
+                if getattr(self, name) is not None:
+                    raise InvalidInput(f"{name}: needs diarize", field=name)
+            return
+        if self.translate:
+            raise InvalidInput("diarize: not with translate (speakers are labelled on the transcription)",
+                               field="diarize")
+        if self.num_speakers is not None and (self.min_speakers is not None or self.max_speakers is not None):
+            raise InvalidInput("num_speakers: give either num_speakers or min_speakers/max_speakers",
+                               field="num_speakers")
+        if self.min_speakers is not None and self.max_speakers is not None and self.min_speakers > self.max_speakers:
+            raise InvalidInput(f"min_speakers: {self.min_speakers} is more than max_speakers {self.max_speakers}",
+                               field="min_speakers")
+        known = self.known_speakers or []
+        names = [speaker.name for speaker in known]
+        if len(set(names)) != len(names):
+            raise InvalidInput("known_speakers: two speakers have the same name", field="known_speakers")
+        most = self.num_speakers or self.max_speakers
+        if most is not None and len(known) > most:
+            raise InvalidInput(f"known_speakers: {len(known)} known speakers but at most {most} speakers",
+                               field="known_speakers")
+
+    def speaker_bounds(self) -> diarization.SpeakerBounds:
+        return diarization.SpeakerBounds(num=self.num_speakers, low=self.min_speakers or 1,
+                                         high=self.max_speakers or diarization.MAX_SPEAKERS)
 
     def decode_options(self) -> dict[str, Any]:
         """Keyword arguments for ``whisper.transcribe``."""
@@ -120,7 +189,8 @@ class TranscribeInput(TaskInput):
             "no_speech_threshold": self.no_speech_threshold,
             "condition_on_previous_text": self.condition_on_previous_text,
             "initial_prompt": self.initial_prompt,
-            "word_timestamps": self.word_timestamps,
+            # Diarization gives each word its speaker, and cuts segments between words.
+            "word_timestamps": self.word_timestamps or self.diarize,
             "language": self.language,
             "beam_size": self.beam_size,
             "best_of": self.best_of,
@@ -368,12 +438,18 @@ async def _recognise_job(
 
 
 def format_text(result: dict[str, Any], fmt: TextFormat) -> str:
-    """The transcript in one of the output formats of worker-faster_whisper."""
+    """The transcript in one of the output formats of worker-faster_whisper; with speakers, SRT
+    cues start ``[A] `` and VTT cues are voice spans ``<v A>``."""
     segments = result["segments"]
     if fmt == "plain_text":
         return " ".join(s["text"].strip() for s in segments)
     if fmt == "formatted_text":
         return "\n".join(s["text"].strip() for s in segments)
+    if segments and "speaker" in segments[0]:  # one cue per segment, so one speaker per cue
+        tag = "<v {}>" if fmt == "vtt" else "[{}] "
+        segments = [{key: value for key, value in s.items() if key != "words"}
+                    | {"text": tag.format(s["speaker"]) + s["text"].strip()} for s in segments]
+        result = {**result, "segments": segments}
     writer = WriteSRT(".") if fmt == "srt" else WriteVTT(".")
     buffer = io.StringIO()
     writer.write_result(result, file=buffer)
@@ -384,7 +460,8 @@ def _segments(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Segments as worker-faster_whisper returns them (ids counted from 1, as faster-whisper does)."""
     keys = ("seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
             "compression_ratio", "no_speech_prob")
-    return [{"id": number, **{key: plain(segment.get(key)) for key in keys}}
+    return [{"id": number, **{key: plain(segment.get(key)) for key in keys},
+             **({"speaker": segment["speaker"]} if "speaker" in segment else {})}
             for number, segment in enumerate(result["segments"], 1)]
 
 
@@ -410,39 +487,115 @@ async def _store(ctx: JobContext, result: dict[str, Any], output: dict[str, Any]
 async def run(ctx: JobContext, params: TranscribeInput) -> dict[str, Any]:
     model = _model_name(ctx.settings, params)
     target, field = await _fetch(ctx, params)
+    references = await _fetch_references(ctx, params)
     key = None
     if ctx.caching(params):
-        media = await ctx.in_thread(lambda: file_identity(target, remember=False))
+        files = [target, *(reference.path for reference in references)]
+        media = ":".join([await ctx.in_thread(functools.partial(file_identity, path, remember=False))
+                          for path in files])
         key = await ctx.cache_key(params, CACHE, media=media)
-    return await ctx.cached(key, CACHE, lambda: _transcribe(ctx, params, model, target, field))
+    return await ctx.cached(key, CACHE, lambda: _transcribe(ctx, params, model, target, field, references))
+
+
+# Diarization: beside the decoding, on the same decoded audio.
+
+@dataclass(frozen=True)
+class _Reference:
+    """A known speaker's clip, fetched into the job's directory."""
+
+    name: str
+    path: Path
+    field: str
+
+
+async def _fetch_references(ctx: JobContext, params: TranscribeInput) -> list[_Reference]:
+    """The known speakers' clips, through the same guarded path as the job's media."""
+    references = []
+    for index, speaker in enumerate(params.known_speakers or []):
+        prefix = f"known_speakers.{index}"
+        target = ctx.workdir / f"speaker-{index}.media"
+        field = await ctx.fetch_media(target, url=speaker.audio, data=speaker.audio_base64,
+                                      fields=(f"{prefix}.audio", f"{prefix}.audio_base64"))
+        references.append(_Reference(speaker.name, target, field))
+    return references
+
+
+def _diarization_regions(audio: np.ndarray, cancel: CancelToken) -> list[diarization.Span]:
+    """Speech for diarization: Silero, more sensitive than for decoding (a missed stretch has no
+    speaker) and cut at shorter pauses (turns change in them)."""
+    regions = vad.speech_regions(audio, threshold=0.2, min_silence_ms=100, speech_pad_ms=30, cancel=cancel)
+    return [diarization.Span(region.start, region.end) for region in regions]
+
+
+async def _reference_voice(ctx: JobContext, pool: InstancePool[diarization.DiarizationPipeline],
+                           reference: _Reference) -> np.ndarray:
+    try:
+        audio, _ = await ctx.in_thread(functools.partial(
+            media.load_audio, reference.path, max_duration_s=MAX_REFERENCE_S, timeout_s=ctx.settings.media_timeout_s,
+            field=reference.field, cancel=ctx.cancel))
+    except InputTooLarge as exc:
+        raise InvalidInput(f"{reference.field}: a reference clip is at most {MAX_REFERENCE_S:g} s of one speaker",
+                           field=reference.field) from exc
+    regions = await ctx.in_thread(lambda: _diarization_regions(audio, ctx.cancel))
+    if sum(region.end - region.start for region in regions) < _MIN_REFERENCE_SPEECH_S * vad.SAMPLE_RATE:
+        raise InvalidInput(f"{reference.field}: no speech in the reference clip of {reference.name!r}",
+                           field=reference.field)
+    return await ctx.on_model(pool, lambda pipeline: pipeline.voice(audio, regions), stage="diarize")
+
+
+async def _diarize(ctx: JobContext, params: TranscribeInput, audio: np.ndarray,
+                   references: list[_Reference]) -> list[diarization.Turn]:
+    """Who speaks when in ``audio`` (reference voices named)."""
+    pool = await ctx.load(lambda: diarization.get_pipelines(ctx.runtime, ctx.settings.diarization_model))
+    known = {reference.name: await _reference_voice(ctx, pool, reference) for reference in references}
+    if is_silent(audio):
+        return []
+    regions = await ctx.in_thread(lambda: _diarization_regions(audio, ctx.cancel))
+    bounds = params.speaker_bounds()
+    return await ctx.on_model(pool, lambda pipeline: pipeline.diarize(audio, regions, bounds=bounds, known=known,
+                                                                       cancel=ctx.cancel), stage="diarize")
 
 
 def _shaping(settings: Settings, params: TranscribeInput) -> dict[str, Any]:
     """What decides a transcription: the served model, the effective batch size, every decoding
     field; not where the media came from or what happens to it after."""
-    fields = input_fields(params, exclude=("audio", "audio_base64", "delete_after_read"))
-    return {**fields, "model": _model_name(settings, params), "batch_size": _batch_size(settings, params),
-            "precision": settings.precision}
+    fields = input_fields(params, exclude=("audio", "audio_base64", "delete_after_read", "known_speakers"))
+    shaping = {**fields, "model": _model_name(settings, params), "batch_size": _batch_size(settings, params),
+               "precision": settings.precision}
+    if params.diarize:
+        # The reference clips count by their content, hashed with the media (see ``run``).
+        shaping["diarization_model"] = settings.diarization_model
+        shaping["known_speakers"] = [speaker.name for speaker in params.known_speakers or []]
+    return shaping
 
 
 CACHE: CachePolicy[TranscribeInput] = CachePolicy(
     outputs=frozenset({"transcription", "translation", "detected_language", "segments", "translation_segments",
                        "device", "model",
-                       "duration_s", "word_timestamps", "files"}),
+                       "duration_s", "word_timestamps", "speakers", "files"}),
     shaping=_shaping,
-    models={"model": whisper_identity},
+    models={"model": whisper_identity, "diarization_model": diarization.diarization_identity},
     unaffected=frozenset({"tts_model", "image_model", "video_model", "video_clip_frames", *VIDEO_SHAPING}),
 )
 
 
 async def _transcribe(
-    ctx: JobContext, params: TranscribeInput, model: str, target: Path, field: str
+    ctx: JobContext, params: TranscribeInput, model: str, target: Path, field: str, references: list[_Reference]
 ) -> dict[str, Any]:
     audio, duration_s = await _decode(ctx, target, field)
     pipelines = await ctx.load(lambda: get_pipelines(ctx.runtime, model))
     _check_language_support(pipelines.first, params)
     _check_suppress_tokens(pipelines.first, params)
-    result, translation = await _recognise_job(ctx, pipelines, audio, params)
+    # Started first, so that its CPU work (VAD, features) runs while Whisper decodes.
+    diarizing = asyncio.ensure_future(_diarize(ctx, params, audio, references)) if params.diarize else None
+    try:
+        result, translation = await _recognise_job(ctx, pipelines, audio, params)
+        turns = await diarizing if diarizing is not None else None
+    finally:
+        if diarizing is not None and not diarizing.done():
+            diarizing.cancel()
+    if turns is not None:
+        result = {**result, "segments": labels.label_segments(result["segments"], turns)}
     output: dict[str, Any] = {
         "transcription": format_text(result, params.transcription),
         "translation": format_text(translation, params.translation) if translation else None,
@@ -455,6 +608,8 @@ async def _transcribe(
     }
     if params.word_timestamps:
         output["word_timestamps"] = words(result)
+    if turns is not None:
+        output["speakers"] = labels.speaker_summary(turns)
     output["files"] = await _store(ctx, result, output)
     return output
 
