@@ -10,8 +10,9 @@
    folded into their nearest neighbour (a cough or a laugh is not a speaker).
 4. A region whose windows agree is one turn; one where a run of windows differs is cut at the
    midpoint between the windows where the speaker changes.
-5. Speakers are named by the reference voices given (best match first, above a similarity floor), the
-   rest ``A``, ``B``, ... in order of first speech.
+5. Speakers are named by the reference voices given (the assignment of most total similarity, each
+   above a floor), the rest ``A``, ``B``, ... in order of first speech. Known voices are taken to be
+   present: at least as many speakers are found as there are known voices.
 
 Runs on the CPU or the GPU; the encoder is 1.4 M parameters, a few seconds of CPU for an hour of speech.
 """
@@ -27,7 +28,7 @@ import torch
 
 from handler.config import Settings
 from handler.pipelines.diarize import encoder as enc
-from handler.pipelines.weights import file_identity
+from handler.pipelines.weights import diarization_weights, file_identity
 from handler.runtime.cancel import CancelToken
 from handler.runtime.container import Runtime
 from handler.runtime.instances import InstancePool
@@ -114,6 +115,8 @@ class DiarizationPipeline:
         if cancel is not None:
             cancel.check()
         embeddings = self._embed(mels, cancel=cancel)
+        if known and bounds.num is None:  # the known voices are taken to be speaking
+            bounds = SpeakerBounds(low=min(max(bounds.low, len(known)), bounds.high), high=bounds.high)
         labels = cluster(embeddings, [w.end - w.start for w in windows], bounds)
         centroids = _centroids(embeddings, labels)
         pieces = _turn_pieces(regions, windows, labels)
@@ -320,15 +323,9 @@ def load_diarization(weights: Path, device: str, *, name: str) -> DiarizationPip
     return DiarizationPipeline(enc.load_encoder(weights, device), name, device)
 
 
-def weights_path(name: str, model_dir: Path) -> Path:
-    """Where the checkpoint of DIARIZATION_MODEL ``name`` is: a path as is, a file name under MODEL_DIR/diarize."""
-    path = Path(name)
-    return path if path.is_absolute() or len(path.parts) > 1 else model_dir / "diarize" / name
-
-
 def diarization_identity(name: str, settings: Settings) -> str | None:
     """The encoder's weights (for the result cache): the checkpoint's hash; None when it is not here."""
-    path = weights_path(name, settings.model_dir)
+    path = diarization_weights(name, settings.model_dir)
     return file_identity(path) if path.is_file() else None
 
 
@@ -337,6 +334,6 @@ def get_pipelines(runtime: Runtime, name: str) -> InstancePool[DiarizationPipeli
     keeps no state), MODEL_INSTANCES of them so that as many jobs embed at once."""
     key = PipelineKey("diarize", name, runtime.device, "float32")
     count = runtime.settings.model_instances
-    weights = weights_path(name, runtime.settings.model_dir)
+    weights = diarization_weights(name, runtime.settings.model_dir)
     return runtime.registry.get(key, lambda: InstancePool.build(
         count, lambda: load_diarization(weights, runtime.device, name=name)))
