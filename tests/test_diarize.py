@@ -208,3 +208,13 @@ def test_a_silent_or_long_reference_clip_is_refused(make_worker, voice_encoder: 
         result = run_job(make_worker(), job(audio_base64=b64(speech_wav), diarize=True, known_speakers=known))
         assert result["error_code"] == "INVALID_INPUT", result
         assert result["error"].startswith("INVALID_INPUT: known_speakers.0.audio_base64") and words in result["error"]
+
+
+def test_missing_voice_encoder_weights_fail_the_job_as_model_load_failed(make_worker, speech_wav: Path,
+                                                                       tmp_path: Path) -> None:
+    """A DIARIZATION_MODEL that is not there is MODEL_LOAD_FAILED (after the decoding it ran beside),
+    and the same worker still transcribes without diarize."""
+    worker = make_worker(DIARIZATION_MODEL=str(tmp_path / "nowhere" / "ge2e.pt"))
+    result = run_job(worker, job(audio_base64=b64(speech_wav), diarize=True))
+    assert result["error_code"] == "MODEL_LOAD_FAILED", result
+    assert "error" not in run_job(worker, job(audio_base64=b64(speech_wav)))

@@ -594,6 +594,8 @@ async def _transcribe(
     finally:
         if diarizing is not None and not diarizing.done():
             diarizing.cancel()
+        elif diarizing is not None and not diarizing.cancelled():
+            diarizing.exception()  # seen, so a failure behind the decoding's own is not logged as lost
     if turns is not None:
         result = {**result, "segments": labels.label_segments(result["segments"], turns)}
     output: dict[str, Any] = {
