@@ -330,10 +330,13 @@ class _Item:
     index: int = 0
 
 
-def find_chunks(audio: np.ndarray, *, enable_vad: bool, cancel: CancelToken) -> list[vad.Chunk]:
-    """Speech chunks (VAD, stopping when the job is cancelled) or windows covering everything,
-    each at most 30 s; on the CPU."""
-    return vad.speech_chunks(audio, cancel=cancel) if enable_vad else vad.fixed_chunks(audio)
+def find_chunks(audio: np.ndarray, *, enable_vad: bool, cancel: CancelToken,
+                probabilities: list[float] | None = None) -> list[vad.Chunk]:
+    """Speech chunks (VAD, stopping when the job is cancelled; from its pass ``probabilities`` when
+    made already) or windows covering everything, each at most 30 s; on the CPU."""
+    if not enable_vad:
+        return vad.fixed_chunks(audio)
+    return vad.speech_chunks(audio, cancel=cancel, probabilities=probabilities)
 
 
 def _batcher(runtime: Runtime, model: WhisperPipeline) -> Batcher[_Item, Segments]:
@@ -406,7 +409,8 @@ def _batch_size(settings: Settings, params: TranscribeInput) -> int:
 
 
 async def _recognise_job(
-    ctx: JobContext, pipelines: InstancePool[WhisperPipeline], audio: np.ndarray, params: TranscribeInput
+    ctx: JobContext, pipelines: InstancePool[WhisperPipeline], audio: np.ndarray, params: TranscribeInput,
+    vad_pass: asyncio.Future[list[float]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Transcription (and translation): nothing to decode in silence; openai-whisper's own sequential
     path for ``batch_size`` 1 without VAD, else chunks in batches shared with the worker's other jobs."""
@@ -418,7 +422,9 @@ async def _recognise_job(
     model = pipelines.first.model
     with ctx.timings.measure("chunk"):
         speech_only = params.enable_vad is not False
-        find = functools.partial(find_chunks, audio, enable_vad=speech_only, cancel=ctx.cancel)
+        probabilities = await vad_pass if vad_pass is not None and speech_only else None
+        find = functools.partial(find_chunks, audio, enable_vad=speech_only, cancel=ctx.cancel,
+                                 probabilities=probabilities)
         chunks = await ctx.in_thread(find)
         windows = await ctx.in_thread(lambda: decoding.prepare_windows(model, audio, chunks))
         detect = params.language is None and pipelines.first.is_multilingual
@@ -520,10 +526,12 @@ async def _fetch_references(ctx: JobContext, params: TranscribeInput) -> list[_R
     return references
 
 
-def _diarization_regions(audio: np.ndarray, cancel: CancelToken) -> list[diarization.Span]:
-    """Speech for diarization: Silero, more sensitive than for decoding (a missed stretch has no
-    speaker) and cut at shorter pauses (turns change in them)."""
-    regions = vad.speech_regions(audio, threshold=0.2, min_silence_ms=100, speech_pad_ms=30, cancel=cancel)
+def _diarization_regions(audio: np.ndarray, cancel: CancelToken,
+                         probabilities: list[float] | None = None) -> list[diarization.Span]:
+    """Speech for diarization: Silero (its pass ``probabilities`` when made already), more sensitive
+    than for decoding (a missed stretch has no speaker) and cut at shorter pauses (turns change in them)."""
+    regions = vad.speech_regions(audio, threshold=0.2, min_silence_ms=100, speech_pad_ms=30, cancel=cancel,
+                                 probabilities=probabilities)
     return [diarization.Span(region.start, region.end) for region in regions]
 
 
@@ -543,14 +551,15 @@ async def _reference_voice(ctx: JobContext, pool: InstancePool[diarization.Diari
     return await ctx.on_model(pool, lambda pipeline: pipeline.voice(audio, regions), stage="diarize")
 
 
-async def _diarize(ctx: JobContext, params: TranscribeInput, audio: np.ndarray,
-                   references: list[_Reference]) -> list[diarization.Turn]:
+async def _diarize(ctx: JobContext, params: TranscribeInput, audio: np.ndarray, references: list[_Reference],
+                   vad_pass: asyncio.Future[list[float]]) -> list[diarization.Turn]:
     """Who speaks when in ``audio`` (reference voices named)."""
     pool = await ctx.load(lambda: diarization.get_pipelines(ctx.runtime, ctx.settings.diarization_model))
     known = {reference.name: await _reference_voice(ctx, pool, reference) for reference in references}
     if is_silent(audio):
         return []
-    regions = await ctx.in_thread(lambda: _diarization_regions(audio, ctx.cancel))
+    probabilities = await vad_pass
+    regions = await ctx.in_thread(lambda: _diarization_regions(audio, ctx.cancel, probabilities))
     bounds = params.speaker_bounds()
     return await ctx.on_model(pool, lambda pipeline: pipeline.diarize(audio, regions, bounds=bounds, known=known,
                                                                        cancel=ctx.cancel), stage="diarize")
@@ -586,16 +595,20 @@ async def _transcribe(
     pipelines = await ctx.load(lambda: get_pipelines(ctx.runtime, model))
     _check_language_support(pipelines.first, params)
     _check_suppress_tokens(pipelines.first, params)
-    # Started first, so that its CPU work (VAD, features) runs while Whisper decodes.
-    diarizing = asyncio.ensure_future(_diarize(ctx, params, audio, references)) if params.diarize else None
+    # Started first, so that its work runs while Whisper decodes; one Silero pass serves both.
+    diarizing = vad_pass = None
+    if params.diarize:
+        vad_pass = asyncio.ensure_future(ctx.in_thread(lambda: vad.speech_probabilities(audio, cancel=ctx.cancel)))
+        diarizing = asyncio.ensure_future(_diarize(ctx, params, audio, references, vad_pass))
     try:
-        result, translation = await _recognise_job(ctx, pipelines, audio, params)
+        result, translation = await _recognise_job(ctx, pipelines, audio, params, vad_pass)
         turns = await diarizing if diarizing is not None else None
     finally:
-        if diarizing is not None and not diarizing.done():
-            diarizing.cancel()
-        elif diarizing is not None and not diarizing.cancelled():
-            diarizing.exception()  # seen, so a failure behind the decoding's own is not logged as lost
+        for pending in (diarizing, vad_pass):
+            if pending is not None and not pending.done():
+                pending.cancel()
+            elif pending is not None and not pending.cancelled():
+                pending.exception()  # seen, so a failure behind the decoding's own is not logged as lost
     if turns is not None:
         result = {**result, "segments": labels.label_segments(result["segments"], turns)}
     output: dict[str, Any] = {
