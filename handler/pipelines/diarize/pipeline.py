@@ -41,9 +41,9 @@ _STEP = enc.PARTIAL_FRAMES // 2
 # A region shorter than this is not embedded on its own: it takes its nearest neighbour's speaker.
 _MIN_REGION_FRAMES = 40
 # Two windows closer than this (cosine distance of their embeddings) may be one voice.
-_DISTANCE_THRESHOLD = 0.45
+_DISTANCE_THRESHOLD = 0.42
 # A speaker needs this much speech to be one; less is folded into the nearest speaker.
-_MIN_SPEAKER_S = 4.0
+_MIN_SPEAKER_S = 8.0
 # A reference voice names a speaker whose centroid is at least this similar to it.
 _KNOWN_SIMILARITY = 0.70
 _BATCH = 256
