@@ -12,6 +12,11 @@ windows of every job held by this worker with the same decoding settings join th
 (one encoder pass, one decoder loop), each job getting back its own segments. The batcher keeps each job's
 cancellation and error its own, and retries a batch that ran out of GPU memory in halves
 (:mod:`handler.runtime.batcher`).
+
+With ``diarize``, speaker diarization (:mod:`handler.pipelines.diarize`) starts as soon as the audio
+is decoded and runs beside the decoding: one Silero pass gives both the decoding's chunks and the
+speaker regions, the voice encoder takes a slot between Whisper's batches, and the speakers are put
+on the words (always timed, then) and segments once both are done.
 """
 
 from __future__ import annotations
