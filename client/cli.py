@@ -35,6 +35,7 @@ JOB_FIELDS: tuple[tuple[str, Any], ...] = (
     ("condition_on_previous_text", bool), ("compression_ratio_threshold", float),
     ("logprob_threshold", float), ("no_speech_threshold", float),
     ("transcription", _TEXT_FORMATS), ("translation", _TEXT_FORMATS), ("cache", bool),
+    ("diarize", bool), ("num_speakers", int), ("min_speakers", int), ("max_speakers", int),
 )
 
 

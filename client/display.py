@@ -109,7 +109,8 @@ def _outcome(result: FileResult) -> Text:
 
 
 def summary_table(results: list[FileResult], *, wall_s: float) -> Table:
-    """File, audio duration, outcome, attempts, time, real-time factor; totals in the caption."""
+    """File, audio duration, outcome, attempts, time, real-time factor (and, for diarized
+    transcriptions, each speaker's seconds); totals in the caption."""
     table = Table(title="transcriptions")
     table.add_column("file", overflow="fold")
     table.add_column("duration", justify="right")
@@ -117,10 +118,16 @@ def summary_table(results: list[FileResult], *, wall_s: float) -> Table:
     table.add_column("attempts", justify="right")
     table.add_column("time", justify="right")
     table.add_column("RTF", justify="right")
+    diarized = any(result.speakers for result in results)
+    if diarized:
+        table.add_column("speakers", overflow="fold")
     for result in results:
         rtf = result.real_time_factor
-        table.add_row(plain(result.path.name), _seconds(result.duration_s), _outcome(result), str(result.attempts),
-                      _seconds(result.wall_s), "-" if rtf is None else f"{rtf:.2f}x")
+        row: list[Text | str] = [plain(result.path.name), _seconds(result.duration_s), _outcome(result),
+                                 str(result.attempts), _seconds(result.wall_s), "-" if rtf is None else f"{rtf:.2f}x"]
+        if diarized:
+            row.append(plain(", ".join(f"{label} {seconds:.0f} s" for label, seconds in result.speakers) or "-"))
+        table.add_row(*row)
     succeeded = sum(result.ok for result in results)
     table.caption = (f"{succeeded} of {len(results)} files transcribed in {wall_s:.1f} s; "
                      f"sum of file times {sum(r.wall_s for r in results):.1f} s")

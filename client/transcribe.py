@@ -71,6 +71,8 @@ class FileResult:
     job_s: float | None = None
     run_s: float | None = None
     written: list[Path] = field(default_factory=list)
+    # With diarize: each speaker's label and seconds spoken, in order of first speech.
+    speakers: list[tuple[str, float]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -90,6 +92,7 @@ class FileResult:
             "job_s": self.job_s, "run_s": self.run_s, "real_time_factor": self.real_time_factor,
             "waits": [{"code": w.code, "delay_s": w.delay_s, "ceiling_s": w.ceiling_s} for w in self.waits],
             "written": [str(p) for p in self.written],
+            "speakers": [{"label": label, "seconds": seconds} for label, seconds in self.speakers],
         }
 
 
@@ -198,12 +201,21 @@ def _finish(result: FileResult, output: dict[str, Any], endpoint: Endpoint, sett
     timings = output.get("timings")
     timings = timings if isinstance(timings, dict) else {}
     result.job_s, result.run_s = _seconds(timings.get("total_ms")), _seconds(timings.get("run_ms"))
+    result.speakers = _speakers(output.get("speakers"))
     report.update(result.path, "writing")
     try:
         result.written = outputs.write(output, result.path, out_dir=settings.out_dir, formats=settings.formats,
                                        policy=endpoint.url_policy, timeout=remaining(deadline, cap=120))
     except (ApiError, outputs.OutputError, OSError) as exc:
         result.code, result.message = "OUTPUT_FAILED", str(exc)
+
+
+def _speakers(value: Any) -> list[tuple[str, float]]:
+    """The result's ``speakers`` (a list of ``{label, seconds}``), what of it is well formed."""
+    if not isinstance(value, list):
+        return []
+    return [(str(item["label"]), float(item["seconds"])) for item in value
+            if isinstance(item, dict) and isinstance(item.get("seconds"), int | float) and "label" in item]
 
 
 def _seconds(ms: Any) -> float | None:

@@ -212,6 +212,9 @@ class Settings:
     runpod_hf_cache: Path = setting("RUNPOD_HF_CACHE", Path, Path("/runpod-volume/huggingface-cache/hub"))
     # TTS_MODEL: speech model (VITS / MMS-TTS class), a Hugging Face repo id or a local dir.
     tts_model: str = setting("TTS_MODEL", str.strip, "facebook/mms-tts-eng")
+    # Speaker diarization's voice encoder (GE2E): a checkpoint file name under MODEL_DIR/diarize, or a path.
+    # The default is Resemblyzer 0.1.4's pretrained.pt (from its PyPI wheel), baked under that name.
+    diarization_model: str = setting("DIARIZATION_MODEL", str.strip, "resemblyzer-0.1.4.pt")
     # IMAGE_MODEL: text-to-image diffusers pipeline (SD, SDXL, FLUX class), repo id or dir.
     image_model: str = setting("IMAGE_MODEL", str.strip, "stabilityai/stable-diffusion-xl-base-1.0")
     # VIDEO_MODEL: text-to-video diffusers pipeline (Wan2.1 T2V, LTX-Video), repo id or dir.

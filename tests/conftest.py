@@ -97,6 +97,22 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def voice_encoder(model_dir: Path) -> Path:
+    """The real GE2E voice encoder weights (Resemblyzer 0.1.4's pretrained.pt, from the wheel that
+    ``make corpus`` fetches) where the worker's default DIARIZATION_MODEL is looked for."""
+    import zipfile
+
+    from tests.speech_corpus import voice_encoder_wheel
+
+    target = model_dir / "diarize" / "resemblyzer-0.1.4.pt"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(voice_encoder_wheel()) as wheel:
+            target.write_bytes(wheel.read("resemblyzer/pretrained.pt"))
+    return target
+
+
 def _tiny_model(name: str, build: str, what: str) -> Any:
     """A session fixture ``name``: the random-weight ``what`` that tests.tiny_models' ``build`` saves
     with save_pretrained, loaded by the worker through the same from_pretrained as production."""

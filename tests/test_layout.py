@@ -115,8 +115,9 @@ def test_the_code_map_names_every_module_of_a_folder(folder: str) -> None:
     assert not missing, f"the code map's {folder}/ entry does not name {missing}"
 
 
-# Library classes subclassed as the library means them to be: pydantic's models are how input is declared.
-PUBLIC_BASES = {"BaseModel"}
+# Library classes subclassed as the library means them to be: pydantic's models are how input is
+# declared, torch's modules how a network is.
+PUBLIC_BASES = {"BaseModel", "Module"}
 
 
 def outside_names(tree: ast.Module) -> set[str]:

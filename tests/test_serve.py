@@ -44,12 +44,14 @@ UPLOAD_DEADLINE_S = 4
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, tiny_vits: Path,
-           tiny_sd: Path) -> Iterator[ServeProcess]:
-    """One serving worker for the module: tiny.en (whisper-1 mapped to it), tiny VITS, tiny SD."""
+           tiny_sd: Path, voice_encoder: Path) -> Iterator[ServeProcess]:
+    """One serving worker for the module: tiny.en (whisper-1 and gpt-4o-transcribe-diarize mapped to
+    it), tiny VITS, tiny SD, the real voice encoder."""
     work = tmp_path_factory.mktemp("serve") / "jobs"
     work.mkdir()
     server = ServeProcess(
-        work, MODEL_DIR=str(model_dir), WHISPER_MODEL="tiny.en", WHISPER_MODEL_MAP="whisper-1=tiny.en",
+        work, MODEL_DIR=str(model_dir), WHISPER_MODEL="tiny.en",
+        WHISPER_MODEL_MAP="whisper-1=tiny.en,gpt-4o-transcribe-diarize=tiny.en",
         TTS_MODEL=str(tiny_vits), IMAGE_MODEL=str(tiny_sd), WHISPER_BATCH_WINDOW_MS="300", RESULT_CACHE="false",
         MAX_CONCURRENT_REQUESTS=str(MAX_REQUESTS), DOWNLOAD_MAX_BYTES=str(MAX_BYTES), API_KEY=KEY,
         PRELOAD="transcribe", DOWNLOAD_TIMEOUT_S=str(UPLOAD_DEADLINE_S),
@@ -427,3 +429,76 @@ def test_health_route_through_preload_and_drain(tmp_path: Path) -> None:
         assert server.process.wait(30) == 0
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def talk(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, dict[str, str]]:
+    """Two real people (the LibriVox reader, MFA's michael) in 5 turns, and a data URL of another
+    clip of each (not in the talk), named after them."""
+    from tests import conversations
+
+    voices = conversations.voices()
+    references = {"reader": voices["reader"].pop(0), "michael": voices["michael"].pop(0)[: 10 * 16000]}
+    conversation = conversations.conversation(voices, ("reader", "michael"), seed=11, turns=5)
+    folder = tmp_path_factory.mktemp("talk")
+    speech_corpus.write_wav(folder / "talk.wav", conversation.audio)
+    urls = {}
+    for name, clip in references.items():
+        speech_corpus.write_wav(folder / f"{name}.wav", clip)
+        urls[name] = "data:audio/wav;base64," + base64.b64encode((folder / f"{name}.wav").read_bytes()).decode()
+    return conversation, folder / "talk.wav", urls
+
+
+def _right_speaker_share(conversation: Any, segments: list[Any], names: dict[str, str]) -> float:
+    """The share of segments whose speaker (``names`` maps it to the reference's) speaks at its middle."""
+    right = [names.get(s.speaker) == conversation.speaker_at((s.start + s.end) / 2) for s in segments]
+    return sum(right) / len(right)
+
+
+def test_diarized_json_through_the_openai_client(client: openai.OpenAI, talk: tuple[Any, Path, dict[str, str]]) -> None:
+    """``gpt-4o-transcribe-diarize`` (mapped) with ``diarized_json``: the client parses OpenAI's shape,
+    segments of type ``transcript.text.segment`` with string ids, labels A and B in order of first
+    speech, each segment's speaker the one speaking; streamed, the same segments come as
+    ``transcript.text.segment`` events before the done event; with known speakers, their names."""
+    conversation, path, urls = talk
+    with ThreadPoolExecutor(3) as pool:
+        plain = pool.submit(client.audio.transcriptions.create, model="gpt-4o-transcribe-diarize", file=upload(path),
+                            response_format="diarized_json", chunking_strategy="auto")
+        streamed = pool.submit(lambda: list(client.audio.transcriptions.create(
+            model="gpt-4o-transcribe-diarize", file=upload(path), response_format="diarized_json", stream=True,
+            chunking_strategy={"type": "server_vad", "threshold": 0.5})))
+        named = pool.submit(client.audio.transcriptions.create, model="gpt-4o-transcribe-diarize", file=upload(path),
+                            response_format="diarized_json", known_speaker_names=list(urls),
+                            known_speaker_references=list(urls.values()))
+        diarized, events, known = plain.result(), streamed.result(), named.result()
+    assert isinstance(diarized, openai.types.audio.TranscriptionDiarized), type(diarized)
+    assert diarized.task == "transcribe" and diarized.duration > 20 and diarized.text
+    segments = diarized.segments
+    assert all(s.type == "transcript.text.segment" and s.start < s.end and s.text for s in segments)
+    assert [s.id for s in segments] == [f"seg_{i}" for i in range(len(segments))]
+    assert segments[0].speaker == "A" and {s.speaker for s in segments} == {"A", "B"}
+    assert _right_speaker_share(conversation, segments, {"A": "reader", "B": "michael"}) >= 0.9
+    assert events[-1].type == "transcript.text.done" and events[-1].text == diarized.text
+    assert [(e.type, e.speaker, e.text) for e in events[:-1]] == [(s.type, s.speaker, s.text) for s in segments]
+    assert {s.speaker for s in known.segments} == {"reader", "michael"}
+    assert _right_speaker_share(conversation, known.segments, {"reader": "reader", "michael": "michael"}) >= 0.9
+
+
+def test_bad_speaker_fields_are_400_naming_them(served: ServeProcess, client: openai.OpenAI,
+                                                 talk: tuple[Any, Path, dict[str, str]]) -> None:
+    """Names without as many references, references that are not data URLs, known speakers without
+    diarized_json, and a chunking strategy OpenAI does not have are 400 naming the field."""
+    _, path, urls = talk
+    asks: list[tuple[dict[str, Any], str]] = [
+        ({"response_format": "diarized_json", "known_speaker_names": ["a", "b"],
+          "known_speaker_references": [urls["reader"]]}, "known_speaker_references"),
+        ({"response_format": "diarized_json", "known_speaker_names": ["a"],
+          "known_speaker_references": ["https://example.com/a.wav"]}, "known_speaker_references"),
+        ({"response_format": "json", "known_speaker_names": ["a"], "known_speaker_references": [urls["reader"]]},
+         "known_speaker_names"),
+        ({"response_format": "diarized_json", "chunking_strategy": "sometimes"}, "chunking_strategy"),
+    ]
+    for ask, param in asks:
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.audio.transcriptions.create(model="whisper-1", file=upload(path), **ask)
+        assert raised.value.body["param"] == param, (ask, raised.value.body)  # type: ignore[index]

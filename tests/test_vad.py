@@ -204,3 +204,14 @@ def test_a_cancelled_job_stops_its_vad_pass() -> None:
     with pytest.raises(Cancelled):
         speech_chunks(noise, cancel=token)
     assert time.monotonic() - started < 2
+
+
+def test_one_pass_read_two_ways_gives_the_regions_of_two_passes(gapped_clip: clips.Clip) -> None:
+    """A pass of probabilities made once (as a diarized job shares it) gives exactly the chunks and the
+    regions that separate passes give, for the decoding's settings and for diarization's."""
+    probabilities = vad.speech_probabilities(gapped_clip.audio)
+    assert len(probabilities) == -(-len(gapped_clip.audio) // 512)
+    assert vad.speech_chunks(gapped_clip.audio, probabilities=probabilities) == vad.speech_chunks(gapped_clip.audio)
+    sensitive = {"threshold": 0.2, "min_silence_ms": 100, "speech_pad_ms": 30}
+    assert vad.speech_regions(gapped_clip.audio, probabilities=probabilities, **sensitive) == vad.speech_regions(
+        gapped_clip.audio, **sensitive)

@@ -22,7 +22,10 @@ from handler.http.uploads import Form
 from handler.io.inputs import ATTACHED
 from handler.io.media import AUDIO_ENCODINGS, encode_audio
 
-TRANSCRIPTION_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+TRANSCRIPTION_FORMATS = ("json", "text", "srt", "verbose_json", "vtt", "diarized_json")
+# Form fields too large for the in-memory text limit: audio as data URLs, spooled to disk.
+LARGE_FIELDS = frozenset({"known_speaker_references[]", "known_speaker_references"})
+_CHUNKING_KEYS = ("type", "prefix_padding_ms", "silence_duration_ms", "threshold")
 GRANULARITIES = ("word", "segment")
 # OpenAI's speech model names: what its clients send; the worker's TTS_MODEL answers them.
 SPEECH_ALIASES = frozenset({"tts-1", "tts-1-hd", "gpt-4o-mini-tts"})
@@ -31,7 +34,10 @@ SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 IMAGE_FORMATS = ("url", "b64_json")
 _SIZE = re.compile(r"(\d{2,5})x(\d{2,5})")
 # Request field -> job field, to name the request's own field in an error.
-TRANSCRIPTION_FIELDS = {"audio": "file", "initial_prompt": "prompt", "word_timestamps": "timestamp_granularities"}
+TRANSCRIPTION_FIELDS = {"audio": "file", "initial_prompt": "prompt", "word_timestamps": "timestamp_granularities",
+                        "known_speakers": "known_speaker_names", "num_speakers": "known_speaker_names",
+                        **{f"known_speakers.{i}.audio_base64": "known_speaker_references" for i in range(4)},
+                        **{f"known_speakers.{i}.name": "known_speaker_names" for i in range(4)}}
 SPEECH_FIELDS = {"text": "input", "speaking_rate": "speed"}
 IMAGE_FIELDS = {"num_images": "n", "width": "size", "height": "size"}
 
@@ -81,13 +87,15 @@ def _check_known(names: set[str] | list[str], known: frozenset[str]) -> None:
 
 
 _TRANSCRIBE_KNOWN = frozenset({"file", "model", "language", "prompt", "response_format", "temperature",
-                               "timestamp_granularities[]", "timestamp_granularities", "stream"})
+                               "timestamp_granularities[]", "timestamp_granularities", "stream",
+                               "known_speaker_names[]", "known_speaker_names", *LARGE_FIELDS, "chunking_strategy",
+                               *(f"chunking_strategy[{key}]" for key in _CHUNKING_KEYS)})
 _TRANSLATE_KNOWN = frozenset({"file", "model", "prompt", "response_format", "temperature"})
 
 
 def transcription_job(form: Form, *, translate: bool) -> tuple[dict[str, Any], TranscriptionAsk]:
     """The ``transcribe`` job of a transcription (or translation) form, and how to answer it."""
-    _check_known([*form.fields, *form.files], _TRANSLATE_KNOWN if translate else _TRANSCRIBE_KNOWN)
+    _check_known([*form.fields, *form.files, *form.spooled], _TRANSLATE_KNOWN if translate else _TRANSCRIBE_KNOWN)
     if "file" not in form.files:
         raise InvalidInput("file: required, the audio file to transcribe", field="file")
     fmt = _choice(form.text("response_format"), TRANSCRIPTION_FORMATS, field="response_format", default="json")
@@ -98,8 +106,9 @@ def transcription_job(form: Form, *, translate: bool) -> tuple[dict[str, Any], T
         raise InvalidInput("timestamp_granularities: needs response_format verbose_json",
                            field="timestamp_granularities")
     stream = _flag(form.text("stream"), field="stream")
-    if stream and fmt not in ("json", "text"):
-        raise InvalidInput("stream: streams only with response_format json or text", field="stream")
+    if stream and fmt not in ("json", "text", "diarized_json"):
+        raise InvalidInput("stream: streams only with response_format json, text or diarized_json", field="stream")
+    _check_chunking(form)
     text_format = {"srt": "srt", "vtt": "vtt"}.get(fmt, "plain_text")
     job: dict[str, Any] = {"task": "transcribe", "audio": f"{ATTACHED}file", "word_timestamps": "word" in granularities}
     job["translation" if translate else "transcription"] = text_format
@@ -112,8 +121,46 @@ def transcription_job(form: Form, *, translate: bool) -> tuple[dict[str, Any], T
     temperature = _number(form.text("temperature"), field="temperature")
     if temperature is not None:
         job["temperature"] = temperature
+    known = _known_speakers(form)
+    if fmt == "diarized_json":
+        job["diarize"] = True
+        if known:
+            job["known_speakers"] = known
+    elif known:
+        raise InvalidInput("known_speaker_names: needs response_format diarized_json", field="known_speaker_names")
     ask = TranscriptionAsk(fmt, frozenset(granularities or ("segment",)), translate, stream)
     return job, ask
+
+
+def _known_speakers(form: Form) -> list[dict[str, Any]]:
+    """``known_speaker_names[]`` paired with ``known_speaker_references[]`` (data URLs) in order."""
+    names = [*form.fields.get("known_speaker_names[]", []), *form.fields.get("known_speaker_names", [])]
+    references = [*form.large_texts("known_speaker_references[]"), *form.large_texts("known_speaker_references")]
+    if len(names) != len(references):
+        raise InvalidInput(f"known_speaker_references: {len(references)} references for {len(names)} names",
+                           field="known_speaker_references")
+    for reference in references:
+        if not reference.startswith("data:"):
+            raise InvalidInput("known_speaker_references: expected data URLs (data:audio/...;base64,...)",
+                               field="known_speaker_references")
+    return [{"name": name, "audio_base64": reference} for name, reference in zip(names, references, strict=True)]
+
+
+def _check_chunking(form: Form) -> None:
+    """``chunking_strategy``: ``auto`` or a ``server_vad`` object, as OpenAI documents it. Accepted and
+    checked; the worker always cuts long audio at pauses found by its own VAD."""
+    value = form.text("chunking_strategy")
+    parts = {key: form.text(f"chunking_strategy[{key}]") for key in _CHUNKING_KEYS}
+    if value is not None and value != "auto":
+        raise InvalidInput("chunking_strategy: expected auto or a server_vad object", field="chunking_strategy")
+    if all(part is None for part in parts.values()):
+        return
+    if parts["type"] != "server_vad":
+        raise InvalidInput("chunking_strategy: type must be server_vad", field="chunking_strategy")
+    for key in ("prefix_padding_ms", "silence_duration_ms", "threshold"):
+        number = _number(parts[key], field=f"chunking_strategy[{key}]")
+        if number is not None and (number < 0 or (key == "threshold" and number > 1)):
+            raise InvalidInput(f"chunking_strategy[{key}]: out of range", field="chunking_strategy")
 
 
 def _segments(segments: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -134,6 +181,10 @@ def transcription_body(output: dict[str, Any], ask: TranscriptionAsk) -> tuple[s
         return text, "application/x-subrip"
     if ask.response_format == "vtt":
         return text, "text/vtt; charset=utf-8"
+    if ask.response_format == "diarized_json":
+        return {"task": "transcribe", "duration": output["duration_s"], "text": text,
+                "segments": diarized_segments(output["segments"]),
+                "usage": {"type": "duration", "seconds": output["duration_s"]}}, "application/json"
     language = "en" if ask.translate else (output.get("detected_language") or "en")
     body: dict[str, Any] = {
         "task": "translate" if ask.translate else "transcribe",
@@ -148,6 +199,13 @@ def transcription_body(output: dict[str, Any], ask: TranscriptionAsk) -> tuple[s
         body["words"] = [{key: word[key] for key in ("word", "start", "end")}
                          for word in output.get("word_timestamps", [])]
     return body, "application/json"
+
+
+def diarized_segments(segments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The job's segments as OpenAI's diarized ones (also the ``transcript.text.segment`` events)."""
+    return [{"type": "transcript.text.segment", "id": f"seg_{number}", "start": segment["start"],
+             "end": segment["end"], "text": str(segment["text"]).strip(), "speaker": segment.get("speaker", "A")}
+            for number, segment in enumerate(segments)]
 
 
 def delta_event(text: str) -> dict[str, Any]:

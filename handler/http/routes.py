@@ -266,7 +266,8 @@ class Routes:
                     return self._openai_error(self._refused(err), openai.TRANSCRIPTION_FIELDS)
                 arrival = Arrival(workspace=workspace, attachments=dict(form.files))
                 if ask.stream:
-                    return await self._stream(inputs, arrival, workspace, ticket)
+                    diarized = ask.response_format == "diarized_json"
+                    return await self._stream(inputs, arrival, workspace, ticket, diarized=diarized)
                 result = await self._job("transcribe", inputs, arrival)
             finally:
                 if not ticket.handed_on:  # a stream hands both on to its response
@@ -287,15 +288,17 @@ class Routes:
         try:
             async with asyncio.timeout(limit):
                 return await read_form(request.stream(), request.headers.get("content-type"), workspace.path,
-                                       file_fields=frozenset({"file"}),
+                                       file_fields=frozenset({"file"}), spooled_fields=openai.LARGE_FIELDS,
                                        max_file_bytes=self.settings.download_max_bytes)
         except TimeoutError:
             raise DownloadFailed(f"file: the upload did not arrive within {limit:g} s (DOWNLOAD_TIMEOUT_S)",
                                  field="file") from None
 
     async def _stream(self, inputs: dict[str, Any], arrival: Arrival, workspace: Workspace,
-                      ticket: Ticket) -> Response:
+                      ticket: Ticket, *, diarized: bool = False) -> Response:
         """Server-sent events: a text delta per segment as it is decoded, then the done event.
+        ``diarized``: a ``transcript.text.segment`` event per segment with its speaker, sent once the
+        speakers are known (at the job's end), then the done event.
 
         The job's first event (or its end) is awaited before answering, so a job that fails at
         once gets its HTTP status, not a stream holding an error.
@@ -304,7 +307,7 @@ class Routes:
         events: asyncio.Queue[list[dict[str, Any]] | None] = asyncio.Queue()
 
         def on_event(kind: str, data: dict[str, Any]) -> None:  # on a GPU thread
-            if kind == "segments":
+            if kind == "segments" and not diarized:
                 loop.call_soon_threadsafe(events.put_nowait, list(data["segments"]))
 
         arrival = Arrival(workspace=arrival.workspace, attachments=arrival.attachments, on_event=on_event)
@@ -315,11 +318,13 @@ class Routes:
             workspace.remove()
             return self._openai_error(job.result(), openai.TRANSCRIPTION_FIELDS)
         ticket.handed_on = True  # held by the stream from here: released when it ends
-        return StreamingResponse(self._sse(first, events, job, workspace, ticket), media_type="text/event-stream",
+        return StreamingResponse(self._sse(first, events, job, workspace, ticket, diarized=diarized),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _sse(self, first: list[dict[str, Any]] | None, events: asyncio.Queue[list[dict[str, Any]] | None],
-                   job: asyncio.Task[dict[str, Any]], workspace: Workspace, ticket: Ticket) -> AsyncIterator[bytes]:
+                   job: asyncio.Task[dict[str, Any]], workspace: Workspace, ticket: Ticket, *,
+                   diarized: bool = False) -> AsyncIterator[bytes]:
         sent = 0
         try:
             batch = first
@@ -334,7 +339,10 @@ class Routes:
             if "error" in result:
                 yield _sse(openai_error(result, fields=openai.TRANSCRIPTION_FIELDS), event="error")
                 return
-            if sent == 0 and result["transcription"]:  # answered whole (sequential path, cache)
+            if diarized:
+                for segment in openai.diarized_segments(result["segments"]):
+                    yield _sse(segment)
+            elif sent == 0 and result["transcription"]:  # answered whole (sequential path, cache)
                 yield _sse(openai.delta_event(result["transcription"]))
             yield _sse(openai.done_event(result))
         finally:

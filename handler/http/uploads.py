@@ -2,7 +2,9 @@
 
 Nothing is held in memory whole: a file part is written chunk by chunk and cut (INPUT_TOO_LARGE)
 the moment it passes the limit, and a body whose ``Content-Length`` is already over the limit
-is refused before a byte of it is read. Text fields are small and bounded in size and number.
+is refused before a byte of it is read. Text fields are small and bounded in size and number,
+but for the few named as large (OpenAI's ``known_speaker_references[]``: audio as data URLs), which
+go to disk like files, each bounded too.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from handler.errors import InputTooLarge, InvalidInput, printable
 # A form's text fields: at most this many, each at most this long (OpenAI's `prompt` is the longest).
 MAX_FIELDS = 32
 MAX_FIELD_BYTES = 16 * 1024
+# Large text fields (spooled to disk): at most this many parts, each at most this long.
+MAX_SPOOLED_PARTS = 4
+MAX_SPOOLED_BYTES = 4 * 1024 * 1024
 # What a body may carry besides its file: the text fields and the multipart framing.
-FORM_OVERHEAD = MAX_FIELDS * (MAX_FIELD_BYTES + 512)
+FORM_OVERHEAD = MAX_FIELDS * (MAX_FIELD_BYTES + 512) + MAX_SPOOLED_PARTS * MAX_SPOOLED_BYTES
 
 
 @dataclass
@@ -30,10 +35,16 @@ class Form:
 
     fields: dict[str, list[str]] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
+    # Large text fields, each part in its own file, in order.
+    spooled: dict[str, list[Path]] = field(default_factory=dict)
 
     def text(self, name: str) -> str | None:
         values = self.fields.get(name)
         return values[-1] if values else None
+
+    def large_texts(self, name: str) -> list[str]:
+        """The parts of the large text field ``name``, in order (each at most MAX_SPOOLED_BYTES)."""
+        return [path.read_text(encoding="utf-8", errors="replace") for path in self.spooled.get(name, [])]
 
 
 def check_length(content_length: str | None, *, max_file_bytes: int) -> None:
@@ -60,10 +71,13 @@ def boundary_of(content_type: str | None) -> bytes:
 class _Receiver:
     """The parser's callbacks: one part at a time, files to ``directory``, everything bounded."""
 
-    def __init__(self, directory: Path, *, file_fields: frozenset[str], max_file_bytes: int) -> None:
+    def __init__(self, directory: Path, *, file_fields: frozenset[str], max_file_bytes: int,
+                 spooled_fields: frozenset[str] = frozenset()) -> None:
         self.form = Form()
         self._directory = directory
         self._file_fields = file_fields
+        self._spooled_fields = spooled_fields
+        self._spool: IO[bytes] | None = None
         self._max_file_bytes = max_file_bytes
         self._header_name = bytearray()
         self._header_value = bytearray()
@@ -98,6 +112,14 @@ class _Receiver:
     def _headers_finished(self) -> None:
         _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
         self._name = options.get(b"name", b"").decode("utf-8", "replace")
+        if self._name in self._spooled_fields:
+            parts = self.form.spooled.setdefault(self._name, [])
+            if sum(len(paths) for paths in self.form.spooled.values()) >= MAX_SPOOLED_PARTS:
+                raise InvalidInput(f"{self._name}: at most {MAX_SPOOLED_PARTS} parts", field=self._name)
+            path = self._directory / f"field-{len(self.form.spooled)}-{len(parts)}"
+            parts.append(path)
+            self._spool = path.open("wb")
+            return
         if b"filename" not in options:
             return
         if self._name not in self._file_fields:
@@ -110,6 +132,13 @@ class _Receiver:
         self._file = path.open("wb")
 
     def _data(self, data: bytes, start: int, end: int) -> None:
+        if self._spool is not None:
+            self._written += end - start
+            if self._written > MAX_SPOOLED_BYTES:
+                raise InputTooLarge(f"{self._name}: a part is over the limit of {MAX_SPOOLED_BYTES} bytes",
+                                    field=self._name)
+            self._spool.write(data[start:end])
+            return
         if self._file is not None:
             self._written += end - start
             if self._written > self._max_file_bytes:
@@ -123,6 +152,10 @@ class _Receiver:
                                field=printable(self._name))
 
     def _part_end(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+            return
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -136,16 +169,19 @@ class _Receiver:
         self.form.fields.setdefault(self._name, []).append(text)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        for part in (self._file, self._spool):
+            if part is not None:
+                part.close()
 
 
 async def read_form(
     chunks: AsyncIterator[bytes], content_type: str | None, directory: Path, *,
-    file_fields: frozenset[str], max_file_bytes: int,
+    file_fields: frozenset[str], max_file_bytes: int, spooled_fields: frozenset[str] = frozenset(),
 ) -> Form:
-    """Parse a multipart body from ``chunks``, its files written to ``directory`` (the job's)."""
-    receiver = _Receiver(directory, file_fields=file_fields, max_file_bytes=max_file_bytes)
+    """Parse a multipart body from ``chunks``, its files (and ``spooled_fields``) written to ``directory``
+    (the job's)."""
+    receiver = _Receiver(directory, file_fields=file_fields, max_file_bytes=max_file_bytes,
+                         spooled_fields=spooled_fields)
     parser = MultipartParser(boundary_of(content_type), receiver.callbacks())  # type: ignore[arg-type]
     try:
         async for chunk in chunks:

@@ -157,6 +157,12 @@ def whisper_checkpoint(name: str, model_dir: Path) -> Path:
     return whisper_dir(model_dir) / filename
 
 
+def diarization_weights(name: str, model_dir: Path) -> Path:
+    """Where DIARIZATION_MODEL ``name`` is: a path as is, a file name under MODEL_DIR/diarize."""
+    path = Path(name)
+    return path if path.is_absolute() or len(path.parts) > 1 else model_dir / "diarize" / name
+
+
 def whisper_identity(name: str, settings: Settings) -> str | None:
     """The weights of Whisper model ``name``: the hash of the baked file, else the hash openai-whisper's
     download URL pins; None when there are none to know (the load would fail anyway)."""

@@ -64,10 +64,11 @@ CACHE: CachePolicy[SpeechInput] = CachePolicy(
     outputs=frozenset({"model", "seed", "sample_rate", "duration_s", "sentences", "files"}),
     shaping=lambda settings, params: {**input_fields(params), "model": params.model or settings.tts_model},
     models={"model": model_identity},
-    unaffected=frozenset({"whisper_model", "whisper_model_map", "whisper_batch_size", "image_model", "video_model",
-                          "video_clip_frames", *VIDEO_SHAPING,
-                          # VITS runs in fp32 on every device (see get_pipelines).
-                          "precision"}),
+    unaffected=frozenset({
+        "diarization_model", "whisper_model", "whisper_model_map", "whisper_batch_size", "image_model", "video_model",
+        "video_clip_frames", *VIDEO_SHAPING,
+        # VITS runs in fp32 on every device (see get_pipelines).
+        "precision"}),
 )
 
 

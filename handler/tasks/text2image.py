@@ -163,8 +163,9 @@ CACHE: CachePolicy[ImageInput] = CachePolicy(
     shaping=lambda settings, params: {**input_fields(params), "model": params.model or settings.image_model,
                                       "precision": settings.precision},
     models={"model": model_identity},
-    unaffected=frozenset({"whisper_model", "whisper_model_map", "whisper_batch_size", "tts_model", "video_model",
-                          "video_clip_frames", *VIDEO_SHAPING}),
+    unaffected=frozenset({
+        "diarization_model", "whisper_model", "whisper_model_map", "whisper_batch_size", "tts_model", "video_model",
+        "video_clip_frames", *VIDEO_SHAPING}),
 )
 
 TASK: Task[ImageInput] = Task(name="text2image", input_model=ImageInput, run=run, preload=preload, cache=CACHE)

@@ -12,10 +12,16 @@ windows of every job held by this worker with the same decoding settings join th
 (one encoder pass, one decoder loop), each job getting back its own segments. The batcher keeps each job's
 cancellation and error its own, and retries a batch that ran out of GPU memory in halves
 (:mod:`handler.runtime.batcher`).
+
+With ``diarize``, speaker diarization (:mod:`handler.pipelines.diarize`) starts as soon as the audio
+is decoded and runs beside the decoding: one Silero pass gives both the decoding's chunks and the
+speaker regions, the voice encoder takes a slot between Whisper's batches, and the speakers are put
+on the words (always timed, then) and segments once both are done.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import io
@@ -29,16 +35,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from torch import Tensor
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 from whisper.utils import WriteSRT, WriteVTT
 
 from handler.config import Settings
-from handler.errors import InvalidInput
+from handler.errors import InputTooLarge, InvalidInput
 from handler.io import media
 from handler.job import JobContext
 from handler.limits import served_model
+from handler.pipelines.diarize import labels
+from handler.pipelines.diarize import pipeline as diarization
 from handler.pipelines.weights import file_identity, whisper_identity
 from handler.pipelines.whisper import decoding, vad
 from handler.pipelines.whisper.pipeline import WhisperPipeline, get_pipelines, pipeline_working_bytes
@@ -64,6 +72,31 @@ Format = Annotated[TextFormat, BeforeValidator(_format_name)]
 # Token ids as worker-faster_whisper's clients send them: "-1", "-1,50362", "1, 2, 3".
 _SUPPRESS_TOKENS = re.compile(r"\s*-?\d{1,6}\s*(,\s*-?\d{1,6}\s*)*")
 _INPUT_NAME = "input.media"
+# Reference voices of known speakers: how many a job may name, and how long each clip may be.
+MAX_KNOWN_SPEAKERS = 4
+MAX_REFERENCE_S = 30.0
+_MIN_REFERENCE_SPEECH_S = 1.0
+# A speaker's name is a VTT voice tag and an SRT prefix: no markup or line breaks in it.
+_SPEAKER_NAME = r"^[^<>\[\]&\r\n\t]{1,64}$"
+
+
+class KnownSpeaker(BaseModel):
+    """A voice to name: a short clip of that speaker alone (5-10 s of speech is plenty)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(..., pattern=_SPEAKER_NAME, description="the label this voice gets")
+    audio: str | None = Field(None, description="https URL or s3://bucket/key of the reference clip")
+    audio_base64: str | None = Field(None, description="the reference clip, base64")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> KnownSpeaker:
+        if (self.audio is None) == (self.audio_base64 is None):
+            raise ValueError("give exactly one of audio or audio_base64")
+        self.name = self.name.strip()
+        if not self.name:
+            raise ValueError("name: empty")
+        return self
 
 
 class TranscribeInput(TaskInput):
@@ -99,6 +132,17 @@ class TranscribeInput(TaskInput):
     word_timestamps: bool = False
     batch_size: int | None = Field(None, ge=1, le=64, description="chunks decoded together (default "
                                    "WHISPER_BATCH_SIZE); 1 without VAD is openai-whisper's sequential transcribe")
+    diarize: bool = Field(False, description="label who speaks: a speaker on each segment and word, "
+                          "segments split where the speaker changes")
+    num_speakers: int | None = Field(None, ge=1, le=diarization.MAX_SPEAKERS,
+                                     description="with diarize: exactly this many speakers")
+    min_speakers: int | None = Field(None, ge=1, le=diarization.MAX_SPEAKERS,
+                                     description="with diarize: at least this many speakers")
+    max_speakers: int | None = Field(None, ge=1, le=diarization.MAX_SPEAKERS,
+                                     description="with diarize: at most this many speakers")
+    known_speakers: list[KnownSpeaker] | None = Field(
+        None, max_length=MAX_KNOWN_SPEAKERS, description="with diarize: up to 4 {name, audio | audio_base64} "
+        f"clips of speakers to name (at most {MAX_REFERENCE_S:g} s each)")
 
     @model_validator(mode="after")
     def _check(self) -> TranscribeInput:
@@ -109,7 +153,37 @@ class TranscribeInput(TaskInput):
         self.suppress_tokens = ",".join(str(int(t)) for t in self.suppress_tokens.split(","))
         if self.language is not None:
             self.language = _language_code(self.language)
+        self._check_speakers()
         return self
+
+    def _check_speakers(self) -> None:
+        speaker_fields = ("num_speakers", "min_speakers", "max_speakers", "known_speakers")
+        if not self.diarize:
+            for name in speaker_fields:
+                if getattr(self, name) is not None:
+                    raise InvalidInput(f"{name}: needs diarize", field=name)
+            return
+        if self.translate:
+            raise InvalidInput("diarize: not with translate (speakers are labelled on the transcription)",
+                               field="diarize")
+        if self.num_speakers is not None and (self.min_speakers is not None or self.max_speakers is not None):
+            raise InvalidInput("num_speakers: give either num_speakers or min_speakers/max_speakers",
+                               field="num_speakers")
+        if self.min_speakers is not None and self.max_speakers is not None and self.min_speakers > self.max_speakers:
+            raise InvalidInput(f"min_speakers: {self.min_speakers} is more than max_speakers {self.max_speakers}",
+                               field="min_speakers")
+        known = self.known_speakers or []
+        names = [speaker.name for speaker in known]
+        if len(set(names)) != len(names):
+            raise InvalidInput("known_speakers: two speakers have the same name", field="known_speakers")
+        most = self.num_speakers or self.max_speakers
+        if most is not None and len(known) > most:
+            raise InvalidInput(f"known_speakers: {len(known)} known speakers but at most {most} speakers",
+                               field="known_speakers")
+
+    def speaker_bounds(self) -> diarization.SpeakerBounds:
+        return diarization.SpeakerBounds(num=self.num_speakers, low=self.min_speakers or 1,
+                                         high=self.max_speakers or diarization.MAX_SPEAKERS)
 
     def decode_options(self) -> dict[str, Any]:
         """Keyword arguments for ``whisper.transcribe``."""
@@ -120,7 +194,8 @@ class TranscribeInput(TaskInput):
             "no_speech_threshold": self.no_speech_threshold,
             "condition_on_previous_text": self.condition_on_previous_text,
             "initial_prompt": self.initial_prompt,
-            "word_timestamps": self.word_timestamps,
+            # Diarization gives each word its speaker, and cuts segments between words.
+            "word_timestamps": self.word_timestamps or self.diarize,
             "language": self.language,
             "beam_size": self.beam_size,
             "best_of": self.best_of,
@@ -263,10 +338,13 @@ class _Item:
     index: int = 0
 
 
-def find_chunks(audio: np.ndarray, *, enable_vad: bool, cancel: CancelToken) -> list[vad.Chunk]:
-    """Speech chunks (VAD, stopping when the job is cancelled) or windows covering everything,
-    each at most 30 s; on the CPU."""
-    return vad.speech_chunks(audio, cancel=cancel) if enable_vad else vad.fixed_chunks(audio)
+def find_chunks(audio: np.ndarray, *, enable_vad: bool, cancel: CancelToken,
+                probabilities: list[float] | None = None) -> list[vad.Chunk]:
+    """Speech chunks (VAD, stopping when the job is cancelled; from its pass ``probabilities`` when
+    made already) or windows covering everything, each at most 30 s; on the CPU."""
+    if not enable_vad:
+        return vad.fixed_chunks(audio)
+    return vad.speech_chunks(audio, cancel=cancel, probabilities=probabilities)
 
 
 def _batcher(runtime: Runtime, model: WhisperPipeline) -> Batcher[_Item, Segments]:
@@ -343,7 +421,8 @@ def _batch_size(settings: Settings, params: TranscribeInput) -> int:
 
 
 async def _recognise_job(
-    ctx: JobContext, pipelines: InstancePool[WhisperPipeline], audio: np.ndarray, params: TranscribeInput
+    ctx: JobContext, pipelines: InstancePool[WhisperPipeline], audio: np.ndarray, params: TranscribeInput,
+    vad_pass: asyncio.Future[list[float]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Transcription (and translation): nothing to decode in silence; openai-whisper's own sequential
     path for ``batch_size`` 1 without VAD, else chunks in batches shared with the worker's other jobs."""
@@ -357,7 +436,9 @@ async def _recognise_job(
     model = pipelines.first.model
     with ctx.timings.measure("chunk"):
         speech_only = params.enable_vad is not False
-        find = functools.partial(find_chunks, audio, enable_vad=speech_only, cancel=ctx.cancel)
+        probabilities = await vad_pass if vad_pass is not None and speech_only else None
+        find = functools.partial(find_chunks, audio, enable_vad=speech_only, cancel=ctx.cancel,
+                                 probabilities=probabilities)
         chunks = await ctx.in_thread(find)
         windows = await ctx.in_thread(lambda: decoding.prepare_windows(model, audio, chunks))
         detect = params.language is None and pipelines.first.is_multilingual
@@ -377,12 +458,18 @@ async def _recognise_job(
 
 
 def format_text(result: dict[str, Any], fmt: TextFormat) -> str:
-    """The transcript in one of the output formats of worker-faster_whisper."""
+    """The transcript in one of the output formats of worker-faster_whisper; with speakers, SRT
+    cues start ``[A] `` and VTT cues are voice spans ``<v A>``."""
     segments = result["segments"]
     if fmt == "plain_text":
         return " ".join(s["text"].strip() for s in segments)
     if fmt == "formatted_text":
         return "\n".join(s["text"].strip() for s in segments)
+    if segments and "speaker" in segments[0]:  # one cue per segment, so one speaker per cue
+        tag = "<v {}>" if fmt == "vtt" else "[{}] "
+        segments = [{key: value for key, value in s.items() if key != "words"}
+                    | {"text": tag.format(s["speaker"]) + s["text"].strip()} for s in segments]
+        result = {**result, "segments": segments}
     writer = WriteSRT(".") if fmt == "srt" else WriteVTT(".")
     buffer = io.StringIO()
     writer.write_result(result, file=buffer)
@@ -393,7 +480,8 @@ def _segments(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Segments as worker-faster_whisper returns them (ids counted from 1, as faster-whisper does)."""
     keys = ("seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
             "compression_ratio", "no_speech_prob")
-    return [{"id": number, **{key: plain(segment.get(key)) for key in keys}}
+    return [{"id": number, **{key: plain(segment.get(key)) for key in keys},
+             **({"speaker": segment["speaker"]} if "speaker" in segment else {})}
             for number, segment in enumerate(result["segments"], 1)]
 
 
@@ -419,39 +507,124 @@ async def _store(ctx: JobContext, result: dict[str, Any], output: dict[str, Any]
 async def run(ctx: JobContext, params: TranscribeInput) -> dict[str, Any]:
     model = _model_name(ctx.settings, params)
     target, field = await _fetch(ctx, params)
+    references = await _fetch_references(ctx, params)
     key = None
     if ctx.caching(params):
-        media = await ctx.in_thread(lambda: file_identity(target, remember=False))
+        files = [target, *(reference.path for reference in references)]
+        media = ":".join([await ctx.in_thread(functools.partial(file_identity, path, remember=False))
+                          for path in files])
         key = await ctx.cache_key(params, CACHE, media=media)
-    return await ctx.cached(key, CACHE, lambda: _transcribe(ctx, params, model, target, field))
+    return await ctx.cached(key, CACHE, lambda: _transcribe(ctx, params, model, target, field, references))
+
+
+# Diarization: beside the decoding, on the same decoded audio.
+
+@dataclass(frozen=True)
+class _Reference:
+    """A known speaker's clip, fetched into the job's directory."""
+
+    name: str
+    path: Path
+    field: str
+
+
+async def _fetch_references(ctx: JobContext, params: TranscribeInput) -> list[_Reference]:
+    """The known speakers' clips, through the same guarded path as the job's media."""
+    references = []
+    for index, speaker in enumerate(params.known_speakers or []):
+        prefix = f"known_speakers.{index}"
+        target = ctx.workdir / f"speaker-{index}.media"
+        field = await ctx.fetch_media(target, url=speaker.audio, data=speaker.audio_base64,
+                                      fields=(f"{prefix}.audio", f"{prefix}.audio_base64"))
+        references.append(_Reference(speaker.name, target, field))
+    return references
+
+
+def _diarization_regions(audio: np.ndarray, cancel: CancelToken,
+                         probabilities: list[float] | None = None) -> list[diarization.Span]:
+    """Speech for diarization: Silero (its pass ``probabilities`` when made already), more sensitive
+    than for decoding (a missed stretch has no speaker) and cut at shorter pauses (turns change in them)."""
+    regions = vad.speech_regions(audio, threshold=0.2, min_silence_ms=100, speech_pad_ms=30, cancel=cancel,
+                                 probabilities=probabilities)
+    return [diarization.Span(region.start, region.end) for region in regions]
+
+
+async def _reference_voice(ctx: JobContext, pool: InstancePool[diarization.DiarizationPipeline],
+                           reference: _Reference) -> np.ndarray:
+    try:
+        audio, _ = await ctx.in_thread(functools.partial(
+            media.load_audio, reference.path, max_duration_s=MAX_REFERENCE_S, timeout_s=ctx.settings.media_timeout_s,
+            field=reference.field, cancel=ctx.cancel))
+    except InputTooLarge as exc:
+        raise InvalidInput(f"{reference.field}: a reference clip is at most {MAX_REFERENCE_S:g} s of one speaker",
+                           field=reference.field) from exc
+    regions = await ctx.in_thread(lambda: _diarization_regions(audio, ctx.cancel))
+    if sum(region.end - region.start for region in regions) < _MIN_REFERENCE_SPEECH_S * vad.SAMPLE_RATE:
+        raise InvalidInput(f"{reference.field}: no speech in the reference clip of {reference.name!r}",
+                           field=reference.field)
+    return await ctx.on_model(pool, lambda pipeline: pipeline.voice(audio, regions), stage="diarize")
+
+
+async def _diarize(ctx: JobContext, params: TranscribeInput, audio: np.ndarray, references: list[_Reference],
+                   vad_pass: asyncio.Future[list[float]]) -> list[diarization.Turn]:
+    """Who speaks when in ``audio`` (reference voices named)."""
+    pool = await ctx.load(lambda: diarization.get_pipelines(ctx.runtime, ctx.settings.diarization_model))
+    known = {reference.name: await _reference_voice(ctx, pool, reference) for reference in references}
+    if is_silent(audio):
+        return []
+    probabilities = await vad_pass
+    regions = await ctx.in_thread(lambda: _diarization_regions(audio, ctx.cancel, probabilities))
+    bounds = params.speaker_bounds()
+    return await ctx.on_model(pool, lambda pipeline: pipeline.diarize(audio, regions, bounds=bounds, known=known,
+                                                                       cancel=ctx.cancel), stage="diarize")
 
 
 def _shaping(settings: Settings, params: TranscribeInput) -> dict[str, Any]:
     """What decides a transcription: the served model, the effective batch size, every decoding
     field; not where the media came from or what happens to it after."""
-    fields = input_fields(params, exclude=("audio", "audio_base64", "delete_after_read"))
-    return {**fields, "model": _model_name(settings, params), "batch_size": _batch_size(settings, params),
-            "precision": settings.precision}
+    fields = input_fields(params, exclude=("audio", "audio_base64", "delete_after_read", "known_speakers"))
+    shaping = {**fields, "model": _model_name(settings, params), "batch_size": _batch_size(settings, params),
+               "precision": settings.precision}
+    if params.diarize:
+        # The reference clips count by their content, hashed with the media (see ``run``).
+        shaping["diarization_model"] = settings.diarization_model
+        shaping["known_speakers"] = [speaker.name for speaker in params.known_speakers or []]
+    return shaping
 
 
 CACHE: CachePolicy[TranscribeInput] = CachePolicy(
     outputs=frozenset({"transcription", "translation", "detected_language", "segments", "translation_segments",
                        "device", "model",
-                       "duration_s", "word_timestamps", "files"}),
+                       "duration_s", "word_timestamps", "speakers", "files"}),
     shaping=_shaping,
-    models={"model": whisper_identity},
+    models={"model": whisper_identity, "diarization_model": diarization.diarization_identity},
     unaffected=frozenset({"tts_model", "image_model", "video_model", "video_clip_frames", *VIDEO_SHAPING}),
 )
 
 
 async def _transcribe(
-    ctx: JobContext, params: TranscribeInput, model: str, target: Path, field: str
+    ctx: JobContext, params: TranscribeInput, model: str, target: Path, field: str, references: list[_Reference]
 ) -> dict[str, Any]:
     audio, duration_s = await _decode(ctx, target, field)
     pipelines = await ctx.load(lambda: get_pipelines(ctx.runtime, model))
     _check_language_support(pipelines.first, params)
     _check_suppress_tokens(pipelines.first, params)
-    result, translation = await _recognise_job(ctx, pipelines, audio, params)
+    # Started first, so that its work runs while Whisper decodes; one Silero pass serves both.
+    diarizing = vad_pass = None
+    if params.diarize:
+        vad_pass = asyncio.ensure_future(ctx.in_thread(lambda: vad.speech_probabilities(audio, cancel=ctx.cancel)))
+        diarizing = asyncio.ensure_future(_diarize(ctx, params, audio, references, vad_pass))
+    try:
+        result, translation = await _recognise_job(ctx, pipelines, audio, params, vad_pass)
+        turns = await diarizing if diarizing is not None else None
+    finally:
+        for pending in (diarizing, vad_pass):
+            if pending is not None and not pending.done():
+                pending.cancel()
+            elif pending is not None and not pending.cancelled():
+                pending.exception()  # seen, so a failure behind the decoding's own is not logged as lost
+    if turns is not None:
+        result = {**result, "segments": labels.label_segments(result["segments"], turns)}
     output: dict[str, Any] = {
         "transcription": format_text(result, params.transcription),
         "translation": format_text(translation, params.translation) if translation else None,
@@ -464,6 +637,8 @@ async def _transcribe(
     }
     if params.word_timestamps:
         output["word_timestamps"] = words(result)
+    if turns is not None:
+        output["speakers"] = labels.speaker_summary(turns)
     output["files"] = await _store(ctx, result, output)
     return output
 

@@ -57,7 +57,7 @@ def word_timings(pipeline: WhisperPipeline, audio: np.ndarray, cancel: CancelTok
 def words(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The words of a ``whisper.transcribe`` result (run with ``word_timestamps``), in order."""
     return [
-        {key: plain(word[key]) for key in ("word", "start", "end", "probability")}
+        {key: plain(word[key]) for key in ("word", "start", "end", "probability", "speaker") if key in word}
         for segment in result["segments"]
         for word in segment.get("words", [])
     ]

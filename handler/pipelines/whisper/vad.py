@@ -40,6 +40,8 @@ from handler.runtime.threads import one_torch_thread
 
 SAMPLE_RATE = 16000
 MAX_CHUNK_S = 30.0
+# Silero's window at 16 kHz (32 ms).
+_WINDOW = 512
 
 # Silero's model carries recurrent state from one 32 ms window to the next, so a copy runs one
 # part at a time: idle copies wait here (the first is loaded eagerly by _vad_model).
@@ -95,31 +97,15 @@ def _load_model() -> Any:
             return load_silero_vad()
 
 
-def speech_regions(
-    audio: np.ndarray,
-    *,
-    max_region_s: float = MAX_CHUNK_S,
-    threshold: float = 0.5,
-    min_silence_ms: int = 300,
-    speech_pad_ms: int = 200,
-    cancel: CancelToken | None = None,
-) -> list[Chunk]:
-    """Silero's speech regions, each padded by ``speech_pad_ms`` and at most ``max_region_s`` long.
+def speech_probabilities(audio: np.ndarray, *, cancel: CancelToken | None = None) -> list[float]:
+    """Silero's speech probability of each 32 ms window of ``audio``: its one pass over the recording,
+    exactly as ``get_speech_timestamps`` makes it. A cancelled job's pass stops at its next window.
 
-    A cancelled job's pass stops at its next window (Silero reports progress per window).
-
-    A longer region is cut at its last pause of ~100 ms before the limit: the last, not the
-    longest, so chunks come out near the limit and fewer windows need decoding.
-
-    A pause must last ``min_silence_ms`` to end a region. Neighbours closer than twice the pad
-    share the gap between them at its middle.
+    One pass serves several ways of reading it (:func:`speech_regions`' ``probabilities``): a
+    diarized job's decoding chunks and its speaker regions come from the same pass.
     """
     _vad_model()  # first: it imports silero_vad without its side effect on torch threads
-    from silero_vad import get_speech_timestamps
-
-    options = {"threshold": threshold, "max_speech_duration_s": max_region_s,
-               "min_silence_duration_ms": min_silence_ms, "speech_pad_ms": speech_pad_ms}
-
+    samples = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
     with one_torch_thread():  # its many tiny steps (one per 32 ms) run 2-4x slower on more threads
         with _idle_lock:
             model = _idle.pop() if _idle else None
@@ -128,14 +114,52 @@ def speech_regions(
                 model = _load_model()
         try:
             with torch.no_grad():
-                spans = get_speech_timestamps(
-                    torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)), model,
-                    sampling_rate=SAMPLE_RATE, use_max_poss_sil_at_max_speech=False, **options,
-                    progress_tracking_callback=(lambda _done: cancel.check()) if cancel is not None else None,
-                )
+                model.reset_states()
+                probabilities = []
+                for start in range(0, len(samples), _WINDOW):
+                    if cancel is not None:
+                        cancel.check()
+                    window = samples[start:start + _WINDOW]
+                    if len(window) < _WINDOW:
+                        window = torch.nn.functional.pad(window, (0, _WINDOW - len(window)))
+                    probabilities.append(model(window, SAMPLE_RATE).item())
         finally:
             with _idle_lock:
                 _idle.append(model)
+    return probabilities
+
+
+def speech_regions(
+    audio: np.ndarray,
+    *,
+    max_region_s: float = MAX_CHUNK_S,
+    threshold: float = 0.5,
+    min_silence_ms: int = 300,
+    speech_pad_ms: int = 200,
+    cancel: CancelToken | None = None,
+    probabilities: list[float] | None = None,
+) -> list[Chunk]:
+    """Silero's speech regions, each padded by ``speech_pad_ms`` and at most ``max_region_s`` long.
+
+    ``probabilities``: the pass of :func:`speech_probabilities` over ``audio``, when it is already
+    made (the regions are then the same as without it, without a second pass).
+
+    A longer region is cut at its last pause of ~100 ms before the limit: the last, not the
+    longest, so chunks come out near the limit and fewer windows need decoding.
+
+    A pause must last ``min_silence_ms`` to end a region. Neighbours closer than twice the pad
+    share the gap between them at its middle.
+    """
+    _vad_model()  # first: it imports silero_vad without its side effect on torch threads
+    from silero_vad import get_speech_timestamps_from_probs
+
+    if probabilities is None:
+        probabilities = speech_probabilities(audio, cancel=cancel)
+    spans = get_speech_timestamps_from_probs(
+        probabilities, sampling_rate=SAMPLE_RATE, threshold=threshold, max_speech_duration_s=max_region_s,
+        min_silence_duration_ms=min_silence_ms, speech_pad_ms=speech_pad_ms,
+        use_max_poss_sil_at_max_speech=False, audio_length_samples=len(audio),
+    )
     return [Chunk(int(span["start"]), int(span["end"])) for span in spans]
 
 
@@ -165,8 +189,8 @@ def _split_hard(region: Chunk, max_samples: int) -> list[Chunk]:
 def speech_chunks(audio: np.ndarray, *, max_chunk_s: float = MAX_CHUNK_S, **vad: Any) -> list[Chunk]:
     """Speech of ``audio`` as chunks of at most ``max_chunk_s``, cut only in pauses.
 
-    ``vad`` passes ``threshold``, ``min_silence_ms`` or ``speech_pad_ms`` on to
-    :func:`speech_regions`. Audio with no speech gives ``[]``.
+    ``vad`` passes ``threshold``, ``min_silence_ms``, ``speech_pad_ms``, ``cancel`` or ``probabilities``
+    on to :func:`speech_regions`. Audio with no speech gives ``[]``.
     """
     _check_window(max_chunk_s)
     regions = speech_regions(audio, max_region_s=max_chunk_s, **vad)
