@@ -35,20 +35,22 @@ def engine(voice_encoder: Path) -> DiarizationPipeline:
     return load_diarization(voice_encoder, "cpu", name="resemblyzer-0.1.4.pt")
 
 
-def diarize(engine: DiarizationPipeline, audio: np.ndarray, **options: Any) -> list[tuple[float, float, str]]:
-    turns = engine.diarize(audio, _diarization_regions(audio, CancelToken()), **options)
+def diarize(engine: DiarizationPipeline, audio: np.ndarray, regions: list[Any] | None = None,
+            **options: Any) -> list[tuple[float, float, str]]:
+    """Speaker turns of ``audio``; ``regions`` (its speech, found by the worker's VAD) when known."""
+    found = regions if regions is not None else _diarization_regions(audio, CancelToken())
+    turns = engine.diarize(audio, found, **options)
     return [(turn.start, turn.end, turn.speaker) for turn in turns]
 
 
 @pytest.mark.slow
 def test_real_conversations_are_diarized_within_the_bar(engine: DiarizationPipeline, pool) -> None:
-    """On 12 conversations of 2-4 real speakers (8 the thresholds were chosen on, 4 never used to
-    choose), the DER over all of them is at most 10%, and every conversation has the right speakers
-    for most of its speech (under 30% DER)."""
+    """On the 4 conversations of 2-4 real speakers never used to choose a threshold, the DER over all
+    of them is at most 10%, and every conversation has the right speakers for most of its speech
+    (under 30% DER). bench/diarization.py measures all 12 (the 8 chosen on too)."""
     total = Scores(0, 0, 0, 0)
     each = {}
-    talks = conversations.tuning_set(pool) + conversations.held_out_set(pool) + conversations.fresh_set(pool)
-    for conversation in talks:
+    for conversation in conversations.fresh_set(pool):
         scores = score(conversation, diarize(engine, conversation.audio))
         total += scores
         each[conversation.name] = round(scores.der, 3)
@@ -61,12 +63,13 @@ def test_num_speakers_is_honoured(engine: DiarizationPipeline, pool) -> None:
     """Given ``num_speakers``, exactly that many speakers come back (the true count, one, and more
     than were found); bounds clamp the count found."""
     conversation = conversations.held_out_set(pool)[4]  # four speakers
+    regions = _diarization_regions(conversation.audio, CancelToken())
     for wanted in (4, 1, 5):
-        found = {speaker for _, _, speaker in diarize(engine, conversation.audio, bounds=SpeakerBounds(num=wanted))}
-        assert len(found) == wanted, (wanted, found)
-    right = diarize(engine, conversation.audio, bounds=SpeakerBounds(num=4))
-    assert score(conversation, right).der <= MAX_DER
-    at_most_two = diarize(engine, conversation.audio, bounds=SpeakerBounds(low=1, high=2))
+        turns = diarize(engine, conversation.audio, regions, bounds=SpeakerBounds(num=wanted))
+        assert len({speaker for _, _, speaker in turns}) == wanted, (wanted, turns)
+        if wanted == 4:
+            assert score(conversation, turns).der <= MAX_DER
+    at_most_two = diarize(engine, conversation.audio, regions, bounds=SpeakerBounds(low=1, high=2))
     assert len({speaker for _, _, speaker in at_most_two}) == 2
 
 
@@ -90,9 +93,11 @@ def test_known_speakers_are_named_from_a_short_clip(engine: DiarizationPipeline,
     rest, references = _split_off_references(pool, speakers)
     voices = {name: engine.voice(clip, _spans(clip)) for name, clip in references.items()}
     conversation = conversations.conversation(rest, speakers, seed=7, turns=12)
-    named = diarize(engine, conversation.audio, known=voices)
+    regions = _diarization_regions(conversation.audio, CancelToken())
+    named = diarize(engine, conversation.audio, regions, known=voices)
     assert known_names_right(conversation, named) >= 0.9
-    partly = diarize(engine, conversation.audio, bounds=SpeakerBounds(num=3), known={"reader": voices["reader"]})
+    partly = diarize(engine, conversation.audio, regions, bounds=SpeakerBounds(num=3),
+                     known={"reader": voices["reader"]})
     assert {speaker for _, _, speaker in partly} == {"reader", "A", "B"}
 
 
