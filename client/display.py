@@ -123,8 +123,8 @@ def summary_table(results: list[FileResult], *, wall_s: float) -> Table:
         table.add_column("speakers", overflow="fold")
     for result in results:
         rtf = result.real_time_factor
-        row: list[Text | str] = [plain(result.path.name), _seconds(result.duration_s), _outcome(result), str(result.attempts),
-               _seconds(result.wall_s), "-" if rtf is None else f"{rtf:.2f}x"]
+        row: list[Text | str] = [plain(result.path.name), _seconds(result.duration_s), _outcome(result),
+                                 str(result.attempts), _seconds(result.wall_s), "-" if rtf is None else f"{rtf:.2f}x"]
         if diarized:
             row.append(plain(", ".join(f"{label} {seconds:.0f} s" for label, seconds in result.speakers) or "-"))
         table.add_row(*row)
