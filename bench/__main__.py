@@ -1,7 +1,7 @@
 """``python -m bench [NAME ...]``: print each figure against its baseline. Names: overhead,
-transcription, upload, pipelining, soak, loop, client, prompt, batched, accuracy, coldstart.
+transcription, upload, pipelining, soak, loop, client, prompt, batched, accuracy, coldstart, diarization.
 
-``prompt``, ``batched`` and ``accuracy`` (each about 15 minutes on 2 CPU cores) run only when named.
+``prompt``, ``batched``, ``accuracy`` and ``diarization`` (each about 15 minutes on 2 CPU cores) run only when named.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from bench import (
     bucket,
     client,
     coldstart,
+    diarization,
     loop,
     overhead,
     residency,
@@ -53,6 +54,8 @@ def main(names: list[str]) -> None:
             rows.extend(batched.measure())
         elif name == "accuracy":
             rows.extend(accuracy.measure())
+        elif name == "diarization":
+            rows.extend(diarization.measure())
         elif name == "batched_handler":
             rows.extend(batched.measure_handler())
         elif name == "residency":
