@@ -43,6 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from tests import default_models
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
 START, END = "<!-- bench-gpu:start -->", "<!-- bench-gpu:end -->"
 TOKENS_PER_WINDOW = 100
@@ -293,13 +295,7 @@ def sdxl_unet(dry: bool) -> Any:
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, norm_num_groups=2,
             addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
             attention_head_dim=(2, 4), use_linear_projection=True)
-    return UNet2DConditionModel(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816)
+    return default_models.sdxl_unet()
 
 
 def image_bench(part: Part) -> None:
@@ -342,10 +338,7 @@ def wan_transformer(dry: bool) -> Any:
             patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
             text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
-    return WanTransformer3DModel(  # Wan2.1-T2V-1.3B's config
-        patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-        text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+    return default_models.wan_transformer()  # Wan2.1-T2V-1.3B's config
 
 
 def video_bench(part: Part) -> None:

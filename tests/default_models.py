@@ -28,7 +28,7 @@ def _whisper_turbo() -> torch.nn.Module:
                                 TextDecoder(n_vocab=51866, n_ctx=448, n_state=1280, n_head=20, n_layer=4)])
 
 
-def _sdxl_unet() -> torch.nn.Module:
+def sdxl_unet() -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -60,7 +60,7 @@ def _sdxl_vae() -> torch.nn.Module:
                          up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024)
 
 
-def _wan_transformer() -> torch.nn.Module:
+def wan_transformer() -> torch.nn.Module:
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
@@ -68,7 +68,7 @@ def _wan_transformer() -> torch.nn.Module:
                                  num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
 
 
-def _umt5_xxl() -> torch.nn.Module:
+def umt5_xxl() -> torch.nn.Module:
     from transformers import UMT5Config, UMT5EncoderModel
 
     return UMT5EncoderModel(UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
@@ -107,11 +107,11 @@ class Component:
 # diffusers pipelines run in bf16 but for a video VAE, kept in fp32; VITS runs in fp32.
 COMPONENTS = (
     Component("transcribe", "Whisper turbo", _whisper_turbo, torch.float32),
-    Component("text2image", "SDXL UNet", _sdxl_unet, torch.bfloat16),
+    Component("text2image", "SDXL UNet", sdxl_unet, torch.bfloat16),
     Component("text2image", "SDXL text encoders", _sdxl_text_encoders, torch.bfloat16),
     Component("text2image", "SDXL VAE", _sdxl_vae, torch.bfloat16),
-    Component("text2video", "Wan2.1 1.3B transformer", _wan_transformer, torch.bfloat16),
-    Component("text2video", "UMT5-XXL text encoder", _umt5_xxl, torch.bfloat16),
+    Component("text2video", "Wan2.1 1.3B transformer", wan_transformer, torch.bfloat16),
+    Component("text2video", "UMT5-XXL text encoder", umt5_xxl, torch.bfloat16),
     Component("text2video", "Wan VAE", _wan_vae, torch.float32),
     Component("speech", "MMS-TTS", _mms_tts, torch.float32),
 )

@@ -397,7 +397,7 @@ def default_needs() -> dict[str, DefaultNeed]:
     from handler.pipelines.diffusion import loading
     from handler.pipelines.speech.pipeline import working_bytes as speech_working
     from handler.pipelines.whisper.pipeline import working_bytes as whisper_working
-    from tests.default_models import COMPONENTS, _umt5_xxl, largest_leaf_bytes
+    from tests.default_models import COMPONENTS, largest_leaf_bytes, umt5_xxl
 
     weights = {component.name: component.bytes() for component in COMPONENTS}
     turbo = ModelDimensions(n_mels=128, n_audio_ctx=1500, n_audio_state=1280, n_audio_head=20, n_audio_layer=32,
@@ -413,7 +413,7 @@ def default_needs() -> dict[str, DefaultNeed]:
         "text2video": DefaultNeed("text2video", "Wan2.1 T2V 1.3B (bf16, VAE fp32)",
                                   video + weights["UMT5-XXL text encoder"], 0, video_working),
         "text2video-offloaded": DefaultNeed("text2video", "the same, its text encoder offloaded", video,
-                                            2 * largest_leaf_bytes(_umt5_xxl, torch.bfloat16), video_working),
+                                            2 * largest_leaf_bytes(umt5_xxl, torch.bfloat16), video_working),
         "speech": DefaultNeed("speech", "MMS-TTS (fp32)", weights["MMS-TTS"], 0, speech_working(["a sentence"])),
     }
 
