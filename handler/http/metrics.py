@@ -51,7 +51,7 @@ class _RuntimeCollector(Collector):
         yield placed
         moves = CounterMetricFamily("worker_pipeline_moves", "pipelines moved to make room on the device, by task "
                                     "and direction (to_device, park, drop)", labels=["task", "direction"])
-        for (task, direction), count in sorted(residency.moves.counts.items()):
+        for (task, direction), count in sorted(residency.move_counts().items()):
             moves.add_metric([task, direction], count)
         yield moves
 

@@ -20,6 +20,7 @@ bake, so it imports only the standard library, the settings, and openai-whisper'
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -104,11 +105,8 @@ def model_identity(name: str, settings: Settings) -> str | None:
     revision of the cached snapshot; None when the model is not on this machine yet."""
     if Path(name).is_dir():
         return directory_identity(Path(name))
-    for cache in (settings.runpod_hf_cache, hf_cache_dir(settings.model_dir)):
-        ref = cache / f"models--{name.replace('/', '--')}" / "refs" / "main"
-        if cached(cache, name) and ref.is_file():
-            return f"revision:{ref.read_text().strip()}"
-    return None
+    snapshot = pretrained_dir(name, settings)  # named after the revision refs/main points at
+    return f"revision:{snapshot.name}" if snapshot is not None else None
 
 
 def pretrained_dir(name: str, settings: Settings) -> Path | None:
@@ -128,10 +126,12 @@ def pretrained_dir(name: str, settings: Settings) -> Path | None:
 _PLAIN_WEIGHTS = re.compile(r"[^.]+(-\d+-of-\d+)?\.safetensors")
 
 
+@functools.lru_cache(maxsize=32)
 def safetensors_elements(folder: Path) -> dict[str, int]:
     """Elements of the weights in each component folder of a diffusers or transformers model
     (``""``: the folder itself), read from the files' headers: what the model will weigh, before
-    it loads."""
+    it loads. Read once per folder and process (jobs ask for it each time; weights do not change
+    under a running worker)."""
     counts: dict[str, int] = {}
     for path in sorted(folder.rglob("*.safetensors")):
         if not _PLAIN_WEIGHTS.fullmatch(path.name):

@@ -238,6 +238,11 @@ class Residency:
                       for key, at in self._dropped.items()]
             return found
 
+    def move_counts(self) -> dict[tuple[str, str], int]:
+        """A copy of the moves so far, (task, direction) -> count."""
+        with self._residents_lock:
+            return dict(self.moves.counts)
+
     def places(self) -> dict[tuple[str, str], Place]:
         """(task, model) -> place, for tests and logs."""
         return {(key.task, key.model): info["place"] for key, info in self.snapshot()}

@@ -157,7 +157,10 @@ def least_device_weights(runtime: Runtime, name: str, *, video: bool) -> int:
     """The fewest bytes the pipeline ``name`` can take on the device, from its files' headers
     before it loads: its components in their dtypes, less what offload hooks keep in host RAM
     (everything when they place the whole pipeline; a video model's text encoder unless
-    VIDEO_TEXT_ENCODER_OFFLOAD is false). 0 when its files are not on this machine yet."""
+    VIDEO_TEXT_ENCODER_OFFLOAD is false). 0 when its files are not on this machine yet, or when
+    there is no budget to hold it against."""
+    if runtime.residency.budget is None:  # nothing to refuse against: no reading
+        return 0
     folder = pretrained_dir(name, runtime.settings)
     if folder is None or _places_itself(runtime, video=video):
         return 0

@@ -126,6 +126,6 @@ def _placement(pipeline: SpeechPipeline) -> Placement:
 
 def working_bytes(pieces: list[str]) -> int:
     """GPU memory one synthesis takes beyond the weights: VITS makes one piece (a sentence) at a
-    time, its activations a few hundred bytes per output sample, up to about 20 s of audio a piece,
-    so a fixed allowance, with room for the longest (an estimate; bench/README's run-book measures it)."""
+    time, so a fixed allowance whatever the text's length (an estimate; bench/README's run-book
+    measures it)."""
     return 256 * MIB if pieces else 0
