@@ -106,6 +106,18 @@ def _regions(audio: np.ndarray, *, min_silence_ms: int = 300) -> list[vad.Chunk]
     return vad.speech_regions(audio, min_silence_ms=min_silence_ms, speech_pad_ms=100)
 
 
+# Each piece's own speech, found once: conversations reuse a pool's pieces, and Silero is most of
+# what building one costs. The piece is kept with its regions, so its id is never reused.
+_PIECE_SPEECH: dict[int, tuple[np.ndarray, list[vad.Chunk]]] = {}
+
+
+def _speech_of_piece(piece: np.ndarray) -> list[vad.Chunk]:
+    found = _PIECE_SPEECH.get(id(piece))
+    if found is None or found[0] is not piece:
+        found = _PIECE_SPEECH[id(piece)] = (piece, _regions(piece))
+    return found[1]
+
+
 def _pieces(audio: np.ndarray, *, low_s: float = 2.0, high_s: float = 12.0) -> list[np.ndarray]:
     """``audio`` trimmed to its speech and cut at pauses into pieces of ``low_s``-``high_s`` seconds."""
     regions = _regions(audio)
@@ -143,7 +155,7 @@ def conversation(pool: dict[str, list[np.ndarray]], speakers: Iterable[str], *, 
         if not unused[speaker]:
             unused[speaker] = list(rng.permutation(len(pool[speaker])))
         piece = pool[speaker][int(unused[speaker].pop())]
-        for region in _regions(piece):
+        for region in _speech_of_piece(piece):
             result.speech.append(Turn(now + region.start_s, now + region.end_s, speaker))
         result.pieces.append(Turn(now, now + len(piece) / SAMPLE_RATE, speaker))
         gap = rng.uniform(0.05, 0.3) if rng.random() < 0.5 else rng.uniform(0.8, 2.0)
@@ -169,8 +181,12 @@ def tuning_set(pool: dict[str, list[np.ndarray]]) -> list[Conversation]:
     return [conversation(pool, who, seed=seed, name=f"tune-{seed}") for seed, who in enumerate(TUNING)]
 
 
+def held_out(pool: dict[str, list[np.ndarray]], index: int) -> Conversation:
+    return conversation(pool, HELD_OUT[index], seed=100 + index, name=f"held-{index}")
+
+
 def held_out_set(pool: dict[str, list[np.ndarray]]) -> list[Conversation]:
-    return [conversation(pool, who, seed=100 + seed, name=f"held-{seed}") for seed, who in enumerate(HELD_OUT)]
+    return [held_out(pool, index) for index in range(len(HELD_OUT))]
 
 
 def fresh_set(pool: dict[str, list[np.ndarray]]) -> list[Conversation]:

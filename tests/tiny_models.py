@@ -138,8 +138,8 @@ def build_ltx(target: Path) -> Path:
     vae = AutoencoderKLLTXVideo(
         in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
         decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
-        decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
-        decoder_spatio_temporal_scaling=(True, True, False, False), decoder_inject_noise=(False,) * 5,
+        decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, True, False),
+        decoder_spatio_temporal_scaling=(True, True, True, False), decoder_inject_noise=(False,) * 5,
         upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, timestep_conditioning=False, patch_size=1,
         patch_size_t=1, encoder_causal=True, decoder_causal=False,
     )

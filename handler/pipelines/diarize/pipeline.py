@@ -84,6 +84,16 @@ class _Window:
     end: int
 
 
+@dataclass(frozen=True)
+class Embedded:
+    """A recording's speech as the encoder saw it: the windows of its regions and one embedding each.
+    Clustering it again with other bounds or voices costs no encoder time."""
+
+    regions: list[Span]
+    windows: list[_Window]
+    embeddings: np.ndarray
+
+
 @dataclass
 class DiarizationPipeline:
     """The voice encoder, on its device; stateless between calls, so instances are shared safely."""
@@ -111,15 +121,27 @@ class DiarizationPipeline:
         known: dict[str, np.ndarray] | None = None, cancel: CancelToken | None = None,
     ) -> list[Turn]:
         """The speaker turns of ``audio`` over its speech ``regions`` (in time order)."""
+        return self.speakers(self.embed(audio, regions, cancel=cancel), bounds=bounds, known=known)
+
+    def embed(self, audio: np.ndarray, regions: list[Span], *, cancel: CancelToken | None = None) -> Embedded:
+        """The windows of ``audio``'s speech ``regions`` and their voice embeddings (the encoder's work)."""
         if not regions:
-            return []
+            return Embedded(regions, [], np.zeros((0, enc.EMBEDDING_SIZE), np.float32))
         gain = enc.level_gain(_speech(audio, regions))
         windows, mels = self._windows(audio, regions, gain)
-        if not windows:  # only crumbs of speech: one speaker for all of it
-            return _name([(span.start, span.end, 0) for span in regions], np.zeros((1, 1)), known or {})
         if cancel is not None:
             cancel.check()
-        embeddings = self._embed(mels, cancel=cancel)
+        return Embedded(regions, windows, self._embed(mels, cancel=cancel))
+
+    def speakers(self, embedded: Embedded, *, bounds: SpeakerBounds = SpeakerBounds(),
+                 known: dict[str, np.ndarray] | None = None) -> list[Turn]:
+        """The speaker turns of embedded speech: its windows clustered within ``bounds``, named by
+        the ``known`` voices where they match."""
+        regions, windows, embeddings = embedded.regions, embedded.windows, embedded.embeddings
+        if not regions:
+            return []
+        if not windows:  # only crumbs of speech: one speaker for all of it
+            return _name([(span.start, span.end, 0) for span in regions], np.zeros((1, 1)), known or {})
         if known and bounds.num is None:  # the known voices are taken to be speaking
             bounds = SpeakerBounds(low=min(max(bounds.low, len(known)), bounds.high), high=bounds.high)
         labels = cluster(embeddings, [w.end - w.start for w in windows], bounds)
