@@ -14,6 +14,8 @@ ALLOW_MODEL_DOWNLOAD ?= false
 PRELOAD ?= transcribe
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+# Test processes: one per core; each takes whole test files, so a module's server starts once.
+TEST_WORKERS ?= auto
 
 .PHONY: run test setup dev system models corpus lint typecheck bench bench-gpu gpu-bundle clean
 
@@ -22,7 +24,7 @@ run: system setup models
 		PRELOAD=$(PRELOAD) $(PY) -m handler
 
 test: system dev corpus lint typecheck
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --numprocesses=$(TEST_WORKERS) --dist=loadfile $(PYTEST_ARGS)
 
 # ffmpeg (media), espeak-ng (speech for the tests and samples) from Debian packages.
 system:

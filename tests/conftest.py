@@ -4,85 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import os
-import re
-import tempfile
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from handler.app import Worker
-from handler.config import Settings, library_environment, load_settings
-from handler.logs import configure_logging
+from handler.config import Settings, load_settings
 from handler.runtime.registry import Registry
-from tests import clips, media, network_guard
+from tests import clips, media
 from tests.jobserver import JobServer, WorkerProcess
 from tests.sentences import SENTENCES
 from tests.servers import SeaweedS3
+from tests.suite_checks import (
+    CAPTURED_LOGS,
+    pytest_configure,
+    pytest_sessionfinish,
+    pytest_testnodedown,
+    remember_presigned,
+    remember_secret,
+)
 
-# Every log line of the suite, the worker's and its libraries', goes here too.
-CAPTURED_LOGS = io.StringIO()
-# Strings that must never show up in CAPTURED_LOGS (checked when the session ends).
-SECRETS: set[str] = set()
-_SIGNATURE = re.compile(r"X-Amz-Signature=([0-9a-f]+)")
-_secrets_lock = threading.Lock()
-
-
-def remember_secret(value: str) -> str:
-    with _secrets_lock:
-        SECRETS.add(value)
-    return value
-
-
-def remember_presigned(result: Any) -> None:
-    """Record the signatures of presigned URLs in a result as secrets."""
-    for signature in _SIGNATURE.findall(str(result)):
-        remember_secret(signature)
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    configure_logging(level="DEBUG", stream=CAPTURED_LOGS)
-    # As the worker's start-up does, before a model library is imported: with downloads off (as in
-    # every test), they never reach the network.
-    os.environ.update(library_environment(load_settings({"ALLOW_MODEL_DOWNLOAD": "false"})))
-    _guard_network(config)
-
-
-def _guard_network(config: pytest.Config) -> None:
-    """Refuse every connection outside loopback, here and in every Python process the tests
-    start (they inherit the environment), and record each attempt in one file for the session."""
-    handle, name = tempfile.mkstemp(prefix="network-guard-", suffix=".log")
-    os.close(handle)
-    log = Path(name)
-    config.stash[_GUARD_LOG] = log
-    os.environ[network_guard.LOG_VARIABLE] = str(log)
-    site = str(Path(network_guard.__file__).parent)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))
-    network_guard.install()
-
-
-_GUARD_LOG = pytest.StashKey[Path]()
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fail the run if any secret used by the suite reached a log line, or if anything tried to
-    reach past loopback."""
-    logs = CAPTURED_LOGS.getvalue()
-    leaked = sorted(secret for secret in SECRETS if secret in logs)
-    if leaked:
-        print(f"\nSECRET LEAK: {len(leaked)} secret(s) appeared in the captured logs")
-        session.exitstatus = 1
-    guard_log = session.config.stash[_GUARD_LOG]
-    attempts = guard_log.read_text().splitlines()
-    guard_log.unlink()
-    if attempts:
-        print(f"\nNETWORK: {len(attempts)} attempt(s) to reach past loopback:", *attempts[:20], sep="\n  ")
-        session.exitstatus = 1
+# The suite's checks are hooks of tests.suite_checks, found here by their names.
+__all__ = ["pytest_configure", "pytest_sessionfinish", "pytest_testnodedown"]
 
 
 @pytest.fixture(scope="session")
@@ -111,6 +59,15 @@ def voice_encoder(model_dir: Path) -> Path:
         with zipfile.ZipFile(voice_encoder_wheel()) as wheel:
             target.write_bytes(wheel.read("resemblyzer/pretrained.pt"))
     return target
+
+
+@pytest.fixture(scope="session")
+def voice_pool() -> dict[str, list[np.ndarray]]:
+    """Real people's speech cut into pieces, by speaker (tests.conversations.voices), built once for
+    the session: tests that take pieces out copy the lists first."""
+    from tests import conversations
+
+    return conversations.voices()
 
 
 def _tiny_model(name: str, build: str, what: str) -> Any:

@@ -61,3 +61,19 @@ def test_processes_the_tests_start_are_guarded(tmp_path: Path) -> None:
     assert done.returncode != 0 and "PermissionError" in done.stderr
     assert "connect '0.0.0.0' port 9" in log.read_text()
 
+
+
+def test_an_attempt_in_a_test_worker_process_fails_the_run(tmp_path: Path) -> None:
+    """`make test` spreads files over pytest-xdist workers, whose own exit status is not the run's: an
+    attempt recorded in a worker still fails the run (and the run says so), as it does without workers."""
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("import os\n\ndef test_reaches_out():\n"
+                     f"    with open(os.environ[{network_guard.LOG_VARIABLE!r}], 'a') as log:\n"
+                     "        log.write('connect 203.0.113.9 port 443\\n')\n")
+    root = Path(__file__).resolve().parents[1]
+    for spread in (["--numprocesses=1"], ["-p", "no:xdist"]):
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.suite_checks", *spread]
+        done = subprocess.run([*command, str(probe)], cwd=root, capture_output=True, text=True, timeout=120)
+        tail = done.stdout[-2000:]
+        assert done.returncode == 1, (spread, tail)
+        assert "1 passed" in tail and "reach past loopback: connect 203.0.113.9" in tail, tail
