@@ -6,9 +6,10 @@ its clients can switch endpoints without changes.
 The batched path (the default) transcribes in chunks, in batches shared by every job the worker
 holds. A recording is cut into chunks of at most 30 s (speech found by Silero VAD, or fixed windows
 cut at quiet points), their log-mel windows are computed on the CPU, and the windows go to the
-model's batcher a round at a time (``decoding.Sections``: each window is prompted with the text
-of the window before it in its section, so a section's next window waits for its last):
-windows of every job held by this worker with the same decoding settings join the same batches
+model's batcher a round at a time by the engine's driver (``decoding.transcribe_windows``: each
+window is prompted with the text of the window before it in its section, so a section's next
+window waits for its last): windows of every job held by this worker with the same decode options
+join the same batches
 (one encoder pass, one decoder loop), each job getting back its own segments. The batcher keeps each job's
 cancellation and error its own, and retries a batch that ran out of GPU memory in halves
 (:mod:`handler.runtime.batcher`).
@@ -49,8 +50,10 @@ from handler.pipelines.diarize import labels
 from handler.pipelines.diarize import pipeline as diarization
 from handler.pipelines.weights import file_identity, whisper_identity
 from handler.pipelines.whisper import decoding, vad
+from handler.pipelines.whisper.options import DecodeOptions
 from handler.pipelines.whisper.pipeline import WhisperPipeline, get_pipelines, pipeline_working_bytes
 from handler.pipelines.whisper.transcript import is_silent, plain, temperatures, words
+from handler.pipelines.whisper.windows import WindowInput, language_mel, prepare_windows
 from handler.runtime.batcher import Batcher
 from handler.runtime.cancel import CancelToken
 from handler.runtime.container import Runtime
@@ -328,10 +331,10 @@ class ChunkProgress:
 
 @dataclass(frozen=True, eq=False)
 class _Item:
-    """One window of one job, with the settings its batch is decoded with."""
+    """One window of one job, with the options its batch is decoded with."""
 
-    window: decoding.WindowInput
-    settings: decoding.BatchSettings
+    window: WindowInput
+    options: DecodeOptions
     progress: ChunkProgress
     pipelines: InstancePool[WhisperPipeline]
     # Its place among the job's windows.
@@ -354,11 +357,11 @@ def _batcher(runtime: Runtime, model: WhisperPipeline) -> Batcher[_Item, Segment
     def run_batch(items: list[_Item]) -> list[Segments]:
         for item in items:
             item.progress.started()
-        pool, settings = items[0].pipelines, items[0].settings
-        beams = int(dict(settings.decoding).get("beam_size", 1))
+        pool, options = items[0].pipelines, items[0].options
+        beams = int(dict(options.passed_on).get("beam_size", 1))
         working = pipeline_working_bytes(pool.first, batch=len(items), beams=beams)
         with runtime.residency.hold(pool, working=working, timeout=timeout), pool.borrow(timeout) as pipeline:
-            found = pipeline.decode_windows([item.window for item in items], settings)
+            found = decoding.decode_windows(pipeline.model, [item.window for item in items], options)
         for item, segments in zip(items, found, strict=True):
             item.progress.advance()
             item.progress.decoded(item.index, segments)
@@ -369,41 +372,42 @@ def _batcher(runtime: Runtime, model: WhisperPipeline) -> Batcher[_Item, Segment
                            window_s=runtime.settings.whisper_batch_window_ms / 1000)
 
 
-async def recognise(
-    ctx: JobContext, pipelines: InstancePool[WhisperPipeline], windows: list[decoding.WindowInput], *,
-    options: dict[str, Any], batch_size: int, language_mel: Tensor | None, label: str = "",
+async def _transcribe_batched(
+    ctx: JobContext, pipelines: InstancePool[WhisperPipeline], windows: list[WindowInput], *,
+    options: dict[str, Any], batch_size: int, first_30_s: Tensor | None, label: str = "",
     on_segments: Callable[[Segments], None] | None = None,
 ) -> dict[str, Any]:
-    """The transcript of a job's ``windows`` (``whisper.transcribe``'s result shape).
+    """The transcript of a job's ``windows`` (``whisper.transcribe``'s result shape), their rounds
+    decoded in the model's batches, which the windows of the worker's other jobs share.
 
-    ``language_mel`` (``decoding.language_mel``) is where an unset language is detected;
+    ``first_30_s`` (``windows.language_mel``) is where an unset language is detected;
     ``on_segments`` hears the segments in order as they are decoded (on a GPU thread).
     """
-    settings = decoding.BatchSettings.from_options(pipelines.first.model, options, fp16=pipelines.first.fp16)
-    if settings.language is None and windows:  # detected once, so the job's windows decode alike
-        if language_mel is None:
-            raise ValueError("language_mel: needed to detect the language")
-        mel = language_mel
-        settings = await ctx.on_model(pipelines, lambda p: p.with_language(settings, mel), stage="language",
-                                      working=pipeline_working_bytes(pipelines.first, batch=1, beams=1))
+    model = pipelines.first.model
+    decode_options = DecodeOptions.from_options(model, options, fp16=pipelines.first.fp16)
+    if decode_options.language is None and windows:  # detected once, so the job's windows decode alike
+        if first_30_s is None:
+            raise ValueError("first_30_s: needed to detect the language")
+        mel, unknown = first_30_s, decode_options
+        decode_options = await ctx.on_model(pipelines, lambda p: p.with_language(unknown, mel), stage="language",
+                                            working=pipeline_working_bytes(pipelines.first, batch=1, beams=1))
     progress = ChunkProgress(Progress(ctx.job, enabled=ctx.settings.post_progress), len(windows), label,
                              on_segments)
-    sections = decoding.Sections(windows, width=batch_size, settings=settings,
-                                 initial=decoding.initial_prompt(pipelines.first.model, settings))
-    submitted = time.perf_counter()
     batcher = _batcher(ctx.runtime, pipelines.first)
-    while batch := sections.next_round():  # each round's windows are prompted with the round before's text
-        items = [_Item(window, settings, progress, pipelines, index) for index, window in batch]
-        found = await batcher.submit(settings, items, cancel=ctx.cancel, limit=batch_size)
-        for (index, _), segments in zip(batch, found, strict=True):
-            sections.done(index, segments)
+
+    async def decode(batch: list[tuple[int, WindowInput]]) -> list[Segments]:
+        items = [_Item(window, decode_options, progress, pipelines, index) for index, window in batch]
+        return await batcher.submit(decode_options, items, cancel=ctx.cancel, limit=batch_size)
+
+    submitted = time.perf_counter()
+    result = await decoding.transcribe_windows(model, windows, decode_options, width=batch_size, decode=decode)
     started = progress.first_started or submitted
     ctx.timings.add("queued", (started - submitted) * 1000)
     ctx.timings.add("run", (time.perf_counter() - started) * 1000)
-    return decoding.result_of(sections.segments(), settings.language)
+    return result
 
 
-def _recognise(
+def _transcribe_sequentially(
     pipeline: WhisperPipeline, audio: np.ndarray, params: TranscribeInput, cancel: CancelToken
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Transcription, and translation when asked, by ``whisper.transcribe``; runs inside a GPU slot."""
@@ -420,7 +424,7 @@ def _batch_size(settings: Settings, params: TranscribeInput) -> int:
     return params.batch_size or settings.whisper_batch_size
 
 
-async def _recognise_job(
+async def _transcript_and_translation(
     ctx: JobContext, pipelines: InstancePool[WhisperPipeline], audio: np.ndarray, params: TranscribeInput,
     vad_pass: asyncio.Future[list[float]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -431,8 +435,8 @@ async def _recognise_job(
         return empty, (empty if params.translate else None)
     if _batch_size(ctx.settings, params) == 1 and not params.enable_vad:
         working = pipeline_working_bytes(pipelines.first, batch=1, beams=params.beam_size)
-        return await ctx.on_model(pipelines, lambda pipeline: _recognise(pipeline, audio, params, ctx.cancel),
-                                  working=working)
+        return await ctx.on_model(
+            pipelines, lambda pipeline: _transcribe_sequentially(pipeline, audio, params, ctx.cancel), working=working)
     model = pipelines.first.model
     with ctx.timings.measure("chunk"):
         speech_only = params.enable_vad is not False
@@ -440,20 +444,20 @@ async def _recognise_job(
         find = functools.partial(find_chunks, audio, enable_vad=speech_only, cancel=ctx.cancel,
                                  probabilities=probabilities)
         chunks = await ctx.in_thread(find)
-        windows = await ctx.in_thread(lambda: decoding.prepare_windows(model, audio, chunks))
+        windows = await ctx.in_thread(lambda: prepare_windows(model, audio, chunks))
         detect = params.language is None and pipelines.first.is_multilingual
-        first = await ctx.in_thread(lambda: decoding.language_mel(model, audio)) if detect else None
+        first = await ctx.in_thread(lambda: language_mel(model, audio)) if detect else None
     options = params.decode_options()
-    result = await recognise(ctx, pipelines, windows, options={**options, "task": "transcribe"},
-                                     batch_size=_batch_size(ctx.settings, params), language_mel=first,
-                                     on_segments=lambda found: ctx.emit("segments", {"segments": found}))
+    result = await _transcribe_batched(ctx, pipelines, windows, options={**options, "task": "transcribe"},
+                                       batch_size=_batch_size(ctx.settings, params), first_30_s=first,
+                                       on_segments=lambda found: ctx.emit("segments", {"segments": found}))
     translation = None
     if params.translate and not pipelines.first.is_multilingual:
         translation = result
     elif params.translate:
-        translation = await recognise(ctx, pipelines, windows, options={**options, "task": "translate"},
-                                              batch_size=_batch_size(ctx.settings, params), language_mel=first,
-                                              label="translation ")
+        translation = await _transcribe_batched(ctx, pipelines, windows, options={**options, "task": "translate"},
+                                                batch_size=_batch_size(ctx.settings, params), first_30_s=first,
+                                                label="translation ")
     return result, translation
 
 
@@ -615,7 +619,7 @@ async def _transcribe(
         vad_pass = asyncio.ensure_future(ctx.in_thread(lambda: vad.speech_probabilities(audio, cancel=ctx.cancel)))
         diarizing = asyncio.ensure_future(_diarize(ctx, params, audio, references, vad_pass))
     try:
-        result, translation = await _recognise_job(ctx, pipelines, audio, params, vad_pass)
+        result, translation = await _transcript_and_translation(ctx, pipelines, audio, params, vad_pass)
         turns = await diarizing if diarizing is not None else None
     finally:
         for pending in (diarizing, vad_pass):

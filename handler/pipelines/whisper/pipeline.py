@@ -25,6 +25,7 @@ from handler.errors import ModelLoadFailed
 from handler.logs import get_logger
 from handler.pipelines.weights import whisper_checkpoint, whisper_dir
 from handler.pipelines.whisper import decoding
+from handler.pipelines.whisper.options import DecodeOptions
 from handler.pipelines.whisper.vad import Chunk
 from handler.runtime.cancel import CancelToken
 from handler.runtime.container import Runtime
@@ -132,18 +133,10 @@ class WhisperPipeline:
             self.model, audio, chunks, options=options, batch_size=batch_size, cancel=cancel, fp16=self.fp16
         )
 
-    def decode_windows(
-        self, inputs: Sequence[decoding.WindowInput], settings: decoding.BatchSettings
-    ) -> list[list[dict[str, Any]]]:
-        """``decoding.decode_windows`` on this instance: windows of several jobs at once."""
-        return decoding.decode_windows(self.model, inputs, settings)[1]
-
-    def with_language(self, settings: decoding.BatchSettings, mel: torch.Tensor) -> decoding.BatchSettings:
-        """``settings`` with the language known: as given, else detected on ``mel``, the recording's
-        first 30 s (``decoding.language_mel``)."""
-        if settings.language is not None:
-            return settings
-        return decoding.detect_language(self.model, settings, mel)
+    def with_language(self, options: DecodeOptions, mel: torch.Tensor) -> DecodeOptions:
+        """``options`` with the language known: as given, else detected on ``mel``, the recording's
+        first 30 s (``windows.language_mel``)."""
+        return decoding.detect_language(self.model, options, mel)
 
     def warm_up(self) -> None:
         """Pay now, before jobs are taken, what only a first job pays: numba's word-alignment DTW
