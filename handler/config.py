@@ -4,6 +4,9 @@ Each variable is listed once below with what it does. Values are parsed explicit
 boolean must be one of true/false/1/0/yes/no/on/off, a number must parse, and a bad value
 stops the worker at start-up with a message naming the variable, rather than turning
 ``"false"`` into true or failing in the middle of a job.
+
+Standard library only, and nothing else of the worker's: builder/ reads the settings in the image
+before the rest of handler/ is there, and every layer of the worker may import them.
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import os
+import re
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
-
-from handler.io.buckets import BucketSettings, split_bucket_endpoint
+from urllib.parse import urlsplit, urlunsplit
 
 T = TypeVar("T")
 
@@ -29,6 +33,45 @@ BUCKET_VARIABLES = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRE
 MIB = 1024 * 1024
 # No `blank` given: a blank variable keeps the default.
 _UNSET: Any = object()
+
+
+@dataclass(frozen=True)
+class BucketSettings:
+    """Credentials and location of an S3-compatible bucket."""
+
+    endpoint_url: str | None
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    # None: the bucket runpod's rp_upload would use, named after the month ("11-26").
+    name: str | None
+    region: str | None = None
+
+    def bucket_name(self) -> str:
+        return self.name or time.strftime("%m-%y")
+
+
+# A virtual-hosted bucket endpoint: the bucket is the host's first labels.
+_VIRTUAL_HOSTED = (
+    re.compile(r"(?P<bucket>.+)\.(?P<service>s3[.-](?:(?P<region>[a-z0-9-]+)\.)?amazonaws\.com)"),
+    re.compile(r"(?P<bucket>.+)\.(?P<service>(?P<region>[a-z0-9-]+)\.digitaloceanspaces\.com)"),
+)
+
+
+def split_bucket_endpoint(url: str) -> tuple[str, str | None, str | None]:
+    """``https://<bucket>.s3.<region>.amazonaws.com`` -> (``https://s3.<region>.amazonaws.com``,
+    bucket, region): the bucket goes in the request, not twice in the key. Other URLs pass as
+    they are, with the region runpod's rp_upload reads from them (``.s3.<region>.``). The one
+    endpoint parser: of the worker's bucket (BUCKET_ENDPOINT_URL) and of a job's ``s3Config``."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    for pattern in _VIRTUAL_HOSTED:
+        found = pattern.fullmatch(host)
+        if found:
+            netloc = found["service"] + (f":{parts.port}" if parts.port else "")
+            return urlunsplit((parts.scheme, netloc, "", "", "")), found["bucket"], found["region"]
+    aws = re.fullmatch(r"s3[.-](?P<region>[a-z0-9-]+)\.amazonaws\.com", host)
+    region = aws["region"] if aws else url.split(".s3.")[1].split(".")[0] if ".s3." in url else None
+    return url, None, region
 
 
 class SettingsError(ValueError):

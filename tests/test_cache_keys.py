@@ -14,11 +14,10 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from handler.config import Settings
+from handler.config import BucketSettings, Settings
 from handler.errors import InvalidInput
-from handler.io.buckets import BucketSettings
 from handler.io.result_cache import cache_key
-from handler.task import NOT_SHAPING_RESULTS, CachePolicy
+from handler.task_interface import NOT_SHAPING_RESULTS, CachePolicy
 from handler.tasks import TASKS
 
 CACHED = {name: task for name, task in TASKS.items() if task.cache is not None}

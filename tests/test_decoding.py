@@ -12,6 +12,7 @@ import pytest
 import torch
 import whisper
 
+from handler.cancel import CancelToken
 from handler.errors import Cancelled
 from handler.pipelines.whisper import batch_task, decoding, vad
 from handler.pipelines.whisper.options import DecodeOptions
@@ -19,7 +20,6 @@ from handler.pipelines.whisper.pipeline import load_checkpoint
 from handler.pipelines.whisper.sections import Sections
 from handler.pipelines.whisper.vad import Chunk
 from handler.pipelines.whisper.windows import Window, WindowInput
-from handler.runtime.cancel import CancelToken
 from tests import clips, media
 
 # Beam search at temperature 0 only: deterministic, so two runs can be compared token for token;

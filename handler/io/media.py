@@ -26,8 +26,8 @@ from typing import Any
 import ffmpeg
 import numpy as np
 
+from handler.cancel import CancelToken
 from handler.errors import InputTooLarge, InvalidInput, WorkerError
-from handler.runtime.cancel import CancelToken
 
 # Demuxers a user file may be read with: real media containers only. HLS/DASH manifests,
 # concat lists, image sequences and every network protocol stay out.

@@ -42,7 +42,8 @@ from botocore.awsrequest import AWSHTTPConnectionPool, AWSHTTPSConnectionPool
 from botocore.config import Config
 from s3transfer.exceptions import CancelledError as TransferCancelled
 
-from handler.config import Settings
+from handler.cancel import CancelToken
+from handler.config import BucketSettings, Settings
 from handler.errors import (
     Cancelled,
     DownloadFailed,
@@ -53,11 +54,9 @@ from handler.errors import (
     transient_status,
 )
 from handler.io.addresses import AddressPolicy
-from handler.io.buckets import BucketSettings
 from handler.io.outputs import StoredFile
 from handler.io.streams import copy_capped
 from handler.logs import get_logger, register_secret
-from handler.runtime.cancel import CancelToken
 
 log = get_logger(__name__)
 

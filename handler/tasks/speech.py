@@ -17,7 +17,7 @@ from handler.limits import served_model
 from handler.pipelines.speech.pipeline import get_pipelines, pieces_to_say, working_bytes
 from handler.pipelines.weights import model_identity
 from handler.runtime.container import Runtime
-from handler.task import VIDEO_SHAPING, CachePolicy, Task, TaskInput, input_fields, new_seed
+from handler.task_interface import VIDEO_SHAPING, CachePolicy, Task, TaskInput, input_fields, new_seed
 
 
 class SpeechInput(TaskInput):

@@ -21,7 +21,7 @@ from handler.pipelines.weights import model_identity
 from handler.runtime.container import Runtime
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
-from handler.task import VIDEO_SHAPING, CachePolicy, Task, TaskInput, input_fields, new_seed
+from handler.task_interface import VIDEO_SHAPING, CachePolicy, Task, TaskInput, input_fields, new_seed
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 _CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}

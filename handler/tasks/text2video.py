@@ -47,7 +47,7 @@ from handler.pipelines.whisper.transcript import word_timings
 from handler.runtime.container import Runtime
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
-from handler.task import CachePolicy, Task, TaskInput, input_fields, new_seed
+from handler.task_interface import CachePolicy, Task, TaskInput, input_fields, new_seed
 
 Captions = Literal["none", "soft", "burned"]
 log = get_logger(__name__)

@@ -41,6 +41,7 @@ from torch import Tensor
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 from whisper.utils import WriteSRT, WriteVTT
 
+from handler.cancel import CancelToken
 from handler.config import Settings
 from handler.errors import InputTooLarge, InvalidInput
 from handler.io import media
@@ -55,11 +56,10 @@ from handler.pipelines.whisper.pipeline import WhisperPipeline, get_pipelines, p
 from handler.pipelines.whisper.transcript import is_silent, plain, temperatures, words
 from handler.pipelines.whisper.windows import WindowInput, language_mel, prepare_windows
 from handler.runtime.batcher import Batcher
-from handler.runtime.cancel import CancelToken
 from handler.runtime.container import Runtime
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
-from handler.task import VIDEO_SHAPING, CachePolicy, Task, TaskInput, input_fields
+from handler.task_interface import VIDEO_SHAPING, CachePolicy, Task, TaskInput, input_fields
 
 TextFormat = Literal["plain_text", "formatted_text", "srt", "vtt"]
 

@@ -74,13 +74,13 @@ from whisper.audio import N_FRAMES, pad_or_trim
 from whisper.model import Whisper
 from whisper.tokenizer import Tokenizer
 
+from handler.cancel import CancelToken
 from handler.pipelines.whisper.batch_task import decode_prompted
 from handler.pipelines.whisper.options import DecodeOptions
 from handler.pipelines.whisper.sections import Sections, initial_prompt, next_prompt
 from handler.pipelines.whisper.segments import add_words, end_by, result_of, segments_of
 from handler.pipelines.whisper.vad import Chunk
 from handler.pipelines.whisper.windows import Window, WindowInput, language_mel, prepare_windows
-from handler.runtime.cancel import CancelToken
 
 T = TypeVar("T")
 Segments = list[dict[str, Any]]

@@ -20,6 +20,7 @@ import whisper.timing
 from whisper.model import ModelDimensions, Whisper
 from whisper.tokenizer import get_tokenizer
 
+from handler.cancel import CancelToken
 from handler.config import Settings
 from handler.errors import ModelLoadFailed
 from handler.logs import get_logger
@@ -27,7 +28,6 @@ from handler.pipelines.weights import whisper_checkpoint, whisper_dir
 from handler.pipelines.whisper import decoding
 from handler.pipelines.whisper.options import DecodeOptions
 from handler.pipelines.whisper.vad import Chunk
-from handler.runtime.cancel import CancelToken
 from handler.runtime.container import Runtime
 from handler.runtime.devices import default_dtype
 from handler.runtime.instances import InstancePool, Placement, move_whole

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from handler.runtime.cancel import CancelToken
+from handler.cancel import CancelToken
 from handler.runtime.threads import one_torch_thread
 
 SAMPLE_RATE = 16000
