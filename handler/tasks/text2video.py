@@ -284,8 +284,6 @@ CACHE: CachePolicy[VideoInput] = CachePolicy(
     shaping=_shaping,
     models={"model": model_identity, "narration_model": model_identity,
             "captions_model": whisper_identity},
-    # Captions are timed by whisper.transcribe itself (word_timings), never in batches.
-    unaffected=frozenset({"diarization_model", "whisper_model_map", "whisper_batch_size", "image_model"}),
 )
 
 

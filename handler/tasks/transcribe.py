@@ -59,7 +59,7 @@ from handler.runtime.batcher import Batcher
 from handler.runtime.container import Runtime
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
-from handler.task_interface import VIDEO_SHAPING, CachePolicy, Task, TaskInput, input_fields
+from handler.task_interface import CachePolicy, Task, TaskInput, input_fields
 
 TextFormat = Literal["plain_text", "formatted_text", "srt", "vtt"]
 
@@ -602,7 +602,6 @@ CACHE: CachePolicy[TranscribeInput] = CachePolicy(
                        "duration_s", "word_timestamps", "speakers", "files"}),
     shaping=_shaping,
     models={"model": whisper_identity, "diarization_model": diarization.diarization_identity},
-    unaffected=frozenset({"tts_model", "image_model", "video_model", "video_clip_frames", *VIDEO_SHAPING}),
 )
 
 
