@@ -84,9 +84,9 @@ _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 _DOTS = re.compile(r"\.{2,}")
 
 
-# One session for every client: it parses S3's service model once (a new session costs a
-# tenant job ~0.2 s of CPU under the GIL). Clients get explicit credentials, never the session's;
-# sessions are not thread-safe, so clients are made one at a time (a few ms each).
+# One session for every client: it parses S3's service model once (a new session per tenant job
+# would parse it again, on the CPU under the GIL: bench/RESULTS.md). Clients get explicit
+# credentials, never the session's; sessions are not thread-safe, so clients are made one at a time.
 _SESSION = boto3.session.Session()
 _session_lock = threading.Lock()
 

@@ -105,10 +105,10 @@ class BatchDecodingTask(DecodingTask):  # type: ignore[misc]  # whisper ships no
         """The decoder loop on one row of encoder output per window, its beams sharing it.
 
         Cross-attention keys and values are then projected and read once per window instead of
-        once per beam: 5x less of the decoder's heaviest reads at beam 5 (2 windows decoded 3.4x
-        faster on the CPU, the same tokens; ``tests/test_decoding.py``). A single window's beams
-        attend as one row too: upstream's broadcast of one key/value row over 5 beams took torch's
-        CPU attention 3.1 ms per layer and step, against 0.17 ms for the 5 queries in one row.
+        once per beam, the decoder's heaviest reads divided by the beam size, with the same tokens
+        (``tests/test_decoding.py``; what it gains: bench/RESULTS.md). A single window's beams
+        attend as one row too: torch's CPU attention is much slower on upstream's broadcast of one
+        key/value row over the beams than on their queries in one row (bench/RESULTS.md).
         """
         sot_index: int = self.sot_index  # type: ignore[has-type]  # set by whisper's untyped __init__
         self.sot_index = 0  # the first step's logits begin at sot (_logits_from)

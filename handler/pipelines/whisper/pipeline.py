@@ -47,8 +47,8 @@ def compiled_dir(model_dir: Path) -> Path:
 def cache_compiled_alignment(directory: Path) -> None:
     """Keep numba's compiled word-alignment DTW on disk, so a process loads it instead of compiling it.
 
-    openai-whisper jits ``timing.dtw_cpu`` without numba's cache, so every process paid 1-4 s of
-    LLVM compilation on its first word timings on the CPU. numba keys each entry on the source
+    openai-whisper jits ``timing.dtw_cpu`` without numba's cache, so every process paid for LLVM
+    compilation on its first word timings on the CPU (bench/RESULTS.md, cold start). numba keys each entry on the source
     file and the CPU: another whisper version or processor compiles again (and adds its entry)
     rather than loading code that does not fit. NUMBA_CACHE_DIR, when set, is kept.
     """
@@ -127,7 +127,7 @@ class WhisperPipeline:
         """``decoding.transcribe_chunks`` on this instance; same options as :meth:`transcribe`.
 
         Find the chunks first (``vad.speech_chunks`` or ``vad.fixed_chunks``, on the CPU), outside
-        the GPU slot: VAD takes about 1.7 s per 4 minutes of audio on one core.
+        the GPU slot: VAD is seconds of one core's time on a long recording (bench/RESULTS.md).
         """
         return decoding.transcribe_chunks(
             self.model, audio, chunks, options=options, batch_size=batch_size, cancel=cancel, fp16=self.fp16
