@@ -57,7 +57,6 @@ ENV BAKE_MODELS=${BAKE_MODELS} \
 # those modules come before the bake, so code changes elsewhere in handler/ do not invalidate the
 # weights layer.
 COPY handler/__init__.py handler/config.py ./handler/
-COPY handler/io/__init__.py handler/io/buckets.py ./handler/io/
 COPY handler/pipelines/__init__.py handler/pipelines/weights.py ./handler/pipelines/
 COPY builder ./builder
 RUN python -m builder bake \

@@ -141,9 +141,9 @@ def _build(name: str, checkpoint: Path) -> Transcriber:
     if name in WORKER_INPUTS:
         return _worker(checkpoint, WORKER_INPUTS[name])
     if name == UPSTREAM_STEPS:
-        from handler.pipelines.whisper import decoding
+        from handler.pipelines.whisper import batch_task
 
-        decoding.vectorised = lambda _task: None  # this process only
+        batch_task.vectorised = lambda _task: None  # this process only
         return _worker(checkpoint, {})
     return _faster_whisper(name)
 

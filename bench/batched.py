@@ -100,9 +100,8 @@ def _openai_engines(model: Any) -> list[Engine]:
 
     def batched(size: int, use_vad: bool) -> Callable[[np.ndarray], str]:
         def run(audio: np.ndarray) -> str:
-            result = decoding.transcribe_batched(
-                model, audio, options=BEAM, batch_size=size, enable_vad=use_vad
-            )
+            chunks = vad.speech_chunks(audio) if use_vad else vad.fixed_chunks(audio)
+            result = decoding.transcribe_chunks(model, audio, chunks, options=BEAM, batch_size=size)
             return str(result["text"])
 
         return run

@@ -55,8 +55,8 @@ def _run(worker: Any, path: Path, **inputs: Any) -> tuple[dict[str, Any], float]
 
 def measure() -> list[Comparison]:
     from handler.app import Worker
+    from handler.cancel import CancelToken
     from handler.pipelines.diarize.pipeline import get_pipelines
-    from handler.runtime.cancel import CancelToken
     from handler.runtime.threads import torch_threads
     from handler.tasks.transcribe import _diarization_regions
 

@@ -237,7 +237,9 @@ def whisper_bench(part: Part) -> None:
     import whisper
 
     from handler.pipelines.whisper import decoding
+    from handler.pipelines.whisper.options import DecodeOptions
     from handler.pipelines.whisper.vad import Chunk
+    from handler.pipelines.whisper.windows import prepare_windows
 
     fp16 = device() == "cuda"
     seconds = 30 if dry_run() else 300
@@ -249,8 +251,8 @@ def whisper_bench(part: Part) -> None:
         for label, model in whisper_models():
             part.check()
             options: dict[str, Any] = {"temperature": 0.0, "language": "en"}
-            settings = replace(decoding.BatchSettings.from_options(model, options, fp16=fp16), timestamps=False)
-            inputs = decoding.prepare_windows(model, audio, chunks)
+            settings = replace(DecodeOptions.from_options(model, options, fp16=fp16), timestamps=False)
+            inputs = prepare_windows(model, audio, chunks)
 
             def sequential(model: Any = model, options: dict[str, Any] = options) -> object:
                 return whisper.transcribe(model, audio, fp16=fp16, without_timestamps=True,

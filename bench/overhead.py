@@ -13,7 +13,7 @@ from bench.common import Comparison, bench_settings
 from handler.app import Worker
 from handler.job import JobContext
 from handler.runtime.registry import PipelineKey, Registry
-from handler.task import Task
+from handler.task_interface import Task
 
 
 class EchoInput(BaseModel):

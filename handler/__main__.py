@@ -23,11 +23,11 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 from handler.app import get_worker
 from handler.config import SettingsError, library_environment, load_settings
 from handler.logs import configure_logging, get_logger, redact_sdk_logs
+from handler.runpod_import import import_runpod
 from handler.runtime.devices import GpuUnusable, check_device, describe
 from handler.runtime.threads import torch_threads
-from handler.sdk import import_runpod
 
-# Before anything imports the SDK its own way, which would run its processor probe (handler.sdk).
+# Before anything imports the SDK its own way, which would run its processor probe (handler.runpod_import).
 runpod = import_runpod()
 
 

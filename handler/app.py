@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 from pydantic import BaseModel, ValidationError
 
+from handler.cancel import CancelToken
 from handler.config import Settings, load_settings
 from handler.errors import Cancelled, CudaFatal, InvalidInput, Overloaded, WorkerError, printable
 from handler.io.download import Downloader
@@ -31,7 +32,6 @@ from handler.io.storage import S3Storage
 from handler.io.workspace import Workspace, job_workspace
 from handler.job import JobContext
 from handler.logs import get_logger
-from handler.runtime.cancel import CancelToken
 from handler.runtime.container import Runtime
 from handler.runtime.devices import resolve_device
 from handler.runtime.gate import Gate
@@ -46,7 +46,7 @@ from handler.runtime.memory import (
 from handler.runtime.registry import Registry
 from handler.runtime.residency import Residency
 from handler.runtime.threads import in_thread, job_threads, one_torch_thread
-from handler.task import Task
+from handler.task_interface import Task
 from handler.tasks import TASKS, load_task_modules
 
 log = get_logger(__name__)
@@ -70,8 +70,9 @@ def validation_message(exc: ValidationError) -> tuple[str, str | None]:
 
 
 @dataclass(frozen=True)
-class Arrival:
-    """What a job brings when it comes over HTTP rather than from the queue (defaults: the queue's)."""
+class JobChannel:
+    """The way a job came and its answer goes back: over HTTP, the files uploaded with it and where
+    its outputs and events go; from the queue, the defaults."""
 
     # The job's directory, made (and removed) by the caller, who streamed the uploads into it.
     workspace: Workspace | None = None
@@ -83,7 +84,9 @@ class Arrival:
     on_event: Callable[[str, dict[str, Any]], None] | None = None
 
 
-QUEUED = Arrival()
+QUEUED = JobChannel()
+# The HTTP layer's name for it, until handler/http takes the new one.
+Arrival = JobChannel
 
 
 class Worker:
@@ -173,7 +176,7 @@ class Worker:
     def _inline(self) -> InlineStorage:
         return InlineStorage(self.settings.inline_output_max_bytes)
 
-    async def handle(self, job: Any, arrival: Arrival = QUEUED) -> dict[str, Any]:
+    async def handle(self, job: Any, channel: JobChannel = QUEUED) -> dict[str, Any]:
         """Answer one RunPod job; never raises (cancellation included: it is answered too)."""
         request_id = uuid.uuid4().hex
         job_id = job.get("id") if isinstance(job, dict) else None
@@ -183,7 +186,7 @@ class Worker:
             self._in_flight.add(current)
         try:
             with structlog.contextvars.bound_contextvars(request_id=request_id, job_id=job_id):
-                return self._account(await self._answer(job, request_id, arrival))
+                return self._account(await self._answer(job, request_id, channel))
         finally:
             if current is not None:
                 self._in_flight.discard(current)
@@ -197,12 +200,12 @@ class Worker:
             result["refresh_worker"] = True
         return result
 
-    async def _answer(self, job: Any, request_id: str, arrival: Arrival) -> dict[str, Any]:
+    async def _answer(self, job: Any, request_id: str, channel: JobChannel) -> dict[str, Any]:
         started = time.perf_counter()
         try:
             task, params = self.route(job)
             self.admit(task)
-            result = await self._run(task, params, job, request_id, arrival)
+            result = await self._run(task, params, job, request_id, channel)
         except WorkerError as err:
             if isinstance(err, CudaFatal):
                 self.lifecycle.fail(err)
@@ -236,18 +239,18 @@ class Worker:
             )
 
     async def _run(
-        self, task: Task[Any], params: BaseModel, job: dict[str, Any], request_id: str, arrival: Arrival
+        self, task: Task[Any], params: BaseModel, job: dict[str, Any], request_id: str, channel: JobChannel
     ) -> dict[str, Any]:
         threads = job_threads()
         try:
-            bucket = await self._bucket_of(job, arrival, threads)
-            storage = arrival.storage or bucket or self._inline()
+            bucket = await self._bucket_of(job, channel, threads)
+            storage = channel.storage or bucket or self._inline()
             cancel = CancelToken()
-            inputs = MediaInputs(self.settings, self.downloader, bucket, cancel, attachments=arrival.attachments)
+            inputs = MediaInputs(self.settings, self.downloader, bucket, cancel, attachments=channel.attachments)
             log.debug("job.start", task=task.name)
-            with _workspace(self.settings, arrival) as workspace:
+            with _workspace(self.settings, channel) as workspace:
                 ctx = JobContext(self.runtime, request_id, job, workspace, inputs, storage, bucket, cancel=cancel,
-                                 threads=threads, on_event=arrival.on_event)
+                                 threads=threads, on_event=channel.on_event)
                 try:
                     output = await task.run(ctx, params)
                 except asyncio.CancelledError:
@@ -257,8 +260,8 @@ class Worker:
             threads.shutdown(wait=False, cancel_futures=True)
         return {**output, "request_id": request_id, "timings": ctx.timings.as_dict()}
 
-    async def _bucket_of(self, job: dict[str, Any], arrival: Arrival, threads: Any) -> S3Storage | None:
-        if arrival.storage is not None:  # outputs travel in the HTTP reply: no bucket for this job
+    async def _bucket_of(self, job: dict[str, Any], channel: JobChannel, threads: Any) -> S3Storage | None:
+        if channel.storage is not None:  # outputs travel in the HTTP reply: no bucket for this job
             return None
         if "s3Config" not in job:
             return self._bucket
@@ -320,10 +323,10 @@ class Worker:
 
 
 @contextlib.contextmanager
-def _workspace(settings: Settings, arrival: Arrival) -> Iterator[Workspace]:
+def _workspace(settings: Settings, channel: JobChannel) -> Iterator[Workspace]:
     """The job's directory: the one it arrived with (its owner removes it), else a new one."""
-    if arrival.workspace is not None:
-        yield arrival.workspace
+    if channel.workspace is not None:
+        yield channel.workspace
         return
     with job_workspace(settings.job_root()) as workspace:
         yield workspace

@@ -4,6 +4,9 @@ Each variable is listed once below with what it does. Values are parsed explicit
 boolean must be one of true/false/1/0/yes/no/on/off, a number must parse, and a bad value
 stops the worker at start-up with a message naming the variable, rather than turning
 ``"false"`` into true or failing in the middle of a job.
+
+Standard library only, and nothing else of the worker's: builder/ reads the settings in the image
+before the rest of handler/ is there, and every layer of the worker may import them.
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import os
+import re
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
-
-from handler.io.buckets import BucketSettings, split_bucket_endpoint
+from urllib.parse import urlsplit, urlunsplit
 
 T = TypeVar("T")
 
@@ -29,6 +33,45 @@ BUCKET_VARIABLES = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRE
 MIB = 1024 * 1024
 # No `blank` given: a blank variable keeps the default.
 _UNSET: Any = object()
+
+
+@dataclass(frozen=True)
+class BucketSettings:
+    """Credentials and location of an S3-compatible bucket."""
+
+    endpoint_url: str | None
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    # None: the bucket runpod's rp_upload would use, named after the month ("11-26").
+    name: str | None
+    region: str | None = None
+
+    def bucket_name(self) -> str:
+        return self.name or time.strftime("%m-%y")
+
+
+# A virtual-hosted bucket endpoint: the bucket is the host's first labels.
+_VIRTUAL_HOSTED = (
+    re.compile(r"(?P<bucket>.+)\.(?P<service>s3[.-](?:(?P<region>[a-z0-9-]+)\.)?amazonaws\.com)"),
+    re.compile(r"(?P<bucket>.+)\.(?P<service>(?P<region>[a-z0-9-]+)\.digitaloceanspaces\.com)"),
+)
+
+
+def split_bucket_endpoint(url: str) -> tuple[str, str | None, str | None]:
+    """``https://<bucket>.s3.<region>.amazonaws.com`` -> (``https://s3.<region>.amazonaws.com``,
+    bucket, region): the bucket goes in the request, not twice in the key. Other URLs pass as
+    they are, with the region runpod's rp_upload reads from them (``.s3.<region>.``). The one
+    endpoint parser: of the worker's bucket (BUCKET_ENDPOINT_URL) and of a job's ``s3Config``."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    for pattern in _VIRTUAL_HOSTED:
+        found = pattern.fullmatch(host)
+        if found:
+            netloc = found["service"] + (f":{parts.port}" if parts.port else "")
+            return urlunsplit((parts.scheme, netloc, "", "", "")), found["bucket"], found["region"]
+    aws = re.fullmatch(r"s3[.-](?P<region>[a-z0-9-]+)\.amazonaws\.com", host)
+    region = aws["region"] if aws else url.split(".s3.")[1].split(".")[0] if ".s3." in url else None
+    return url, None, region
 
 
 class SettingsError(ValueError):
@@ -160,24 +203,31 @@ def _text(raw: str) -> str:
 
 
 def setting(env: str, parse: Callable[[str], Any], default: Any = None, *, blank: Any = _UNSET,
-            default_factory: Callable[[], Any] | None = None, repr: bool = True) -> Any:
+            default_factory: Callable[[], Any] | None = None, repr: bool = True, shapes: tuple[str, ...] = ()) -> Any:
     """A field of :class:`Settings` read from the variable ``env`` by ``parse``: the one
-    declaration of a setting (its comment above it is its documentation). Unset or blank, it
-    keeps ``default``; ``blank``, when given, is what a variable set to blanks means instead."""
-    metadata = {"env": env, "parse": parse, "blank": blank}
+    declaration of a setting (its comment above it says what it is for). Unset or blank, it
+    keeps ``default``; ``blank``, when given, is what a variable set to blanks means instead.
+    ``shapes``: the tasks whose results it shapes (so whose result cache keys hold its value)."""
+    metadata = {"env": env, "parse": parse, "blank": blank, "shapes": frozenset(shapes)}
     if default_factory is not None:
         return field(default_factory=default_factory, repr=repr, metadata=metadata)
     return field(default=default, repr=repr, metadata=metadata)
 
 
 def flag(env: str, default: bool) -> Any:
-    """A boolean setting: set but blank, it is off (as runpod's SDK reads its own flags)."""
+    """A boolean setting: set but blank, it is off (as runpod's SDK reads its own flags); it shapes no result."""
     return setting(env, _parse_bool, default, blank=False)
 
 
 @dataclass(frozen=True)
 class Settings:
-    """The worker's configuration. Build it with :func:`load_settings`."""
+    """The worker's configuration. Build it with :func:`load_settings`.
+
+    A setting shapes the results of the tasks its ``shapes`` names: its value is in their result
+    cache keys. Every other setting decides where and how the worker runs, where results go, or
+    which jobs it refuses, never what an accepted job's result is (tests/test_cache_keys.py checks
+    both ways, on every setting and every task with a cache).
+    """
 
     # Running on RunPod (RUNPOD_ENDPOINT_ID set): logs are JSON instead of console text.
     on_runpod: bool = setting("RUNPOD_ENDPOINT_ID", _present, False)
@@ -191,18 +241,23 @@ class Settings:
     log_format: str = setting("LOG_FORMAT", _parse_choice("auto", "json", "console"), "auto")
 
     # WHISPER_MODEL: default Whisper model, an official name (turbo, tiny.en, ...) or a path.
-    whisper_model: str = setting("WHISPER_MODEL", str.strip, "turbo")
-    # WHISPER_MODELS: other model names a job may ask for in `model` (comma separated).
+    whisper_model: str = setting("WHISPER_MODEL", str.strip, "turbo", shapes=("transcribe", "text2video"))
+    # WHISPER_MODELS: other model names a job may ask for in `model` (comma separated; the one that
+    # runs is in the key).
     whisper_models: tuple[str, ...] = setting("WHISPER_MODELS", _parse_list, ())
     # WHISPER_MODEL_MAP: names a job may send that another served model answers, e.g.
     # `base=turbo,large-v3=turbo` (clients of other workers always send their own name).
-    whisper_model_map: tuple[tuple[str, str], ...] = setting("WHISPER_MODEL_MAP", _parse_pairs, ())
+    whisper_model_map: tuple[tuple[str, str], ...] = setting("WHISPER_MODEL_MAP", _parse_pairs, (),
+                                                             shapes=("transcribe",))
     # WHISPER_BATCH_SIZE: chunks of a recording (and of the jobs a worker holds) decoded together
-    # by default; 1 keeps openai-whisper's sequential transcribe (without VAD).
-    whisper_batch_size: int = setting("WHISPER_BATCH_SIZE", _parse_positive_int, 8)
-    # WHISPER_BATCH_WINDOW_MS: how long a batch waits for chunks of other jobs before it runs.
+    # by default; 1 keeps openai-whisper's sequential transcribe (without VAD). text2video's captions
+    # are timed by whisper.transcribe itself, never in batches.
+    whisper_batch_size: int = setting("WHISPER_BATCH_SIZE", _parse_positive_int, 8, shapes=("transcribe",))
+    # WHISPER_BATCH_WINDOW_MS: how long a batch waits for chunks of other jobs before it runs
+    # (batches give each job the result it gets alone).
     whisper_batch_window_ms: float = setting("WHISPER_BATCH_WINDOW_MS", lambda raw: max(0.0, float(raw)), 10.0)
-    # MODEL_DIR: where baked weights live (whisper/<name>.pt, written by builder/).
+    # MODEL_DIR: where baked weights live (whisper/<name>.pt, written by builder/; their identity,
+    # not their place, is in a result's cache key).
     model_dir: Path = setting("MODEL_DIR", Path, Path("/models"))
     # ALLOW_MODEL_DOWNLOAD: fetch weights missing from MODEL_DIR at load time. Off, the worker
     # makes no network call for models at all (the model libraries are put in offline mode).
@@ -211,36 +266,41 @@ class Settings:
     # found there is used without a download.
     runpod_hf_cache: Path = setting("RUNPOD_HF_CACHE", Path, Path("/runpod-volume/huggingface-cache/hub"))
     # TTS_MODEL: speech model (VITS / MMS-TTS class), a Hugging Face repo id or a local dir.
-    tts_model: str = setting("TTS_MODEL", str.strip, "facebook/mms-tts-eng")
+    tts_model: str = setting("TTS_MODEL", str.strip, "facebook/mms-tts-eng", shapes=("speech", "text2video"))
     # Speaker diarization's voice encoder (GE2E): a checkpoint file name under MODEL_DIR/diarize, or a path.
     # The default is Resemblyzer 0.1.4's pretrained.pt (from its PyPI wheel), baked under that name.
-    diarization_model: str = setting("DIARIZATION_MODEL", str.strip, "resemblyzer-0.1.4.pt")
+    diarization_model: str = setting("DIARIZATION_MODEL", str.strip, "resemblyzer-0.1.4.pt", shapes=("transcribe",))
     # IMAGE_MODEL: text-to-image diffusers pipeline (SD, SDXL, FLUX class), repo id or dir.
-    image_model: str = setting("IMAGE_MODEL", str.strip, "stabilityai/stable-diffusion-xl-base-1.0")
+    image_model: str = setting("IMAGE_MODEL", str.strip, "stabilityai/stable-diffusion-xl-base-1.0",
+                               shapes=("text2image",))
     # VIDEO_MODEL: text-to-video diffusers pipeline (Wan2.1 T2V, LTX-Video), repo id or dir.
-    video_model: str = setting("VIDEO_MODEL", str.strip, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    video_model: str = setting("VIDEO_MODEL", str.strip, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", shapes=("text2video",))
     # ENABLE_CPU_OFFLOAD: keep diffusers models in RAM and move each to the GPU when used
-    # (fits small GPUs, runs slower).
+    # (fits small GPUs, runs slower; the same weights, the same results).
     enable_cpu_offload: bool = flag("ENABLE_CPU_OFFLOAD", False)
     # PRECISION: number format the models run in. auto: half on CUDA (fp16 Whisper, bf16
     # diffusion, the video VAE kept in fp32), fp32 on the CPU; half: those CUDA choices on any
     # device (the suite runs them so on a CPU); full: fp32 everywhere. Speech is fp32 always.
-    precision: str = setting("PRECISION", _parse_choice("auto", "half", "full"), "auto")
+    precision: str = setting("PRECISION", _parse_choice("auto", "half", "full"), "auto",
+                             shapes=("transcribe", "text2image", "text2video"))
     # VIDEO_CACHE: reuse transformer work across denoising steps (diffusers' transformer cache):
     # none, first_block (skip the other blocks while the first one's output barely changes) or
     # faster (FasterCache: reuse attention outputs every other step). Faster, slightly different videos.
-    video_cache: str = setting("VIDEO_CACHE", _parse_choice(*VIDEO_CACHES), "none")
+    video_cache: str = setting("VIDEO_CACHE", _parse_choice(*VIDEO_CACHES), "none", shapes=("text2video",))
     # VIDEO_CACHE_THRESHOLD: first_block's relative change below which a step reuses the cache
     # (higher: more steps skipped, less faithful).
-    video_cache_threshold: float = setting("VIDEO_CACHE_THRESHOLD", _parse_positive_float, 0.05)
+    video_cache_threshold: float = setting("VIDEO_CACHE_THRESHOLD", _parse_positive_float, 0.05, shapes=("text2video",))
     # VIDEO_COMPILE: torch.compile the video transformer's repeated block once per process
-    # (regional compilation: tens of seconds at the first job, then faster steps).
+    # (regional compilation: tens of seconds at the first job, then faster steps; the same
+    # operations as fused kernels, so the same video to within rounding).
     video_compile: bool = flag("VIDEO_COMPILE", False)
     # VIDEO_ATTENTION_BACKEND: diffusers attention backend of the video transformer (default:
     # torch's scaled_dot_product_attention); flash and sage need their packages installed.
-    video_attention_backend: str | None = setting("VIDEO_ATTENTION_BACKEND", _parse_attention_backend, None)
+    video_attention_backend: str | None = setting("VIDEO_ATTENTION_BACKEND", _parse_attention_backend, None,
+                                                  shapes=("text2video",))
     # VIDEO_GROUP_OFFLOAD: keep the video models in RAM and stream groups of layers to a small
-    # GPU as they run: none, block (a block at a time, on a side stream) or leaf (layer by layer).
+    # GPU as they run: none, block (a block at a time, on a side stream) or leaf (layer by layer);
+    # the same weights, the same videos.
     video_group_offload: str = setting("VIDEO_GROUP_OFFLOAD", _parse_choice(*VIDEO_GROUP_OFFLOADS), "none")
     # VIDEO_TEXT_ENCODER_OFFLOAD: keep a video model's text encoder (UMT5-XXL for Wan: three quarters
     # of its weights, used once per prompt) in host RAM, its layers visiting the GPU while they encode:
@@ -248,7 +308,8 @@ class Settings:
     video_text_encoder_offload: str = setting("VIDEO_TEXT_ENCODER_OFFLOAD", _parse_choice("auto", "true", "false"),
                                               "auto")
     # DEVICE: auto (cuda when available), cuda or cpu. A worker that was given a GPU (see the two
-    # below) but cannot use it refuses to start unless DEVICE=cpu asks for the CPU on purpose.
+    # below) but cannot use it refuses to start unless DEVICE=cpu asks for the CPU on purpose
+    # (the device it resolves to is in a result's cache key).
     device: str = setting("DEVICE", _parse_choice("auto", "cuda", "cpu"), "auto")
     # RUNPOD_GPU_COUNT: set by RunPod, the GPUs given to this worker (above 0: a GPU is promised).
     runpod_gpu_count: int = setting("RUNPOD_GPU_COUNT", lambda raw: max(0, int(raw)), 0)
@@ -293,7 +354,8 @@ class Settings:
     model_load_wait_timeout: float = setting("MODEL_LOAD_WAIT_TIMEOUT", _parse_positive_float, 1800.0)
 
     # BUCKET_VARIABLES: the output bucket (the names of runpod's rp_upload). Unset: inline outputs.
-    bucket: BucketSettings | None = None
+    # The result cache lives in it, so its entries are per bucket.
+    bucket: BucketSettings | None = field(default=None, metadata={"shapes": frozenset()})
     # BUCKET_PREFIX: key prefix for every object the worker writes.
     bucket_prefix: str = setting("BUCKET_PREFIX", lambda raw: raw.strip().strip("/"), "outputs")
     # PRESIGN_EXPIRY_S: lifetime of the presigned GET URLs in results (SigV4 allows at most 7 days).
@@ -347,7 +409,7 @@ class Settings:
     max_image_pixels: int = setting("MAX_IMAGE_PIXELS", _parse_positive_int, 2048 * 2048)
     # VIDEO_CLIP_FRAMES: most frames one generated clip has (default: what the model family
     # makes well, 81 for Wan, 121 for LTX); longer videos are joined from several clips.
-    video_clip_frames: int | None = setting("VIDEO_CLIP_FRAMES", _parse_positive_int, None)
+    video_clip_frames: int | None = setting("VIDEO_CLIP_FRAMES", _parse_positive_int, None, shapes=("text2video",))
     # MAX_VIDEO_DURATION_S: longest video text2video makes (narration included).
     max_video_duration_s: float = setting("MAX_VIDEO_DURATION_S", _parse_positive_float, 60.0)
     # MAX_VIDEO_FRAMES: most frames one text2video job may make.
@@ -471,6 +533,11 @@ def _check_prefixes(settings: Settings) -> None:
             if name != other and (prefix == other_prefix or f"{prefix}/".startswith(f"{other_prefix}/")):
                 raise SettingsError(f"{name}={prefix!r} overlaps {other}={other_prefix!r}: "
                                     "outputs, uploads and cache entries need prefixes of their own")
+
+
+def shaping(task: str) -> tuple[str, ...]:
+    """The settings that shape ``task``'s results (its result cache key holds them), in declaration order."""
+    return tuple(f.name for f in fields(Settings) if task in f.metadata["shapes"])
 
 
 def variables() -> tuple[str, ...]:

@@ -13,17 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from handler.cancel import CancelToken
 from handler.config import Settings
 from handler.io.inputs import MediaInputs
 from handler.io.outputs import OutputSink
 from handler.io.result_cache import ResultCache, cache_key
 from handler.io.storage import S3Storage
 from handler.io.workspace import Workspace
-from handler.runtime.cancel import CancelToken
 from handler.runtime.container import Runtime
 from handler.runtime.instances import InstancePool
 from handler.runtime.threads import in_thread, job_threads
-from handler.task import CachePolicy, TaskInput
+from handler.task_interface import CachePolicy, TaskInput
 
 T = TypeVar("T")
 P = TypeVar("P")
@@ -181,7 +181,7 @@ class JobContext:
             await self.in_thread(lambda: cache.store(key, output, fields=policy.outputs, cancel=self.cancel))
             return output
 
-        output, shared = await self.runtime.flights.run((cache.scope, key), compute_and_store)
+        output, shared = await self.runtime.single_flight.run((cache.scope, key), compute_and_store)
         return {**output, "cached": shared}
 
     def _result_cache(self) -> ResultCache | None:

@@ -17,12 +17,12 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from handler.cancel import CancelToken
 from handler.errors import GenerationTimeout
 from handler.job import JobContext
-from handler.runtime.cancel import CancelToken
 from handler.runtime.instances import InstancePool, Placement, move_whole
 from handler.runtime.registry import PipelineKey
-from handler.task import Task
+from handler.task_interface import Task
 from handler.tasks import TASKS
 
 _ids = itertools.count()

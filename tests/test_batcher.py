@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from handler.app import Worker
+from handler.cancel import CancelToken
 from handler.errors import Cancelled, GenerationTimeout, GpuOutOfMemory
 from handler.runtime.batcher import Batcher
-from handler.runtime.cancel import CancelToken
 from handler.runtime.gate import Gate
 from handler.runtime.registry import PipelineKey, Registry
 from tests.fixture_tasks import TABLE

@@ -1,8 +1,9 @@
 """Cache keys hold the effective value of everything that shapes a result, and nothing else.
 
-Every setting and every input field of every cached task is enumerated: each one either changes
-the key (for some input of that task) or is listed as not shaping the result, so a new setting
-or field cannot be forgotten.
+Every setting and every input field of every cached task is enumerated: a setting changes the key
+(for some input of that task) exactly when its declaration in handler/config.py names the task in
+``shapes``, and an input field changes it unless it is listed as not shaping the result, so a new
+setting or field cannot be forgotten.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from handler.config import Settings
+from handler.config import BucketSettings, Settings, shaping
 from handler.errors import InvalidInput
-from handler.io.buckets import BucketSettings
 from handler.io.result_cache import cache_key
-from handler.task import NOT_SHAPING_RESULTS, CachePolicy
+from handler.task_interface import CachePolicy
 from handler.tasks import TASKS
 
 CACHED = {name: task for name, task in TASKS.items() if task.cache is not None}
@@ -87,32 +87,29 @@ def base_settings() -> Settings:
 
 
 @pytest.mark.parametrize("name", sorted(CACHED))
-def test_every_setting_shapes_the_key_or_is_listed(name: str) -> None:
-    """For each cached task, changing any one setting changes the key for some input of the task,
-    unless the setting is listed as not shaping its result (globally, or for this task); a listed
-    setting really leaves the key alone."""
+def test_a_setting_shapes_the_key_exactly_when_its_declaration_says_so(name: str) -> None:
+    """For each cached task, changing any one setting changes the key for some input of the task
+    when its declaration names the task in ``shapes``, and leaves the key alone otherwise."""
     task = CACHED[name]
     policy = task.cache
     assert policy is not None
     base = base_settings()
     samples = [task.input_model.model_validate(sample) for sample in SAMPLES[name]]
-    unaffected = NOT_SHAPING_RESULTS | policy.unaffected
+    shapes = set(shaping(name))
     for setting in dataclasses.fields(Settings):
         value = getattr(base, setting.name)
         changed = dataclasses.replace(base, **{setting.name: other_value(setting.name, value)})
         differs = [key_of(policy, base, p) != key_of(policy, changed, p) for p in samples]
-        if setting.name in unaffected:
-            assert not any(differs), f"{name}: {setting.name} is listed as not shaping results, yet changes the key"
+        if setting.name in shapes:
+            assert any(differs), f"{name}: {setting.name} is declared to shape its results, yet leaves the key alone"
         else:
-            assert any(differs), f"{name}: {setting.name} neither changes the key nor is listed as not shaping"
+            assert not any(differs), f"{name}: {setting.name} changes the key, but its declaration's shapes omit {name}"
 
 
-def test_the_lists_name_real_settings() -> None:
-    """Every name in the not-shaping lists is a setting (a renamed setting cannot hide there)."""
-    names = {f.name for f in dataclasses.fields(Settings)}
-    assert names >= NOT_SHAPING_RESULTS
-    for task in CACHED.values():
-        assert task.cache is not None and names >= task.cache.unaffected
+def test_the_declarations_name_cached_tasks() -> None:
+    """Every task a setting's ``shapes`` names is a task with a cache (a renamed task cannot hide there)."""
+    named = {task for setting in dataclasses.fields(Settings) for task in setting.metadata["shapes"]}
+    assert named <= set(CACHED)
 
 
 @pytest.mark.parametrize("name", sorted(CACHED))

@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from handler.cancel import CancelToken
 from handler.config import load_settings
 from handler.errors import Cancelled, WorkerError
 from handler.io import media
 from handler.io.download import Downloader
 from handler.io.storage import S3Storage
-from handler.runtime.cancel import CancelToken
 from tests.conftest import start_worker, stop_worker
 from tests.jobserver import JobServer
 from tests.servers import HttpServer, SeaweedS3

@@ -23,6 +23,7 @@ from handler.app import Worker
 from handler.pipelines.whisper import decoding
 from handler.pipelines.whisper import pipeline as whisper_pipeline
 from handler.pipelines.whisper.vad import fixed_chunks
+from handler.pipelines.whisper.windows import prepare_windows
 from handler.runtime.registry import Registry
 from tests import clips, media, speech_corpus
 from tests.conftest import b64, job, run_job
@@ -41,13 +42,13 @@ class BatchSpy:
     def __call__(self, original: Any) -> Any:
         spy = self
 
-        def decode_windows(pipeline: Any, inputs: Any, settings: Any) -> Any:
+        def decode_windows(model: Any, inputs: Any, options: Any) -> Any:
             with spy.lock:
                 spy.sizes.append(len(inputs))
                 spy.prompts.append([window.prompt for window in inputs])
             if spy.fail_when is not None and spy.fail_when(inputs):
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-            return original(pipeline, inputs, settings)
+            return original(model, inputs, options)
 
         return decode_windows
 
@@ -55,8 +56,7 @@ class BatchSpy:
 @pytest.fixture
 def spy(monkeypatch: pytest.MonkeyPatch) -> BatchSpy:
     recorder = BatchSpy()
-    monkeypatch.setattr(whisper_pipeline.WhisperPipeline, "decode_windows",
-                        recorder(whisper_pipeline.WhisperPipeline.decode_windows))
+    monkeypatch.setattr(decoding, "decode_windows", recorder(decoding.decode_windows))
     return recorder
 
 
@@ -172,8 +172,8 @@ def test_no_job_input_outlives_its_job(worker: Worker, monkeypatch: pytest.Monke
     """20 jobs with 20 different batch_size values and 20 s (about 850 KB of base64) inputs: once they
     are answered, nothing the worker keeps (its batchers included) still references any job or its
     input: weak references to them are dead after a collection, while the worker lives on."""
-    monkeypatch.setattr(whisper_pipeline.WhisperPipeline, "decode_windows",
-                        lambda _pipeline, inputs, _settings: [[] for _ in inputs])  # the inputs are noise
+    monkeypatch.setattr(decoding, "decode_windows",
+                        lambda _model, inputs, _options: [[] for _ in inputs])  # the inputs are noise
     jobs = [_Watched(id=f"leak-{uuid.uuid4().hex[:8]}",
                      input=_Watched(audio_base64=b64(_noise_wav(tmp_path / f"n{i}.wav", 20, i)), batch_size=2 + i))
             for i in range(20)]
@@ -190,7 +190,7 @@ def _mel_sum(worker: Worker, clip: Path) -> float:
     """The sum of the one window the worker makes of ``clip`` (how the fixture recognises its chunk)."""
     model = next(iter(worker.runtime.registry.loaded().values())).pipeline.first.model
     audio = openai_whisper.load_audio(str(clip))
-    return float(decoding.prepare_windows(model, audio, fixed_chunks(audio))[0].mel.sum())
+    return float(prepare_windows(model, audio, fixed_chunks(audio))[0].mel.sum())
 
 
 @pytest.mark.parametrize("condition", [True, False])

@@ -12,11 +12,14 @@ import pytest
 import torch
 import whisper
 
+from handler.cancel import CancelToken
 from handler.errors import Cancelled
-from handler.pipelines.whisper import decoding, vad
+from handler.pipelines.whisper import batch_task, decoding, vad
+from handler.pipelines.whisper.options import DecodeOptions
 from handler.pipelines.whisper.pipeline import load_checkpoint
+from handler.pipelines.whisper.sections import Sections
 from handler.pipelines.whisper.vad import Chunk
-from handler.runtime.cancel import CancelToken
+from handler.pipelines.whisper.windows import Window, WindowInput
 from tests import clips, media
 
 # Beam search at temperature 0 only: deterministic, so two runs can be compared token for token;
@@ -81,7 +84,8 @@ def test_batched_transcript_has_the_words_of_sequential_whisper(
 ) -> None:
     """Batched beam search and greedy both recognise the spoken words, as whisper.transcribe does."""
     sequential = whisper.transcribe(model, gapped_clip.audio, verbose=None, fp16=False, **BEAM)
-    greedy = decoding.transcribe_batched(model, gapped_clip.audio, options=GREEDY, batch_size=4)
+    greedy = decoding.transcribe_chunks(model, gapped_clip.audio, vad.speech_chunks(gapped_clip.audio), options=GREEDY,
+                                       batch_size=4)
     for result in (sequential, beam_batched, greedy):
         assert media.recognised(result["text"]) >= 0.8, result["text"]
     shared = media.words_of(beam_batched["text"]) & media.words_of(sequential["text"])
@@ -164,9 +168,9 @@ def test_fallback_keeps_the_first_result_of_chunks_that_pass(
     """decode_with_fallback returns one result per chunk, each at the temperature where it stopped."""
     mel = whisper.log_mel_spectrogram(gapped_clip.audio, model.dims.n_mels, padding=whisper.audio.N_SAMPLES)
     windows = torch.stack([whisper.pad_or_trim(mel[:, c.start // 160 : c.end // 160], 3000) for c in chunks[:2]])
-    settings = decoding.BatchSettings.from_options(model, {**GREEDY, "temperature": (0.0, 1.0)})
+    settings = DecodeOptions.from_options(model, {**GREEDY, "temperature": (0.0, 1.0)})
     with torch.no_grad():
-        results = decoding.decode_with_fallback(model, model.encoder(windows), settings)
+        results = batch_task.decode_with_fallback(model, model.encoder(windows), settings)
     assert [r.temperature for r in results] == [0.0, 0.0]
     assert media.recognised(" ".join(r.text for r in results)) >= 0.8
 
@@ -184,7 +188,8 @@ def test_setting_the_cancel_token_stops_decoding_at_the_next_step(model: Any, ga
     hook = model.decoder.register_forward_pre_hook(cancel_at_step_five)
     try:
         with pytest.raises(Cancelled):
-            decoding.transcribe_batched(model, gapped_clip.audio, options=GREEDY, cancel=token)
+            decoding.transcribe_chunks(model, gapped_clip.audio, vad.speech_chunks(gapped_clip.audio), options=GREEDY,
+                                       cancel=token)
     finally:
         hook.remove()
     assert len(steps) == 5
@@ -196,12 +201,14 @@ def test_a_cancelled_token_stops_before_the_first_batch(model: Any, gapped_clip:
     token = CancelToken()
     token.cancel()
     with pytest.raises(Cancelled):
-        decoding.transcribe_batched(model, gapped_clip.audio, options=GREEDY, cancel=token)
+        decoding.transcribe_chunks(model, gapped_clip.audio, vad.speech_chunks(gapped_clip.audio), options=GREEDY,
+                                       cancel=token)
 
 
 def test_silence_gives_an_empty_transcript(model: Any) -> None:
     """Silence has no VAD chunks: an empty result of the usual shape, nothing decoded."""
-    result = decoding.transcribe_batched(model, np.zeros(5 * 16000, dtype=np.float32), options=GREEDY)
+    silence = np.zeros(5 * 16000, dtype=np.float32)
+    result = decoding.transcribe_chunks(model, silence, vad.speech_chunks(silence), options=GREEDY)
     assert result == {"text": "", "segments": [], "language": "en"}
 
 
@@ -220,7 +227,7 @@ def test_decode_options_of_the_transcribe_task_are_accepted(model: Any) -> None:
     from handler.tasks.transcribe import TranscribeInput
 
     options = TranscribeInput.model_validate({"audio": "https://example.com/a.mp3"}).decode_options()
-    settings = decoding.BatchSettings.from_options(model, {**options, "task": "transcribe"})
+    settings = DecodeOptions.from_options(model, {**options, "task": "transcribe"})
     assert settings.temperatures[0] == 0.0 and len(settings.temperatures) == 6
     assert settings.at(0.0).beam_size == 5 and settings.at(0.0).best_of is None
     assert settings.at(0.4).best_of == 5 and settings.at(0.4).beam_size is None
@@ -268,13 +275,13 @@ def test_a_single_windows_beams_attend_as_one_row(
     key row), not upstream's broadcast of one key row over 5 beams (18x slower in torch's CPU
     attention); the tokens are upstream's (test_each_window_of_a_batch_is_decoded_with_its_own_prompt)."""
     shapes: list[tuple[int, int]] = []
-    grouped = decoding._grouped_attention
+    grouped = batch_task._grouped_attention
 
     def spy(attend: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any = None) -> Any:
         shapes.append((q.shape[0], k.shape[0]))
         return grouped(attend, q, k, v, mask)
 
-    monkeypatch.setattr(decoding, "_grouped_attention", spy)
+    monkeypatch.setattr(batch_task, "_grouped_attention", spy)
     decoding.transcribe_chunks(model, gapped_clip.audio, chunks[:1], options=BEAM, batch_size=1)
     assert set(shapes) == {(1, 1), (5, 1)}  # the prompt's pass on one row per window, then the beams
 
@@ -297,7 +304,7 @@ def test_batch_decoding_task_detects_languages_with_beams_on_a_multilingual_mode
     model = Whisper(dims)
     torch.nn.init.normal_(model.decoder.positional_embedding, std=0.02)  # torch.empty otherwise
     options = DecodingOptions(language=None, beam_size=3, sample_len=4, fp16=False)
-    results = decoding.BatchDecodingTask(model, options).run(torch.randn(2, 80, 3000))
+    results = batch_task.BatchDecodingTask(model, options).run(torch.randn(2, 80, 3000))
     assert len(results) == 2
     assert all(result.language in whisper.tokenizer.LANGUAGES for result in results)
 
@@ -315,11 +322,11 @@ def test_each_window_of_a_batch_is_decoded_with_its_own_prompt(
     assert len(long) > len(short)
     mel = whisper.log_mel_spectrogram(gapped_clip.audio, model.dims.n_mels, padding=whisper.audio.N_SAMPLES)
     windows = torch.stack([whisper.pad_or_trim(mel[:, c.start // 160 : c.end // 160], 3000) for c in chunks[:2]])
-    settings = decoding.BatchSettings.from_options(model, BEAM)
+    settings = DecodeOptions.from_options(model, BEAM)
     with torch.no_grad():
-        batched = decoding._decode_prompted(model, model.encoder(windows), settings, [short, long])
-        unprompted = decoding._decode_prompted(model, model.encoder(windows), settings, [(), ()])
-        single = decoding._decode_prompted(model, model.encoder(windows[:1]), settings, [short])
+        batched = batch_task.decode_prompted(model, model.encoder(windows), settings, [short, long])
+        unprompted = batch_task.decode_prompted(model, model.encoder(windows), settings, [(), ()])
+        single = batch_task.decode_prompted(model, model.encoder(windows[:1]), settings, [short])
 
     def alone(window: torch.Tensor, prompt: tuple[int, ...]) -> tuple[list[int], float]:
         options = whisper.DecodingOptions(language="en", beam_size=5, temperature=0.0, fp16=False, prompt=list(prompt))
@@ -332,8 +339,8 @@ def test_each_window_of_a_batch_is_decoded_with_its_own_prompt(
     assert [r.tokens for r in batched] != [r.tokens for r in unprompted]
 
 
-def _window(index: int) -> decoding.WindowInput:
-    return decoding.WindowInput(torch.zeros(1), decoding._Window(seek=100 * index, frames=100, end_s=index + 1.0))
+def _window(index: int) -> WindowInput:
+    return WindowInput(torch.zeros(1), Window(seek=100 * index, frames=100, end_s=index + 1.0))
 
 
 def _segment(tokens: list[int], temperature: float = 0.0) -> dict[str, Any]:
@@ -344,8 +351,8 @@ def test_sections_prompt_each_window_with_the_text_before_it_in_its_section(mode
     """Nine windows at width 8: three sections of three, decoded a window of each per round; each
     window is prompted with the initial prompt and the tokens before it in its section, a silent
     window passing its prompt on, and text decoded above temperature 0.5 prompting nothing."""
-    settings = decoding.BatchSettings.from_options(model, {})
-    sections = decoding.Sections([_window(i) for i in range(9)], width=8, settings=settings, initial=(7,))
+    settings = DecodeOptions.from_options(model, {})
+    sections = Sections([_window(i) for i in range(9)], width=8, options=settings, initial=(7,))
     rounds = []
     while batch := sections.next_round():
         rounds.append({index: window.prompt for index, window in batch})
@@ -360,8 +367,8 @@ def test_sections_prompt_each_window_with_the_text_before_it_in_its_section(mode
 
 
 def test_without_conditioning_every_window_is_in_the_first_round_with_the_initial_prompt(model: Any) -> None:
-    settings = decoding.BatchSettings.from_options(model, {"condition_on_previous_text": False})
-    sections = decoding.Sections([_window(i) for i in range(5)], width=2, settings=settings, initial=(7,))
+    settings = DecodeOptions.from_options(model, {"condition_on_previous_text": False})
+    sections = Sections([_window(i) for i in range(5)], width=2, options=settings, initial=(7,))
     first = sections.next_round()
     assert [(index, window.prompt) for index, window in first] == [(i, (7,)) for i in range(5)]
     for index, _ in first:
@@ -370,10 +377,10 @@ def test_without_conditioning_every_window_is_in_the_first_round_with_the_initia
 
 
 def test_a_long_recording_keeps_full_batches_and_a_short_one_is_one_sequence(model: Any) -> None:
-    settings = decoding.BatchSettings.from_options(model, {})
+    settings = DecodeOptions.from_options(model, {})
 
     def widths(count: int) -> list[int]:
-        sections = decoding.Sections([_window(i) for i in range(count)], width=8, settings=settings)
+        sections = Sections([_window(i) for i in range(count)], width=8, options=settings)
         found = []
         while batch := sections.next_round():
             found.append(len(batch))
@@ -393,9 +400,9 @@ def test_the_batch_decoding_task_runs_the_vectorised_steps(model: Any) -> None:
 
     from handler.pipelines.whisper.search import BeamSearch, TimestampRules
 
-    task = decoding.BatchDecodingTask(model, whisper.DecodingOptions(language="en", beam_size=5, fp16=False))
+    task = batch_task.BatchDecodingTask(model, whisper.DecodingOptions(language="en", beam_size=5, fp16=False))
     assert type(task.decoder) is BeamSearch
     filters = {type(f) for f in task.logit_filters}
     assert TimestampRules in filters and ApplyTimestampRules not in filters
-    greedy = decoding.BatchDecodingTask(model, whisper.DecodingOptions(language="en", fp16=False))
+    greedy = batch_task.BatchDecodingTask(model, whisper.DecodingOptions(language="en", fp16=False))
     assert type(greedy.decoder) is not BeamSearch

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from handler.cancel import CancelToken
 from handler.pipelines.diarize import labels
 from handler.pipelines.diarize.pipeline import DiarizationPipeline, SpeakerBounds, Turn, load_diarization
-from handler.runtime.cancel import CancelToken
 from handler.tasks.transcribe import _diarization_regions, format_text
 from tests import conversations
 from tests.conftest import b64, job, run_job

@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from handler.config import load_settings
-from handler.io.buckets import split_bucket_endpoint
+from handler.config import load_settings, split_bucket_endpoint
 from tests import media
 from tests.conftest import CAPTURED_LOGS, b64, job, run_job
 from tests.jobserver import LocalApi

@@ -106,21 +106,23 @@ def batched_alignment(device: str) -> tuple[list[torch.dtype], list[dict[str, An
 
     from bench.gpu import TINY_EN_DIMS, fixed_tokens
     from handler.pipelines.whisper import decoding
+    from handler.pipelines.whisper.options import DecodeOptions
     from handler.pipelines.whisper.vad import Chunk
+    from handler.pipelines.whisper.windows import prepare_windows
 
     torch.manual_seed(0)
     model = Whisper(ModelDimensions(**TINY_EN_DIMS))
     torch.nn.init.normal_(model.decoder.positional_embedding, std=0.02)
     model = model.to(device)
     audio = np.random.default_rng(0).normal(0, 0.05, 16000 * 20).astype(np.float32)
-    inputs = decoding.prepare_windows(model, audio, [Chunk(0, len(audio))])
-    settings = decoding.BatchSettings.from_options(
+    inputs = prepare_windows(model, audio, [Chunk(0, len(audio))])
+    settings = DecodeOptions.from_options(
         model, {"temperature": 0.0, "language": "en", "word_timestamps": True}, fp16=True)
     seen: list[torch.dtype] = []
     hook = model.encoder.register_forward_pre_hook(lambda _module, args: seen.append(args[0].dtype))
     try:
         with fixed_tokens(24):
-            _, found = decoding.decode_windows(model, inputs, settings)
+            found = decoding.decode_windows(model, inputs, settings)
     finally:
         hook.remove()
     return seen, [word for segment in found[0] for word in segment.get("words", [])]

@@ -1,5 +1,6 @@
-"""The layers the folders promise: model code under ``handler/pipelines`` knows nothing of tasks or
-jobs, and a task never imports another task."""
+"""The layers the folders promise: each layer of ``handler/`` imports only the layers below it (model
+code knows nothing of tasks or jobs, ``io`` nothing of the runtime, ``config`` nothing of the worker's),
+and a task never imports another task."""
 
 from __future__ import annotations
 
@@ -11,9 +12,21 @@ from pathlib import Path
 import pytest
 
 HANDLER = Path(__file__).resolve().parents[1] / "handler"
-# What a pipeline may not reach: the tasks (their table row, and the JobContext they are handed), or the
-# worker around them.
-FORBIDDEN = ("handler.tasks", "handler.task", "handler.job", "handler.app")
+# The worker's layers, lowest first: a module imports modules of its own layer or of a lower one, never
+# of a higher one. A name is in the layer of the longest prefix that names it (``handler`` alone: the package).
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # What every layer may use: the settings, the error tree, logging, the cancel token.
+    ("base", ("handler", "handler.config", "handler.errors", "handler.logs", "handler.cancel")),
+    ("io", ("handler.io",)),  # bytes outside the process
+    ("runtime", ("handler.runtime",)),  # sharing the GPU
+    ("pipelines", ("handler.pipelines",)),  # model code
+    # What a task is handed (job), what it hands the worker (task_interface), the checks tasks share.
+    ("task interface", ("handler.job", "handler.task_interface", "handler.limits")),
+    ("tasks", ("handler.tasks",)),
+    ("worker", ("handler.app", "handler.schema")),  # parse, route, run: tasks only through their table
+    ("serve", ("handler.http",)),
+    ("start", ("handler.__main__", "handler.runpod_import")),
+)
 TASKS = sorted(path for path in (HANDLER / "tasks").glob("*.py") if path.name != "__init__.py")
 # Task modules that still import a sibling (none now; kept so that an exception is visible here).
 PENDING: set[tuple[str, str]] = set()
@@ -34,11 +47,56 @@ def imported_modules(path: Path) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("path", sorted((HANDLER / "pipelines").rglob("*.py")), ids=lambda p: p.name)
-def test_pipelines_import_no_task_and_no_job(path: Path) -> None:
-    bad = sorted(m for m in imported_modules(path)
-                 if m in FORBIDDEN or m.startswith(tuple(f"{f}." for f in FORBIDDEN)) or m.endswith(".JobContext"))
-    assert not bad, f"{path.relative_to(HANDLER)} imports {bad}"
+def module_name(path: Path) -> str:
+    parts = path.relative_to(HANDLER.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def placed(module: str) -> int | None:
+    """The index in LAYERS of the module ``module``, when LAYERS places it."""
+    for index, (_, prefixes) in enumerate(LAYERS):
+        if module in prefixes or any(module.startswith(f"{p}.") for p in prefixes if p != "handler"):
+            return index
+    return None
+
+
+def layer_of(name: str) -> int | None:
+    """The layer of the module ``name``, or of the module a name imported from it is in."""
+    while name and placed(name) is None:
+        name = name.rpartition(".")[0]
+    return placed(name) if name else None
+
+
+MODULES = sorted(HANDLER.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(HANDLER)))
+def test_every_module_is_in_a_layer(path: Path) -> None:
+    """A new module or folder is placed in a layer before its imports can be checked."""
+    assert placed(module_name(path)) is not None, f"{module_name(path)}: add it to LAYERS"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(HANDLER)))
+def test_each_layer_imports_only_the_layers_below_it(path: Path) -> None:
+    own = layer_of(module_name(path))
+    assert own is not None
+    above = sorted(f"{m} ({LAYERS[layer][0]})" for m in imported_modules(path)
+                   if m.split(".")[0] == "handler" and (layer := layer_of(m)) is not None and layer > own)
+    assert not above, f"{module_name(path)} ({LAYERS[own][0]}) imports from a higher layer: {above}"
+
+
+def test_config_imports_nothing_of_the_worker() -> None:
+    """The settings are read first (builder/ reads them before the rest of handler/ is in the image)."""
+    assert sorted(m for m in imported_modules(HANDLER / "config.py") if m.split(".")[0] == "handler") == []
+
+
+def test_the_layer_check_sees_an_import_from_above(tmp_path: Path) -> None:
+    source = tmp_path / "m.py"
+    source.write_text("from handler.runtime.gate import Gate\nimport handler.tasks.transcribe\n")
+    modules = imported_modules(source)
+    assert layer_of("handler.io.media") == 1
+    assert sorted(layer_of(m) for m in modules) == [2, 2, 5]
+    assert layer_of("handler.__version__") == 0
 
 
 def test_the_check_sees_an_import_inside_a_function(tmp_path: Path) -> None:

@@ -3,12 +3,13 @@ named as pinned, every relative link alive, and the README short enough to be a 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 
-from handler.config import defaults, variables
+from handler.config import Settings, defaults, shaping, variables
 from handler.schema import schemas
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +43,18 @@ def test_the_configuration_table_is_the_settings_declaration() -> None:
     assert len(declared) > 25
     assert sorted(declared - configuration_rows()) == []
     assert sorted(configuration_rows() - declared - NOT_SETTINGS) == []
+
+
+def test_what_shapes_a_cached_result_is_the_settings_declaration() -> None:
+    """docs/configuration.md's "What shapes a cached result" names, for each task, the variables whose
+    declaration names that task in ``shapes``, and no other."""
+    section = CONFIGURATION.split("## What shapes a cached result", 1)[1].split("\n## ", 1)[0]
+    listed = {task: set(re.findall(r"`([A-Z0-9_]+)`", names))
+              for task, names in re.findall(r"^- `(\w+)`: (.*(?:\n  .*)*)", section, flags=re.MULTILINE)}
+    env = {setting.name: setting.metadata.get("env") for setting in dataclasses.fields(Settings)}
+    declared = {task: {env[name] for name in shaping(task)} for task in listed}
+    assert listed.keys() >= {"transcribe", "speech", "text2image", "text2video"}
+    assert listed == declared
 
 
 # Variables whose default the configuration table says in words, not as the value the declaration holds.

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from handler.app import Worker
+from handler.cancel import CancelToken
 from handler.errors import Cancelled, GenerationTimeout, InputTooLarge
-from handler.runtime.cancel import CancelToken
 from handler.runtime.instances import InstancePool, Placement, move_whole
 from handler.runtime.registry import PipelineKey, Registry
 from handler.runtime.residency import Residency

@@ -1,4 +1,4 @@
-"""One tenant cannot stall, steer or read another: slow per-job buckets, forged cache entries, shared flights.
+"""One tenant cannot stall, steer or read another: slow per-job buckets, forged cache entries, shared work.
 
 Everything a job names is untrusted: its ``s3Config`` endpoint (here a loopback server that
 trickles a byte every half second, and the real SeaweedFS with the tenant's own bucket) and
@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from handler.app import Worker
+from handler.cancel import CancelToken
 from handler.io.result_cache import ResultCache
 from handler.io.storage import S3Storage
-from handler.runtime.cancel import CancelToken
 from handler.tasks.transcribe import CACHE
 from tests import media
 from tests.conftest import b64, job, remember_secret, run_job

@@ -13,9 +13,9 @@ import pytest
 import torch
 import whisper
 
+from handler.cancel import CancelToken
 from handler.pipelines.whisper import vad
 from handler.pipelines.whisper.vad import Chunk
-from handler.runtime.cancel import CancelToken
 from tests import clips, media
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -193,9 +193,9 @@ def test_a_cancelled_job_stops_its_vad_pass() -> None:
     """The VAD pass of a cancelled job stops at its next window (CANCELLED), not after the whole recording."""
     import time
 
+    from handler.cancel import CancelToken
     from handler.errors import Cancelled
     from handler.pipelines.whisper.vad import speech_chunks
-    from handler.runtime.cancel import CancelToken
 
     token = CancelToken()
     token.cancel()

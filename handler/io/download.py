@@ -26,11 +26,11 @@ from urllib.parse import urljoin
 import certifi
 import httpcore
 
+from handler.cancel import CancelToken
 from handler.errors import DownloadFailed, DownloadRefused, InputTooLarge, WorkerError, transient_status
 from handler.io.addresses import AddressPolicy, IPNetwork, Resolver, check_url, system_resolver
 from handler.io.streams import copy_capped
 from handler.logs import get_logger
-from handler.runtime.cancel import CancelToken
 
 log = get_logger(__name__)
 

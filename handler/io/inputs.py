@@ -13,11 +13,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from handler.cancel import CancelToken
 from handler.config import Settings
 from handler.errors import InputTooLarge, InvalidInput
 from handler.io.download import Downloader
 from handler.io.storage import S3Storage
-from handler.runtime.cancel import CancelToken
 
 _DATA_URI = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")

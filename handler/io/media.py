@@ -26,8 +26,8 @@ from typing import Any
 import ffmpeg
 import numpy as np
 
+from handler.cancel import CancelToken
 from handler.errors import InputTooLarge, InvalidInput, WorkerError
-from handler.runtime.cancel import CancelToken
 
 # Demuxers a user file may be read with: real media containers only. HLS/DASH manifests,
 # concat lists, image sequences and every network protocol stay out.
@@ -212,8 +212,8 @@ def load_audio(
 ) -> tuple[np.ndarray, MediaInfo]:
     """Probe and decode ``path`` to mono float32 PCM at 16 kHz, as Whisper expects.
 
-    ffprobe and the decoder start together: each costs a process start of ~0.1 s (most of
-    it loading ffmpeg's libraries), which would otherwise be paid twice per job. The probe
+    ffprobe and the decoder start together: each costs a process start (most of it loading
+    ffmpeg's libraries; bench/RESULTS.md), which would otherwise be paid twice per job. The probe
     still decides: if it rejects the file, the decoder is killed and nothing it produced is
     used; the decoder is also capped at the duration limit, so it can never do unbounded
     work on a file the probe is about to refuse.

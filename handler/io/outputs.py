@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from handler.cancel import CancelToken
 from handler.errors import InputTooLarge
-from handler.runtime.cancel import CancelToken
 
 
 @dataclass(frozen=True)

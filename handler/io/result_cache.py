@@ -31,11 +31,11 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from handler.cancel import CancelToken
 from handler.config import Settings
 from handler.errors import WorkerError
 from handler.io.storage import S3Storage
 from handler.logs import get_logger, register_secret
-from handler.runtime.cancel import CancelToken
 
 log = get_logger(__name__)
 

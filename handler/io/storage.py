@@ -42,7 +42,8 @@ from botocore.awsrequest import AWSHTTPConnectionPool, AWSHTTPSConnectionPool
 from botocore.config import Config
 from s3transfer.exceptions import CancelledError as TransferCancelled
 
-from handler.config import Settings
+from handler.cancel import CancelToken
+from handler.config import BucketSettings, Settings
 from handler.errors import (
     Cancelled,
     DownloadFailed,
@@ -53,11 +54,9 @@ from handler.errors import (
     transient_status,
 )
 from handler.io.addresses import AddressPolicy
-from handler.io.buckets import BucketSettings
 from handler.io.outputs import StoredFile
 from handler.io.streams import copy_capped
 from handler.logs import get_logger, register_secret
-from handler.runtime.cancel import CancelToken
 
 log = get_logger(__name__)
 
@@ -85,9 +84,9 @@ _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 _DOTS = re.compile(r"\.{2,}")
 
 
-# One session for every client: it parses S3's service model once (a new session costs a
-# tenant job ~0.2 s of CPU under the GIL). Clients get explicit credentials, never the session's;
-# sessions are not thread-safe, so clients are made one at a time (a few ms each).
+# One session for every client: it parses S3's service model once (a new session per tenant job
+# would parse it again, on the CPU under the GIL: bench/RESULTS.md). Clients get explicit
+# credentials, never the session's; sessions are not thread-safe, so clients are made one at a time.
 _SESSION = boto3.session.Session()
 _session_lock = threading.Lock()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from handler.runtime.cancel import CancelToken
+from handler.cancel import CancelToken
 
 
 def copy_capped(

@@ -41,9 +41,9 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from handler.cancel import CancelToken
 from handler.errors import Cancelled, GenerationTimeout, GpuOutOfMemory, WorkerError
 from handler.logs import get_logger
-from handler.runtime.cancel import CancelToken
 from handler.runtime.gate import Gate, Slot
 from handler.runtime.threads import LateErrorHook
 

@@ -10,11 +10,11 @@ from typing import Any, TypeVar
 
 from handler.config import Settings
 from handler.runtime.batcher import Batcher, Batchers
-from handler.runtime.flights import SingleFlight
 from handler.runtime.gate import Gate
 from handler.runtime.lifecycle import Lifecycle
 from handler.runtime.registry import Registry
 from handler.runtime.residency import Residency
+from handler.runtime.single_flight import SingleFlight
 from handler.runtime.stats import WorkerStats
 
 ItemT = TypeVar("ItemT")
@@ -34,7 +34,7 @@ class Runtime:
     stats: WorkerStats = field(default_factory=WorkerStats)
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     # Identical cacheable jobs held at once compute once.
-    flights: SingleFlight[dict[str, Any]] = field(default_factory=SingleFlight)
+    single_flight: SingleFlight[dict[str, Any]] = field(default_factory=SingleFlight)
     # Batches shared by the jobs this worker holds (transcription chunks), per model.
     batchers: Batchers = field(default_factory=Batchers)
     # How the GPU slots were sized (fixed, or auto with its figures), for `system`.

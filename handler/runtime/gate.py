@@ -24,9 +24,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from handler.cancel import CancelToken
 from handler.errors import GenerationTimeout
 from handler.logs import get_logger
-from handler.runtime.cancel import CancelToken
 from handler.runtime.devices import clear_cuda_cache, cuda_errors
 from handler.runtime.threads import LateErrorHook, compute_threads, in_thread, torch_threads
 

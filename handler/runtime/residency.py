@@ -28,9 +28,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from handler.cancel import CancelToken
 from handler.errors import Cancelled, GenerationTimeout, InputTooLarge
 from handler.logs import get_logger
-from handler.runtime.cancel import CancelToken
 from handler.runtime.instances import InstancePool
 from handler.runtime.memory import MIB, host_room
 

@@ -11,8 +11,8 @@ threads that have not run torch yet start). Every thread that has run torch on `
 ``n - 1`` OpenMP threads for its life, and libgomp lets its idle threads spin between parallel
 regions only while the process holds no more of them than cores; past that, each of torch's small
 operations wakes its team through the kernel. With the main thread's team beside the gate's,
-tiny.en's decoder loop ran 30% slower on 2 cores (1.46 CPU s per wall s instead of 1.99), and
-``whisper.transcribe`` beside it as much (bench/RESULTS.md).
+tiny.en's decoder loop ran markedly slower on 2 cores, and ``whisper.transcribe`` beside it as
+much (bench/RESULTS.md, fourth run).
 """
 
 from __future__ import annotations

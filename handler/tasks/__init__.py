@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from handler.task import Task
+from handler.task_interface import Task
 from handler.tasks import speech, system, text2image, text2video, transcribe, upload
 
 TASKS: dict[str, Task[Any]] = {

@@ -17,7 +17,7 @@ from handler.limits import served_model
 from handler.pipelines.speech.pipeline import get_pipelines, pieces_to_say, working_bytes
 from handler.pipelines.weights import model_identity
 from handler.runtime.container import Runtime
-from handler.task import VIDEO_SHAPING, CachePolicy, Task, TaskInput, input_fields, new_seed
+from handler.task_interface import CachePolicy, Task, TaskInput, input_fields, new_seed
 
 
 class SpeechInput(TaskInput):
@@ -64,11 +64,6 @@ CACHE: CachePolicy[SpeechInput] = CachePolicy(
     outputs=frozenset({"model", "seed", "sample_rate", "duration_s", "sentences", "files"}),
     shaping=lambda settings, params: {**input_fields(params), "model": params.model or settings.tts_model},
     models={"model": model_identity},
-    unaffected=frozenset({
-        "diarization_model", "whisper_model", "whisper_model_map", "whisper_batch_size", "image_model", "video_model",
-        "video_clip_frames", *VIDEO_SHAPING,
-        # VITS runs in fp32 on every device (see get_pipelines).
-        "precision"}),
 )
 
 

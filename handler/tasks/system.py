@@ -10,7 +10,7 @@ from handler import __version__
 from handler.job import JobContext
 from handler.runtime.devices import describe
 from handler.runtime.memory import read_memory
-from handler.task import Task, TaskInput
+from handler.task_interface import Task, TaskInput
 
 
 class SystemInput(TaskInput):

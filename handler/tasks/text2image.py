@@ -21,7 +21,7 @@ from handler.pipelines.weights import model_identity
 from handler.runtime.container import Runtime
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
-from handler.task import VIDEO_SHAPING, CachePolicy, Task, TaskInput, input_fields, new_seed
+from handler.task_interface import CachePolicy, Task, TaskInput, input_fields, new_seed
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 _CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -163,9 +163,6 @@ CACHE: CachePolicy[ImageInput] = CachePolicy(
     shaping=lambda settings, params: {**input_fields(params), "model": params.model or settings.image_model,
                                       "precision": settings.precision},
     models={"model": model_identity},
-    unaffected=frozenset({
-        "diarization_model", "whisper_model", "whisper_model_map", "whisper_batch_size", "tts_model", "video_model",
-        "video_clip_frames", *VIDEO_SHAPING}),
 )
 
 TASK: Task[ImageInput] = Task(name="text2image", input_model=ImageInput, run=run, preload=preload, cache=CACHE)

@@ -47,7 +47,7 @@ from handler.pipelines.whisper.transcript import word_timings
 from handler.runtime.container import Runtime
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
-from handler.task import CachePolicy, Task, TaskInput, input_fields, new_seed
+from handler.task_interface import CachePolicy, Task, TaskInput, input_fields, new_seed
 
 Captions = Literal["none", "soft", "burned"]
 log = get_logger(__name__)
@@ -284,8 +284,6 @@ CACHE: CachePolicy[VideoInput] = CachePolicy(
     shaping=_shaping,
     models={"model": model_identity, "narration_model": model_identity,
             "captions_model": whisper_identity},
-    # Captions are timed by whisper.transcribe itself (word_timings), never in batches.
-    unaffected=frozenset({"diarization_model", "whisper_model_map", "whisper_batch_size", "image_model"}),
 )
 
 

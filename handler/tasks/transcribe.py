@@ -6,9 +6,10 @@ its clients can switch endpoints without changes.
 The batched path (the default) transcribes in chunks, in batches shared by every job the worker
 holds. A recording is cut into chunks of at most 30 s (speech found by Silero VAD, or fixed windows
 cut at quiet points), their log-mel windows are computed on the CPU, and the windows go to the
-model's batcher a round at a time (``decoding.Sections``: each window is prompted with the text
-of the window before it in its section, so a section's next window waits for its last):
-windows of every job held by this worker with the same decoding settings join the same batches
+model's batcher a round at a time by the engine's driver (``decoding.transcribe_windows``: each
+window is prompted with the text of the window before it in its section, so a section's next
+window waits for its last): windows of every job held by this worker with the same decode options
+join the same batches
 (one encoder pass, one decoder loop), each job getting back its own segments. The batcher keeps each job's
 cancellation and error its own, and retries a batch that ran out of GPU memory in halves
 (:mod:`handler.runtime.batcher`).
@@ -40,6 +41,7 @@ from torch import Tensor
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 from whisper.utils import WriteSRT, WriteVTT
 
+from handler.cancel import CancelToken
 from handler.config import Settings
 from handler.errors import InputTooLarge, InvalidInput
 from handler.io import media
@@ -49,14 +51,15 @@ from handler.pipelines.diarize import labels
 from handler.pipelines.diarize import pipeline as diarization
 from handler.pipelines.weights import file_identity, whisper_identity
 from handler.pipelines.whisper import decoding, vad
+from handler.pipelines.whisper.options import DecodeOptions
 from handler.pipelines.whisper.pipeline import WhisperPipeline, get_pipelines, pipeline_working_bytes
 from handler.pipelines.whisper.transcript import is_silent, plain, temperatures, words
+from handler.pipelines.whisper.windows import WindowInput, language_mel, prepare_windows
 from handler.runtime.batcher import Batcher
-from handler.runtime.cancel import CancelToken
 from handler.runtime.container import Runtime
 from handler.runtime.instances import InstancePool
 from handler.runtime.progress import Progress
-from handler.task import VIDEO_SHAPING, CachePolicy, Task, TaskInput, input_fields
+from handler.task_interface import CachePolicy, Task, TaskInput, input_fields
 
 TextFormat = Literal["plain_text", "formatted_text", "srt", "vtt"]
 
@@ -215,33 +218,71 @@ def _language_code(value: str) -> str:
     raise ValueError(f"language: unknown language {value!r}")
 
 
-def _check_suppress_tokens(pipeline: WhisperPipeline, params: TranscribeInput) -> None:
-    """Token ids must exist in the served model's vocabulary (on CUDA, one that does not is a
-    device-side assert that kills the worker)."""
-    vocabulary = int(pipeline.model.dims.n_vocab)
-    for token in (int(t) for t in params.suppress_tokens.split(",")):
-        if token != -1 and not 0 <= token < vocabulary:
-            raise InvalidInput(f"suppress_tokens: {token} is not a token of model {pipeline.name!r} "
-                               f"(ids 0-{vocabulary - 1}, or -1)", field="suppress_tokens")
+# The job: its media fetched and decoded, its model loaded, transcribed (from the result cache when it
+# can be), its output written.
+
+async def run(ctx: JobContext, params: TranscribeInput) -> dict[str, Any]:
+    model = _model_name(ctx.settings, params)
+    target, field = await _fetch(ctx, params)
+    references = await _fetch_references(ctx, params)
+    key = None
+    if ctx.caching(params):
+        files = [target, *(reference.path for reference in references)]
+        media = ":".join([await ctx.in_thread(functools.partial(file_identity, path, remember=False))
+                          for path in files])
+        key = await ctx.cache_key(params, CACHE, media=media)
+    return await ctx.cached(key, CACHE, lambda: _transcribe(ctx, params, model, target, field, references))
 
 
-def preload(runtime: Runtime) -> None:
-    """Load the default model and pay its first-call costs, so a cold worker's first job is not slower."""
-    pipelines = get_pipelines(runtime, runtime.settings.whisper_model)
-    timeout = runtime.settings.generation_acquire_timeout
-    # Placed on the device (one more resident, parked when idle and needed elsewhere), and borrowed:
-    # on CUDA the warm-up decodes, and a job taken meanwhile may be using the first copy.
-    working = pipeline_working_bytes(pipelines.first, batch=1, beams=1)
-    with runtime.residency.hold(pipelines, working=working, timeout=timeout), pipelines.borrow(timeout) as pipeline:
-        pipeline.warm_up()
-    if runtime.settings.result_cache and runtime.settings.bucket is not None:  # hash the weights now, not in a job
-        whisper_identity(runtime.settings.whisper_model, runtime.settings)
+async def _transcribe(
+    ctx: JobContext, params: TranscribeInput, model: str, target: Path, field: str, references: list[_Reference]
+) -> dict[str, Any]:
+    audio, duration_s = await _decode(ctx, target, field)
+    pipelines = await ctx.load(lambda: get_pipelines(ctx.runtime, model))
+    _check_language_support(pipelines.first, params)
+    _check_suppress_tokens(pipelines.first, params)
+    # Started first, so that its work runs while Whisper decodes; one Silero pass serves both.
+    diarizing = vad_pass = None
+    if params.diarize:
+        vad_pass = asyncio.ensure_future(ctx.in_thread(lambda: vad.speech_probabilities(audio, cancel=ctx.cancel)))
+        diarizing = asyncio.ensure_future(_diarize(ctx, params, audio, references, vad_pass))
+    try:
+        result, translation = await _transcript_and_translation(ctx, pipelines, audio, params, vad_pass)
+        turns = await diarizing if diarizing is not None else None
+    finally:
+        for pending in (diarizing, vad_pass):
+            if pending is not None and not pending.done():
+                pending.cancel()
+            elif pending is not None and not pending.cancelled():
+                pending.exception()  # seen, so a failure behind the decoding's own is not logged as lost
+    if turns is not None:
+        result = {**result, "segments": labels.label_segments(result["segments"], turns)}
+    output: dict[str, Any] = {
+        "transcription": format_text(result, params.transcription),
+        "translation": format_text(translation, params.translation) if translation else None,
+        "detected_language": result.get("language"),
+        "segments": _segments(result),
+        "translation_segments": _segments(translation) if translation else None,
+        "device": ctx.runtime.device,
+        "model": model,
+        "duration_s": round(duration_s, 3),
+    }
+    if params.word_timestamps:
+        output["word_timestamps"] = words(result)
+    if turns is not None:
+        output["speakers"] = labels.speaker_summary(turns)
+    output["files"] = await _store(ctx, result, output)
+    return output
 
 
 def _model_name(settings: Settings, params: TranscribeInput) -> str:
     """The served model a job gets: its own choice, or the one WHISPER_MODEL_MAP maps it to."""
     return served_model(params.model or None, settings.whisper_model, others=settings.whisper_models,
                         aliases=settings.whisper_model_map)
+
+
+def _batch_size(settings: Settings, params: TranscribeInput) -> int:
+    return params.batch_size or settings.whisper_batch_size
 
 
 def _check_language_support(pipeline: WhisperPipeline, params: TranscribeInput) -> None:
@@ -253,6 +294,16 @@ def _check_language_support(pipeline: WhisperPipeline, params: TranscribeInput) 
             f"language: model {pipeline.name!r} is English-only, not {params.language!r}",
             field="language",
         )
+
+
+def _check_suppress_tokens(pipeline: WhisperPipeline, params: TranscribeInput) -> None:
+    """Token ids must exist in the served model's vocabulary (on CUDA, one that does not is a
+    device-side assert that kills the worker)."""
+    vocabulary = int(pipeline.model.dims.n_vocab)
+    for token in (int(t) for t in params.suppress_tokens.split(",")):
+        if token != -1 and not 0 <= token < vocabulary:
+            raise InvalidInput(f"suppress_tokens: {token} is not a token of model {pipeline.name!r} "
+                               f"(ids 0-{vocabulary - 1}, or -1)", field="suppress_tokens")
 
 
 async def _fetch(ctx: JobContext, params: TranscribeInput) -> tuple[Path, str]:
@@ -272,12 +323,154 @@ async def _decode(ctx: JobContext, target: Path, field: str) -> tuple[np.ndarray
     return audio, info.audio_duration_s
 
 
-# The batched path: a job's chunks in batches shared with the worker's other jobs.
+def preload(runtime: Runtime) -> None:
+    """Load the default model and pay its first-call costs, so a cold worker's first job is not slower."""
+    pipelines = get_pipelines(runtime, runtime.settings.whisper_model)
+    timeout = runtime.settings.generation_acquire_timeout
+    # Placed on the device (one more resident, parked when idle and needed elsewhere), and borrowed:
+    # on CUDA the warm-up decodes, and a job taken meanwhile may be using the first copy.
+    working = pipeline_working_bytes(pipelines.first, batch=1, beams=1)
+    with runtime.residency.hold(pipelines, working=working, timeout=timeout), pipelines.borrow(timeout) as pipeline:
+        pipeline.warm_up()
+    if runtime.settings.result_cache and runtime.settings.bucket is not None:  # hash the weights now, not in a job
+        whisper_identity(runtime.settings.whisper_model, runtime.settings)
+
+
+# The transcript: openai-whisper's own sequential path, or the job's chunks in batches shared with
+# the worker's other jobs, their rounds driven by decoding.transcribe_windows.
+
+async def _transcript_and_translation(
+    ctx: JobContext, pipelines: InstancePool[WhisperPipeline], audio: np.ndarray, params: TranscribeInput,
+    vad_pass: asyncio.Future[list[float]] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Transcription (and translation): nothing to decode in silence; openai-whisper's own sequential
+    path for ``batch_size`` 1 without VAD, else chunks in batches shared with the worker's other jobs."""
+    if is_silent(audio):
+        empty: dict[str, Any] = {"text": "", "segments": [], "language": params.language}
+        return empty, (empty if params.translate else None)
+    if _batch_size(ctx.settings, params) == 1 and not params.enable_vad:
+        working = pipeline_working_bytes(pipelines.first, batch=1, beams=params.beam_size)
+        return await ctx.on_model(
+            pipelines, lambda pipeline: _transcribe_sequentially(pipeline, audio, params, ctx.cancel), working=working)
+    model = pipelines.first.model
+    with ctx.timings.measure("chunk"):
+        speech_only = params.enable_vad is not False
+        probabilities = await vad_pass if vad_pass is not None and speech_only else None
+        find = functools.partial(find_chunks, audio, enable_vad=speech_only, cancel=ctx.cancel,
+                                 probabilities=probabilities)
+        chunks = await ctx.in_thread(find)
+        windows = await ctx.in_thread(lambda: prepare_windows(model, audio, chunks))
+        detect = params.language is None and pipelines.first.is_multilingual
+        first = await ctx.in_thread(lambda: language_mel(model, audio)) if detect else None
+    options = params.decode_options()
+    result = await _transcribe_batched(ctx, pipelines, windows, options={**options, "task": "transcribe"},
+                                       batch_size=_batch_size(ctx.settings, params), first_30_s=first,
+                                       on_segments=lambda found: ctx.emit("segments", {"segments": found}))
+    translation = None
+    if params.translate and not pipelines.first.is_multilingual:
+        translation = result
+    elif params.translate:
+        translation = await _transcribe_batched(ctx, pipelines, windows, options={**options, "task": "translate"},
+                                                batch_size=_batch_size(ctx.settings, params), first_30_s=first,
+                                                label="translation ")
+    return result, translation
+
+
+def _transcribe_sequentially(
+    pipeline: WhisperPipeline, audio: np.ndarray, params: TranscribeInput, cancel: CancelToken
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Transcription, and translation when asked, by ``whisper.transcribe``; runs inside a GPU slot."""
+    options = params.decode_options()
+    result = pipeline.transcribe(audio, task="transcribe", cancel=cancel, **options)
+    translation = None
+    if params.translate:
+        translation = (pipeline.transcribe(audio, task="translate", cancel=cancel, **options)
+                       if pipeline.is_multilingual else result)
+    return result, translation
+
+
+def find_chunks(audio: np.ndarray, *, enable_vad: bool, cancel: CancelToken,
+                probabilities: list[float] | None = None) -> list[vad.Chunk]:
+    """Speech chunks (VAD, stopping when the job is cancelled; from its pass ``probabilities`` when
+    made already) or windows covering everything, each at most 30 s; on the CPU."""
+    if not enable_vad:
+        return vad.fixed_chunks(audio)
+    return vad.speech_chunks(audio, cancel=cancel, probabilities=probabilities)
+
 
 Segments = list[dict[str, Any]]
 # The most chunks of all jobs in one batch (batch_size's own bound, or WHISPER_BATCH_SIZE if larger): a
 # batch holds at most the largest batch_size of the jobs waiting, and at most batch_size chunks of each job.
 _MAX_BATCH = 64
+
+
+async def _transcribe_batched(
+    ctx: JobContext, pipelines: InstancePool[WhisperPipeline], windows: list[WindowInput], *,
+    options: dict[str, Any], batch_size: int, first_30_s: Tensor | None, label: str = "",
+    on_segments: Callable[[Segments], None] | None = None,
+) -> dict[str, Any]:
+    """The transcript of a job's ``windows`` (``whisper.transcribe``'s result shape), their rounds
+    decoded in the model's batches, which the windows of the worker's other jobs share.
+
+    ``first_30_s`` (``windows.language_mel``) is where an unset language is detected;
+    ``on_segments`` hears the segments in order as they are decoded (on a GPU thread).
+    """
+    model = pipelines.first.model
+    decode_options = DecodeOptions.from_options(model, options, fp16=pipelines.first.fp16)
+    if decode_options.language is None and windows:  # detected once, so the job's windows decode alike
+        if first_30_s is None:
+            raise ValueError("first_30_s: needed to detect the language")
+        mel, unknown = first_30_s, decode_options
+        decode_options = await ctx.on_model(pipelines, lambda p: p.with_language(unknown, mel), stage="language",
+                                            working=pipeline_working_bytes(pipelines.first, batch=1, beams=1))
+    progress = ChunkProgress(Progress(ctx.job, enabled=ctx.settings.post_progress), len(windows), label,
+                             on_segments)
+    batcher = _batcher(ctx.runtime, pipelines.first)
+
+    async def decode(batch: list[tuple[int, WindowInput]]) -> list[Segments]:
+        items = [_Item(window, decode_options, progress, pipelines, index) for index, window in batch]
+        return await batcher.submit(decode_options, items, cancel=ctx.cancel, limit=batch_size)
+
+    submitted = time.perf_counter()
+    result = await decoding.transcribe_windows(model, windows, decode_options, width=batch_size, decode=decode)
+    started = progress.first_started or submitted
+    ctx.timings.add("queued", (started - submitted) * 1000)
+    ctx.timings.add("run", (time.perf_counter() - started) * 1000)
+    return result
+
+
+def _batcher(runtime: Runtime, model: WhisperPipeline) -> Batcher[_Item, Segments]:
+    """The model's batcher; it outlives every job, so it knows them only through their items."""
+    timeout = runtime.settings.generation_acquire_timeout
+
+    def run_batch(items: list[_Item]) -> list[Segments]:
+        for item in items:
+            item.progress.started()
+        pool, options = items[0].pipelines, items[0].options
+        beams = int(dict(options.passed_on).get("beam_size", 1))
+        working = pipeline_working_bytes(pool.first, batch=len(items), beams=beams)
+        with runtime.residency.hold(pool, working=working, timeout=timeout), pool.borrow(timeout) as pipeline:
+            found = decoding.decode_windows(pipeline.model, [item.window for item in items], options)
+        for item, segments in zip(items, found, strict=True):
+            item.progress.advance()
+            item.progress.decoded(item.index, segments)
+        return found
+
+    most = max(_MAX_BATCH, runtime.settings.whisper_batch_size)
+    return runtime.batcher(("whisper", model.name, model.device), run_batch, max_batch=most,
+                           window_s=runtime.settings.whisper_batch_window_ms / 1000)
+
+
+@dataclass(frozen=True, eq=False)
+class _Item:
+    """One window of one job, with the options its batch is decoded with."""
+
+    window: WindowInput
+    options: DecodeOptions
+    progress: ChunkProgress
+    pipelines: InstancePool[WhisperPipeline]
+    # Its place among the job's windows.
+    index: int = 0
 
 
 class ChunkProgress:
@@ -326,136 +519,7 @@ class ChunkProgress:
                 self._on_segments(ready)
 
 
-@dataclass(frozen=True, eq=False)
-class _Item:
-    """One window of one job, with the settings its batch is decoded with."""
-
-    window: decoding.WindowInput
-    settings: decoding.BatchSettings
-    progress: ChunkProgress
-    pipelines: InstancePool[WhisperPipeline]
-    # Its place among the job's windows.
-    index: int = 0
-
-
-def find_chunks(audio: np.ndarray, *, enable_vad: bool, cancel: CancelToken,
-                probabilities: list[float] | None = None) -> list[vad.Chunk]:
-    """Speech chunks (VAD, stopping when the job is cancelled; from its pass ``probabilities`` when
-    made already) or windows covering everything, each at most 30 s; on the CPU."""
-    if not enable_vad:
-        return vad.fixed_chunks(audio)
-    return vad.speech_chunks(audio, cancel=cancel, probabilities=probabilities)
-
-
-def _batcher(runtime: Runtime, model: WhisperPipeline) -> Batcher[_Item, Segments]:
-    """The model's batcher; it outlives every job, so it knows them only through their items."""
-    timeout = runtime.settings.generation_acquire_timeout
-
-    def run_batch(items: list[_Item]) -> list[Segments]:
-        for item in items:
-            item.progress.started()
-        pool, settings = items[0].pipelines, items[0].settings
-        beams = int(dict(settings.decoding).get("beam_size", 1))
-        working = pipeline_working_bytes(pool.first, batch=len(items), beams=beams)
-        with runtime.residency.hold(pool, working=working, timeout=timeout), pool.borrow(timeout) as pipeline:
-            found = pipeline.decode_windows([item.window for item in items], settings)
-        for item, segments in zip(items, found, strict=True):
-            item.progress.advance()
-            item.progress.decoded(item.index, segments)
-        return found
-
-    most = max(_MAX_BATCH, runtime.settings.whisper_batch_size)
-    return runtime.batcher(("whisper", model.name, model.device), run_batch, max_batch=most,
-                           window_s=runtime.settings.whisper_batch_window_ms / 1000)
-
-
-async def recognise(
-    ctx: JobContext, pipelines: InstancePool[WhisperPipeline], windows: list[decoding.WindowInput], *,
-    options: dict[str, Any], batch_size: int, language_mel: Tensor | None, label: str = "",
-    on_segments: Callable[[Segments], None] | None = None,
-) -> dict[str, Any]:
-    """The transcript of a job's ``windows`` (``whisper.transcribe``'s result shape).
-
-    ``language_mel`` (``decoding.language_mel``) is where an unset language is detected;
-    ``on_segments`` hears the segments in order as they are decoded (on a GPU thread).
-    """
-    settings = decoding.BatchSettings.from_options(pipelines.first.model, options, fp16=pipelines.first.fp16)
-    if settings.language is None and windows:  # detected once, so the job's windows decode alike
-        if language_mel is None:
-            raise ValueError("language_mel: needed to detect the language")
-        mel = language_mel
-        settings = await ctx.on_model(pipelines, lambda p: p.with_language(settings, mel), stage="language",
-                                      working=pipeline_working_bytes(pipelines.first, batch=1, beams=1))
-    progress = ChunkProgress(Progress(ctx.job, enabled=ctx.settings.post_progress), len(windows), label,
-                             on_segments)
-    sections = decoding.Sections(windows, width=batch_size, settings=settings,
-                                 initial=decoding.initial_prompt(pipelines.first.model, settings))
-    submitted = time.perf_counter()
-    batcher = _batcher(ctx.runtime, pipelines.first)
-    while batch := sections.next_round():  # each round's windows are prompted with the round before's text
-        items = [_Item(window, settings, progress, pipelines, index) for index, window in batch]
-        found = await batcher.submit(settings, items, cancel=ctx.cancel, limit=batch_size)
-        for (index, _), segments in zip(batch, found, strict=True):
-            sections.done(index, segments)
-    started = progress.first_started or submitted
-    ctx.timings.add("queued", (started - submitted) * 1000)
-    ctx.timings.add("run", (time.perf_counter() - started) * 1000)
-    return decoding.result_of(sections.segments(), settings.language)
-
-
-def _recognise(
-    pipeline: WhisperPipeline, audio: np.ndarray, params: TranscribeInput, cancel: CancelToken
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Transcription, and translation when asked, by ``whisper.transcribe``; runs inside a GPU slot."""
-    options = params.decode_options()
-    result = pipeline.transcribe(audio, task="transcribe", cancel=cancel, **options)
-    translation = None
-    if params.translate:
-        translation = (pipeline.transcribe(audio, task="translate", cancel=cancel, **options)
-                       if pipeline.is_multilingual else result)
-    return result, translation
-
-
-def _batch_size(settings: Settings, params: TranscribeInput) -> int:
-    return params.batch_size or settings.whisper_batch_size
-
-
-async def _recognise_job(
-    ctx: JobContext, pipelines: InstancePool[WhisperPipeline], audio: np.ndarray, params: TranscribeInput,
-    vad_pass: asyncio.Future[list[float]] | None = None,
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Transcription (and translation): nothing to decode in silence; openai-whisper's own sequential
-    path for ``batch_size`` 1 without VAD, else chunks in batches shared with the worker's other jobs."""
-    if is_silent(audio):
-        empty: dict[str, Any] = {"text": "", "segments": [], "language": params.language}
-        return empty, (empty if params.translate else None)
-    if _batch_size(ctx.settings, params) == 1 and not params.enable_vad:
-        working = pipeline_working_bytes(pipelines.first, batch=1, beams=params.beam_size)
-        return await ctx.on_model(pipelines, lambda pipeline: _recognise(pipeline, audio, params, ctx.cancel),
-                                  working=working)
-    model = pipelines.first.model
-    with ctx.timings.measure("chunk"):
-        speech_only = params.enable_vad is not False
-        probabilities = await vad_pass if vad_pass is not None and speech_only else None
-        find = functools.partial(find_chunks, audio, enable_vad=speech_only, cancel=ctx.cancel,
-                                 probabilities=probabilities)
-        chunks = await ctx.in_thread(find)
-        windows = await ctx.in_thread(lambda: decoding.prepare_windows(model, audio, chunks))
-        detect = params.language is None and pipelines.first.is_multilingual
-        first = await ctx.in_thread(lambda: decoding.language_mel(model, audio)) if detect else None
-    options = params.decode_options()
-    result = await recognise(ctx, pipelines, windows, options={**options, "task": "transcribe"},
-                                     batch_size=_batch_size(ctx.settings, params), language_mel=first,
-                                     on_segments=lambda found: ctx.emit("segments", {"segments": found}))
-    translation = None
-    if params.translate and not pipelines.first.is_multilingual:
-        translation = result
-    elif params.translate:
-        translation = await recognise(ctx, pipelines, windows, options={**options, "task": "translate"},
-                                              batch_size=_batch_size(ctx.settings, params), language_mel=first,
-                                              label="translation ")
-    return result, translation
-
+# The output formats of worker-faster_whisper.
 
 def format_text(result: dict[str, Any], fmt: TextFormat) -> str:
     """The transcript in one of the output formats of worker-faster_whisper; with speakers, SRT
@@ -504,19 +568,6 @@ async def _store(ctx: JobContext, result: dict[str, Any], output: dict[str, Any]
     return await ctx.save_files(files)
 
 
-async def run(ctx: JobContext, params: TranscribeInput) -> dict[str, Any]:
-    model = _model_name(ctx.settings, params)
-    target, field = await _fetch(ctx, params)
-    references = await _fetch_references(ctx, params)
-    key = None
-    if ctx.caching(params):
-        files = [target, *(reference.path for reference in references)]
-        media = ":".join([await ctx.in_thread(functools.partial(file_identity, path, remember=False))
-                          for path in files])
-        key = await ctx.cache_key(params, CACHE, media=media)
-    return await ctx.cached(key, CACHE, lambda: _transcribe(ctx, params, model, target, field, references))
-
-
 # Diarization: beside the decoding, on the same decoded audio.
 
 @dataclass(frozen=True)
@@ -540,13 +591,18 @@ async def _fetch_references(ctx: JobContext, params: TranscribeInput) -> list[_R
     return references
 
 
-def _diarization_regions(audio: np.ndarray, cancel: CancelToken,
-                         probabilities: list[float] | None = None) -> list[diarization.Span]:
-    """Speech for diarization: Silero (its pass ``probabilities`` when made already), more sensitive
-    than for decoding (a missed stretch has no speaker) and cut at shorter pauses (turns change in them)."""
-    regions = vad.speech_regions(audio, threshold=0.2, min_silence_ms=100, speech_pad_ms=30, cancel=cancel,
-                                 probabilities=probabilities)
-    return [diarization.Span(region.start, region.end) for region in regions]
+async def _diarize(ctx: JobContext, params: TranscribeInput, audio: np.ndarray, references: list[_Reference],
+                   vad_pass: asyncio.Future[list[float]]) -> list[diarization.Turn]:
+    """Who speaks when in ``audio`` (reference voices named)."""
+    pool = await ctx.load(lambda: diarization.get_pipelines(ctx.runtime, ctx.settings.diarization_model))
+    known = {reference.name: await _reference_voice(ctx, pool, reference) for reference in references}
+    if is_silent(audio):
+        return []
+    probabilities = await vad_pass
+    regions = await ctx.in_thread(lambda: _diarization_regions(audio, ctx.cancel, probabilities))
+    bounds = params.speaker_bounds()
+    return await ctx.on_model(pool, lambda pipeline: pipeline.diarize(audio, regions, bounds=bounds, known=known,
+                                                                       cancel=ctx.cancel), stage="diarize")
 
 
 async def _reference_voice(ctx: JobContext, pool: InstancePool[diarization.DiarizationPipeline],
@@ -565,19 +621,16 @@ async def _reference_voice(ctx: JobContext, pool: InstancePool[diarization.Diari
     return await ctx.on_model(pool, lambda pipeline: pipeline.voice(audio, regions), stage="diarize")
 
 
-async def _diarize(ctx: JobContext, params: TranscribeInput, audio: np.ndarray, references: list[_Reference],
-                   vad_pass: asyncio.Future[list[float]]) -> list[diarization.Turn]:
-    """Who speaks when in ``audio`` (reference voices named)."""
-    pool = await ctx.load(lambda: diarization.get_pipelines(ctx.runtime, ctx.settings.diarization_model))
-    known = {reference.name: await _reference_voice(ctx, pool, reference) for reference in references}
-    if is_silent(audio):
-        return []
-    probabilities = await vad_pass
-    regions = await ctx.in_thread(lambda: _diarization_regions(audio, ctx.cancel, probabilities))
-    bounds = params.speaker_bounds()
-    return await ctx.on_model(pool, lambda pipeline: pipeline.diarize(audio, regions, bounds=bounds, known=known,
-                                                                       cancel=ctx.cancel), stage="diarize")
+def _diarization_regions(audio: np.ndarray, cancel: CancelToken,
+                         probabilities: list[float] | None = None) -> list[diarization.Span]:
+    """Speech for diarization: Silero (its pass ``probabilities`` when made already), more sensitive
+    than for decoding (a missed stretch has no speaker) and cut at shorter pauses (turns change in them)."""
+    regions = vad.speech_regions(audio, threshold=0.2, min_silence_ms=100, speech_pad_ms=30, cancel=cancel,
+                                 probabilities=probabilities)
+    return [diarization.Span(region.start, region.end) for region in regions]
 
+
+# What shapes a result (its cache key), and the task's row of the table.
 
 def _shaping(settings: Settings, params: TranscribeInput) -> dict[str, Any]:
     """What decides a transcription: the served model, the effective batch size, every decoding
@@ -598,51 +651,7 @@ CACHE: CachePolicy[TranscribeInput] = CachePolicy(
                        "duration_s", "word_timestamps", "speakers", "files"}),
     shaping=_shaping,
     models={"model": whisper_identity, "diarization_model": diarization.diarization_identity},
-    unaffected=frozenset({"tts_model", "image_model", "video_model", "video_clip_frames", *VIDEO_SHAPING}),
 )
-
-
-async def _transcribe(
-    ctx: JobContext, params: TranscribeInput, model: str, target: Path, field: str, references: list[_Reference]
-) -> dict[str, Any]:
-    audio, duration_s = await _decode(ctx, target, field)
-    pipelines = await ctx.load(lambda: get_pipelines(ctx.runtime, model))
-    _check_language_support(pipelines.first, params)
-    _check_suppress_tokens(pipelines.first, params)
-    # Started first, so that its work runs while Whisper decodes; one Silero pass serves both.
-    diarizing = vad_pass = None
-    if params.diarize:
-        vad_pass = asyncio.ensure_future(ctx.in_thread(lambda: vad.speech_probabilities(audio, cancel=ctx.cancel)))
-        diarizing = asyncio.ensure_future(_diarize(ctx, params, audio, references, vad_pass))
-    try:
-        result, translation = await _recognise_job(ctx, pipelines, audio, params, vad_pass)
-        turns = await diarizing if diarizing is not None else None
-    finally:
-        for pending in (diarizing, vad_pass):
-            if pending is not None and not pending.done():
-                pending.cancel()
-            elif pending is not None and not pending.cancelled():
-                pending.exception()  # seen, so a failure behind the decoding's own is not logged as lost
-    if turns is not None:
-        result = {**result, "segments": labels.label_segments(result["segments"], turns)}
-    output: dict[str, Any] = {
-        "transcription": format_text(result, params.transcription),
-        "translation": format_text(translation, params.translation) if translation else None,
-        "detected_language": result.get("language"),
-        "segments": _segments(result),
-        "translation_segments": _segments(translation) if translation else None,
-        "device": ctx.runtime.device,
-        "model": model,
-        "duration_s": round(duration_s, 3),
-    }
-    if params.word_timestamps:
-        output["word_timestamps"] = words(result)
-    if turns is not None:
-        output["speakers"] = labels.speaker_summary(turns)
-    output["files"] = await _store(ctx, result, output)
-    return output
-
-
 TASK: Task[TranscribeInput] = Task(
     name="transcribe",
     input_model=TranscribeInput,

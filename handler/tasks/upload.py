@@ -20,7 +20,7 @@ from pydantic import Field
 from handler.errors import InputTooLarge, InvalidInput
 from handler.io.storage import object_key
 from handler.job import JobContext
-from handler.task import Task, TaskInput
+from handler.task_interface import Task, TaskInput
 
 
 class UploadInput(TaskInput):

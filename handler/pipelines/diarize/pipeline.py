@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from handler.cancel import CancelToken
 from handler.config import Settings
 from handler.pipelines.diarize import encoder as enc
 from handler.pipelines.weights import diarization_weights, file_identity
-from handler.runtime.cancel import CancelToken
 from handler.runtime.container import Runtime
 from handler.runtime.instances import InstancePool, Placement, move_whole
 from handler.runtime.memory import module_bytes

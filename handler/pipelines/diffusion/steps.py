@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from handler.runtime.cancel import CancelToken
+from handler.cancel import CancelToken
 from handler.runtime.progress import Progress
 
 

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from handler.cancel import CancelToken
 from handler.errors import InputTooLarge, InvalidInput
 from handler.pipelines.weights import pretrained_source
-from handler.runtime.cancel import CancelToken
 from handler.runtime.container import Runtime
 from handler.runtime.instances import InstancePool, Placement, move_whole
 from handler.runtime.memory import MIB, module_bytes

@@ -20,13 +20,14 @@ import whisper.timing
 from whisper.model import ModelDimensions, Whisper
 from whisper.tokenizer import get_tokenizer
 
+from handler.cancel import CancelToken
 from handler.config import Settings
 from handler.errors import ModelLoadFailed
 from handler.logs import get_logger
 from handler.pipelines.weights import whisper_checkpoint, whisper_dir
 from handler.pipelines.whisper import decoding
+from handler.pipelines.whisper.options import DecodeOptions
 from handler.pipelines.whisper.vad import Chunk
-from handler.runtime.cancel import CancelToken
 from handler.runtime.container import Runtime
 from handler.runtime.devices import default_dtype
 from handler.runtime.instances import InstancePool, Placement, move_whole
@@ -46,8 +47,8 @@ def compiled_dir(model_dir: Path) -> Path:
 def cache_compiled_alignment(directory: Path) -> None:
     """Keep numba's compiled word-alignment DTW on disk, so a process loads it instead of compiling it.
 
-    openai-whisper jits ``timing.dtw_cpu`` without numba's cache, so every process paid 1-4 s of
-    LLVM compilation on its first word timings on the CPU. numba keys each entry on the source
+    openai-whisper jits ``timing.dtw_cpu`` without numba's cache, so every process paid for LLVM
+    compilation on its first word timings on the CPU (bench/RESULTS.md, cold start). numba keys each entry on the source
     file and the CPU: another whisper version or processor compiles again (and adds its entry)
     rather than loading code that does not fit. NUMBA_CACHE_DIR, when set, is kept.
     """
@@ -126,24 +127,16 @@ class WhisperPipeline:
         """``decoding.transcribe_chunks`` on this instance; same options as :meth:`transcribe`.
 
         Find the chunks first (``vad.speech_chunks`` or ``vad.fixed_chunks``, on the CPU), outside
-        the GPU slot: VAD takes about 1.7 s per 4 minutes of audio on one core.
+        the GPU slot: VAD is seconds of one core's time on a long recording (bench/RESULTS.md).
         """
         return decoding.transcribe_chunks(
             self.model, audio, chunks, options=options, batch_size=batch_size, cancel=cancel, fp16=self.fp16
         )
 
-    def decode_windows(
-        self, inputs: Sequence[decoding.WindowInput], settings: decoding.BatchSettings
-    ) -> list[list[dict[str, Any]]]:
-        """``decoding.decode_windows`` on this instance: windows of several jobs at once."""
-        return decoding.decode_windows(self.model, inputs, settings)[1]
-
-    def with_language(self, settings: decoding.BatchSettings, mel: torch.Tensor) -> decoding.BatchSettings:
-        """``settings`` with the language known: as given, else detected on ``mel``, the recording's
-        first 30 s (``decoding.language_mel``)."""
-        if settings.language is not None:
-            return settings
-        return decoding.detect_language(self.model, settings, mel)
+    def with_language(self, options: DecodeOptions, mel: torch.Tensor) -> DecodeOptions:
+        """``options`` with the language known: as given, else detected on ``mel``, the recording's
+        first 30 s (``windows.language_mel``)."""
+        return decoding.detect_language(self.model, options, mel)
 
     def warm_up(self) -> None:
         """Pay now, before jobs are taken, what only a first job pays: numba's word-alignment DTW

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from handler.cancel import CancelToken
 from handler.pipelines.whisper.pipeline import WhisperPipeline
-from handler.runtime.cancel import CancelToken
 
 # Peak amplitude below which audio is digital silence: nothing to transcribe.
 SILENCE_PEAK = 1e-4

@@ -11,16 +11,16 @@ in time order, never overlapping, each at most ``max_chunk_s`` long:
 - :func:`fixed_chunks` (VAD off): consecutive windows of ``max_chunk_s``, each cut moved back to
   the quietest 100 ms within ``search_s`` (8 s) before the boundary. In continuous speech with no
   pause in that stretch a cut can still land inside a word; that word may then be lost or garbled.
-  With 2 s instead of 8, cuts landed inside phrases of real speech often enough to cost 1.3 points
-  of WER (bench/RESULTS.md); the shorter windows cost no measurable time.
+  With a 2 s search, cuts landed inside phrases of real speech often enough to show in the WER
+  (bench/RESULTS.md), and the longer search changed no time that could be told apart.
 
 The Silero model ships inside the ``silero_vad`` wheel (no download) and is loaded on first use.
 It is small and runs on the CPU, one 32 ms step after another on one thread; concurrent jobs'
 passes run at once, each through an idle copy of the model.
 
 A recording is not cut into parts run side by side: a second copy starting afresh mid-recording
-placed region ends one step (32 ms) differently for minutes after the cut, and those chunks cost
-0.3 points of WER on real speech for 8% more speed (bench/RESULTS.md).
+placed region ends one step differently for minutes after the cut, and those chunks were
+transcribed less accurately, for little time gained (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from handler.runtime.cancel import CancelToken
+from handler.cancel import CancelToken
 from handler.runtime.threads import one_torch_thread
 
 SAMPLE_RATE = 16000
@@ -106,7 +106,7 @@ def speech_probabilities(audio: np.ndarray, *, cancel: CancelToken | None = None
     """
     _vad_model()  # first: it imports silero_vad without its side effect on torch threads
     samples = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
-    with one_torch_thread():  # its many tiny steps (one per 32 ms) run 2-4x slower on more threads
+    with one_torch_thread():  # its many tiny steps run slower on more threads (bench/RESULTS.md)
         with _idle_lock:
             model = _idle.pop() if _idle else None
         if model is None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from handler.sdk import processor_info, processor_name
+from handler.runpod_import import processor_info, processor_name
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -65,49 +65,12 @@ class CachePolicy(Generic[InputT]):
     # The output fields a cached answer is rebuilt from; nothing else is ever taken from an entry.
     outputs: frozenset[str]
     # The effective value of every input field and setting that shapes the result (defaults
-    # resolved: `batch_size: null` is the worker's WHISPER_BATCH_SIZE), model names included.
+    # resolved: `batch_size: null` is the worker's WHISPER_BATCH_SIZE), model names included: the
+    # settings are those whose declaration names the task in `shapes` (handler.config).
     shaping: Callable[[Settings, Any], dict[str, Any]]
     # Which of those fields name a model, and how to know its weights: the key holds the
     # weights' identity, not the name. An unknown identity makes the job uncacheable.
     models: Mapping[str, Callable[[str, Settings], str | None]]
-    # The settings that shape other tasks' results but not this one's: every setting is read
-    # by `shaping`, listed here or in NOT_SHAPING_RESULTS, as tests/test_cache_keys.py checks.
-    unaffected: frozenset[str]
-
-
-# The video speed-ups that change a video (a little): in text2video's key, no other task's.
-VIDEO_SHAPING = frozenset({"video_cache", "video_cache_threshold", "video_attention_backend"})
-
-# Settings that shape no task's result, so are in no cache key.
-NOT_SHAPING_RESULTS = frozenset({
-    # Where the worker runs and what it logs.
-    "on_runpod", "worker_id", "runpod_gpu_count", "nvidia_visible_devices", "post_progress", "log_level",
-    "log_format", "use_ram_filesystem", "work_dir",
-    # How requests reach the worker (queue or HTTP) and who may send them.
-    "worker_mode", "http_host", "port", "port_health", "health_check_path", "max_concurrent_requests",
-    "retry_after_s", "api_key",
-    # Where weights come from (their identity is in the key) and which may be asked for; the
-    # device it resolved to is in the key.
-    "model_dir", "allow_model_download", "runpod_hf_cache", "whisper_models", "device", "preload", "bake_models",
-    "task_modules",
-    # How jobs share the worker: batches give each job the result it gets alone; offloading and
-    # the GPU memory budget move the same weights between memories.
-    "max_concurrent_jobs", "max_concurrent_generations", "generation_slots_cap", "memory_reserve_mb",
-    "model_instances", "memory_pressure_threshold", "max_jobs_per_worker", "shutdown_grace_s",
-    "generation_acquire_timeout", "model_load_wait_timeout", "whisper_batch_window_ms", "enable_cpu_offload",
-    "video_group_offload", "video_text_encoder_offload", "gpu_memory_budget_mb",
-    # Compiling runs the same operations as fused kernels: the same video to within rounding.
-    "video_compile",
-    # Where results go and how they travel (the cache is per bucket).
-    "bucket", "bucket_prefix", "presign_expiry_s", "result_cache", "result_cache_prefix", "result_cache_secret",
-    "result_cache_timeout_s", "upload_prefix", "upload_expiry_s", "upload_timeout_s", "upload_max_attempts",
-    "s3_connect_timeout_s", "s3_read_timeout_s", "inline_output_max_bytes",
-    # Limits and deadlines: they refuse a job, never change the result of one they accept.
-    "download_max_bytes", "download_timeout_s", "download_max_redirects", "download_allow_http",
-    "download_allowed_networks", "base64_max_bytes", "max_speech_chars", "max_image_pixels",
-    "max_video_duration_s", "max_video_frames", "max_images", "max_steps", "max_audio_duration_s",
-    "media_timeout_s",
-})
 
 
 def input_fields(params: BaseModel, *, exclude: Sequence[str] = ()) -> dict[str, Any]:

@@ -9,7 +9,7 @@ runs ``file`` and ``uname`` too). :func:`import_runpod` imports the SDK with a s
 from ``/proc/cpuinfo``, then takes the stand-in out of ``sys.modules``, so a later
 ``import cpuinfo`` gets the real one.
 
-The SDK uses nothing else of py-cpuinfo (checked for runpod 1.12; see tests/test_sdk.py).
+The SDK uses nothing else of py-cpuinfo (checked for runpod 1.12; see tests/test_runpod_import.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def import_runpod() -> ModuleType:
     """``runpod``, imported once, without spawning a process."""
     if "runpod" in sys.modules:
         return sys.modules["runpod"]
-    stand_in = ModuleType("cpuinfo", "in place of py-cpuinfo while the SDK is imported (handler.sdk)")
+    stand_in = ModuleType("cpuinfo", "in place of py-cpuinfo while the SDK is imported (handler.runpod_import)")
     stand_in.get_cpu_info = processor_info  # type: ignore[attr-defined]
     real = sys.modules.get("cpuinfo")
     sys.modules["cpuinfo"] = stand_in
