@@ -21,7 +21,7 @@ import structlog
 from pydantic import BaseModel, ValidationError
 
 from handler.config import Settings, load_settings
-from handler.errors import Cancelled, CudaFatal, InvalidInput, Overloaded, WorkerError, printable
+from handler.errors import Cancelled, CudaFatal, InvalidInput, Overloaded, WorkerError, printable, shown
 from handler.io.download import Downloader
 from handler.io.inputs import MediaInputs
 from handler.io.outputs import InlineStorage, OutputSink
@@ -59,12 +59,13 @@ def validation_message(exc: ValidationError) -> tuple[str, str | None]:
     and shortened, so an echoed key can never forge a log line.
     """
     error = exc.errors(include_url=False)[0]
-    field = printable(".".join(str(part) for part in error["loc"])) or None
+    # Each part cut before it is joined: a client's key may be megabytes long.
+    field = printable(".".join(str(part)[:100] for part in error["loc"])) or None
     problem = printable(error["msg"].removeprefix("Value error, "), limit=300)
     if error["type"] == "extra_forbidden":
         problem = "unknown field"
     elif error["type"] != "value_error" and "input" in error:
-        problem = f"{problem} (got {printable(repr(error['input']))})"
+        problem = f"{problem} (got {shown(error['input'])})"
     message = f"{field}: {problem}" if field else problem
     return message, field
 
@@ -154,7 +155,7 @@ class Worker:
         task = self.tasks.get(name) if isinstance(name, str) else None
         if task is None:
             raise InvalidInput(
-                f"task: unknown task {name!r}, expected one of {', '.join(self.tasks)}", field="task"
+                f"task: unknown task {shown(name)}, expected one of {', '.join(self.tasks)}", field="task"
             )
         return task
 
