@@ -30,7 +30,7 @@ from handler.io.s3config import bucket_from_job
 from handler.io.storage import S3Storage
 from handler.io.workspace import Workspace, job_workspace
 from handler.job import JobContext
-from handler.logs import get_logger
+from handler.logs import get_logger, secret_held
 from handler.runtime.cancel import CancelToken
 from handler.runtime.container import Runtime
 from handler.runtime.devices import resolve_device
@@ -246,7 +246,7 @@ class Worker:
             cancel = CancelToken()
             inputs = MediaInputs(self.settings, self.downloader, bucket, cancel, attachments=arrival.attachments)
             log.debug("job.start", task=task.name)
-            with _workspace(self.settings, arrival) as workspace:
+            with _job_secret(bucket, self._bucket), _workspace(self.settings, arrival) as workspace:
                 ctx = JobContext(self.runtime, request_id, job, workspace, inputs, storage, bucket, cancel=cancel,
                                  threads=threads, on_event=arrival.on_event)
                 try:
@@ -318,6 +318,13 @@ class Worker:
                 task.preload(self.runtime)
             except WorkerError as err:
                 log.error("preload.failed", task=name, code=err.code, error=err.message)
+
+
+def _job_secret(bucket: S3Storage | None, worker_bucket: S3Storage | None) -> contextlib.AbstractContextManager[None]:
+    """A job's own bucket secret (it validated) kept out of the logs for the job's life."""
+    if bucket is None or bucket is worker_bucket:
+        return contextlib.nullcontext()
+    return secret_held(bucket.bucket.secret_access_key)
 
 
 @contextlib.contextmanager
