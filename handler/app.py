@@ -253,6 +253,7 @@ class Worker:
                     output = await task.run(ctx, params)
                 except asyncio.CancelledError:
                     cancel.cancel()  # stops the job's threads: downloads, ffmpeg, model steps, uploads
+                    workspace.remove_after(threads)
                     raise
         finally:
             threads.shutdown(wait=False, cancel_futures=True)
