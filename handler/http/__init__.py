@@ -6,6 +6,7 @@ shared Whisper batches, result cache, storage, admission, error codes, request i
 the queue path's own. This package holds no model code:
 
     server.py    uvicorn, the health route's states, SIGTERM draining, the preload
+    protocol.py  h11 with a deadline on each request head (the server's own bounds)
     routes.py    the routes, auth, the concurrency cap; each one job through the Worker
     openai.py    OpenAI's request fields -> a job's input, a job's result -> OpenAI's response
     uploads.py   multipart bodies streamed into the job's directory, cut at the size limit
