@@ -223,9 +223,10 @@ class Worker:
         log.info("job.done", task=task.name, ms=round(total_ms, 1))
         return result
 
-    def admit(self, task: Task[Any]) -> None:
-        """Refuse work up front when the GPU is gone or memory is nearly full (raises the job's error)."""
-        if task.name == "system":  # the snapshot is how an operator sees why
+    def admit(self, task: Task[Any] | None) -> None:
+        """Refuse work up front when the GPU is gone or memory is nearly full (raises the job's error).
+        ``task`` None: a job not read yet (its body is refused unread)."""
+        if task is not None and task.name == "system":  # the snapshot is how an operator sees why
             return
         self.lifecycle.admit()
         use = read_memory()

@@ -8,7 +8,9 @@ before the body leave it unread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import time
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -36,8 +38,16 @@ from handler.logs import get_logger
 from handler.runtime.lifecycle import State
 
 log = get_logger(__name__)
+# The status counted for a request whose client hung up before its answer (nginx's "client closed
+# request"); never sent.
+CLIENT_GONE = 499
 # A JSON body's bytes beyond its base64 media (the other fields).
 _JSON_OVERHEAD = 1024 * 1024
+# Most values (counted by their commas) a JSON body may hold: a job's fields need a few hundred,
+# while each parsed value costs tens of bytes of RAM for a byte or two of JSON.
+_MAX_JSON_VALUES = 100_000
+# Bodies up to this size are parsed on the event loop (a thread's hand-off would cost more).
+_PARSE_INLINE_BYTES = 256 * 1024
 
 
 class Door:
@@ -50,6 +60,7 @@ class Door:
         self.limit = limit
         self._retry_after = retry_after
         self.held = 0
+        self._tickets: set[Ticket] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -60,12 +71,21 @@ class Door:
                               retry_after=self._retry_after)
         self.held += 1
         self._idle.clear()
-        return Ticket(self)
+        ticket = Ticket(self)
+        self._tickets.add(ticket)
+        return ticket
 
-    def _leave(self) -> None:
+    def _leave(self, ticket: Ticket) -> None:
         self.held -= 1
+        self._tickets.discard(ticket)
         if self.held == 0:
             self._idle.set()
+
+    def stuck(self) -> bool:
+        """Every place is held by a request past its deadline: nobody else can get in, and nobody
+        inside is getting anywhere (what the health route must tell a balancer)."""
+        now = time.monotonic()
+        return self.held >= self.limit and all(t.deadline is not None and t.deadline < now for t in self._tickets)
 
     async def wait_idle(self, timeout: float) -> bool:
         try:
@@ -75,7 +95,7 @@ class Door:
         return True
 
 
-@dataclass
+@dataclass(eq=False)
 class Ticket:
     """One held request; left once, whichever path ends it (a stream's end, once handed on)."""
 
@@ -83,6 +103,8 @@ class Ticket:
     left: bool = False
     # A streamed response holds the ticket past its route: only the stream's end releases it.
     handed_on: bool = False
+    # While the client sends its body: when it must have arrived (time.monotonic); None otherwise.
+    deadline: float | None = None
 
     def leave(self) -> None:
         if not self.handed_on:
@@ -91,7 +113,7 @@ class Ticket:
     def release(self) -> None:
         if not self.left:
             self.left = True
-            self.door._leave()
+            self.door._leave(self)
 
 
 @dataclass
@@ -106,25 +128,34 @@ class ServeState:
     health_only_ports: frozenset[int] = field(default_factory=frozenset)
 
     def health_status(self) -> int:
-        if self.worker.lifecycle.state is not State.SERVING:
+        if self.worker.lifecycle.state is not State.SERVING or self.door.stuck():
             return 503
         return 200 if self.ready else 204
 
 
 class BearerAuth:
-    """``Authorization: Bearer <API_KEY>`` on every route but the health route (constant-time compare)."""
+    """``Authorization: Bearer <API_KEY>`` on every route but the health route (constant-time compare).
+
+    The scheme is case-insensitive (RFC 7235); a request with two Authorization headers is refused,
+    as no one can say which of them a proxy in front checked.
+    """
 
     def __init__(self, app: ASGIApp, *, key: str, exempt: str) -> None:
         self._app = app
-        self._expected = f"Bearer {key}".encode()
+        self._expected = key.encode()
         self._exempt = exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] == self._exempt:
             await self._app(scope, receive, send)
             return
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(given, self._expected):
+        given = [value for name, value in scope["headers"] if name == b"authorization"]
+        if len(given) > 1:
+            await _refusal(HttpRefusal(400, "Authorization: sent more than once; send one header",
+                                       param="Authorization"))(scope, receive, send)
+            return
+        token = bearer_token(given[0]) if given else None
+        if token is not None and hmac.compare_digest(token, self._expected):
             await self._app(scope, receive, send)
             return
         body = error_body("missing or wrong API key: send Authorization: Bearer <API_KEY>",
@@ -132,8 +163,76 @@ class BearerAuth:
         await JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
 
 
-def _refusal(exc: HttpRefusal) -> JSONResponse:
+def bearer_token(value: bytes) -> bytes | None:
+    """The token of an ``Authorization: Bearer <token>`` value: the scheme in any case, one or more
+    spaces after it (RFC 7235 credentials); None for another scheme."""
+    scheme, _, token = value.strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return None
+    return token.lstrip(b" ")
+
+
+class BrowserGuard:
+    """What a web page could make a visitor's browser send, refused when no key guards the worker
+    (no API_KEY, off RunPod, whose own key guards it there).
+
+    A page can POST a "simple" request (text/plain, a form) to any address without asking first,
+    and by DNS rebinding make its own name point at the worker. So: a request that carries an
+    ``Origin`` (browsers add it to every cross-site request and every POST) is refused, a body
+    must have its route's Content-Type, and ``Host`` must be an IP address, ``localhost`` or a
+    name of HTTP_ALLOWED_HOSTS. Clients that are not browsers send none of these wrong.
+    """
+
+    def __init__(self, app: ASGIApp, *, allowed_hosts: frozenset[str], exempt: str,
+                 body_types: dict[str, str]) -> None:
+        self._app = app
+        self._allowed_hosts = allowed_hosts | {"localhost"}
+        self._exempt = exempt
+        self._body_types = body_types
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = None if scope["type"] != "http" or scope["path"] == self._exempt else self._refusal(scope)
+        if refusal is None:
+            await self._app(scope, receive, send)
+            return
+        await _refusal(refusal)(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> HttpRefusal | None:
+        headers = {name: value for name, value in scope["headers"] if name in (b"origin", b"host", b"content-type")}
+        if b"origin" in headers:
+            return HttpRefusal(403, "Origin: requests from web pages are refused by a worker without API_KEY",
+                               param="Origin")
+        host = headers.get(b"host", b"").decode("latin-1")
+        if host and not self._host_allowed(host):
+            return HttpRefusal(421, f"Host: {printable(host)!r} is not a name of this worker (HTTP_ALLOWED_HOSTS)",
+                               param="Host")
+        wanted = self._body_types.get(scope["path"]) if scope["method"] == "POST" else None
+        given = headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
+        if wanted is not None and given != wanted:
+            return HttpRefusal(415, f"Content-Type: expected {wanted}, got {printable(given)!r}",
+                               param="Content-Type")
+        return None
+
+    def _host_allowed(self, host: str) -> bool:
+        name = _host_name(host)
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return name.lower().rstrip(".") in self._allowed_hosts
+        return True
+
+
+def _host_name(host: str) -> str:
+    """A Host value's name or address, its port left off."""
+    if host.startswith("["):  # [an IPv6 address]:port
+        return host[1:host.find("]")]
+    return host.rpartition(":")[0] if ":" in host else host
+
+
+def _refusal(exc: HttpRefusal, *, close: bool = False) -> JSONResponse:
     headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else {}
+    if close:
+        headers["Connection"] = "close"
     body = error_body(exc.message, kind=exc.kind, code=exc.code, param=exc.param)
     return JSONResponse(body, status_code=exc.status, headers=headers)
 
@@ -186,6 +285,10 @@ class Routes:
             return await work(ticket)
         except HttpRefusal as exc:
             return _refusal(exc)
+        except ClientDisconnect:
+            # The client hung up in the middle of its body: not the server's error. Nobody reads
+            # this answer; its status is what the request's log line and metrics count.
+            return Response(status_code=CLIENT_GONE)
         finally:
             ticket.leave()
 
@@ -214,7 +317,9 @@ class Routes:
     async def jobs(self, request: Request) -> Response:
         async def work(ticket: Ticket) -> Response:
             try:
-                body = await self._json(request, limit=self.settings.base64_max_bytes * 4 // 3 + _JSON_OVERHEAD)
+                self.worker.admit(None)  # the task is in the body, which a refusal leaves unread
+                body = await self._json(request, ticket,
+                                        limit=self.settings.base64_max_bytes * 4 // 3 + _JSON_OVERHEAD)
             except WorkerError as err:
                 result = self._refused(err)
                 return JSONResponse(result, status_code=status_of(result), headers=self._headers(result))
@@ -227,23 +332,38 @@ class Routes:
 
         return await self._held(work)
 
-    async def _json(self, request: Request, *, limit: int) -> dict[str, Any]:
-        """A JSON object body of at most ``limit`` bytes, refused by Content-Length before reading."""
+    async def _json(self, request: Request, ticket: Ticket, *, limit: int) -> dict[str, Any]:
+        """A JSON object body of at most ``limit`` bytes (refused by Content-Length before reading)
+        and at most _MAX_JSON_VALUES values (counted as it arrives), read within the body deadline."""
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise InputTooLarge(f"body: {length} bytes, the limit is {limit}", field="body")
         data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > limit:
-                raise InputTooLarge(f"body: over the limit of {limit} bytes", field="body")
+        commas = 0
+        async with self._body_deadline(ticket, field="body", what="the body"):
+            async for chunk in request.stream():
+                data += chunk
+                commas += chunk.count(b",")
+                if len(data) > limit:
+                    raise InputTooLarge(f"body: over the limit of {limit} bytes", field="body")
+                if commas >= _MAX_JSON_VALUES:
+                    raise InputTooLarge(f"body: more than {_MAX_JSON_VALUES} JSON values", field="body")
+        return await _json_object(data)
+
+    @contextlib.asynccontextmanager
+    async def _body_deadline(self, ticket: Ticket, *, field: str, what: str) -> AsyncIterator[None]:
+        """A body read within DOWNLOAD_TIMEOUT_S: a client trickling (or withholding) its body must not
+        hold one of the worker's request places for longer than a download may take."""
+        limit = self.settings.download_timeout_s
+        ticket.deadline = time.monotonic() + limit
         try:
-            body = json.loads(data)
-        except ValueError as exc:
-            raise InvalidInput(f"body: not JSON ({printable(str(exc))})", field="body") from exc
-        if not isinstance(body, dict):
-            raise InvalidInput("body: expected a JSON object", field="body")
-        return body
+            async with asyncio.timeout(limit):
+                yield
+        except TimeoutError:
+            raise DownloadFailed(f"{field}: {what} did not arrive within {limit:g} s (DOWNLOAD_TIMEOUT_S)",
+                                 field=field) from None
+        finally:
+            ticket.deadline = None
 
     # --- OpenAI's audio and image routes ---------------------------------------------
 
@@ -260,7 +380,7 @@ class Routes:
                 try:
                     self._admit("transcribe")
                     check_length(request.headers.get("content-length"), max_file_bytes=self.settings.download_max_bytes)
-                    form = await self._form(request, workspace)
+                    form = await self._form(request, workspace, ticket)
                     inputs, ask = openai.transcription_job(form, translate=translate)
                 except WorkerError as err:
                     return self._openai_error(self._refused(err), openai.TRANSCRIPTION_FIELDS)
@@ -281,18 +401,12 @@ class Routes:
 
         return await self._held(work)
 
-    async def _form(self, request: Request, workspace: Workspace) -> Form:
-        """The upload, read within DOWNLOAD_TIMEOUT_S: a client trickling its body must not hold one of
-        the worker's request places for longer than a download may take."""
-        limit = self.settings.download_timeout_s
-        try:
-            async with asyncio.timeout(limit):
-                return await read_form(request.stream(), request.headers.get("content-type"), workspace.path,
-                                       file_fields=frozenset({"file"}), spooled_fields=openai.LARGE_FIELDS,
-                                       max_file_bytes=self.settings.download_max_bytes)
-        except TimeoutError:
-            raise DownloadFailed(f"file: the upload did not arrive within {limit:g} s (DOWNLOAD_TIMEOUT_S)",
-                                 field="file") from None
+    async def _form(self, request: Request, workspace: Workspace, ticket: Ticket) -> Form:
+        """The upload, streamed to the job's directory within the body deadline."""
+        async with self._body_deadline(ticket, field="file", what="the upload"):
+            return await read_form(request.stream(), request.headers.get("content-type"), workspace.path,
+                                   file_fields=frozenset({"file"}), spooled_fields=openai.LARGE_FIELDS,
+                                   max_file_bytes=self.settings.download_max_bytes)
 
     async def _stream(self, inputs: dict[str, Any], arrival: Arrival, workspace: Workspace,
                       ticket: Ticket, *, diarized: bool = False) -> Response:
@@ -346,16 +460,19 @@ class Routes:
                 yield _sse(openai.delta_event(result["transcription"]))
             yield _sse(openai.done_event(result))
         finally:
-            if not job.done():
-                job.cancel()  # the client went away
             ticket.release()
-            workspace.remove()
+            if job.done():
+                workspace.remove()
+            else:
+                job.cancel()  # the client went away
+                # Removed once the job has let go of it (its threads stopped), never under it.
+                job.add_done_callback(lambda _job: workspace.remove())
 
     async def speech(self, request: Request) -> Response:
         async def work(ticket: Ticket) -> Response:
             try:
                 self._admit("speech")
-                body = await self._json(request, limit=self.settings.max_speech_chars * 4 + _JSON_OVERHEAD)
+                body = await self._json(request, ticket, limit=self.settings.max_speech_chars * 4 + _JSON_OVERHEAD)
                 encoders = await asyncio.to_thread(audio_encoders)  # ffmpeg asked once, off the loop
                 inputs, fmt = openai.speech_job(body, self.settings, encoders=encoders)
             except WorkerError as err:
@@ -376,7 +493,7 @@ class Routes:
         async def work(ticket: Ticket) -> Response:
             try:
                 self._admit("text2image")
-                body = await self._json(request, limit=_JSON_OVERHEAD)
+                body = await self._json(request, ticket, limit=_JSON_OVERHEAD)
                 inputs, fmt = openai.image_job(body, has_bucket=self.settings.bucket is not None)
             except WorkerError as err:
                 return self._openai_error(self._refused(err), openai.IMAGE_FIELDS)
@@ -393,9 +510,59 @@ class Routes:
         return InlineStorage(self.settings.inline_output_max_bytes)
 
 
+async def _json_object(data: bytearray) -> dict[str, Any]:
+    """``data`` parsed: a JSON object, or the client's error (nesting too deep included)."""
+    try:
+        # A large body is parsed on a thread: the health route and other requests go on meanwhile.
+        body = json.loads(data) if len(data) <= _PARSE_INLINE_BYTES else await asyncio.to_thread(json.loads, data)
+    except RecursionError:
+        raise InvalidInput("body: JSON nested too deeply", field="body") from None
+    except ValueError as exc:
+        raise InvalidInput(f"body: not JSON ({printable(str(exc))})", field="body") from exc
+    if not isinstance(body, dict):
+        raise InvalidInput("body: expected a JSON object", field="body")
+    return body
+
+
 def _sse(data: dict[str, Any], *, event: str | None = None) -> bytes:
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+class RequestBounds:
+    """At most HTTP_MAX_HEADERS header fields (431; their bytes are bounded by the server), and an
+    answer given while the request's body is still unread closes the connection: the rest of the
+    body is never read, nor left to be taken for the next request."""
+
+    def __init__(self, app: ASGIApp, *, max_headers: int) -> None:
+        self._app = app
+        self._max_headers = max_headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        if len(scope["headers"]) > self._max_headers:
+            refusal = HttpRefusal(431, f"the request has {len(scope['headers'])} header fields, the limit is "
+                                  f"{self._max_headers} (HTTP_MAX_HEADERS)")
+            await _refusal(refusal, close=True)(scope, receive, send)
+            return
+        unread = any(name in (b"content-length", b"transfer-encoding") and value not in (b"0",)
+                     for name, value in scope["headers"])
+
+        async def receiving() -> Any:
+            nonlocal unread
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                unread = False
+            return message
+
+        async def sending(message: Any) -> None:
+            if message["type"] == "http.response.start" and unread:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self._app(scope, receiving, sending)
 
 
 class _Timing:
@@ -454,16 +621,22 @@ def build_app(state: ServeState, *, lifespan: Any = None) -> ASGIApp:
     """
     settings = state.worker.settings
     routes = Routes(state)
+    json, form = "application/json", "multipart/form-data"
+    # path, endpoint, method, the media type of its body
     table = [
-        (settings.health_check_path, routes.health, "GET"), ("/metrics", routes.metrics, "GET"),
-        ("/system", routes.system, "GET"), ("/v1/models", routes.models, "GET"), ("/v1/jobs", routes.jobs, "POST"),
-        ("/v1/audio/transcriptions", routes.transcriptions, "POST"),
-        ("/v1/audio/translations", routes.translations, "POST"), ("/v1/audio/speech", routes.speech, "POST"),
-        ("/v1/images/generations", routes.images, "POST"),
+        (settings.health_check_path, routes.health, "GET", None), ("/metrics", routes.metrics, "GET", None),
+        ("/system", routes.system, "GET", None), ("/v1/models", routes.models, "GET", None),
+        ("/v1/jobs", routes.jobs, "POST", json), ("/v1/audio/transcriptions", routes.transcriptions, "POST", form),
+        ("/v1/audio/translations", routes.translations, "POST", form),
+        ("/v1/audio/speech", routes.speech, "POST", json), ("/v1/images/generations", routes.images, "POST", json),
     ]
-    app = Starlette(routes=[Route(path, endpoint, methods=[method]) for path, endpoint, method in table],
+    app = Starlette(routes=[Route(path, endpoint, methods=[method]) for path, endpoint, method, _ in table],
                     lifespan=lifespan)
     wrapped: ASGIApp = app
     if settings.api_key is not None:
         wrapped = BearerAuth(wrapped, key=settings.api_key, exempt=settings.health_check_path)
-    return _Timing(wrapped, state)
+    elif not settings.on_runpod:
+        wrapped = BrowserGuard(wrapped, allowed_hosts=frozenset(settings.http_allowed_hosts),
+                               exempt=settings.health_check_path,
+                               body_types={path: kind for path, _, _, kind in table if kind is not None})
+    return _Timing(RequestBounds(wrapped, max_headers=settings.http_max_headers), state)
