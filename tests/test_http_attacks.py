@@ -18,17 +18,20 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel, ConfigDict
 
 from handler.app import Worker
 from handler.config import Settings
+from handler.errors import printable
 from handler.http.metrics import Metrics
 from handler.http.routes import Door, ServeState, build_app
 from handler.logs import REDACTED, redact_text
+from handler.task import Task
 from tests.fixture_tasks import TABLE
 from tests.jobserver import LOOPBACK, ServeProcess
 
@@ -261,6 +264,13 @@ def test_a_20_mb_value_is_answered_at_once(served: ServeProcess, where: str) -> 
     assert max(map(len, served.log_text().splitlines())) < 2000
 
 
+def test_printable_cuts_before_it_escapes() -> None:
+    """Escaping 20 MB of control characters costs what escaping the shown part costs."""
+    started = time.perf_counter()
+    shown = printable("\x1b" * 20_000_000)
+    assert time.perf_counter() - started < 0.05 and len(shown) == 80 and shown.endswith("...")
+
+
 # --- 4. metric labels come from a closed set ---------------------------------------------
 
 
@@ -352,7 +362,7 @@ def test_a_refused_s3config_registers_nothing(make_settings: Callable[..., Setti
 def test_escapes_in_a_job_id_and_s3config_keys_come_out_escaped(served: ServeProcess) -> None:
     """ESC (an OSC 52 clipboard write, a line erase) and U+2028 in a job id and an unknown s3Config
     key reach the console log escaped, never raw."""
-    evil = "evil\x1b]52;c;aGk=\x07\x1b[2K\u2028forged"
+    evil = "evil\x1b]52;c;aGk\x07\x1b[2K\u2028forged"  # no space or `=`: the renderer would quote it
     status, _ = job(served, {"id": evil, "input": {"task": "fixture", "action": "nope"}})
     assert status == 400
     config = {"accessId": "i", "accessSecret": "s" * 10, "bucketName": "b", "endpointUrl": "https://x", evil: 1}
@@ -360,7 +370,7 @@ def test_escapes_in_a_job_id_and_s3config_keys_come_out_escaped(served: ServePro
     assert status == 400
     log = served.log_path.read_bytes().decode()
     assert "\x1b" not in log and "\u2028" not in log and "\x07" not in log
-    assert len(re.findall(r"evil\\+x1b\]52;c;aGk=\\+x07\\+x1b\[2K\\+u2028forged", log)) == 2, log[-3000:]
+    assert len(re.findall(r"evil\\+x1b\]52;c;aGk\\+x07\\+x1b\[2K\\+u2028forged", log)) == 2, log[-3000:]
 
 
 # --- 8. deep JSON is the client's error ---------------------------------------------------
@@ -440,6 +450,46 @@ def test_a_streamed_transcription_hung_up_is_cleaned_after_its_job(served: Serve
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert "late_error" not in served.log_text()[len(before):]
+
+
+class _WriterInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    task: Literal["writer"] = "writer"
+
+
+def test_a_cancelled_job_keeps_its_directory_until_its_threads_stop(make_settings: Callable[..., Settings],
+                                                                   work_dir: Path) -> None:
+    """A job cancelled while a thread of it still writes in its directory is answered at once; the
+    directory goes only once that thread is done, so the write never fails under it."""
+    writes: list[str] = []
+
+    async def run(ctx: Any, params: _WriterInput) -> dict[str, Any]:
+        directory = ctx.workdir
+
+        def write() -> None:
+            time.sleep(0.4)  # still working when the job is cancelled
+            try:
+                (directory / "late.bin").write_bytes(b"x")
+                writes.append("written")
+            except OSError as exc:
+                writes.append(repr(exc))
+
+        await ctx.in_thread(write)
+        return {}
+
+    worker = Worker(make_settings(), tasks={**TABLE, "writer": Task(name="writer", input_model=_WriterInput, run=run)})
+
+    async def cancel_midway() -> dict[str, Any]:
+        job = asyncio.create_task(worker.handle({"id": "t", "input": {"task": "writer"}}))
+        await asyncio.sleep(0.1)
+        job.cancel()
+        return await job
+
+    assert asyncio.run(cancel_midway())["error_code"] == "CANCELLED"
+    deadline = time.monotonic() + 5
+    while (not writes or list(work_dir.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert writes == ["written"] and list(work_dir.iterdir()) == []
 
 
 # --- 11. refusals name no internal address -----------------------------------------------

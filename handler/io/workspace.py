@@ -38,19 +38,21 @@ class Workspace:
         self._writers = writers
 
     def remove(self) -> None:
-        path, writers = self._path, self._writers
-        self._path = self._writers = None
-        if path is None:
-            return
+        writers, self._writers = self._writers, None
         if writers is None:
-            shutil.rmtree(path, ignore_errors=True)
+            self._remove_now()
             return
 
         def after_writers() -> None:
             writers.shutdown(wait=True)
-            shutil.rmtree(path, ignore_errors=True)
+            self._remove_now()  # the directory too if a writer made it only now
 
         threading.Thread(target=after_writers, name="workspace-removal", daemon=True).start()
+
+    def _remove_now(self) -> None:
+        if self._path is not None:
+            shutil.rmtree(self._path, ignore_errors=True)
+            self._path = None
 
 
 @contextmanager
