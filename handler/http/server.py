@@ -20,9 +20,10 @@ import uvicorn
 
 from handler.app import Worker
 from handler.config import Settings
+from handler.http.limiter import RequestLimiter
 from handler.http.metrics import Metrics
 from handler.http.protocol import with_head_deadline
-from handler.http.routes import Door, ServeState, build_app
+from handler.http.routes import ServeState, build_app
 from handler.logs import get_logger
 
 log = get_logger(__name__)
@@ -58,10 +59,10 @@ class DrainingServer(uvicorn.Server):
 
     async def _drain(self) -> None:
         worker = self._state.worker
-        held = self._state.door.held
+        held = self._state.limiter.held
         worker.begin_shutdown()
         grace = worker.settings.shutdown_grace_s
-        done = await self._state.door.wait_idle(grace + _ANSWER_S)
+        done = await self._state.limiter.wait_idle(grace + _ANSWER_S)
         log.info("http.drained", held=held, finished=done)
         self.should_exit = True
 
@@ -96,7 +97,7 @@ def serve(worker: Worker) -> None:
     settings = worker.settings
     health_port = settings.port_health if settings.port_health not in (None, settings.port) else None
     state = ServeState(worker, Metrics(worker.runtime, tasks=worker.tasks),
-                       Door(settings.max_concurrent_requests, settings.retry_after_s),
+                       RequestLimiter(settings.max_concurrent_requests, settings.retry_after_s),
                        health_only_ports=frozenset({health_port} if health_port else ()))
 
     @contextlib.asynccontextmanager
