@@ -85,7 +85,8 @@ NOT_SHAPING_RESULTS = frozenset({
     "log_format", "use_ram_filesystem", "work_dir",
     # How requests reach the worker (queue or HTTP) and who may send them.
     "worker_mode", "http_host", "port", "port_health", "health_check_path", "max_concurrent_requests",
-    "retry_after_s", "api_key",
+    "retry_after_s", "api_key", "http_allowed_hosts", "http_max_connections", "http_max_head_bytes",
+    "http_max_headers", "http_head_timeout_s", "http_keep_alive_s",
     # Where weights come from (their identity is in the key) and which may be asked for; the
     # device it resolved to is in the key.
     "model_dir", "allow_model_download", "runpod_hf_cache", "whisper_models", "device", "preload", "bake_models",
