@@ -110,9 +110,12 @@ class PingWatch:
         self._thread.join(60)
 
     def assert_quick(self) -> None:
-        """Every ping but the slowest one (a scheduler's hiccup on a shared machine) under PING_S, all 200."""
-        assert len(self.times) >= 3 and self.statuses == {200}, (self.times, self.statuses)
-        assert sorted(self.times)[-2] < PING_S, sorted(self.times)[-5:]
+        """All 200; all but the slowest two pings (or one in ten) under PING_S, none over a second: the
+        slowest are a busy machine's scheduling (the suite runs beside others on two cores)."""
+        times = sorted(self.times)
+        assert len(times) >= 3 and self.statuses == {200}, (times, self.statuses)
+        slow = max(2, len(times) // 10)
+        assert times[-slow - 1] < PING_S and times[-1] < 1.0, times[-slow - 3:]
 
 
 def metric(server: ServeProcess, name: str, **labels: str) -> float:
