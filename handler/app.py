@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from handler.cancel import CancelToken
 from handler.config import Settings, load_settings
-from handler.errors import Cancelled, CudaFatal, InvalidInput, Overloaded, WorkerError, printable
+from handler.errors import Cancelled, CudaFatal, InvalidInput, Overloaded, WorkerError, printable, shown
 from handler.io.download import Downloader
 from handler.io.inputs import MediaInputs
 from handler.io.outputs import InlineStorage, OutputSink
@@ -31,7 +31,7 @@ from handler.io.s3config import bucket_from_job
 from handler.io.storage import S3Storage
 from handler.io.workspace import Workspace, job_workspace
 from handler.job import JobContext
-from handler.logs import get_logger
+from handler.logs import get_logger, secret_held
 from handler.runtime.container import Runtime
 from handler.runtime.devices import resolve_device
 from handler.runtime.gate import Gate
@@ -59,12 +59,13 @@ def validation_message(exc: ValidationError) -> tuple[str, str | None]:
     and shortened, so an echoed key can never forge a log line.
     """
     error = exc.errors(include_url=False)[0]
-    field = printable(".".join(str(part) for part in error["loc"])) or None
+    # Each part cut before it is joined: a client's key may be megabytes long.
+    field = printable(".".join(str(part)[:100] for part in error["loc"])) or None
     problem = printable(error["msg"].removeprefix("Value error, "), limit=300)
     if error["type"] == "extra_forbidden":
         problem = "unknown field"
     elif error["type"] != "value_error" and "input" in error:
-        problem = f"{problem} (got {printable(repr(error['input']))})"
+        problem = f"{problem} (got {shown(error['input'])})"
     message = f"{field}: {problem}" if field else problem
     return message, field
 
@@ -85,8 +86,6 @@ class JobChannel:
 
 
 QUEUED = JobChannel()
-# The HTTP layer's name for it, until handler/http takes the new one.
-Arrival = JobChannel
 
 
 class Worker:
@@ -157,7 +156,7 @@ class Worker:
         task = self.tasks.get(name) if isinstance(name, str) else None
         if task is None:
             raise InvalidInput(
-                f"task: unknown task {name!r}, expected one of {', '.join(self.tasks)}", field="task"
+                f"task: unknown task {shown(name)}, expected one of {', '.join(self.tasks)}", field="task"
             )
         return task
 
@@ -225,9 +224,10 @@ class Worker:
         log.info("job.done", task=task.name, ms=round(total_ms, 1))
         return result
 
-    def admit(self, task: Task[Any]) -> None:
-        """Refuse work up front when the GPU is gone or memory is nearly full (raises the job's error)."""
-        if task.name == "system":  # the snapshot is how an operator sees why
+    def admit(self, task: Task[Any] | None) -> None:
+        """Refuse work up front when the GPU is gone or memory is nearly full (raises the job's error).
+        ``task`` None: a job not read yet (its body is refused unread)."""
+        if task is not None and task.name == "system":  # the snapshot is how an operator sees why
             return
         self.lifecycle.admit()
         use = read_memory()
@@ -248,13 +248,14 @@ class Worker:
             cancel = CancelToken()
             inputs = MediaInputs(self.settings, self.downloader, bucket, cancel, attachments=channel.attachments)
             log.debug("job.start", task=task.name)
-            with _workspace(self.settings, channel) as workspace:
+            with _job_secret(bucket, self._bucket), _workspace(self.settings, channel) as workspace:
                 ctx = JobContext(self.runtime, request_id, job, workspace, inputs, storage, bucket, cancel=cancel,
                                  threads=threads, on_event=channel.on_event)
                 try:
                     output = await task.run(ctx, params)
                 except asyncio.CancelledError:
                     cancel.cancel()  # stops the job's threads: downloads, ffmpeg, model steps, uploads
+                    workspace.remove_after(threads)
                     raise
         finally:
             threads.shutdown(wait=False, cancel_futures=True)
@@ -320,6 +321,13 @@ class Worker:
                 task.preload(self.runtime)
             except WorkerError as err:
                 log.error("preload.failed", task=name, code=err.code, error=err.message)
+
+
+def _job_secret(bucket: S3Storage | None, worker_bucket: S3Storage | None) -> contextlib.AbstractContextManager[None]:
+    """A job's own bucket secret (it validated) kept out of the logs for the job's life."""
+    if bucket is None or bucket is worker_bucket:
+        return contextlib.nullcontext()
+    return secret_held(bucket.bucket.secret_access_key)
 
 
 @contextlib.contextmanager

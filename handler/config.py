@@ -441,6 +441,23 @@ class Settings:
     retry_after_s: int = setting("RETRY_AFTER_S", _parse_positive_int, 5)
     # API_KEY: when set, every HTTP route but the health route needs `Authorization: Bearer <key>`.
     api_key: str | None = setting("API_KEY", _text, None, repr=False)
+    # HTTP_ALLOWED_HOSTS: host names a request's Host may carry when no key guards the worker (no
+    # API_KEY, not on RunPod), beside IP addresses and localhost: a web page cannot reach it by
+    # DNS rebinding, and a request with an Origin or a route's wrong Content-Type is refused.
+    http_allowed_hosts: tuple[str, ...] = setting("HTTP_ALLOWED_HOSTS", lambda raw: tuple(
+        name.lower() for name in _parse_list(raw)), ())
+    # HTTP_MAX_CONNECTIONS: connections (and requests in progress) the HTTP server holds at once;
+    # past it, a request is answered 503 by the server itself.
+    http_max_connections: int = setting("HTTP_MAX_CONNECTIONS", _parse_positive_int, 512)
+    # HTTP_MAX_HEAD_BYTES: largest request head (request line and headers); past it, 400 and closed.
+    http_max_head_bytes: int = setting("HTTP_MAX_HEAD_BYTES", _parse_positive_int, 64 * 1024)
+    # HTTP_MAX_HEADERS: most header fields one request may carry; more get 431.
+    http_max_headers: int = setting("HTTP_MAX_HEADERS", _parse_positive_int, 100)
+    # HTTP_HEAD_TIMEOUT_S: a request head must be complete this long after its connection opened (or
+    # after its first byte, on a kept-alive connection); otherwise the connection is closed.
+    http_head_timeout_s: float = setting("HTTP_HEAD_TIMEOUT_S", _parse_positive_float, 10.0)
+    # HTTP_KEEP_ALIVE_S: how long an idle kept-alive connection stays open.
+    http_keep_alive_s: int = setting("HTTP_KEEP_ALIVE_S", _parse_positive_int, 5)
 
     # USE_RAM_FILESYSTEM: put job directories under /dev/shm.
     use_ram_filesystem: bool = flag("USE_RAM_FILESYSTEM", False)

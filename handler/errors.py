@@ -21,6 +21,7 @@ these at the module that calls the library, with ``raise ... from exc``.
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any, ClassVar
 
 _MAX_SHOWN = 80
@@ -34,10 +35,25 @@ def transient_status(status: int) -> bool:
 
 
 def printable(text: str, *, limit: int = _MAX_SHOWN) -> str:
-    """``text`` safe to echo in a message or a log line: control characters (newlines, ANSI
-    escapes) escaped, and at most ``limit`` characters."""
-    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."
+    """``text`` safe to echo in a message or a log line: control and line-break characters (ANSI
+    escapes, U+2028) escaped, and at most ``limit`` characters. Cut before it is escaped, so a
+    client's megabytes cost no more than ``limit`` characters of work."""
+    head = text[: limit + 1]
+    escaped = head if head.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in head)
+    return escaped if len(escaped) <= limit and len(text) <= limit else escaped[: limit - 3] + "..."
+
+
+# The repr of a client's value, built only as far as it can be shown (a long string, a deep list).
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel = 2
+_SHORT_REPR.maxdict = _SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxset = 4
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = _SHORT_REPR.maxlong = _MAX_SHOWN
+
+
+def shown(value: object, *, limit: int = _MAX_SHOWN) -> str:
+    """A client's value as a message may quote it: its repr, cut while it is built, then
+    :func:`printable`."""
+    return printable(_SHORT_REPR.repr(value), limit=limit)
 
 
 class WorkerError(Exception):

@@ -15,11 +15,12 @@ and ``job_id`` once with structlog's contextvars so every line of the job carrie
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
 import threading
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -49,17 +50,38 @@ _MIN_SECRET_LENGTH = 6
 
 
 class _SecretRegistry:
-    """Literal secret values to scrub from every log string."""
+    """Literal secret values to scrub from every log string: the process's own for its life, a
+    job's for the job's (counted, as two jobs may bring the same one)."""
 
     def __init__(self) -> None:
         self._values_lock = threading.Lock()
+        self._permanent: frozenset[str] = frozenset()
+        self._held: dict[str, int] = {}
+        # What scrub reads without the lock: the two above, together.
         self._values: frozenset[str] = frozenset()
 
     def add(self, value: str | None) -> None:
         if not value or len(value) < _MIN_SECRET_LENGTH:
             return
         with self._values_lock:
-            self._values = self._values | {value}
+            self._permanent = self._permanent | {value}
+            self._values = self._permanent | set(self._held)
+
+    def hold(self, value: str) -> None:
+        if len(value) < _MIN_SECRET_LENGTH:
+            return
+        with self._values_lock:
+            self._held[value] = self._held.get(value, 0) + 1
+            self._values = self._permanent | set(self._held)
+
+    def release(self, value: str) -> None:
+        if len(value) < _MIN_SECRET_LENGTH:
+            return
+        with self._values_lock:
+            left = self._held.pop(value, 1) - 1
+            if left:
+                self._held[value] = left
+            self._values = self._permanent | set(self._held)
 
     def scrub(self, text: str) -> str:
         for value in self._values:
@@ -74,6 +96,17 @@ _secrets = _SecretRegistry()
 def register_secret(value: str | None) -> None:
     """Never let ``value`` appear in a log line from now on."""
     _secrets.add(value)
+
+
+@contextlib.contextmanager
+def secret_held(value: str) -> Iterator[None]:
+    """Never let ``value`` (a job's own credential, once it validated) appear in a log line while
+    the block runs; afterwards it is forgotten, so what clients send cannot grow the list."""
+    _secrets.hold(value)
+    try:
+        yield
+    finally:
+        _secrets.release(value)
 
 
 def redact_text(text: str) -> str:
@@ -118,10 +151,28 @@ def _redact_rendered(
     return event_dict
 
 
-def _renderer(*, json: bool) -> Any:
+def _escape(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def escape_controls(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor of console lines: control and line-break characters (ESC, U+2028) of
+    every string value escaped, so a value a client chose (a job id) cannot erase, forge or split
+    a line, or talk to the terminal; a traceback keeps its own line breaks. (JSON lines need
+    none: the JSON renderer escapes them.)"""
+    for key, value in event_dict.items():
+        if isinstance(value, str) and not value.isprintable():
+            keep_lines = key in ("exception", "stack")
+            event_dict[key] = "\n".join(map(_escape, value.split("\n"))) if keep_lines else _escape(value)
+    return event_dict
+
+
+def _renderer(*, json: bool) -> list[Any]:
     if json:
-        return structlog.processors.JSONRenderer()
-    return structlog.dev.ConsoleRenderer(colors=False)
+        return [structlog.processors.JSONRenderer()]
+    return [escape_controls, structlog.dev.ConsoleRenderer(colors=False)]
 
 
 def configure_logging(*, level: str = "INFO", json: bool = False, stream: TextIO | None = None) -> None:
@@ -149,7 +200,7 @@ def configure_logging(*, level: str = "INFO", json: bool = False, stream: TextIO
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
             _redact_rendered,
-            _renderer(json=json),
+            *_renderer(json=json),
         ],
     )
     handler = logging.StreamHandler(stream or sys.stderr)

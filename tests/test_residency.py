@@ -504,7 +504,7 @@ def test_places_are_visible_in_system_and_metrics(make_budget_worker) -> None:
     places = {p["model"]: (p["place"], p["memory_mb"], p["in_use"]) for p in snapshot["pipelines"]}
     assert places == {"a": ("parked", 60.0, 0), "b": ("device", 60.0, 0)}
     assert snapshot["memory"]["gpu_budget"] == {"budget_mb": 100.0, "used_mb": 60.0, "device": "cpu"}
-    text = Metrics(worker.runtime).text().decode()
+    text = Metrics(worker.runtime, tasks=worker.tasks).text().decode()
     assert 'worker_pipeline_bytes{model="a",place="parked",task="fixture"} 6.291456e+07' in text
     assert 'worker_pipeline_moves_total{direction="park",task="fixture"} 1.0' in text
 

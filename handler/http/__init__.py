@@ -6,7 +6,11 @@ shared Whisper batches, result cache, storage, admission, error codes, request i
 the queue path's own. This package holds no model code:
 
     server.py    uvicorn, the health route's states, SIGTERM draining, the preload
-    routes.py    the routes, auth, the concurrency cap; each one job through the Worker
+    protocol.py  h11 with a deadline on each request head (the server's own bounds)
+    routes.py    the route table and the routes, each one job through the Worker; JSON bodies
+    limiter.py   the request limiter: MAX_CONCURRENT_REQUESTS places, 429 beyond them
+    middlewares.py  request metrics and logs, request bounds, bearer key, browser guard
+    sse.py       the server-sent events of a streamed transcription
     openai.py    OpenAI's request fields -> a job's input, a job's result -> OpenAI's response
     uploads.py   multipart bodies streamed into the job's directory, cut at the size limit
     errors.py    the one mapping from the job contract's error codes to HTTP statuses and bodies

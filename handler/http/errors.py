@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from starlette.responses import JSONResponse
+
 from handler.errors import ALL_ERRORS
 
 # Status and OpenAI error type of each code of handler.errors; a test checks every code is here.
@@ -24,6 +26,9 @@ STATUS: dict[str, tuple[int, str]] = {
     "INTERNAL": (500, "server_error"),
     "CUDA_FATAL": (503, "server_error"),
 }
+# The status counted for a request whose client hung up before its answer (nginx's "client closed
+# request"); never sent.
+CLIENT_GONE = 499
 # Codes a client should retry after a pause (with Retry-After), here or on another worker.
 _RETRY_LATER = frozenset({"TIMEOUT", "GPU_OOM", "OVERLOADED", "CANCELLED", "CUDA_FATAL"})
 
@@ -42,6 +47,16 @@ class HttpRefusal(Exception):
         self.code = code
         self.param = param
         self.retry_after = retry_after
+
+
+def refusal_response(exc: HttpRefusal, *, close: bool = False) -> JSONResponse:
+    """The HTTP layer's own refusal in OpenAI's shape, with its Retry-After; ``close``: the
+    connection closes after it."""
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else {}
+    if close:
+        headers["Connection"] = "close"
+    body = error_body(exc.message, kind=exc.kind, code=exc.code, param=exc.param)
+    return JSONResponse(body, status_code=exc.status, headers=headers)
 
 
 def error_body(message: str, *, kind: str, code: str | None, param: str | None) -> dict[str, Any]:

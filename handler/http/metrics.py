@@ -3,7 +3,7 @@ and, read at scrape time, slots, batch sizes and memory (one registry per app, n
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -71,7 +71,10 @@ class _RuntimeCollector(Collector):
 class Metrics:
     """The app's metrics; ``record_job`` counts each job's result."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, *, tasks: Iterable[str]) -> None:
+        # Labels come from this closed set: a task name a client made up is `unknown`, so what
+        # clients send cannot add series (each one kept for the process's life).
+        self._tasks = frozenset(tasks)
         self.registry = CollectorRegistry()
         self.requests = Counter("worker_http_requests", "HTTP requests answered", ["route", "status"],
                                 registry=self.registry)
@@ -88,6 +91,7 @@ class Metrics:
         self.registry.register(_RuntimeCollector(runtime))
 
     def record_job(self, task: str, result: dict[str, Any]) -> None:
+        task = task if task in self._tasks else "unknown"
         self.jobs.labels(task, str(result.get("error_code", "success"))).inc()
         if result.get("cached") is True:
             self.cache_hits.labels(task).inc()

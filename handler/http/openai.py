@@ -17,7 +17,7 @@ from typing import Any
 from whisper.tokenizer import LANGUAGES
 
 from handler.config import Settings
-from handler.errors import InvalidInput, printable
+from handler.errors import InvalidInput, printable, shown
 from handler.http.uploads import Form
 from handler.io.inputs import ATTACHED
 from handler.io.media import AUDIO_ENCODINGS, encode_audio
@@ -64,11 +64,11 @@ def _number(value: str | float | None, *, field: str) -> float | None:
     if value is None or value == "":
         return None
     if isinstance(value, bool):
-        raise InvalidInput(f"{field}: expected a number, got {value!r}", field=field)
+        raise InvalidInput(f"{field}: expected a number, got {shown(value)}", field=field)
     try:
         return float(value)
     except (TypeError, ValueError) as exc:
-        raise InvalidInput(f"{field}: expected a number, got {printable(repr(value))}", field=field) from exc
+        raise InvalidInput(f"{field}: expected a number, got {shown(value)}", field=field) from exc
 
 
 def _flag(value: str | None, *, field: str) -> bool:
@@ -274,7 +274,7 @@ def image_job(body: dict[str, Any], *, has_bucket: bool) -> tuple[dict[str, Any]
     if size not in (None, "auto"):
         found = _SIZE.fullmatch(size) if isinstance(size, str) else None
         if found is None:
-            raise InvalidInput(f"size: expected WIDTHxHEIGHT such as 512x512, or auto; got {printable(repr(size))}",
+            raise InvalidInput(f"size: expected WIDTHxHEIGHT such as 512x512, or auto; got {shown(size)}",
                                field="size")
         job["width"], job["height"] = int(found[1]), int(found[2])
     return job, fmt

@@ -1,16 +1,17 @@
 """The routes: each request is one job through the same Worker as a queued job.
 
-Order of a request: auth, the concurrency cap (429), admission (503: draining, memory pressure,
-a dead GPU), the announced size (413), then the body, streamed; only then the job. Refusals
-before the body leave it unread.
+Order of a request: the server's bounds (head size and deadline, connections), the header count,
+auth (or, with no key, the browser guard), a place in the request limiter (429), admission (503:
+draining, memory pressure, a dead GPU), the announced size (413), then the body, streamed within
+its deadline; only then the job. Refusals before the body leave it unread (and close the
+connection). The route table is declared once, in :func:`route_table`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import contextlib
 import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,16 +19,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
-from handler.app import Arrival, Worker
+from handler.app import JobChannel, Worker
 from handler.errors import DownloadFailed, InputTooLarge, InvalidInput, WorkerError, printable
-from handler.http import openai
-from handler.http.errors import HttpRefusal, error_body, openai_error, retries_later, status_of
+from handler.http import openai, sse
+from handler.http.errors import CLIENT_GONE, HttpRefusal, openai_error, refusal_response, retries_later, status_of
+from handler.http.limiter import RequestLimiter, RequestPlace
 from handler.http.metrics import CONTENT_TYPE, Metrics
+from handler.http.middlewares import BearerAuth, BrowserGuard, RequestBounds, RequestMetrics
 from handler.http.uploads import Form, check_length, read_form
 from handler.io.media import audio_encoders
 from handler.io.outputs import InlineStorage
@@ -38,104 +41,28 @@ from handler.runtime.lifecycle import State
 log = get_logger(__name__)
 # A JSON body's bytes beyond its base64 media (the other fields).
 _JSON_OVERHEAD = 1024 * 1024
-
-
-class Door:
-    """How many requests are held now; refuses (429) beyond the limit, never queues without bound.
-
-    Touched on the event loop only.
-    """
-
-    def __init__(self, limit: int, retry_after: int) -> None:
-        self.limit = limit
-        self._retry_after = retry_after
-        self.held = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def enter(self) -> Ticket:
-        if self.held >= self.limit:
-            raise HttpRefusal(429, f"the worker holds {self.limit} requests already (MAX_CONCURRENT_REQUESTS); "
-                              "retry later", kind="rate_limit_error", code="rate_limit_exceeded",
-                              retry_after=self._retry_after)
-        self.held += 1
-        self._idle.clear()
-        return Ticket(self)
-
-    def _leave(self) -> None:
-        self.held -= 1
-        if self.held == 0:
-            self._idle.set()
-
-    async def wait_idle(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-
-@dataclass
-class Ticket:
-    """One held request; left once, whichever path ends it (a stream's end, once handed on)."""
-
-    door: Door
-    left: bool = False
-    # A streamed response holds the ticket past its route: only the stream's end releases it.
-    handed_on: bool = False
-
-    def leave(self) -> None:
-        if not self.handed_on:
-            self.release()
-
-    def release(self) -> None:
-        if not self.left:
-            self.left = True
-            self.door._leave()
+# Most values (counted by their commas) a JSON body may hold: a job's fields need a few hundred,
+# while each parsed value costs tens of bytes of RAM for a byte or two of JSON.
+_MAX_JSON_VALUES = 100_000
+# Bodies up to this size are parsed on the event loop (a thread's hand-off would cost more).
+_PARSE_INLINE_BYTES = 256 * 1024
 
 
 @dataclass
 class ServeState:
-    """What the routes share: the worker, metrics, the door, and whether the preload is done."""
+    """What the routes share: the worker, metrics, the request limiter, and whether the preload is done."""
 
     worker: Worker
     metrics: Metrics
-    door: Door
+    limiter: RequestLimiter
     ready: bool = False
     # Ports that serve only the health route (PORT_HEALTH when it differs from PORT).
     health_only_ports: frozenset[int] = field(default_factory=frozenset)
 
     def health_status(self) -> int:
-        if self.worker.lifecycle.state is not State.SERVING:
+        if self.worker.lifecycle.state is not State.SERVING or self.limiter.stuck():
             return 503
         return 200 if self.ready else 204
-
-
-class BearerAuth:
-    """``Authorization: Bearer <API_KEY>`` on every route but the health route (constant-time compare)."""
-
-    def __init__(self, app: ASGIApp, *, key: str, exempt: str) -> None:
-        self._app = app
-        self._expected = f"Bearer {key}".encode()
-        self._exempt = exempt
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] == self._exempt:
-            await self._app(scope, receive, send)
-            return
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(given, self._expected):
-            await self._app(scope, receive, send)
-            return
-        body = error_body("missing or wrong API key: send Authorization: Bearer <API_KEY>",
-                          kind="invalid_request_error", code="invalid_api_key", param=None)
-        await JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
-
-
-def _refusal(exc: HttpRefusal) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else {}
-    body = error_body(exc.message, kind=exc.kind, code=exc.code, param=exc.param)
-    return JSONResponse(body, status_code=exc.status, headers=headers)
 
 
 class Routes:
@@ -155,10 +82,9 @@ class Routes:
         return headers
 
     def _openai_error(self, result: dict[str, Any], fields: dict[str, str] | None = None) -> JSONResponse:
-        headers = self._headers(result)
-        if status_of(result) == 413:
-            headers["Connection"] = "close"  # the rest of the body is never read
-        return JSONResponse(openai_error(result, fields=fields), status_code=status_of(result), headers=headers)
+        # A body left unread (a 413) closes the connection: middlewares.RequestBounds.
+        return JSONResponse(openai_error(result, fields=fields), status_code=status_of(result),
+                            headers=self._headers(result))
 
     def _refused(self, err: WorkerError) -> dict[str, Any]:
         """A refusal before the job as the job's own error result (same codes, same mapping)."""
@@ -169,25 +95,29 @@ class Routes:
     def _admit(self, task: str) -> None:
         self.worker.admit(self.worker.tasks[task])
 
-    async def _job(self, task: str, inputs: dict[str, Any], arrival: Arrival, *, job_id: str | None = None,
+    async def _job(self, task: str, inputs: dict[str, Any], channel: JobChannel, *, job_id: str | None = None,
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
         job = {"id": job_id or f"http-{uuid.uuid4().hex[:16]}", "input": inputs, **(extra or {})}
-        result = await self.worker.handle(job, arrival)
+        result = await self.worker.handle(job, channel)
         self.state.metrics.record_job(task, result)
         return result
 
-    async def _held(self, work: Callable[[Ticket], Awaitable[Response]]) -> Response:
-        """Run a job route holding a ticket; refusals of the HTTP layer answered in OpenAI's shape."""
+    async def _held(self, work: Callable[[RequestPlace], Awaitable[Response]]) -> Response:
+        """Run a job route holding a request place; refusals of the HTTP layer answered in OpenAI's shape."""
         try:
-            ticket = self.state.door.enter()
+            place = self.state.limiter.take()
         except HttpRefusal as exc:
-            return _refusal(exc)
+            return refusal_response(exc)
         try:
-            return await work(ticket)
+            return await work(place)
         except HttpRefusal as exc:
-            return _refusal(exc)
+            return refusal_response(exc)
+        except ClientDisconnect:
+            # The client hung up in the middle of its body: not the server's error. Nobody reads
+            # this answer; its status is what the request's log line and metrics count.
+            return Response(status_code=CLIENT_GONE)
         finally:
-            ticket.leave()
+            place.leave()
 
     # --- health, metrics, system, models ---------------------------------------------
 
@@ -199,11 +129,11 @@ class Routes:
                              "state": self.worker.lifecycle.state.value}, status_code=status)
 
     async def metrics(self, request: Request) -> Response:
-        self.state.metrics.in_flight.set(self.state.door.held)
+        self.state.metrics.in_flight.set(self.state.limiter.held)
         return Response(self.state.metrics.text(), media_type=CONTENT_TYPE)
 
     async def system(self, request: Request) -> Response:
-        result = await self._job("system", {"task": "system"}, Arrival())
+        result = await self._job("system", {"task": "system"}, JobChannel())
         return JSONResponse(result, status_code=status_of(result), headers=self._headers(result))
 
     async def models(self, request: Request) -> Response:
@@ -212,9 +142,11 @@ class Routes:
     # --- the native job contract -----------------------------------------------------
 
     async def jobs(self, request: Request) -> Response:
-        async def work(ticket: Ticket) -> Response:
+        async def work(place: RequestPlace) -> Response:
             try:
-                body = await self._json(request, limit=self.settings.base64_max_bytes * 4 // 3 + _JSON_OVERHEAD)
+                self.worker.admit(None)  # the task is in the body, which a refusal leaves unread
+                body = await self._json(request, place,
+                                        limit=self.settings.base64_max_bytes * 4 // 3 + _JSON_OVERHEAD)
             except WorkerError as err:
                 result = self._refused(err)
                 return JSONResponse(result, status_code=status_of(result), headers=self._headers(result))
@@ -222,28 +154,43 @@ class Routes:
             task = str(inputs.get("task", "transcribe")) if isinstance(inputs, dict) else "none"
             job_id = body.get("id") if isinstance(body.get("id"), str) and len(body["id"]) <= 128 else None
             extra = {"s3Config": body["s3Config"]} if "s3Config" in body else None
-            result = await self._job(task, inputs, Arrival(), job_id=job_id, extra=extra)  # type: ignore[arg-type]
+            result = await self._job(task, inputs, JobChannel(), job_id=job_id, extra=extra)  # type: ignore[arg-type]
             return JSONResponse(result, status_code=status_of(result), headers=self._headers(result))
 
         return await self._held(work)
 
-    async def _json(self, request: Request, *, limit: int) -> dict[str, Any]:
-        """A JSON object body of at most ``limit`` bytes, refused by Content-Length before reading."""
+    async def _json(self, request: Request, place: RequestPlace, *, limit: int) -> dict[str, Any]:
+        """A JSON object body of at most ``limit`` bytes (refused by Content-Length before reading)
+        and at most _MAX_JSON_VALUES values (counted as it arrives), read within the body deadline."""
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise InputTooLarge(f"body: {length} bytes, the limit is {limit}", field="body")
         data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > limit:
-                raise InputTooLarge(f"body: over the limit of {limit} bytes", field="body")
+        commas = 0
+        async with self._body_deadline(place, field="body", what="the body"):
+            async for chunk in request.stream():
+                data += chunk
+                commas += chunk.count(b",")
+                if len(data) > limit:
+                    raise InputTooLarge(f"body: over the limit of {limit} bytes", field="body")
+                if commas >= _MAX_JSON_VALUES:
+                    raise InputTooLarge(f"body: more than {_MAX_JSON_VALUES} JSON values", field="body")
+        return await _json_object(data)
+
+    @contextlib.asynccontextmanager
+    async def _body_deadline(self, place: RequestPlace, *, field: str, what: str) -> AsyncIterator[None]:
+        """A body read within DOWNLOAD_TIMEOUT_S: a client trickling (or withholding) its body must not
+        hold one of the worker's request places for longer than a download may take."""
+        limit = self.settings.download_timeout_s
+        place.deadline = time.monotonic() + limit
         try:
-            body = json.loads(data)
-        except ValueError as exc:
-            raise InvalidInput(f"body: not JSON ({printable(str(exc))})", field="body") from exc
-        if not isinstance(body, dict):
-            raise InvalidInput("body: expected a JSON object", field="body")
-        return body
+            async with asyncio.timeout(limit):
+                yield
+        except TimeoutError:
+            raise DownloadFailed(f"{field}: {what} did not arrive within {limit:g} s (DOWNLOAD_TIMEOUT_S)",
+                                 field=field) from None
+        finally:
+            place.deadline = None
 
     # --- OpenAI's audio and image routes ---------------------------------------------
 
@@ -254,23 +201,23 @@ class Routes:
         return await self._transcription(request, translate=True)
 
     async def _transcription(self, request: Request, *, translate: bool) -> Response:
-        async def work(ticket: Ticket) -> Response:
+        async def work(place: RequestPlace) -> Response:
             workspace = Workspace(self.settings.job_root())
             try:
                 try:
                     self._admit("transcribe")
                     check_length(request.headers.get("content-length"), max_file_bytes=self.settings.download_max_bytes)
-                    form = await self._form(request, workspace)
+                    form = await self._form(request, workspace, place)
                     inputs, ask = openai.transcription_job(form, translate=translate)
                 except WorkerError as err:
                     return self._openai_error(self._refused(err), openai.TRANSCRIPTION_FIELDS)
-                arrival = Arrival(workspace=workspace, attachments=dict(form.files))
+                channel = JobChannel(workspace=workspace, attachments=dict(form.files))
                 if ask.stream:
                     diarized = ask.response_format == "diarized_json"
-                    return await self._stream(inputs, arrival, workspace, ticket, diarized=diarized)
-                result = await self._job("transcribe", inputs, arrival)
+                    return await self._stream(inputs, channel, workspace, place, diarized=diarized)
+                result = await self._job("transcribe", inputs, channel)
             finally:
-                if not ticket.handed_on:  # a stream hands both on to its response
+                if not place.held_by_stream:  # a stream hands both on to its response
                     workspace.remove()
             if "error" in result:
                 return self._openai_error(result, openai.TRANSCRIPTION_FIELDS)
@@ -281,21 +228,15 @@ class Routes:
 
         return await self._held(work)
 
-    async def _form(self, request: Request, workspace: Workspace) -> Form:
-        """The upload, read within DOWNLOAD_TIMEOUT_S: a client trickling its body must not hold one of
-        the worker's request places for longer than a download may take."""
-        limit = self.settings.download_timeout_s
-        try:
-            async with asyncio.timeout(limit):
-                return await read_form(request.stream(), request.headers.get("content-type"), workspace.path,
-                                       file_fields=frozenset({"file"}), spooled_fields=openai.LARGE_FIELDS,
-                                       max_file_bytes=self.settings.download_max_bytes)
-        except TimeoutError:
-            raise DownloadFailed(f"file: the upload did not arrive within {limit:g} s (DOWNLOAD_TIMEOUT_S)",
-                                 field="file") from None
+    async def _form(self, request: Request, workspace: Workspace, place: RequestPlace) -> Form:
+        """The upload, streamed to the job's directory within the body deadline."""
+        async with self._body_deadline(place, field="file", what="the upload"):
+            return await read_form(request.stream(), request.headers.get("content-type"), workspace.path,
+                                   file_fields=frozenset({"file"}), spooled_fields=openai.LARGE_FIELDS,
+                                   max_file_bytes=self.settings.download_max_bytes)
 
-    async def _stream(self, inputs: dict[str, Any], arrival: Arrival, workspace: Workspace,
-                      ticket: Ticket, *, diarized: bool = False) -> Response:
+    async def _stream(self, inputs: dict[str, Any], channel: JobChannel, workspace: Workspace,
+                      place: RequestPlace, *, diarized: bool = False) -> Response:
         """Server-sent events: a text delta per segment as it is decoded, then the done event.
         ``diarized``: a ``transcript.text.segment`` event per segment with its speaker, sent once the
         speakers are known (at the job's end), then the done event.
@@ -310,57 +251,28 @@ class Routes:
             if kind == "segments" and not diarized:
                 loop.call_soon_threadsafe(events.put_nowait, list(data["segments"]))
 
-        arrival = Arrival(workspace=arrival.workspace, attachments=arrival.attachments, on_event=on_event)
-        job = asyncio.create_task(self._job("transcribe", inputs, arrival))
+        channel = JobChannel(workspace=channel.workspace, attachments=channel.attachments, on_event=on_event)
+        job = asyncio.create_task(self._job("transcribe", inputs, channel))
         job.add_done_callback(lambda _done: events.put_nowait(None))
         first = await events.get()
         if first is None and "error" in job.result():
             workspace.remove()
             return self._openai_error(job.result(), openai.TRANSCRIPTION_FIELDS)
-        ticket.handed_on = True  # held by the stream from here: released when it ends
-        return StreamingResponse(self._sse(first, events, job, workspace, ticket, diarized=diarized),
+        place.held_by_stream = True  # held by the stream from here: released when it ends
+        return StreamingResponse(sse.transcript_events(first, events, job, workspace, place, diarized=diarized),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _sse(self, first: list[dict[str, Any]] | None, events: asyncio.Queue[list[dict[str, Any]] | None],
-                   job: asyncio.Task[dict[str, Any]], workspace: Workspace, ticket: Ticket, *,
-                   diarized: bool = False) -> AsyncIterator[bytes]:
-        sent = 0
-        try:
-            batch = first
-            while batch is not None:
-                for segment in batch:
-                    text = str(segment.get("text", "")).strip()
-                    if text:
-                        yield _sse(openai.delta_event(text if sent == 0 else " " + text))
-                        sent += 1
-                batch = await events.get()
-            result = await job
-            if "error" in result:
-                yield _sse(openai_error(result, fields=openai.TRANSCRIPTION_FIELDS), event="error")
-                return
-            if diarized:
-                for segment in openai.diarized_segments(result["segments"]):
-                    yield _sse(segment)
-            elif sent == 0 and result["transcription"]:  # answered whole (sequential path, cache)
-                yield _sse(openai.delta_event(result["transcription"]))
-            yield _sse(openai.done_event(result))
-        finally:
-            if not job.done():
-                job.cancel()  # the client went away
-            ticket.release()
-            workspace.remove()
-
     async def speech(self, request: Request) -> Response:
-        async def work(ticket: Ticket) -> Response:
+        async def work(place: RequestPlace) -> Response:
             try:
                 self._admit("speech")
-                body = await self._json(request, limit=self.settings.max_speech_chars * 4 + _JSON_OVERHEAD)
+                body = await self._json(request, place, limit=self.settings.max_speech_chars * 4 + _JSON_OVERHEAD)
                 encoders = await asyncio.to_thread(audio_encoders)  # ffmpeg asked once, off the loop
                 inputs, fmt = openai.speech_job(body, self.settings, encoders=encoders)
             except WorkerError as err:
                 return self._openai_error(self._refused(err), openai.SPEECH_FIELDS)
-            result = await self._job("speech", inputs, Arrival(storage=self._inline()))
+            result = await self._job("speech", inputs, JobChannel(storage=self._inline()))
             if "error" in result:
                 return self._openai_error(result, openai.SPEECH_FIELDS)
             try:
@@ -373,15 +285,15 @@ class Routes:
         return await self._held(work)
 
     async def images(self, request: Request) -> Response:
-        async def work(ticket: Ticket) -> Response:
+        async def work(place: RequestPlace) -> Response:
             try:
                 self._admit("text2image")
-                body = await self._json(request, limit=_JSON_OVERHEAD)
+                body = await self._json(request, place, limit=_JSON_OVERHEAD)
                 inputs, fmt = openai.image_job(body, has_bucket=self.settings.bucket is not None)
             except WorkerError as err:
                 return self._openai_error(self._refused(err), openai.IMAGE_FIELDS)
-            arrival = Arrival(storage=self._inline()) if fmt == "b64_json" else Arrival()
-            result = await self._job("text2image", inputs, arrival)
+            channel = JobChannel(storage=self._inline()) if fmt == "b64_json" else JobChannel()
+            result = await self._job("text2image", inputs, channel)
             if "error" in result:
                 return self._openai_error(result, openai.IMAGE_FIELDS)
             return JSONResponse(openai.image_body(result, fmt), headers=self._headers(result))
@@ -393,77 +305,62 @@ class Routes:
         return InlineStorage(self.settings.inline_output_max_bytes)
 
 
-def _sse(data: dict[str, Any], *, event: str | None = None) -> bytes:
-    head = f"event: {event}\n" if event else ""
-    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+async def _json_object(data: bytearray) -> dict[str, Any]:
+    """``data`` parsed: a JSON object, or the client's error (nesting too deep included)."""
+    try:
+        # A large body is parsed on a thread: the health route and other requests go on meanwhile.
+        body = json.loads(data) if len(data) <= _PARSE_INLINE_BYTES else await asyncio.to_thread(json.loads, data)
+    except RecursionError:
+        raise InvalidInput("body: JSON nested too deeply", field="body") from None
+    except ValueError as exc:
+        raise InvalidInput(f"body: not JSON ({printable(str(exc))})", field="body") from exc
+    if not isinstance(body, dict):
+        raise InvalidInput("body: expected a JSON object", field="body")
+    return body
 
 
-class _Timing:
-    """Counts and times every request by route (the route's template, never the raw path)."""
+@dataclass(frozen=True)
+class RouteSpec:
+    """One route: its path, its endpoint, its method, and the media type of its body (None: none)."""
 
-    def __init__(self, app: ASGIApp, state: ServeState) -> None:
-        self._app = app
-        self._state = state
-        self._health_path = state.worker.settings.health_check_path
-        self._debug = logging.getLogger(__name__).isEnabledFor(logging.DEBUG)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self._app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def sending(message: Any) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            if scope.get("server") and scope["server"][1] in self._state.health_only_ports \
-                    and scope["path"] != self._health_path:
-                await Response(status_code=404)(scope, receive, sending)
-                return
-            await self._app(scope, receive, sending)
-        finally:
-            known = scope["path"] in _KNOWN_PATHS or scope["path"] == self._health_path
-            route = scope["path"] if known else "other"
-            seconds = time.perf_counter() - started
-            self._state.metrics.requests.labels(route, str(status)).inc()
-            self._state.metrics.request_seconds.labels(route).observe(seconds)
-            # A job's own line (job.done, job.failed) already says what it did: a line per request
-            # only for what went wrong, or at DEBUG (it cost a good part of a trivial request).
-            if status >= 400 and route != self._health_path:
-                log.info("http.request", method=scope["method"], route=route, status=status,
-                         ms=round(seconds * 1000, 1))
-            elif self._debug and route not in (self._health_path, "/metrics"):
-                log.debug("http.request", method=scope["method"], route=route, status=status,
-                          ms=round(seconds * 1000, 1))
+    path: str
+    endpoint: Callable[[Request], Awaitable[Response]]
+    method: str
+    body_type: str | None = None
 
 
-_KNOWN_PATHS = frozenset({"/metrics", "/system", "/v1/models", "/v1/jobs", "/v1/audio/transcriptions",
-                          "/v1/audio/translations", "/v1/audio/speech", "/v1/images/generations"})
+def route_table(routes: Routes, *, health_path: str) -> list[RouteSpec]:
+    """Every route the app serves: the one declaration (the app's router, the metrics' route labels
+    and the browser guard's content types are all read from it)."""
+    json, form = "application/json", "multipart/form-data"
+    return [
+        RouteSpec(health_path, routes.health, "GET"), RouteSpec("/metrics", routes.metrics, "GET"),
+        RouteSpec("/system", routes.system, "GET"), RouteSpec("/v1/models", routes.models, "GET"),
+        RouteSpec("/v1/jobs", routes.jobs, "POST", json),
+        RouteSpec("/v1/audio/transcriptions", routes.transcriptions, "POST", form),
+        RouteSpec("/v1/audio/translations", routes.translations, "POST", form),
+        RouteSpec("/v1/audio/speech", routes.speech, "POST", json),
+        RouteSpec("/v1/images/generations", routes.images, "POST", json),
+    ]
 
 
 def build_app(state: ServeState, *, lifespan: Any = None) -> ASGIApp:
-    """The ASGI app: Starlette routes (FastAPI's core), wrapped in auth (with API_KEY) and request metrics.
+    """The ASGI app: Starlette routes (FastAPI's core) inside the layers of handler.http.middlewares.
 
     Every endpoint takes the Request itself, so FastAPI's own layer (per-request dependency
     solving, its exit-stack, body-limit and telemetry middleware) would only add time.
     """
     settings = state.worker.settings
-    routes = Routes(state)
-    table = [
-        (settings.health_check_path, routes.health, "GET"), ("/metrics", routes.metrics, "GET"),
-        ("/system", routes.system, "GET"), ("/v1/models", routes.models, "GET"), ("/v1/jobs", routes.jobs, "POST"),
-        ("/v1/audio/transcriptions", routes.transcriptions, "POST"),
-        ("/v1/audio/translations", routes.translations, "POST"), ("/v1/audio/speech", routes.speech, "POST"),
-        ("/v1/images/generations", routes.images, "POST"),
-    ]
-    app = Starlette(routes=[Route(path, endpoint, methods=[method]) for path, endpoint, method in table],
+    table = route_table(Routes(state), health_path=settings.health_check_path)
+    app = Starlette(routes=[Route(spec.path, spec.endpoint, methods=[spec.method]) for spec in table],
                     lifespan=lifespan)
     wrapped: ASGIApp = app
     if settings.api_key is not None:
         wrapped = BearerAuth(wrapped, key=settings.api_key, exempt=settings.health_check_path)
-    return _Timing(wrapped, state)
+    elif not settings.on_runpod:
+        wrapped = BrowserGuard(wrapped, allowed_hosts=frozenset(settings.http_allowed_hosts),
+                               exempt=settings.health_check_path,
+                               body_types={spec.path: spec.body_type for spec in table if spec.body_type})
+    wrapped = RequestBounds(wrapped, max_headers=settings.http_max_headers)
+    return RequestMetrics(wrapped, metrics=state.metrics, routes=frozenset(spec.path for spec in table),
+                          health_path=settings.health_check_path, health_only_ports=state.health_only_ports)

@@ -19,8 +19,11 @@ from typing import Any
 import uvicorn
 
 from handler.app import Worker
+from handler.config import Settings
+from handler.http.limiter import RequestLimiter
 from handler.http.metrics import Metrics
-from handler.http.routes import Door, ServeState, build_app
+from handler.http.protocol import with_head_deadline
+from handler.http.routes import ServeState, build_app
 from handler.logs import get_logger
 
 log = get_logger(__name__)
@@ -56,10 +59,10 @@ class DrainingServer(uvicorn.Server):
 
     async def _drain(self) -> None:
         worker = self._state.worker
-        held = self._state.door.held
+        held = self._state.limiter.held
         worker.begin_shutdown()
         grace = worker.settings.shutdown_grace_s
-        done = await self._state.door.wait_idle(grace + _ANSWER_S)
+        done = await self._state.limiter.wait_idle(grace + _ANSWER_S)
         log.info("http.drained", held=held, finished=done)
         self.should_exit = True
 
@@ -73,6 +76,15 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def server_bounds(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options that bound what a client can hold: the protocol (h11 with a deadline on
+    each request head, handler.http.protocol), the head's size, connections, keep-alive."""
+    return {"http": with_head_deadline(settings.http_head_timeout_s),
+            "h11_max_incomplete_event_size": settings.http_max_head_bytes,
+            "limit_concurrency": settings.http_max_connections,
+            "timeout_keep_alive": settings.http_keep_alive_s}
+
+
 def _preload(worker: Worker) -> None:
     if worker.settings.max_concurrent_generations is None:
         worker.size_gate()  # needs the model loaded: this is the preload
@@ -84,7 +96,8 @@ def serve(worker: Worker) -> None:
     """Serve HTTP until SIGTERM (drained) or a second signal."""
     settings = worker.settings
     health_port = settings.port_health if settings.port_health not in (None, settings.port) else None
-    state = ServeState(worker, Metrics(worker.runtime), Door(settings.max_concurrent_requests, settings.retry_after_s),
+    state = ServeState(worker, Metrics(worker.runtime, tasks=worker.tasks),
+                       RequestLimiter(settings.max_concurrent_requests, settings.retry_after_s),
                        health_only_ports=frozenset({health_port} if health_port else ()))
 
     @contextlib.asynccontextmanager
@@ -102,7 +115,8 @@ def serve(worker: Worker) -> None:
         task.cancel()
 
     config = uvicorn.Config(build_app(state, lifespan=lifespan), log_config=None, access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=int(_ANSWER_S), server_header=False)
+                            lifespan="on", timeout_graceful_shutdown=int(_ANSWER_S), server_header=False,
+                            **server_bounds(settings))
     sockets = [_listen(settings.http_host, settings.port)]
     if health_port is not None:
         sockets.append(_listen(settings.http_host, health_port))

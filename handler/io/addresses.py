@@ -78,7 +78,8 @@ class AddressPolicy:
             raise DownloadFailed(f"{host} did not resolve to any address")
         for address in addresses:
             if not self.permits(address):
-                raise DownloadRefused(f"refused to connect to {host} ({address}): not a public address")
+                # Which address the name had is not told: it would map the network the worker sits in.
+                raise DownloadRefused(f"refused to connect to {host}: not a public address")
 
     def resolve(self, host: str, port: int) -> list[IPAddress]:
         """The checked addresses of ``host``; raises if any of them is refused."""

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 
 from handler.cancel import CancelToken
 from handler.config import Settings
-from handler.errors import InputTooLarge, InvalidInput
+from handler.errors import InputTooLarge, InvalidInput, shown
 from handler.io.download import Downloader
 from handler.io.storage import S3Storage
 
@@ -98,7 +98,7 @@ class MediaInputs:
         """Move an attached file (size-checked as it arrived) to ``target``; it is in the same directory."""
         source = self._attachments.pop(name, None)
         if source is None:
-            raise InvalidInput(f"{field}: no file {name!r} came with this job", field=field)
+            raise InvalidInput(f"{field}: no file {shown(name)} came with this job", field=field)
         size = source.stat().st_size
         if size > self._settings.download_max_bytes:
             raise InputTooLarge(f"{field}: {size} bytes, the limit is {self._settings.download_max_bytes}",

@@ -228,13 +228,15 @@ class S3Storage:
     """Uploads to one bucket and presigns GET URLs for what it uploaded.
 
     ``policy`` marks a job's own bucket (its ``s3Config``): connections are checked against
-    the address policy, and every call is bounded by its deadline and the job's cancel token.
+    the address policy, and every call is bounded by its deadline and the job's cancel token;
+    its secret is kept out of the logs by the job (``handler.logs.secret_held``), for its life only.
     """
 
     durable = True
 
     def __init__(self, bucket: BucketSettings, settings: Settings, *, policy: AddressPolicy | None = None) -> None:
-        register_secret(bucket.secret_access_key)
+        if policy is None:  # the operator's key, for the process's life; a job's is held by its job
+            register_secret(bucket.secret_access_key)
         self.bucket = bucket
         self._prefix = settings.bucket_prefix
         self._expiry_s = settings.presign_expiry_s

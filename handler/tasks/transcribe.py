@@ -43,7 +43,7 @@ from whisper.utils import WriteSRT, WriteVTT
 
 from handler.cancel import CancelToken
 from handler.config import Settings
-from handler.errors import InputTooLarge, InvalidInput
+from handler.errors import InputTooLarge, InvalidInput, shown
 from handler.io import media
 from handler.job import JobContext
 from handler.limits import served_model
@@ -210,12 +210,12 @@ class TranscribeInput(TaskInput):
 
 
 def _language_code(value: str) -> str:
-    code = value.strip().lower()
+    code = value[:40].strip().lower()  # no language name is longer; a client's megabytes are not read
     if code in LANGUAGES:
         return code
     if code in TO_LANGUAGE_CODE:
         return str(TO_LANGUAGE_CODE[code])
-    raise ValueError(f"language: unknown language {value!r}")
+    raise ValueError(f"language: unknown language {shown(value)}")
 
 
 # The job: its media fetched and decoded, its model loaded, transcribed (from the result cache when it
