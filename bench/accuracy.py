@@ -1,6 +1,6 @@
 """Accuracy and speed of the transcription engines on real human speech, in one run.
 
-The corpus is ``tests/speech_corpus.py``'s long-form recordings (real LibriVox and MFA clips
+The corpus is ``testkit/speech_corpus.py``'s long-form recordings (real LibriVox and MFA clips
 joined into ~4-minute recordings; ``make corpus``). Engines, all on the same tiny.en weights:
 
 * ``whisper.transcribe``: the baseline, with the options the worker passes it by default;
@@ -48,7 +48,7 @@ from whisper.normalizers import EnglishTextNormalizer
 
 from bench.common import Comparison, bench_settings, quiet_logs
 from builder.ct2_whisper import convert_to_file
-from tests import speech_corpus
+from testkit import speech_corpus
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus"
 Segment = tuple[float, float, str]

@@ -39,7 +39,7 @@ from bench.common import Comparison
 from builder.ct2_whisper import convert_to_file
 from handler.pipelines.whisper import decoding, vad
 from handler.pipelines.whisper.pipeline import load_checkpoint
-from tests.clips import SAMPLE_RATE, sentence_audio
+from testkit.clips import SAMPLE_RATE, sentence_audio
 
 SCRIPT = (
     "Please send the report by Friday morning.",

@@ -30,7 +30,7 @@ from builder.ct2_whisper import convert_to_file
 from client.addresses import UrlPolicy
 from client.upload import post_file
 from handler.app import Worker
-from tests.servers import SeaweedS3
+from testkit.servers import SeaweedS3
 
 
 @contextmanager

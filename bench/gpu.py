@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tests import default_models
+from testkit import default_models
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 START, END = "<!-- bench-gpu:start -->", "<!-- bench-gpu:end -->"
@@ -411,7 +411,7 @@ def _default_pipelines(dry: bool) -> dict[str, tuple[torch.nn.Module, int]]:
     """Each task's default pipeline at its real shapes (uninitialised weights in host RAM), and its
     working memory at the default request; tiny stand-ins in a dry run."""
     from handler.pipelines.diffusion import loading
-    from tests.default_models import COMPONENTS
+    from testkit.default_models import COMPONENTS
 
     if dry:
         return {task: (torch.nn.Linear(64, 64 * (index + 1)), 2**16)

@@ -31,10 +31,10 @@ from bench.common import Comparison, bench_settings
 from builder.ct2_whisper import convert_to_file
 from handler.app import Worker
 from handler.runtime.registry import Registry
-from tests import media
-from tests.fixture_tasks import TABLE
-from tests.jobserver import ROOT, JobServer, WorkerProcess
-from tests.servers import HttpServer
+from testkit import media
+from testkit.fixture_tasks import TABLE
+from testkit.jobserver import ROOT, JobServer, WorkerProcess
+from testkit.servers import HttpServer
 
 
 def _slow_file(delay_s: float, body: bytes) -> object:

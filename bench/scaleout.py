@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from bench.common import Comparison
-from tests.jobserver import JobServer, WorkerProcess
+from testkit.jobserver import JobServer, WorkerProcess
 
 JOBS = 24
 

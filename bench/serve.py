@@ -26,10 +26,10 @@ from bench.common import Comparison, bench_settings
 from builder.ct2_whisper import convert_to_file
 from handler.app import Worker
 from handler.runtime.registry import Registry
-from tests import media
-from tests.fixture_tasks import TABLE
-from tests.jobserver import JobServer, ServeProcess, WorkerProcess
-from tests.sentences import SENTENCES
+from testkit import media
+from testkit.fixture_tasks import TABLE
+from testkit.jobserver import JobServer, ServeProcess, WorkerProcess
+from testkit.sentences import SENTENCES
 
 
 def _serve(root: Path, **env: str) -> ServeProcess:

@@ -14,7 +14,7 @@ from botocore.config import Config
 
 from bench.common import Comparison, bench_settings
 from handler.io.storage import S3Storage
-from tests.servers import SeaweedS3
+from testkit.servers import SeaweedS3
 
 SIZE = 256 * 1024 * 1024
 

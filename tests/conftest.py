@@ -16,10 +16,10 @@ import pytest
 from handler.app import Worker
 from handler.config import Settings, load_settings
 from handler.runtime.registry import Registry
-from tests import clips, media
-from tests.jobserver import JobServer, WorkerProcess
-from tests.sentences import SENTENCES
-from tests.servers import SeaweedS3
+from testkit import clips, media
+from testkit.jobserver import JobServer, WorkerProcess
+from testkit.sentences import SENTENCES
+from testkit.servers import SeaweedS3
 from tests.suite_checks import (
     CAPTURED_LOGS,
     pytest_configure,
@@ -51,7 +51,7 @@ def voice_encoder(model_dir: Path) -> Path:
     ``make corpus`` fetches) where the worker's default DIARIZATION_MODEL is looked for."""
     import zipfile
 
-    from tests.speech_corpus import voice_encoder_wheel
+    from testkit.speech_corpus import voice_encoder_wheel
 
     target = model_dir / "diarize" / "resemblyzer-0.1.4.pt"
     if not target.is_file():
@@ -63,19 +63,19 @@ def voice_encoder(model_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def voice_pool() -> dict[str, list[np.ndarray]]:
-    """Real people's speech cut into pieces, by speaker (tests.conversations.voices), built once for
+    """Real people's speech cut into pieces, by speaker (testkit.conversations.voices), built once for
     the session: tests that take pieces out copy the lists first."""
-    from tests import conversations
+    from testkit import conversations
 
     return conversations.voices()
 
 
 def _tiny_model(name: str, build: str, what: str) -> Any:
-    """A session fixture ``name``: the random-weight ``what`` that tests.tiny_models' ``build`` saves
+    """A session fixture ``name``: the random-weight ``what`` that testkit.tiny_models' ``build`` saves
     with save_pretrained, loaded by the worker through the same from_pretrained as production."""
 
     def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
-        from tests import tiny_models
+        from testkit import tiny_models
 
         path: Path = getattr(tiny_models, build)(tmp_path_factory.mktemp(name))
         return path
@@ -109,7 +109,7 @@ def gapped_clip(tmp_path_factory: pytest.TempPathFactory) -> clips.Clip:
 
 @pytest.fixture(scope="module")
 def sentence_clips(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """espeak-ng saying each of tests.sentences.SENTENCES, one file per sentence, in order."""
+    """espeak-ng saying each of testkit.sentences.SENTENCES, one file per sentence, in order."""
     folder = tmp_path_factory.mktemp("sentences")
     return [media.speak(text, folder / f"s{index}.wav") for index, text in enumerate(SENTENCES)]
 
@@ -193,7 +193,7 @@ def job(**inputs: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def server() -> Iterator[JobServer]:
-    """A local RunPod job server for the real worker process (tests/jobserver.py)."""
+    """A local RunPod job server for the real worker process (testkit/jobserver.py)."""
     with JobServer() as job_server:
         yield job_server
 

@@ -10,7 +10,7 @@ import pytest
 from handler.errors import DownloadRefused, InvalidInput
 from handler.io.addresses import AddressPolicy, check_url
 from handler.io.download import Downloader
-from tests.servers import HttpServer, serve_bytes
+from testkit.servers import HttpServer, serve_bytes
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import media
+from testkit import media
+from testkit.servers import HttpServer, redirect_to, serve_bytes
 from tests.conftest import assert_no_job_dirs, b64, job, run_job
-from tests.servers import HttpServer, redirect_to, serve_bytes
 
 HLS = b"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile:///etc/passwd\n#EXT-X-ENDLIST\n"
 

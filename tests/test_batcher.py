@@ -22,7 +22,7 @@ from handler.errors import Cancelled, GenerationTimeout, GpuOutOfMemory
 from handler.runtime.batcher import Batcher
 from handler.runtime.gate import Gate
 from handler.runtime.registry import PipelineKey, Registry
-from tests.fixture_tasks import TABLE
+from testkit.fixture_tasks import TABLE
 
 Item = tuple[str, int]  # (job, index)
 T = TypeVar("T")

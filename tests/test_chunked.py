@@ -25,9 +25,9 @@ from handler.pipelines.whisper import pipeline as whisper_pipeline
 from handler.pipelines.whisper.vad import fixed_chunks
 from handler.pipelines.whisper.windows import prepare_windows
 from handler.runtime.registry import Registry
-from tests import clips, media, speech_corpus
+from testkit import clips, media, speech_corpus
+from testkit.sentences import KEYWORDS, SENTENCES
 from tests.conftest import b64, job, run_job
-from tests.sentences import KEYWORDS, SENTENCES
 
 
 class BatchSpy:

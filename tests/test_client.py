@@ -24,10 +24,10 @@ from client.api import RUNPOD_API, Endpoint
 from client.cli import main
 from client.jobs import run_with_retries
 from client.retry import Backoff, Outcome, with_retries
-from tests import media
+from testkit import media
+from testkit.jobserver import LOOPBACK, ROOT, LocalApi
+from testkit.servers import SeaweedS3, ThreadedServer, loopback_server
 from tests.conftest import CAPTURED_LOGS
-from tests.jobserver import LOOPBACK, ROOT, LocalApi
-from tests.servers import SeaweedS3, ThreadedServer, loopback_server
 
 pytestmark = pytest.mark.integration
 # Greedy decoding: the same words from tiny.en, in a fraction of the time.
@@ -57,7 +57,7 @@ def clips(speech_wav: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 
 @pytest.fixture
 def worker_env(model_dir: Path) -> dict[str, str]:
-    return {"MODEL_DIR": str(model_dir), "WHISPER_MODEL": "tiny.en", "TASK_MODULES": "tests.fixture_tasks"}
+    return {"MODEL_DIR": str(model_dir), "WHISPER_MODEL": "tiny.en", "TASK_MODULES": "testkit.fixture_tasks"}
 
 
 @pytest.fixture

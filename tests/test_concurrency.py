@@ -10,8 +10,8 @@ import pytest
 from handler.app import Worker
 from handler.runtime.memory import MemoryUse, auto_slots
 from handler.runtime.registry import PipelineKey, Registry
+from testkit.fixture_tasks import TABLE
 from tests.conftest import assert_no_job_dirs
-from tests.fixture_tasks import TABLE
 
 
 def fixture_job(**inputs: object) -> dict[str, object]:

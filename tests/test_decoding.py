@@ -20,7 +20,7 @@ from handler.pipelines.whisper.pipeline import load_checkpoint
 from handler.pipelines.whisper.sections import Sections
 from handler.pipelines.whisper.vad import Chunk
 from handler.pipelines.whisper.windows import Window, WindowInput
-from tests import clips, media
+from testkit import clips, media
 
 # Beam search at temperature 0 only: deterministic, so two runs can be compared token for token;
 # chunks independent (no chunk prompted with the text before it), so any batch gives the same tokens.

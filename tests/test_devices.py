@@ -14,8 +14,8 @@ import torch
 from handler.config import load_settings
 from handler.runtime import devices
 from handler.runtime.devices import GpuUnusable, check_device, describe, gpu_promises
+from testkit.jobserver import JobServer
 from tests.conftest import start_worker, stop_worker
-from tests.jobserver import JobServer
 
 ROOT = Path(__file__).resolve().parents[1]
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA works here: nothing to refuse")

@@ -14,11 +14,11 @@ from handler.cancel import CancelToken
 from handler.pipelines.diarize import labels
 from handler.pipelines.diarize.pipeline import DiarizationPipeline, SpeakerBounds, Turn, load_diarization
 from handler.tasks.transcribe import _diarization_regions, format_text
-from tests import conversations
+from testkit import conversations
+from testkit.conversations import Conversation
+from testkit.diarization_scores import Scores, known_names_right, score
+from testkit.speech_corpus import SAMPLE_RATE, write_wav
 from tests.conftest import b64, job, run_job
-from tests.conversations import Conversation
-from tests.diarization_scores import Scores, known_names_right, score
-from tests.speech_corpus import SAMPLE_RATE, write_wav
 
 # The bar, on the whole set (conversations tuned on and held out alike).
 MAX_DER = 0.10

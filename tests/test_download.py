@@ -12,7 +12,7 @@ import pytest
 from handler.errors import DownloadFailed, DownloadRefused, InputTooLarge
 from handler.io.addresses import AddressPolicy
 from handler.io.download import Downloader
-from tests.servers import HttpServer, redirect_to, serve_bytes
+from testkit.servers import HttpServer, redirect_to, serve_bytes
 
 LOOPBACK_ONLY = (ipaddress.ip_network("127.0.0.1/32"),)
 

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from handler.config import load_settings, split_bucket_endpoint
-from tests import media
+from testkit import media
+from testkit.jobserver import LocalApi
+from testkit.servers import HttpServer, SeaweedS3, serve_bytes
 from tests.conftest import CAPTURED_LOGS, b64, job, run_job
-from tests.jobserver import LocalApi
-from tests.servers import HttpServer, SeaweedS3, serve_bytes
 
 pytestmark = pytest.mark.integration
 

@@ -18,8 +18,8 @@ from handler.errors import GenerationTimeout
 from handler.runtime.gate import Gate
 from handler.runtime.registry import PipelineKey, Registry
 from handler.runtime.threads import in_thread, job_threads
+from testkit.fixture_tasks import TABLE, FixturePipeline
 from tests.conftest import assert_no_job_dirs
-from tests.fixture_tasks import TABLE, FixturePipeline
 
 
 def fixture_job(**inputs: object) -> dict[str, object]:

@@ -17,8 +17,8 @@ import torch
 
 from handler.app import Worker
 from handler.runtime.registry import Registry
-from tests import fixture_tasks
-from tests.fixture_tasks import TABLE
+from testkit import fixture_tasks
+from testkit.fixture_tasks import TABLE
 from tests.test_half import batched_alignment
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -56,7 +56,7 @@ import asyncio, json, sys
 from handler.app import Worker
 from handler.config import load_settings
 from handler.runtime.registry import Registry
-from tests.fixture_tasks import TABLE
+from testkit.fixture_tasks import TABLE
 from tests.test_half import batched_alignment
 
 work = sys.argv[1]

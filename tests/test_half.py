@@ -32,7 +32,7 @@ from handler.pipelines.diffusion import loading
 from handler.pipelines.speech import pipeline as speech
 from handler.pipelines.whisper.pipeline import get_pipelines
 from handler.runtime.registry import Registry
-from tests import media
+from testkit import media
 from tests.conftest import job, run_job, worker_settings
 
 

@@ -33,8 +33,8 @@ from handler.http.metrics import Metrics
 from handler.http.routes import ServeState, build_app
 from handler.logs import REDACTED, redact_text
 from handler.task_interface import Task
-from tests.fixture_tasks import TABLE
-from tests.jobserver import LOOPBACK, ServeProcess
+from testkit.fixture_tasks import TABLE
+from testkit.jobserver import LOOPBACK, ServeProcess
 
 pytestmark = [pytest.mark.integration]
 

@@ -134,6 +134,22 @@ def _code_map() -> str:
     return architecture.split("## Where things are", 1)[1].split("```", 2)[1]
 
 
+# The top-level folders outside handler/ and what each may import of the others: testkit/ is shared by
+# tests/ and bench/, which never import each other's way (tests may exercise bench's own code).
+TOP_IMPORTS = {"testkit": {"handler", "builder"}, "bench": {"handler", "builder", "client", "testkit"},
+               "tests": {"handler", "builder", "client", "testkit", "bench"}}
+
+
+@pytest.mark.parametrize("folder", sorted(TOP_IMPORTS))
+def test_top_level_folders_import_only_downward(folder: str) -> None:
+    """testkit/ imports neither tests/ nor bench/, and bench/ does not import tests/: no cycle."""
+    ours = set(TOP_IMPORTS) | {"handler", "builder", "client"}
+    wrong = sorted(f"{path.name}: {module}" for path in (HANDLER.parent / folder).rglob("*.py")
+                   for module in imported_modules(path)
+                   if (top := module.split(".")[0]) in ours - {folder} and top not in TOP_IMPORTS[folder])
+    assert wrong == []
+
+
 def test_the_code_map_names_every_folder_and_module() -> None:
     """docs/architecture.md's "Where things are" names each folder of handler/ and each module at its
     top and under pipelines/, so a newcomer's map matches the tree."""

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from bench.load import http_sender, outcome_of, run_load
+from testkit.jobserver import LocalApi
 from tests.conftest import CAPTURED_LOGS
-from tests.jobserver import LocalApi
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ def test_outcomes_are_read_from_either_shape() -> None:
 
 def test_load_client_against_the_local_api(tmp_path: Path, model_dir: Path) -> None:
     """8 clients, 40 jobs on the local API: successes, final failures and retried OOMs are counted."""
-    env = {"TASK_MODULES": "tests.fixture_tasks", "MODEL_DIR": str(model_dir), "WHISPER_MODEL": "tiny.en"}
+    env = {"TASK_MODULES": "testkit.fixture_tasks", "MODEL_DIR": str(model_dir), "WHISPER_MODEL": "tiny.en"}
     api = LocalApi(tmp_path, **env)
     try:
         with api:

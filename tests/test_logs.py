@@ -18,8 +18,8 @@ import pytest
 from handler.app import Worker
 from handler.logs import configure_logging, get_logger, redact_sdk_logs, register_secret
 from handler.runtime.registry import Registry
+from testkit.fixture_tasks import TABLE
 from tests.conftest import CAPTURED_LOGS, remember_secret
-from tests.fixture_tasks import TABLE
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESIGNED = (
@@ -133,7 +133,7 @@ def test_a_job_of_the_queue_worker_logs_each_line_once(tmp_path: Path) -> None:
     worker's lines once. The SDK calls logging.basicConfig when imported, which used to leave a second
     handler on the root logger beside the worker's: every line came out twice."""
     env = {**os.environ, "WORK_DIR": str(tmp_path), "DEVICE": "cpu", "ALLOW_MODEL_DOWNLOAD": "false",
-           "TASK_MODULES": "tests.fixture_tasks", "LOG_FORMAT": "json"}
+           "TASK_MODULES": "testkit.fixture_tasks", "LOG_FORMAT": "json"}
     done = subprocess.run([sys.executable, "-m", "handler", "--test_input", json.dumps({"input": {"task": "fixture"}})],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     output = done.stdout + done.stderr

@@ -10,7 +10,7 @@ import pytest
 
 from handler.errors import InputTooLarge, InvalidInput
 from handler.io import media
-from tests import media as samples
+from testkit import media as samples
 
 
 def child_processes() -> list[str]:

@@ -20,8 +20,8 @@ from handler.errors import Cancelled, GenerationTimeout, InputTooLarge
 from handler.runtime.instances import InstancePool, Placement, move_whole
 from handler.runtime.registry import PipelineKey, Registry
 from handler.runtime.residency import Residency
+from testkit.fixture_tasks import TABLE, FixturePipeline
 from tests.conftest import assert_no_job_dirs
-from tests.fixture_tasks import TABLE, FixturePipeline
 
 MB = 2**20
 
@@ -285,7 +285,7 @@ def test_a_mixed_sequence_fits_a_budget_that_holds_one_task_at_a_time(
     from handler.pipelines.speech.pipeline import working_bytes as speech_working
     from handler.pipelines.whisper.pipeline import get_pipelines as whisper_pipelines
     from handler.pipelines.whisper.pipeline import pipeline_working_bytes as whisper_working
-    from tests import media
+    from testkit import media
     from tests.conftest import b64, run_job
 
     models = {"IMAGE_MODEL": str(tiny_sd), "VIDEO_MODEL": str(tiny_wan), "TTS_MODEL": str(tiny_vits)}
@@ -397,7 +397,7 @@ def default_needs() -> dict[str, DefaultNeed]:
     from handler.pipelines.diffusion import loading
     from handler.pipelines.speech.pipeline import working_bytes as speech_working
     from handler.pipelines.whisper.pipeline import working_bytes as whisper_working
-    from tests.default_models import COMPONENTS, largest_leaf_bytes, umt5_xxl
+    from testkit.default_models import COMPONENTS, largest_leaf_bytes, umt5_xxl
 
     weights = {component.name: component.bytes() for component in COMPONENTS}
     turbo = ModelDimensions(n_mels=128, n_audio_ctx=1500, n_audio_state=1280, n_audio_head=20, n_audio_layer=32,

@@ -15,9 +15,9 @@ import torch
 from handler.app import Worker
 from handler.runtime.gate import Gate, Slot
 from handler.runtime.registry import Registry
-from tests import media
+from testkit import media
+from testkit.servers import SeaweedS3
 from tests.conftest import b64, job, remember_presigned, run_job
-from tests.servers import SeaweedS3
 
 pytestmark = pytest.mark.integration
 T = TypeVar("T")

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from tests import media
+from testkit import media
+from testkit.jobserver import JobServer, WorkerProcess
 from tests.conftest import remember_presigned, start_worker, stop_worker
-from tests.jobserver import JobServer, WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from testkit.jobserver import JobServer, WorkerProcess
 from tests.conftest import output_of, start_worker, stop_worker
-from tests.jobserver import JobServer, WorkerProcess
 
 pytestmark = pytest.mark.integration
 

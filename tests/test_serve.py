@@ -27,10 +27,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from whisper.normalizers import EnglishTextNormalizer
 
-from tests import media, speech_corpus
+from testkit import media, speech_corpus
+from testkit.jobserver import LOOPBACK, ServeProcess
+from testkit.sentences import KEYWORDS, SENTENCES
 from tests.conftest import remember_secret
-from tests.jobserver import LOOPBACK, ServeProcess
-from tests.sentences import KEYWORDS, SENTENCES
 
 pytestmark = [pytest.mark.integration,
               # The client marks its translations route deprecated (OpenAI's own whisper-1 retirement).
@@ -442,7 +442,7 @@ def talk(tmp_path_factory: pytest.TempPathFactory,
          voice_pool: dict[str, list[np.ndarray]]) -> tuple[Any, Path, dict[str, str]]:
     """Two real people (the LibriVox reader, MFA's michael) in 5 turns, and a data URL of another
     clip of each (not in the talk), named after them."""
-    from tests import conversations
+    from testkit import conversations
 
     voices = {speaker: list(pieces) for speaker, pieces in voice_pool.items()}
     references = {"reader": voices["reader"].pop(0), "michael": voices["michael"].pop(0)[: 10 * 16000]}

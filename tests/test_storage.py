@@ -15,9 +15,9 @@ import pytest
 
 from handler.io.outputs import InlineStorage
 from handler.io.storage import object_key
-from tests import media
+from testkit import media
+from testkit.servers import HttpServer, SeaweedS3
 from tests.conftest import assert_no_job_dirs, b64, job, remember_secret, run_job
-from tests.servers import HttpServer, SeaweedS3
 
 pytestmark = pytest.mark.integration
 # Per-job endpoints pass the download policy: the test's store on loopback must be allowed.

@@ -22,9 +22,9 @@ from handler.cancel import CancelToken
 from handler.io.result_cache import ResultCache
 from handler.io.storage import S3Storage
 from handler.tasks.transcribe import CACHE
-from tests import media
+from testkit import media
+from testkit.servers import SeaweedS3, TrickleServer
 from tests.conftest import b64, job, remember_secret, run_job
-from tests.servers import SeaweedS3, TrickleServer
 
 pytestmark = pytest.mark.integration
 FAST = {"beam_size": 1, "best_of": 1}

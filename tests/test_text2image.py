@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from handler.tasks.text2image import ImageInput
+from testkit.jobserver import JobServer
 from tests.conftest import assert_no_job_dirs, job, run_job, start_worker, stop_worker
-from tests.jobserver import JobServer
 
 
 def images_of(result: dict) -> list[Image.Image]:

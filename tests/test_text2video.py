@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from handler.pipelines.diffusion.video_plan import FAMILIES, frame_size
-from tests import media
+from testkit import media
+from testkit.jobserver import JobServer
 from tests.conftest import assert_no_job_dirs, b64, job, run_job, start_worker, stop_worker
-from tests.jobserver import JobServer
 
 
 def save_video(result: dict, target: Path) -> Path:

@@ -14,7 +14,7 @@ from handler.errors import GenerationTimeout
 from handler.pipelines.whisper.pipeline import get_pipelines
 from handler.pipelines.whisper.transcript import CAPTION_OPTIONS
 from handler.tasks.transcribe import TranscribeInput, preload
-from tests import media
+from testkit import media
 from tests.conftest import CAPTURED_LOGS, assert_no_job_dirs, b64, job, run_job
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import requests
 
-from tests import media
+from testkit import media
+from testkit.servers import SeaweedS3
 from tests.conftest import b64, job, run_job
-from tests.servers import SeaweedS3
 
 pytestmark = pytest.mark.integration
 

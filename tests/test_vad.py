@@ -16,7 +16,7 @@ import whisper
 from handler.cancel import CancelToken
 from handler.pipelines.whisper import vad
 from handler.pipelines.whisper.vad import Chunk
-from tests import clips, media
+from testkit import clips, media
 
 _ROOT = Path(__file__).resolve().parents[1]
 # Louder than any sample of a pause, quieter than the peaks of every spoken word.

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import media
+from testkit import media
+from testkit.jobserver import JobServer
 from tests.conftest import output_of, start_worker, stop_worker
-from tests.jobserver import JobServer
 
 pytestmark = pytest.mark.integration
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from tests.servers import LOOPBACK, ThreadedServer, free_port_block
+from testkit.servers import LOOPBACK, ThreadedServer, free_port_block
 
 ROOT = Path(__file__).resolve().parents[1]
 # How long a job-take or job-stop request is held open when there is nothing to give.
@@ -244,7 +244,7 @@ class WorkerProcess:
         self.work_dir = work_dir
         self.log_path = work_dir.parent / f"worker-{time.monotonic_ns()}.log"
         full_env = {
-            **os.environ, **server.env(), "TASK_MODULES": "tests.fixture_tasks", "WORK_DIR": str(work_dir),
+            **os.environ, **server.env(), "TASK_MODULES": "testkit.fixture_tasks", "WORK_DIR": str(work_dir),
             "MODEL_DIR": str(model_dir), "WHISPER_MODEL": "tiny.en", "ALLOW_MODEL_DOWNLOAD": "false",
             "DEVICE": "cpu", "PYTHONUNBUFFERED": "1", **env,
         }
@@ -322,7 +322,7 @@ class ServeProcess:
         self.log_path = work_dir.parent / f"serve-{time.monotonic_ns()}.log"
         full_env = {**os.environ, "WORK_DIR": str(work_dir), "DEVICE": "cpu", "ALLOW_MODEL_DOWNLOAD": "false",
                     "HTTP_HOST": LOOPBACK, "PORT": str(self.port), "PYTHONUNBUFFERED": "1",
-                    "TASK_MODULES": "tests.fixture_tasks", **env}
+                    "TASK_MODULES": "testkit.fixture_tasks", **env}
         if separate_health:
             full_env["PORT_HEALTH"] = str(self.health_port)
         with self.log_path.open("wb") as log:

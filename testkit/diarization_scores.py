@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from tests.conversations import Conversation
+from testkit.conversations import Conversation
 
 # Speech boundaries are the VAD's in the reference: 0.25 s either side of each is not scored.
 COLLAR_S = 0.25

@@ -1,7 +1,7 @@
 """A tiny task for tests of the handler's plumbing: its pipeline sleeps, raises, runs out of memory.
 
 It goes through the real registry, instance pool and gate like every production task, and
-the worker process loads it through TASK_MODULES=tests.fixture_tasks.
+the worker process loads it through TASK_MODULES=testkit.fixture_tasks.
 """
 
 from __future__ import annotations

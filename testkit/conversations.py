@@ -1,6 +1,6 @@
 """Conversations of real people for diarization: real recordings of different speakers joined in turns.
 
-The voices come from the two sdists of :mod:`tests.speech_corpus` (no synthetic speech):
+The voices come from the two sdists of :mod:`testkit.speech_corpus` (no synthetic speech):
 
 - ``reader``: the LibriVox reader of pocketsphinx's clips (25 s);
 - ``michael``: MFA's conversational recordings ``cold_corpus`` and ``cold_corpus3`` (one man with a
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from handler.pipelines.whisper import vad
-from tests.speech_corpus import MFA, POCKETSPHINX, SAMPLE_RATE, _unpacked, default_cache, load_audio
+from testkit.speech_corpus import MFA, POCKETSPHINX, SAMPLE_RATE, _unpacked, default_cache, load_audio
 
 # MFA's "michael and sick michael" holds two voices as far apart as two people's, and
 # acoustic_corpus is the other of them: only the cold_corpus recordings (one voice) are used.

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import whisper
 
-from tests import media
+from testkit import media
 
 SAMPLE_RATE = 16000
 # Four sentences: the suite's two known ones first, then two more.
