@@ -14,7 +14,8 @@ ALLOW_MODEL_DOWNLOAD ?= false
 PRELOAD ?= transcribe
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
-# Test processes: one per core; each takes whole test files, so a module's server starts once.
+# Test processes: one per core; each takes whole test files, so a module's server starts once, in
+# the order tests/conftest.py sets (the longest first).
 TEST_WORKERS ?= auto
 
 .PHONY: run test setup dev system models corpus lint typecheck bench bench-gpu gpu-bundle clean
@@ -24,7 +25,7 @@ run: system setup models
 		PRELOAD=$(PRELOAD) $(PY) -m handler
 
 test: system dev corpus lint typecheck
-	$(PY) -m pytest --numprocesses=$(TEST_WORKERS) --dist=loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest --numprocesses=$(TEST_WORKERS) --dist=loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # ffmpeg (media), espeak-ng (speech for the tests and samples) from Debian packages.
 system:

@@ -9,6 +9,7 @@ serve entries that are not well-formed jobs.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -20,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -362,3 +364,17 @@ class ServeProcess:
 
     def stop(self) -> int:
         return stop_process(self.process)
+
+
+@contextlib.contextmanager
+def serving(work_dir: Path, **env: str) -> Iterator[ServeProcess]:
+    """A serve-mode worker, ready (health 200) until the block ends; then stopped, and it must have
+    exited 0 and left no request directory behind."""
+    server = ServeProcess(work_dir, **env)
+    try:
+        server.wait_health(200)
+        yield server
+    finally:
+        code = server.stop()
+    assert code == 0, server.log_text()[-3000:]
+    assert list(work_dir.iterdir()) == [], "request directories left behind"

@@ -32,6 +32,21 @@ from tests.suite_checks import (
 # The suite's checks are hooks of tests.suite_checks, found here by their names.
 __all__ = ["pytest_configure", "pytest_sessionfinish", "pytest_testnodedown"]
 
+# The test files that take longest, longest first (their durations: bench/RESULTS.md, "The suite
+# from a fresh clone"). `make test` hands whole files to its test processes in collection order;
+# starting with these leaves short files for the end, where one process would otherwise run a long
+# one alone while the other waits.
+LONGEST_FILES = ("test_serve.py", "test_diarize.py", "test_text2video.py", "test_decoding.py", "test_half.py",
+                 "test_http_attacks.py", "test_chunked.py", "test_scaleout.py", "test_worker_loop.py",
+                 "test_tenants.py", "test_scaler.py", "test_transcribe.py", "test_storage.py", "test_client.py",
+                 "test_result_cache.py", "test_dropin.py", "test_speedups.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest files first, each file's tests in their own order."""
+    rank = {name: index for index, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -34,7 +34,7 @@ from handler.http.routes import ServeState, build_app
 from handler.logs import REDACTED, redact_text
 from handler.task_interface import Task
 from testkit.fixture_tasks import TABLE
-from testkit.jobserver import LOOPBACK, ServeProcess
+from testkit.jobserver import LOOPBACK, ServeProcess, serving
 
 pytestmark = [pytest.mark.integration]
 
@@ -51,16 +51,10 @@ def served(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterato
     PLACES request places, console logs, tiny.en (preloaded) for streamed transcriptions."""
     work = tmp_path_factory.mktemp("attacks") / "jobs"
     work.mkdir()
-    server = ServeProcess(work, MODEL_DIR=str(model_dir), WHISPER_MODEL="tiny.en", RESULT_CACHE="false",
-                          MAX_CONCURRENT_REQUESTS=str(PLACES), HTTP_HEAD_TIMEOUT_S=str(HEAD_DEADLINE_S),
-                          DOWNLOAD_TIMEOUT_S=str(BODY_DEADLINE_S), LOG_FORMAT="console", PRELOAD="transcribe")
-    try:
-        server.wait_health(200)
+    with serving(work, MODEL_DIR=str(model_dir), WHISPER_MODEL="tiny.en", RESULT_CACHE="false",
+                 MAX_CONCURRENT_REQUESTS=str(PLACES), HTTP_HEAD_TIMEOUT_S=str(HEAD_DEADLINE_S),
+                 DOWNLOAD_TIMEOUT_S=str(BODY_DEADLINE_S), LOG_FORMAT="console", PRELOAD="transcribe") as server:
         yield server
-    finally:
-        code = server.stop()
-    assert code == 0, server.log_text()[-3000:]
-    assert list(work.iterdir()) == [], "request directories left behind"
 
 
 def request(server: ServeProcess, method: str, path: str, body: bytes | None = None, *,

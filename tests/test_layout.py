@@ -260,3 +260,12 @@ def test_the_upstream_check_sees_a_subclass_a_patch_and_a_private_read(tmp_path:
                       "class S(Server): ...\nclass M(BaseModel): ...\nwhisper.load_model = None\n"
                       "x = whisper._MODELS\nfrom whisper.audio import _private\n")
     assert upstream_reliances(source) == {"S", "whisper.load_model", "whisper._MODELS", "_private"}
+
+
+def test_the_files_scheduled_first_exist() -> None:
+    """conftest's LONGEST_FILES names test files that are there (a renamed one would silently lose
+    its place at the front of `make test`'s queue)."""
+    from tests.conftest import LONGEST_FILES
+
+    tests = Path(__file__).resolve().parent
+    assert [name for name in LONGEST_FILES if not (tests / name).is_file()] == []

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from whisper.normalizers import EnglishTextNormalizer
 
 from testkit import media, speech_corpus
-from testkit.jobserver import LOOPBACK, ServeProcess
+from testkit.jobserver import LOOPBACK, ServeProcess, serving
 from testkit.sentences import KEYWORDS, SENTENCES
 from tests.conftest import remember_secret
 
@@ -49,21 +49,15 @@ def served(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, tiny_vits:
     it), tiny VITS, tiny SD, the real voice encoder."""
     work = tmp_path_factory.mktemp("serve") / "jobs"
     work.mkdir()
-    server = ServeProcess(
+    with serving(
         work, MODEL_DIR=str(model_dir), WHISPER_MODEL="tiny.en",
         WHISPER_MODEL_MAP="whisper-1=tiny.en,gpt-4o-transcribe-diarize=tiny.en",
         TTS_MODEL=str(tiny_vits), IMAGE_MODEL=str(tiny_sd), WHISPER_BATCH_WINDOW_MS="300", RESULT_CACHE="false",
         MAX_CONCURRENT_REQUESTS=str(MAX_REQUESTS), DOWNLOAD_MAX_BYTES=str(MAX_BYTES), API_KEY=KEY,
         PRELOAD="transcribe", DOWNLOAD_TIMEOUT_S=str(UPLOAD_DEADLINE_S),
-    )
-    try:
-        server.wait_health(200)
+    ) as server:
         yield server
-    finally:
-        code = server.stop()
-    assert code == 0, server.log_text()[-3000:]
     assert KEY not in server.log_text()
-    assert list(work.iterdir()) == [], "request directories left behind"
 
 
 @pytest.fixture(scope="module")
