@@ -332,7 +332,13 @@ class FrameWriter:
         """``frames``: uint8 array of shape (count, height, width, 3)."""
         assert self._process.stdin is not None
         data = np.ascontiguousarray(frames, dtype=np.uint8).tobytes()
-        stalled = threading.Timer(self._timeout_s, self._process.kill)
+        stopped_stalled = threading.Event()
+
+        def stop_stalled() -> None:
+            stopped_stalled.set()
+            self._process.kill()
+
+        stalled = threading.Timer(self._timeout_s, stop_stalled)
         stalled.start()
         try:
             with self._cancel.on_cancel(self._process.kill):
@@ -340,16 +346,17 @@ class FrameWriter:
                 self._process.stdin.flush()
         except (BrokenPipeError, ValueError) as exc:
             self._cancel.check()
-            raise WorkerError(f"video encoding stopped ({self._detail()})") from exc
+            raise WorkerError(f"video encoding stopped ({self._detail(stopped_stalled.is_set())})") from exc
         finally:
             stalled.cancel()
         self.frames += len(frames)
 
-    def _detail(self) -> str:
+    def _detail(self, stopped_stalled: bool = False) -> str:
+        # Known from the deadline, not the process: a killed encoder may not have been reaped yet.
+        if stopped_stalled or (self._process.poll() is not None and self._process.returncode < 0):
+            return f"encoder stalled for {self._timeout_s:g}s and was stopped"
         if self._process.poll() is None:
             return "still running"
-        if self._process.returncode < 0:
-            return f"encoder stalled for {self._timeout_s:g}s and was stopped"
         self._stderr.seek(0)
         return _tail(self._stderr.read())
 
