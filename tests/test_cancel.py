@@ -111,6 +111,19 @@ def test_stalled_encoder_is_stopped_at_the_write_deadline(tmp_path: Path) -> Non
     assert writer._process.poll() is not None
 
 
+def test_a_stalled_encoder_not_yet_reaped_is_still_reported_stalled(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deadline's kill and the encoder's exit are not one moment: asked before the killed
+    process is reaped, its state says it runs, yet the error names the stall (the deadline fired)."""
+    writer = media.FrameWriter(tmp_path / "v.mp4", width=320, height=240, fps=8, timeout_s=0.5)
+    os.kill(writer._process.pid, signal.SIGSTOP)
+    monkeypatch.setattr(writer._process, "poll", lambda: None)  # as under load, before the reaping
+    error, _ = timed(lambda: writer.write(np.zeros((40, 240, 320, 3), dtype=np.uint8)))
+    monkeypatch.undo()
+    writer.abort()
+    assert isinstance(error, WorkerError) and "stalled" in error.message, error
+
+
 def test_encoder_write_stops_on_cancel(tmp_path: Path) -> None:
     """A frame write blocked on a busy encoder ends with CANCELLED when the job is cancelled."""
     token = CancelToken()
