@@ -194,7 +194,7 @@ def measure_handler(runs: int | None = None) -> list[Comparison]:
 
     from bench.common import bench_settings
     from handler.app import Worker
-    from handler.io.media import write_wav
+    from handler.io.media_out import write_wav
 
     runs = runs or int(os.environ.get("BENCH_RUNS", "2"))
     work = Path(tempfile.mkdtemp(prefix="bench-batched-handler-"))

@@ -20,7 +20,7 @@ import pytest
 from handler.cancel import CancelToken
 from handler.config import load_settings
 from handler.errors import Cancelled, WorkerError
-from handler.io import media
+from handler.io import media_out, media_tools
 from handler.io.download import Downloader
 from handler.io.storage import S3Storage
 from testkit.jobserver import JobServer
@@ -93,7 +93,7 @@ def test_media_tool_is_killed_on_cancel() -> None:
     """An ffmpeg-class child still running when its job is cancelled is killed; the caller gets CANCELLED."""
     token = CancelToken()
     cancel_after(token, 0.3)
-    error, elapsed = timed(lambda: media._run(["sleep", "30"], timeout_s=60, timeout_error=WorkerError("late"),
+    error, elapsed = timed(lambda: media_tools.run(["sleep", "30"], timeout_s=60, timeout_error=WorkerError("late"),
                                               cancel=token))
     assert isinstance(error, Cancelled) and elapsed < 1.5
 
@@ -101,7 +101,7 @@ def test_media_tool_is_killed_on_cancel() -> None:
 def test_stalled_encoder_is_stopped_at_the_write_deadline(tmp_path: Path) -> None:
     """An encoder that stops reading (stopped with SIGSTOP) cannot hold the GPU slot: the frame write
     gives up at its deadline with an error, and the encoder is gone."""
-    writer = media.FrameWriter(tmp_path / "v.mp4", width=320, height=240, fps=8, timeout_s=1.0)
+    writer = media_out.FrameWriter(tmp_path / "v.mp4", width=320, height=240, fps=8, timeout_s=1.0)
     os.kill(writer._process.pid, signal.SIGSTOP)
     frames = np.zeros((40, 240, 320, 3), dtype=np.uint8)  # 9 MB: far more than a pipe holds
     error, elapsed = timed(lambda: writer.write(frames))
@@ -115,7 +115,7 @@ def test_a_stalled_encoder_not_yet_reaped_is_still_reported_stalled(tmp_path: Pa
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The deadline's kill and the encoder's exit are not one moment: asked before the killed
     process is reaped, its state says it runs, yet the error names the stall (the deadline fired)."""
-    writer = media.FrameWriter(tmp_path / "v.mp4", width=320, height=240, fps=8, timeout_s=0.5)
+    writer = media_out.FrameWriter(tmp_path / "v.mp4", width=320, height=240, fps=8, timeout_s=0.5)
     os.kill(writer._process.pid, signal.SIGSTOP)
     monkeypatch.setattr(writer._process, "poll", lambda: None)  # as under load, before the reaping
     error, _ = timed(lambda: writer.write(np.zeros((40, 240, 320, 3), dtype=np.uint8)))
@@ -127,7 +127,7 @@ def test_a_stalled_encoder_not_yet_reaped_is_still_reported_stalled(tmp_path: Pa
 def test_encoder_write_stops_on_cancel(tmp_path: Path) -> None:
     """A frame write blocked on a busy encoder ends with CANCELLED when the job is cancelled."""
     token = CancelToken()
-    writer = media.FrameWriter(tmp_path / "v.mp4", width=320, height=240, fps=8, timeout_s=60, cancel=token)
+    writer = media_out.FrameWriter(tmp_path / "v.mp4", width=320, height=240, fps=8, timeout_s=60, cancel=token)
     os.kill(writer._process.pid, signal.SIGSTOP)
     cancel_after(token, 0.3)
     error, elapsed = timed(lambda: writer.write(np.zeros((40, 240, 320, 3), dtype=np.uint8)))

@@ -31,7 +31,7 @@ from handler.errors import (
     WorkerError,
     printable,
 )
-from handler.io import media
+from handler.io import media_in, media_tools
 from handler.io.download import httpcore_errors
 from handler.io.storage import s3_errors
 from handler.runtime.devices import cuda_errors
@@ -200,17 +200,17 @@ def test_subprocess_errors_are_mapped(tmp_path: Path) -> None:
     input's); a run past its deadline is the caller's timeout error; CalledProcessError is never
     raised (tools run with check=False and their exit code is read)."""
     with pytest.raises(WorkerError, match="not installed") as missing:
-        media._start(["/nonexistent/ffmpeg"])
+        media_tools.start(["/nonexistent/ffmpeg"])
     assert missing.value.code == "INTERNAL"
     script = tmp_path / "tool"
     script.write_text("#!/bin/sh\n")
     script.chmod(0o644)
     with pytest.raises(WorkerError, match="could not start") as unrunnable:
-        media._start([str(script)])
+        media_tools.start([str(script)])
     assert unrunnable.value.code == "INTERNAL"
     late = InvalidInput("audio: too slow", field="audio")
     with pytest.raises(InvalidInput) as slow:
-        media._run(["sleep", "5"], timeout_s=0.2, timeout_error=late)
+        media_tools.run(["sleep", "5"], timeout_s=0.2, timeout_error=late)
     assert slow.value is late and isinstance(slow.value.__cause__, subprocess.TimeoutExpired)
 
 
@@ -219,14 +219,14 @@ def test_ffmpeg_failures_map_to_invalid_input(tmp_path: Path) -> None:
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"\x00\x01garbage" * 50)
     with pytest.raises(InvalidInput, match="not a readable media file") as info:
-        media.probe(junk, timeout_s=30, field="audio")
+        media_in.probe(junk, timeout_s=30, field="audio")
     assert str(tmp_path) not in info.value.message and "junk.bin" not in info.value.message
 
 
 def test_media_tool_timeout_maps_to_invalid_input(speech_wav: Path) -> None:
     """An ffprobe run past its deadline (here a deadline shorter than ffprobe's start) is INVALID_INPUT."""
     with pytest.raises(InvalidInput, match="longer than"):
-        media.probe(speech_wav, timeout_s=0.001, field="audio")
+        media_in.probe(speech_wav, timeout_s=0.001, field="audio")
 
 
 STICKY = "CUDA error: an illegal memory access was encountered"

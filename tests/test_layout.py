@@ -94,7 +94,7 @@ def test_the_layer_check_sees_an_import_from_above(tmp_path: Path) -> None:
     source = tmp_path / "m.py"
     source.write_text("from handler.runtime.gate import Gate\nimport handler.tasks.transcribe\n")
     modules = imported_modules(source)
-    assert layer_of("handler.io.media") == 1
+    assert layer_of("handler.io.media_in") == 1
     assert sorted(layer_of(m) for m in modules) == [2, 2, 5]
     assert layer_of("handler.__version__") == 0
 

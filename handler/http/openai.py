@@ -20,7 +20,7 @@ from handler.config import Settings
 from handler.errors import InvalidInput, printable, shown
 from handler.http.uploads import Form
 from handler.io.inputs import ATTACHED
-from handler.io.media import AUDIO_ENCODINGS, encode_audio
+from handler.io.media_out import AUDIO_ENCODINGS, encode_audio
 
 TRANSCRIPTION_FORMATS = ("json", "text", "srt", "verbose_json", "vtt", "diarized_json")
 # Form fields too large for the in-memory text limit: audio as data URLs, spooled to disk.
@@ -29,7 +29,7 @@ _CHUNKING_KEYS = ("type", "prefix_padding_ms", "silence_duration_ms", "threshold
 GRANULARITIES = ("word", "segment")
 # OpenAI's speech model names: what its clients send; the worker's TTS_MODEL answers them.
 SPEECH_ALIASES = frozenset({"tts-1", "tts-1-hd", "gpt-4o-mini-tts"})
-# OpenAI's speech formats; all but wav are encoded by ffmpeg (handler.io.media.AUDIO_ENCODINGS).
+# OpenAI's speech formats; all but wav are encoded by ffmpeg (handler.io.media_out.AUDIO_ENCODINGS).
 SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 IMAGE_FORMATS = ("url", "b64_json")
 _SIZE = re.compile(r"(\d{2,5})x(\d{2,5})")

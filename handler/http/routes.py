@@ -32,7 +32,7 @@ from handler.http.limiter import RequestLimiter, RequestPlace
 from handler.http.metrics import CONTENT_TYPE, Metrics
 from handler.http.middlewares import BearerAuth, BrowserGuard, RequestBounds, RequestMetrics
 from handler.http.uploads import Form, check_length, read_form
-from handler.io.media import audio_encoders
+from handler.io.media_out import audio_encoders
 from handler.io.outputs import InlineStorage
 from handler.io.workspace import Workspace
 from handler.logs import get_logger

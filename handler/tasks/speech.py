@@ -11,7 +11,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from handler.io import media
+from handler.io import media_out
 from handler.job import JobContext
 from handler.limits import served_model
 from handler.pipelines.speech.pipeline import get_pipelines, pieces_to_say, working_bytes
@@ -71,7 +71,7 @@ async def _speak(ctx: JobContext, params: SpeechInput, model: str, pieces: list[
     seed = params.seed if params.seed is not None else new_seed()
     samples, rate = await synthesize(ctx, pieces, model=model, speaking_rate=params.speaking_rate, seed=seed)
     path = ctx.workdir / "speech.wav"
-    media.write_wav(path, samples, rate)
+    media_out.write_wav(path, samples, rate)
     files = await ctx.save_files([(path, "speech.wav", "audio/wav")])
     return {
         "model": model,

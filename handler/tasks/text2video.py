@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 
 from handler.config import Settings
 from handler.errors import InputTooLarge, InvalidInput, ModelLoadFailed
-from handler.io import media
+from handler.io import media_in, media_out
 from handler.job import JobContext
 from handler.limits import check_pixels, check_steps, served_model
 from handler.logs import get_logger
@@ -173,7 +173,7 @@ async def _narration(ctx: JobContext, params: VideoInput) -> tuple[Path | None, 
             working=speech_working_bytes(pieces))
         rate = voices.first.sample_rate
         path = ctx.workdir / "narration.wav"
-        media.write_wav(path, samples, rate)
+        media_out.write_wav(path, samples, rate)
     elif params.audio is not None or params.audio_base64 is not None:
         path = ctx.workdir / "narration.input"
         field = await ctx.fetch_media(path, url=params.audio, data=params.audio_base64,
@@ -181,7 +181,7 @@ async def _narration(ctx: JobContext, params: VideoInput) -> tuple[Path | None, 
     else:
         return None, None, "duration_s"
     audio, _info = await ctx.in_thread(functools.partial(
-        media.load_audio, path, max_duration_s=ctx.settings.max_video_duration_s,
+        media_in.load_audio, path, max_duration_s=ctx.settings.max_video_duration_s,
         timeout_s=ctx.settings.media_timeout_s, field=field, cancel=ctx.cancel,
     ))
     return path, audio, field
@@ -199,7 +199,7 @@ async def _captions(ctx: JobContext, audio: np.ndarray) -> Path:
     return path
 
 
-def _generate(ctx: JobContext, pipeline: Any, params: VideoInput, plan: SegmentPlan, writer: media.FrameWriter,
+def _generate(ctx: JobContext, pipeline: Any, params: VideoInput, plan: SegmentPlan, writer: media_out.FrameWriter,
               size: tuple[int, int], seed: int) -> np.ndarray:
     width, height = size
     joiner = Joiner(writer, plan)
@@ -239,7 +239,7 @@ async def _render(ctx: JobContext, params: VideoInput, plan: SegmentPlan, size: 
     pipelines = await ctx.load(lambda: get_pipelines(ctx.runtime, model))
     _refuse_unfitting(ctx, params, pipelines.running_bytes + working, size, frames)
     path = ctx.workdir / "frames.mp4"
-    writer = media.FrameWriter(path, width=size[0], height=size[1], fps=params.fps, hold=plan.hold,
+    writer = media_out.FrameWriter(path, width=size[0], height=size[1], fps=params.fps, hold=plan.hold,
                                timeout_s=ctx.settings.media_timeout_s, cancel=ctx.cancel)
     try:
         poster = await ctx.on_model(
@@ -298,7 +298,7 @@ async def _make(ctx: JobContext, params: VideoInput, model: str) -> dict[str, An
     _refuse_unfitting(ctx, params, need, size, max(least.segments))
     seed = params.seed if params.seed is not None else new_seed()
     narration, samples, narration_field = await _narration(ctx, params)
-    duration = max(params.duration_s, samples.size / media.SAMPLE_RATE if samples is not None else 0.0)
+    duration = max(params.duration_s, samples.size / media_in.SAMPLE_RATE if samples is not None else 0.0)
     total = _check_duration(ctx, duration, params.fps, field=narration_field)
     plan = plan_segments(total, family, fps=params.fps, clip_frames=ctx.settings.video_clip_frames)
     subtitles = await _captions(ctx, samples) if params.captions != "none" and samples is not None else None
@@ -307,7 +307,7 @@ async def _make(ctx: JobContext, params: VideoInput, model: str) -> dict[str, An
     frames = plan.frames + plan.hold
     with ctx.timings.measure("mux"):
         await ctx.in_thread(functools.partial(
-            media.finish_video, frames_path, video, audio=narration, subtitles=subtitles,
+            media_out.finish_video, frames_path, video, audio=narration, subtitles=subtitles,
             burn=params.captions == "burned", font_size=14 if size[1] > size[0] else 18,
             duration_s=frames / params.fps, timeout_s=ctx.settings.media_timeout_s, cancel=ctx.cancel,
             audio_field=narration_field,

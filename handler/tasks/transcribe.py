@@ -44,7 +44,7 @@ from whisper.utils import WriteSRT, WriteVTT
 from handler.cancel import CancelToken
 from handler.config import Settings
 from handler.errors import InputTooLarge, InvalidInput, shown
-from handler.io import media
+from handler.io import media_in
 from handler.job import JobContext
 from handler.limits import served_model
 from handler.pipelines.diarize import labels
@@ -317,7 +317,7 @@ async def _fetch(ctx: JobContext, params: TranscribeInput) -> tuple[Path, str]:
 async def _decode(ctx: JobContext, target: Path, field: str) -> tuple[np.ndarray, float]:
     with ctx.timings.measure("decode"):
         audio, info = await ctx.in_thread(functools.partial(
-            media.load_audio, target, max_duration_s=ctx.settings.max_audio_duration_s,
+            media_in.load_audio, target, max_duration_s=ctx.settings.max_audio_duration_s,
             timeout_s=ctx.settings.media_timeout_s, field=field, cancel=ctx.cancel,
         ))
     return audio, info.audio_duration_s
@@ -609,7 +609,7 @@ async def _reference_voice(ctx: JobContext, pool: InstancePool[diarization.Diari
                            reference: _Reference) -> np.ndarray:
     try:
         audio, _ = await ctx.in_thread(functools.partial(
-            media.load_audio, reference.path, max_duration_s=MAX_REFERENCE_S, timeout_s=ctx.settings.media_timeout_s,
+            media_in.load_audio, reference.path, max_duration_s=MAX_REFERENCE_S, timeout_s=ctx.settings.media_timeout_s,
             field=reference.field, cancel=ctx.cancel))
     except InputTooLarge as exc:
         raise InvalidInput(f"{reference.field}: a reference clip is at most {MAX_REFERENCE_S:g} s of one speaker",

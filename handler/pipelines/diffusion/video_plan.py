@@ -91,7 +91,7 @@ def plan_segments(total: int, family: Family, *, fps: int, clip_frames: int | No
 
 
 class FrameSink(Protocol):
-    """Where joined frames go (handler.io.media.FrameWriter): the count so far, and more."""
+    """Where joined frames go (handler.io.media_out.FrameWriter): the count so far, and more."""
 
     @property
     def frames(self) -> int: ...

@@ -24,7 +24,7 @@ tests and the benchmarks)::
     result = await transcribe_windows(model, windows, options, width=batch_size, decode=decode)
     # decode(batch) -> each window's segments: decode_windows(model, windows, options), in a GPU slot
 
-``audio`` is 16 kHz mono float32 (``media.load_audio``). ``options`` is the dict that
+``audio`` is 16 kHz mono float32 (``media_in.load_audio``). ``options`` is the dict that
 ``TranscribeInput.decode_options()`` builds, plus ``task`` ("transcribe" or "translate").
 The result has the shape of ``whisper.transcribe``'s::
 
