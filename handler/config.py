@@ -27,12 +27,37 @@ T = TypeVar("T")
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
-# The variables of the operator's bucket: one setting (`bucket`), read together by _bucket.
-BUCKET_VARIABLES = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY", "BUCKET_NAME",
-                    "BUCKET_REGION")
 MIB = 1024 * 1024
 # No `blank` given: a blank variable keeps the default.
 _UNSET: Any = object()
+
+
+@dataclass(frozen=True)
+class Variable:
+    """An environment variable as docs/configuration.md lists it (handler/config_docs.py writes the list)."""
+
+    env: str
+    # What it is for: the list's meaning, in Markdown.
+    about: str
+    # What the list says for its default where the declared value does not say it (blank: the value).
+    default_words: str = ""
+    # The declared default (None for the bucket's variables: unset, there is no bucket).
+    default: Any = None
+
+
+# The variables of the operator's bucket: one setting (`bucket`), read together by _bucket.
+BUCKET = (
+    Variable("BUCKET_ENDPOINT_URL", "S3 endpoint of the output bucket (unset: AWS)"),
+    Variable("BUCKET_ACCESS_KEY_ID", "access key of the output bucket; unset, as `BUCKET_SECRET_ACCESS_KEY` and "
+             "`BUCKET_NAME` are: no bucket, and outputs come back inline"),
+    Variable("BUCKET_SECRET_ACCESS_KEY", "secret key of the output bucket (needed with `BUCKET_ACCESS_KEY_ID`)"),
+    Variable("BUCKET_NAME", "the bucket; unset: the one in a virtual-hosted `BUCKET_ENDPOINT_URL` "
+             "(`https://<bucket>.s3.<region>.amazonaws.com`), else the one runpod's `rp_upload` uses (named after "
+             "the month, `MM-YY`)", "as `rp_upload`"),
+    Variable("BUCKET_REGION", "region for signing (read from `.s3.<region>.` endpoints as `rp_upload` does)",
+             "from the endpoint, else `us-east-1`"),
+)
+BUCKET_VARIABLES = tuple(variable.env for variable in BUCKET)
 
 
 @dataclass(frozen=True)
@@ -202,21 +227,24 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
-def setting(env: str, parse: Callable[[str], Any], default: Any = None, *, blank: Any = _UNSET,
-            default_factory: Callable[[], Any] | None = None, repr: bool = True, shapes: tuple[str, ...] = ()) -> Any:
+def setting(env: str, parse: Callable[[str], Any], default: Any = None, *, about: str, blank: Any = _UNSET,
+            default_factory: Callable[[], Any] | None = None, repr: bool = True, shapes: tuple[str, ...] = (),
+            default_words: str = "") -> Any:
     """A field of :class:`Settings` read from the variable ``env`` by ``parse``: the one
-    declaration of a setting (its comment above it says what it is for). Unset or blank, it
-    keeps ``default``; ``blank``, when given, is what a variable set to blanks means instead.
+    declaration of a setting. ``about`` says what it is for (docs/configuration.md's meaning).
+    Unset or blank, it keeps ``default`` (``default_words``: how the docs say it, where the value
+    alone does not); ``blank``, when given, is what a variable set to blanks means instead.
     ``shapes``: the tasks whose results it shapes (so whose result cache keys hold its value)."""
-    metadata = {"env": env, "parse": parse, "blank": blank, "shapes": frozenset(shapes)}
+    metadata = {"env": env, "parse": parse, "blank": blank, "shapes": frozenset(shapes), "about": about,
+                "default_words": default_words}
     if default_factory is not None:
         return field(default_factory=default_factory, repr=repr, metadata=metadata)
     return field(default=default, repr=repr, metadata=metadata)
 
 
-def flag(env: str, default: bool) -> Any:
+def flag(env: str, default: bool, *, about: str, default_words: str = "") -> Any:
     """A boolean setting: set but blank, it is off (as runpod's SDK reads its own flags); it shapes no result."""
-    return setting(env, _parse_bool, default, blank=False)
+    return setting(env, _parse_bool, default, about=about, blank=False, default_words=default_words)
 
 
 @dataclass(frozen=True)
@@ -226,243 +254,336 @@ class Settings:
     A setting shapes the results of the tasks its ``shapes`` names: its value is in their result
     cache keys. Every other setting decides where and how the worker runs, where results go, or
     which jobs it refuses, never what an accepted job's result is (tests/test_cache_keys.py checks
-    both ways, on every setting and every task with a cache).
+    both ways, on every setting and every task with a cache). Each says what it is for in ``about``,
+    which docs/configuration.md's table shows (``make docs`` writes it).
     """
 
-    # Running on RunPod (RUNPOD_ENDPOINT_ID set): logs are JSON instead of console text.
-    on_runpod: bool = setting("RUNPOD_ENDPOINT_ID", _present, False)
-    # RUNPOD_POD_ID: this worker's id on RunPod (reported by `system`; the host name elsewhere).
-    worker_id: str | None = setting("RUNPOD_POD_ID", _text, None)
-    # RUNPOD_WEBHOOK_POST_OUTPUT: set by RunPod's job loop; progress updates are posted only then.
-    post_progress: bool = setting("RUNPOD_WEBHOOK_POST_OUTPUT", _present, False)
-    # LOG_LEVEL: level of the worker's own log lines.
-    log_level: str = setting("LOG_LEVEL", _parse_level, "INFO")
-    # LOG_FORMAT: auto (JSON on RunPod, console elsewhere), json or console.
-    log_format: str = setting("LOG_FORMAT", _parse_choice("auto", "json", "console"), "auto")
+    on_runpod: bool = setting(
+        "RUNPOD_ENDPOINT_ID", _present, False, default_words="(set by RunPod)",
+        about="when set, the worker is on RunPod: logs are JSON (`LOG_FORMAT=auto`), and the HTTP server "
+              "leaves out its browser guard (`HTTP_ALLOWED_HOSTS`)")
+    worker_id: str | None = setting(
+        "RUNPOD_POD_ID", _text, None, default_words="(set by RunPod)",
+        about="the worker id `system` reports (the host name when unset)")
+    post_progress: bool = setting(
+        "RUNPOD_WEBHOOK_POST_OUTPUT", _present, False, default_words="(set by RunPod)",
+        about="when set (by RunPod's job loop), long jobs post progress updates")
+    log_level: str = setting(
+        "LOG_LEVEL", _parse_level, "INFO",
+        about="level of the worker's own log lines: `debug`, `info`, `warning`, `error`")
+    log_format: str = setting(
+        "LOG_FORMAT", _parse_choice("auto", "json", "console"), "auto",
+        about="`auto` (JSON on RunPod, console elsewhere), `json` or `console`")
 
-    # WHISPER_MODEL: default Whisper model, an official name (turbo, tiny.en, ...) or a path.
-    whisper_model: str = setting("WHISPER_MODEL", str.strip, "turbo", shapes=("transcribe", "text2video"))
-    # WHISPER_MODELS: other model names a job may ask for in `model` (comma separated; the one that
-    # runs is in the key).
-    whisper_models: tuple[str, ...] = setting("WHISPER_MODELS", _parse_list, ())
-    # WHISPER_MODEL_MAP: names a job may send that another served model answers, e.g.
-    # `base=turbo,large-v3=turbo` (clients of other workers always send their own name).
-    whisper_model_map: tuple[tuple[str, str], ...] = setting("WHISPER_MODEL_MAP", _parse_pairs, (),
-                                                             shapes=("transcribe",))
-    # WHISPER_BATCH_SIZE: chunks of a recording (and of the jobs a worker holds) decoded together
-    # by default; 1 keeps openai-whisper's sequential transcribe (without VAD). text2video's captions
-    # are timed by whisper.transcribe itself, never in batches.
-    whisper_batch_size: int = setting("WHISPER_BATCH_SIZE", _parse_positive_int, 8, shapes=("transcribe",))
-    # WHISPER_BATCH_WINDOW_MS: how long a batch waits for chunks of other jobs before it runs
-    # (batches give each job the result it gets alone).
-    whisper_batch_window_ms: float = setting("WHISPER_BATCH_WINDOW_MS", lambda raw: max(0.0, float(raw)), 10.0)
-    # MODEL_DIR: where baked weights live (whisper/<name>.pt, written by builder/; their identity,
-    # not their place, is in a result's cache key).
-    model_dir: Path = setting("MODEL_DIR", Path, Path("/models"))
-    # ALLOW_MODEL_DOWNLOAD: fetch weights missing from MODEL_DIR at load time. Off, the worker
-    # makes no network call for models at all (the model libraries are put in offline mode).
-    allow_model_download: bool = flag("ALLOW_MODEL_DOWNLOAD", True)
-    # RUNPOD_HF_CACHE: RunPod's cached Hugging Face models (an endpoint's model cache); a repo id
-    # found there is used without a download.
-    runpod_hf_cache: Path = setting("RUNPOD_HF_CACHE", Path, Path("/runpod-volume/huggingface-cache/hub"))
-    # TTS_MODEL: speech model (VITS / MMS-TTS class), a Hugging Face repo id or a local dir.
-    tts_model: str = setting("TTS_MODEL", str.strip, "facebook/mms-tts-eng", shapes=("speech", "text2video"))
-    # Speaker diarization's voice encoder (GE2E): a checkpoint file name under MODEL_DIR/diarize, or a path.
-    # The default is Resemblyzer 0.1.4's pretrained.pt (from its PyPI wheel), baked under that name.
-    diarization_model: str = setting("DIARIZATION_MODEL", str.strip, "resemblyzer-0.1.4.pt", shapes=("transcribe",))
-    # IMAGE_MODEL: text-to-image diffusers pipeline (SD, SDXL, FLUX class), repo id or dir.
-    image_model: str = setting("IMAGE_MODEL", str.strip, "stabilityai/stable-diffusion-xl-base-1.0",
-                               shapes=("text2image",))
-    # VIDEO_MODEL: text-to-video diffusers pipeline (Wan2.1 T2V, LTX-Video), repo id or dir.
-    video_model: str = setting("VIDEO_MODEL", str.strip, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", shapes=("text2video",))
-    # ENABLE_CPU_OFFLOAD: keep diffusers models in RAM and move each to the GPU when used
-    # (fits small GPUs, runs slower; the same weights, the same results).
-    enable_cpu_offload: bool = flag("ENABLE_CPU_OFFLOAD", False)
-    # PRECISION: number format the models run in. auto: half on CUDA (fp16 Whisper, bf16
-    # diffusion, the video VAE kept in fp32), fp32 on the CPU; half: those CUDA choices on any
-    # device (the suite runs them so on a CPU); full: fp32 everywhere. Speech is fp32 always.
-    precision: str = setting("PRECISION", _parse_choice("auto", "half", "full"), "auto",
-                             shapes=("transcribe", "text2image", "text2video"))
-    # VIDEO_CACHE: reuse transformer work across denoising steps (diffusers' transformer cache):
-    # none, first_block (skip the other blocks while the first one's output barely changes) or
-    # faster (FasterCache: reuse attention outputs every other step). Faster, slightly different videos.
-    video_cache: str = setting("VIDEO_CACHE", _parse_choice(*VIDEO_CACHES), "none", shapes=("text2video",))
-    # VIDEO_CACHE_THRESHOLD: first_block's relative change below which a step reuses the cache
-    # (higher: more steps skipped, less faithful).
-    video_cache_threshold: float = setting("VIDEO_CACHE_THRESHOLD", _parse_positive_float, 0.05, shapes=("text2video",))
-    # VIDEO_COMPILE: torch.compile the video transformer's repeated block once per process
-    # (regional compilation: tens of seconds at the first job, then faster steps; the same
-    # operations as fused kernels, so the same video to within rounding).
-    video_compile: bool = flag("VIDEO_COMPILE", False)
-    # VIDEO_ATTENTION_BACKEND: diffusers attention backend of the video transformer (default:
-    # torch's scaled_dot_product_attention); flash and sage need their packages installed.
-    video_attention_backend: str | None = setting("VIDEO_ATTENTION_BACKEND", _parse_attention_backend, None,
-                                                  shapes=("text2video",))
-    # VIDEO_GROUP_OFFLOAD: keep the video models in RAM and stream groups of layers to a small
-    # GPU as they run: none, block (a block at a time, on a side stream) or leaf (layer by layer);
-    # the same weights, the same videos.
-    video_group_offload: str = setting("VIDEO_GROUP_OFFLOAD", _parse_choice(*VIDEO_GROUP_OFFLOADS), "none")
-    # VIDEO_TEXT_ENCODER_OFFLOAD: keep a video model's text encoder (UMT5-XXL for Wan: three quarters
-    # of its weights, used once per prompt) in host RAM, its layers visiting the GPU while they encode:
-    # `auto` does so when the pipeline's weights are more than half the GPU memory budget.
-    video_text_encoder_offload: str = setting("VIDEO_TEXT_ENCODER_OFFLOAD", _parse_choice("auto", "true", "false"),
-                                              "auto")
-    # DEVICE: auto (cuda when available), cuda or cpu. A worker that was given a GPU (see the two
-    # below) but cannot use it refuses to start unless DEVICE=cpu asks for the CPU on purpose
-    # (the device it resolves to is in a result's cache key).
-    device: str = setting("DEVICE", _parse_choice("auto", "cuda", "cpu"), "auto")
-    # RUNPOD_GPU_COUNT: set by RunPod, the GPUs given to this worker (above 0: a GPU is promised).
-    runpod_gpu_count: int = setting("RUNPOD_GPU_COUNT", lambda raw: max(0, int(raw)), 0)
-    # NVIDIA_VISIBLE_DEVICES: set by the NVIDIA container runtime, the devices given to the
-    # container (void, none or empty: none; the nvidia/cuda base image itself sets `all`).
-    nvidia_visible_devices: str | None = setting("NVIDIA_VISIBLE_DEVICES", _text, None)
-    # PRELOAD: tasks whose default pipeline is loaded at start, off the job path (comma list).
-    preload: tuple[str, ...] = setting("PRELOAD", _parse_list, ())
-    # BAKE_MODELS: tasks whose models builder/ bakes into the image (comma list; image builds only).
-    bake_models: tuple[str, ...] = setting("BAKE_MODELS", _parse_list, ("transcribe",))
+    whisper_model: str = setting(
+        "WHISPER_MODEL", str.strip, "turbo", shapes=("transcribe", "text2video"),
+        about="default Whisper model (text2video's captions too): an official name (`turbo`, `tiny.en`, ...) "
+              "or a checkpoint path")
+    # It shapes no result: the model a job runs is in that job's key.
+    whisper_models: tuple[str, ...] = setting(
+        "WHISPER_MODELS", _parse_list, (),
+        about="other models a job may ask for in `model`, comma separated")
+    whisper_model_map: tuple[tuple[str, str], ...] = setting(
+        "WHISPER_MODEL_MAP", _parse_pairs, (), shapes=("transcribe",),
+        about="names a job may send that another served model answers, e.g. `base=turbo,large-v3=turbo` "
+              "(clients of other workers always send their own name; the result's `model` names the one that "
+              "ran)")
+    whisper_batch_size: int = setting(
+        "WHISPER_BATCH_SIZE", _parse_positive_int, 8, shapes=("transcribe",),
+        about="chunks of a recording (and of the jobs a worker holds) decoded together by default; 1 keeps "
+              "openai-whisper's sequential transcribe (without VAD). text2video's captions are timed by "
+              "`whisper.transcribe` itself, never in batches")
+    whisper_batch_window_ms: float = setting(
+        "WHISPER_BATCH_WINDOW_MS", lambda raw: max(0.0, float(raw)), 10.0,
+        about="how long a batch waits for chunks of the worker's other jobs before it runs (a batch gives "
+              "each job the result it gets alone)")
+    model_dir: Path = setting(
+        "MODEL_DIR", Path, Path("/models"),
+        about="where baked weights live (`whisper/<name>.pt`, written by `builder/`); their identity, not "
+              "their place, is in a result's cache key")
+    allow_model_download: bool = flag(
+        "ALLOW_MODEL_DOWNLOAD", True, default_words="`true` (image: `false`)",
+        about="fetch weights missing from `MODEL_DIR` at load time; off, the worker makes no network call "
+              "for models at all (the model libraries are put in offline mode)")
+    runpod_hf_cache: Path = setting(
+        "RUNPOD_HF_CACHE", Path, Path("/runpod-volume/huggingface-cache/hub"),
+        about="RunPod's cached Hugging Face models (an endpoint's model cache); a repo id found there is "
+              "used without a download")
+    tts_model: str = setting(
+        "TTS_MODEL", str.strip, "facebook/mms-tts-eng", shapes=("speech", "text2video"),
+        about="speech model (VITS / MMS-TTS class, text2video's narration too): a Hugging Face repo id "
+              "(baked) or a local directory")
+    diarization_model: str = setting(
+        "DIARIZATION_MODEL", str.strip, "resemblyzer-0.1.4.pt", shapes=("transcribe",),
+        about="the GE2E voice encoder of speaker diarization: a checkpoint file name under "
+              "`MODEL_DIR/diarize/`, or a path. The default is Resemblyzer 0.1.4's `pretrained.pt` (from its "
+              "PyPI wheel), baked under that name (`python -m builder import-voice-encoder WHEEL` puts it "
+              "there)")
+    image_model: str = setting(
+        "IMAGE_MODEL", str.strip, "stabilityai/stable-diffusion-xl-base-1.0", shapes=("text2image",),
+        about="text-to-image diffusers pipeline (SD, SDXL, FLUX class): repo id (baked) or directory")
+    video_model: str = setting(
+        "VIDEO_MODEL", str.strip, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", shapes=("text2video",),
+        about="text-to-video diffusers pipeline (Wan2.1 T2V, LTX-Video): repo id (baked) or directory")
+    enable_cpu_offload: bool = flag(
+        "ENABLE_CPU_OFFLOAD", False,
+        about="keep diffusers models in RAM, moving each to the GPU when used (fits small GPUs, runs "
+              "slower; the same weights, the same results)")
+    precision: str = setting(
+        "PRECISION", _parse_choice("auto", "half", "full"), "auto", shapes=("transcribe", "text2image", "text2video"),
+        about="number format the models run in: `auto` (half on CUDA: fp16 Whisper, bf16 diffusion with the "
+              "video VAE in fp32; fp32 on the CPU), `half` (those CUDA choices on any device; the suite runs "
+              "them so on a CPU), `full` (fp32 everywhere). Speech is fp32 always")
+    video_cache: str = setting(
+        "VIDEO_CACHE", _parse_choice(*VIDEO_CACHES), "none", shapes=("text2video",),
+        about="reuse transformer work across denoising steps (diffusers' transformer cache): `none`, "
+              "`first_block` (First Block Cache: skip the later blocks while the first block's output barely "
+              "changes) or `faster` (FasterCache: reuse attention outputs every other step); faster, slightly "
+              "different videos. MagCache is not offered (diffusers 0.42 needs per-checkpoint calibrated "
+              "ratios and a fixed step count)")
+    video_cache_threshold: float = setting(
+        "VIDEO_CACHE_THRESHOLD", _parse_positive_float, 0.05, shapes=("text2video",),
+        about="`first_block`: relative change of the first block's output below which a step reuses the "
+              "cache (higher: more steps skipped, less faithful)")
+    video_compile: bool = flag(
+        "VIDEO_COMPILE", False,
+        about="`torch.compile` the video transformer's repeated block once per process (regional "
+              "compilation: tens of seconds at the first job, then faster steps; the same operations as fused "
+              "kernels, so the same video to within rounding)")
+    video_attention_backend: str | None = setting(
+        "VIDEO_ATTENTION_BACKEND", _parse_attention_backend, None, shapes=("text2video",),
+        default_words="(torch default)",
+        about="diffusers attention backend of the video transformer (unset: torch's "
+              f"`scaled_dot_product_attention`): {', '.join(f'`{name}`' for name in ATTENTION_BACKENDS)}; "
+              "`flash`, `_flash_3` and `sage` need their packages, and are refused at start-up without them")
+    video_group_offload: str = setting(
+        "VIDEO_GROUP_OFFLOAD", _parse_choice(*VIDEO_GROUP_OFFLOADS), "none",
+        about="keep the video models in RAM and stream groups of layers to a small GPU as they run: `none`, "
+              "`block` (a block at a time, on a side stream) or `leaf` (layer by layer); the same weights, "
+              "the same videos; not with `ENABLE_CPU_OFFLOAD`")
+    video_text_encoder_offload: str = setting(
+        "VIDEO_TEXT_ENCODER_OFFLOAD", _parse_choice("auto", "true", "false"), "auto",
+        about="keep a video model's text encoder (UMT5-XXL for Wan: three quarters of its weights, used once "
+              "per prompt) in host RAM, its layers visiting the GPU while they encode the prompt: `true`, "
+              "`false`, or `auto` (when the pipeline's weights are over half the GPU memory budget)")
+    device: str = setting(
+        "DEVICE", _parse_choice("auto", "cuda", "cpu"), "auto",
+        about="`auto` (cuda when available), `cuda` or `cpu`. A worker given a GPU (`RUNPOD_GPU_COUNT`, "
+              "`NVIDIA_VISIBLE_DEVICES`) that it cannot use refuses to start (exit 3) unless `DEVICE=cpu` asks "
+              "for the CPU on purpose (the device it resolves to is in a result's cache key)")
+    runpod_gpu_count: int = setting(
+        "RUNPOD_GPU_COUNT", lambda raw: max(0, int(raw)), 0, default_words="(set by RunPod)",
+        about="GPUs given to the worker; above 0 promises a GPU")
+    nvidia_visible_devices: str | None = setting(
+        "NVIDIA_VISIBLE_DEVICES", _text, None, default_words="(set by the container runtime)",
+        about="devices given to the container; one named (not `all`, `void`, `none` or empty) promises a GPU, "
+              "as a `/dev/nvidiaN` node does (the nvidia/cuda base image itself sets `all`)")
+    preload: tuple[str, ...] = setting(
+        "PRELOAD", _parse_list, (), default_words="(image: `transcribe`)",
+        about="tasks whose default model loads and warms up at start, off the job path, before the first job "
+              "is taken (comma list)")
+    bake_models: tuple[str, ...] = setting(
+        "BAKE_MODELS", _parse_list, ("transcribe",),
+        about="image builds only: tasks whose models `builder/` bakes in (comma list)")
 
-    # TASK_MODULES: extra task modules to serve (comma list of importable names, each with TASK).
-    task_modules: tuple[str, ...] = setting("TASK_MODULES", _parse_list, ())
+    task_modules: tuple[str, ...] = setting(
+        "TASK_MODULES", _parse_list, (),
+        about="extra task modules to serve: importable names, comma separated, each defining `TASK`")
 
-    # MAX_CONCURRENT_JOBS: jobs one worker holds at once (RunPod's concurrency_modifier);
-    # more than the GPU slots lets downloads, decoding and uploads overlap GPU work.
-    max_concurrent_jobs: int = setting("MAX_CONCURRENT_JOBS", _parse_positive_int, 1)
-    # MAX_CONCURRENT_GENERATIONS: GPU slots, jobs running model code at once; `auto` sizes
-    # them at start from free memory and the default model's measured footprint.
-    max_concurrent_generations: int | None = setting("MAX_CONCURRENT_GENERATIONS", _parse_slots, 1)
-    # GENERATION_SLOTS_CAP: most slots `auto` may choose.
-    generation_slots_cap: int = setting("GENERATION_SLOTS_CAP", _parse_positive_int, 4)
-    # MEMORY_RESERVE_MB: memory kept out of the GPU memory budget (for the CUDA context and other
-    # processes) and out of the slots `auto` sizes; host RAM a parked pipeline must leave free.
-    memory_reserve_mb: int = setting("MEMORY_RESERVE_MB", lambda raw: max(0, int(raw)), 2048)
-    # GPU_MEMORY_BUDGET_MB: bytes the pipelines' weights and working memory may take on the device;
-    # unset, the GPU's memory less MEMORY_RESERVE_MB (no bound on the CPU). Idle pipelines leave the
-    # device, least recently used first, to make room (handler.runtime.residency).
-    gpu_memory_budget_mb: int | None = setting("GPU_MEMORY_BUDGET_MB", _parse_positive_int, None)
-    # MODEL_INSTANCES: copies of each pipeline; a job borrows one for its whole run.
-    model_instances: int = setting("MODEL_INSTANCES", _parse_positive_int, 1)
-    # MEMORY_PRESSURE_THRESHOLD: RAM or VRAM use (0-1) above which new jobs get OVERLOADED.
-    memory_pressure_threshold: float = setting("MEMORY_PRESSURE_THRESHOLD", _parse_fraction, 0.85)
-    # MAX_JOBS_PER_WORKER: after this many jobs the result asks RunPod to restart the worker.
-    max_jobs_per_worker: int | None = setting("MAX_JOBS_PER_WORKER", _parse_positive_int, None)
-    # SHUTDOWN_GRACE_S: after SIGTERM, how long running jobs may finish before they are
-    # cancelled (and answered CANCELLED); keep it under the platform's kill timeout.
-    shutdown_grace_s: float = setting("SHUTDOWN_GRACE_S", _parse_positive_float, 10.0)
-    # GENERATION_ACQUIRE_TIMEOUT: seconds a job waits for a slot before TIMEOUT.
-    generation_acquire_timeout: float = setting("GENERATION_ACQUIRE_TIMEOUT", _parse_positive_float, 600.0)
-    # MODEL_LOAD_WAIT_TIMEOUT: seconds a job waits for another job's load of the same model.
-    model_load_wait_timeout: float = setting("MODEL_LOAD_WAIT_TIMEOUT", _parse_positive_float, 1800.0)
+    max_concurrent_jobs: int = setting(
+        "MAX_CONCURRENT_JOBS", _parse_positive_int, 1,
+        about="jobs one worker holds at once (RunPod's `concurrency_modifier`); more than the GPU slots lets "
+              "downloads, decoding and uploads overlap GPU work")
+    max_concurrent_generations: int | None = setting(
+        "MAX_CONCURRENT_GENERATIONS", _parse_slots, 1,
+        about="GPU slots, jobs running model code at once; `auto` sizes them at start from free memory and "
+              "the default model's measured footprint")
+    generation_slots_cap: int = setting(
+        "GENERATION_SLOTS_CAP", _parse_positive_int, 4,
+        about="most slots `auto` may choose")
+    memory_reserve_mb: int = setting(
+        "MEMORY_RESERVE_MB", lambda raw: max(0, int(raw)), 2048,
+        about="GPU memory kept out of the budget (the CUDA context, other processes) and out of the slots "
+              "`auto` sizes; host RAM a parked pipeline must leave free")
+    gpu_memory_budget_mb: int | None = setting(
+        "GPU_MEMORY_BUDGET_MB", _parse_positive_int, None,
+        about="memory the pipelines' weights and working memory may take on the device; unset: the GPU's "
+              "memory less `MEMORY_RESERVE_MB` (no bound on the CPU). Idle pipelines leave the device, least "
+              "recently used first, to make room ([operations.md](operations.md#gpu-memory))")
+    model_instances: int = setting(
+        "MODEL_INSTANCES", _parse_positive_int, 1,
+        about="copies of each pipeline; a job borrows one for its whole run")
+    memory_pressure_threshold: float = setting(
+        "MEMORY_PRESSURE_THRESHOLD", _parse_fraction, 0.85,
+        about="RAM or VRAM use (0-1) above which new jobs get `OVERLOADED`")
+    max_jobs_per_worker: int | None = setting(
+        "MAX_JOBS_PER_WORKER", _parse_positive_int, None,
+        about="after this many jobs the result asks RunPod to restart the worker")
+    shutdown_grace_s: float = setting(
+        "SHUTDOWN_GRACE_S", _parse_positive_float, 10.0,
+        about="after SIGTERM, how long running jobs may finish before they are cancelled (and answered "
+              "`CANCELLED`); keep it under the platform's kill timeout")
+    generation_acquire_timeout: float = setting(
+        "GENERATION_ACQUIRE_TIMEOUT", _parse_positive_float, 600.0,
+        about="seconds a job waits for a slot before `TIMEOUT`")
+    model_load_wait_timeout: float = setting(
+        "MODEL_LOAD_WAIT_TIMEOUT", _parse_positive_float, 1800.0,
+        about="seconds a job waits for another job's load of the same model")
 
-    # BUCKET_VARIABLES: the output bucket (the names of runpod's rp_upload). Unset: inline outputs.
-    # The result cache lives in it, so its entries are per bucket.
-    bucket: BucketSettings | None = field(default=None, metadata={"shapes": frozenset()})
-    # BUCKET_PREFIX: key prefix for every object the worker writes.
-    bucket_prefix: str = setting("BUCKET_PREFIX", lambda raw: raw.strip().strip("/"), "outputs")
-    # PRESIGN_EXPIRY_S: lifetime of the presigned GET URLs in results (SigV4 allows at most 7 days).
-    presign_expiry_s: int = setting("PRESIGN_EXPIRY_S", _parse_int_up_to(7 * 24 * 3600), 3600)
-    # RESULT_CACHE: answer a request seen before (same task, model weights, output-affecting
-    # fields and media bytes) from the bucket, on any worker; needs a bucket.
-    result_cache: bool = flag("RESULT_CACHE", True)
-    # RESULT_CACHE_PREFIX: key prefix of the result cache's entries.
-    result_cache_prefix: str = setting("RESULT_CACHE_PREFIX", _parse_prefix, "cache")
-    # RESULT_CACHE_SECRET: key of the HMAC that authenticates cache entries (share it across an
-    # endpoint's workers). Unset: derived from BUCKET_SECRET_ACCESS_KEY, which every worker of the
-    # endpoint has and no job sees; with no bucket either, a random key per process.
-    result_cache_secret: str | None = setting("RESULT_CACHE_SECRET", _text, None, repr=False)
-    # RESULT_CACHE_TIMEOUT_S: deadline of a whole cache lookup (or store); a slower one is a miss.
-    result_cache_timeout_s: float = setting("RESULT_CACHE_TIMEOUT_S", _parse_positive_float, 5.0)
-    # UPLOAD_PREFIX: key prefix of the presigned uploads the `upload` task hands out (give it a
-    # bucket lifecycle rule); only objects under it may be deleted after reading.
-    upload_prefix: str = setting("UPLOAD_PREFIX", _parse_prefix, "uploads")
-    # UPLOAD_EXPIRY_S: lifetime of a presigned upload (POST) URL.
-    upload_expiry_s: int = setting("UPLOAD_EXPIRY_S", _parse_positive_int, 900)
-    # UPLOAD_TIMEOUT_S: deadline of one output file's upload to a job's own bucket (s3Config).
-    upload_timeout_s: float = setting("UPLOAD_TIMEOUT_S", _parse_positive_float, 600.0)
-    # UPLOAD_MAX_ATTEMPTS: attempts per S3 request (botocore standard retry mode).
-    upload_max_attempts: int = setting("UPLOAD_MAX_ATTEMPTS", _parse_positive_int, 3)
-    # S3_CONNECT_TIMEOUT_S, S3_READ_TIMEOUT_S: socket timeouts of S3 requests.
-    s3_connect_timeout_s: float = setting("S3_CONNECT_TIMEOUT_S", _parse_positive_float, 5.0)
-    s3_read_timeout_s: float = setting("S3_READ_TIMEOUT_S", _parse_positive_float, 60.0)
-    # INLINE_OUTPUT_MAX_BYTES: with no bucket, the most file bytes one result may inline
-    # (RunPod refuses results over ~20 MB after base64).
-    inline_output_max_bytes: int = setting("INLINE_OUTPUT_MAX_BYTES", _parse_positive_int, 10 * MIB)
+    # The output bucket, read from BUCKET's variables by _bucket. It shapes no result: the result cache
+    # lives in it, so its entries are per bucket.
+    bucket: BucketSettings | None = field(default=None, metadata={"shapes": frozenset(), "variables": BUCKET})
+    bucket_prefix: str = setting(
+        "BUCKET_PREFIX", lambda raw: raw.strip().strip("/"), "outputs",
+        about="key prefix for every object the worker writes")
+    presign_expiry_s: int = setting(
+        "PRESIGN_EXPIRY_S", _parse_int_up_to(7 * 24 * 3600), 3600,
+        about="lifetime of the presigned GET URLs in results (at most 604800, the 7 days SigV4 allows)")
+    result_cache: bool = flag(
+        "RESULT_CACHE", True,
+        about="answer a request seen before (same task, model weights, output-affecting fields and media "
+              "bytes) from the bucket, on any worker; needs a bucket")
+    result_cache_prefix: str = setting(
+        "RESULT_CACHE_PREFIX", _parse_prefix, "cache",
+        about="key prefix of the result cache's entries")
+    result_cache_secret: str | None = setting(
+        "RESULT_CACHE_SECRET", _text, None, repr=False, default_words="derived from `BUCKET_SECRET_ACCESS_KEY`",
+        about="key of the HMAC that authenticates cache entries; give every worker of an endpoint the same "
+              "one. Unset: derived from `BUCKET_SECRET_ACCESS_KEY`, which every worker of the endpoint has and "
+              "no job sees; with no bucket either, a random key per process")
+    result_cache_timeout_s: float = setting(
+        "RESULT_CACHE_TIMEOUT_S", _parse_positive_float, 5.0,
+        about="deadline of a whole cache lookup (or store); a slower lookup is a miss")
+    upload_prefix: str = setting(
+        "UPLOAD_PREFIX", _parse_prefix, "uploads",
+        about="key prefix of the presigned uploads the `upload` task hands out (give it a bucket lifecycle "
+              "rule); only objects under it may be deleted after reading")
+    upload_expiry_s: int = setting(
+        "UPLOAD_EXPIRY_S", _parse_positive_int, 900,
+        about="lifetime of a presigned upload (POST) URL")
+    upload_timeout_s: float = setting(
+        "UPLOAD_TIMEOUT_S", _parse_positive_float, 600.0,
+        about="deadline of one output file's upload to a job's own `s3Config` bucket")
+    upload_max_attempts: int = setting(
+        "UPLOAD_MAX_ATTEMPTS", _parse_positive_int, 3,
+        about="attempts per S3 request (botocore's standard retry mode)")
+    s3_connect_timeout_s: float = setting(
+        "S3_CONNECT_TIMEOUT_S", _parse_positive_float, 5.0,
+        about="socket timeout of an S3 request's connect")
+    s3_read_timeout_s: float = setting(
+        "S3_READ_TIMEOUT_S", _parse_positive_float, 60.0,
+        about="socket timeout of each read of an S3 response")
+    inline_output_max_bytes: int = setting(
+        "INLINE_OUTPUT_MAX_BYTES", _parse_positive_int, 10 * MIB,
+        about="with no bucket, the most file bytes one result may inline (RunPod refuses results over "
+              "~20 MB after base64)")
 
-    # DOWNLOAD_MAX_BYTES: largest media download (URL or bucket object).
-    download_max_bytes: int = setting("DOWNLOAD_MAX_BYTES", _parse_positive_int, 1024 * MIB)
-    # DOWNLOAD_TIMEOUT_S: whole-download deadline, connect to last byte (URLs, and objects of a
-    # job's own bucket).
-    download_timeout_s: float = setting("DOWNLOAD_TIMEOUT_S", _parse_positive_float, 300.0)
-    # DOWNLOAD_MAX_REDIRECTS: redirects followed, each one checked like the first URL.
-    download_max_redirects: int = setting("DOWNLOAD_MAX_REDIRECTS", lambda raw: max(0, int(raw)), 5)
-    # DOWNLOAD_ALLOW_HTTP: accept plain http URLs (https only by default).
-    download_allow_http: bool = flag("DOWNLOAD_ALLOW_HTTP", False)
-    # DOWNLOAD_ALLOWED_NETWORKS: non-public networks downloads may reach (CIDR list).
-    # Empty by default: loopback, private, link-local and other non-global addresses
-    # are refused.
+    download_max_bytes: int = setting(
+        "DOWNLOAD_MAX_BYTES", _parse_positive_int, 1024 * MIB,
+        about="largest media download (URL or bucket object)")
+    download_timeout_s: float = setting(
+        "DOWNLOAD_TIMEOUT_S", _parse_positive_float, 300.0,
+        about="deadline of a whole download, connect to last byte, redirects included (and of each read or "
+              "delete in a job's own `s3Config` bucket)")
+    download_max_redirects: int = setting(
+        "DOWNLOAD_MAX_REDIRECTS", lambda raw: max(0, int(raw)), 5,
+        about="redirects followed, each one checked like the first URL")
+    download_allow_http: bool = flag(
+        "DOWNLOAD_ALLOW_HTTP", False,
+        about="accept plain `http` URLs (downloads and per-job `s3Config` endpoints); `https` only by "
+              "default")
     download_allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = setting(
-        "DOWNLOAD_ALLOWED_NETWORKS", _parse_networks, ())
-    # BASE64_MAX_BYTES: largest decoded base64 input, checked before decoding.
-    base64_max_bytes: int = setting("BASE64_MAX_BYTES", _parse_positive_int, 100 * MIB)
-    # MAX_SPEECH_CHARS: longest text the speech task accepts.
-    max_speech_chars: int = setting("MAX_SPEECH_CHARS", _parse_positive_int, 5000)
-    # MAX_IMAGE_PIXELS: largest width x height of a generated image or video frame.
-    max_image_pixels: int = setting("MAX_IMAGE_PIXELS", _parse_positive_int, 2048 * 2048)
-    # VIDEO_CLIP_FRAMES: most frames one generated clip has (default: what the model family
-    # makes well, 81 for Wan, 121 for LTX); longer videos are joined from several clips.
-    video_clip_frames: int | None = setting("VIDEO_CLIP_FRAMES", _parse_positive_int, None, shapes=("text2video",))
-    # MAX_VIDEO_DURATION_S: longest video text2video makes (narration included).
-    max_video_duration_s: float = setting("MAX_VIDEO_DURATION_S", _parse_positive_float, 60.0)
-    # MAX_VIDEO_FRAMES: most frames one text2video job may make.
-    max_video_frames: int = setting("MAX_VIDEO_FRAMES", _parse_positive_int, 1921)
-    # MAX_IMAGES: most images one text2image job may ask for.
-    max_images: int = setting("MAX_IMAGES", _parse_positive_int, 4)
-    # MAX_STEPS: most inference steps a generation job may ask for.
-    max_steps: int = setting("MAX_STEPS", _parse_positive_int, 100)
-    # MAX_AUDIO_DURATION_S: longest audio a transcription accepts (checked before decoding).
-    max_audio_duration_s: float = setting("MAX_AUDIO_DURATION_S", _parse_positive_float, 4 * 3600.0)
-    # MEDIA_TIMEOUT_S: deadline of each ffmpeg/ffprobe run.
-    media_timeout_s: float = setting("MEDIA_TIMEOUT_S", _parse_positive_float, 600.0)
+        "DOWNLOAD_ALLOWED_NETWORKS", _parse_networks, (),
+        about="non-public networks downloads and per-job `s3Config` endpoints may reach (CIDR list). Empty by "
+              "default: loopback, private, link-local and other non-global addresses are refused")
+    base64_max_bytes: int = setting(
+        "BASE64_MAX_BYTES", _parse_positive_int, 100 * MIB,
+        about="largest decoded base64 input, checked before decoding")
+    max_speech_chars: int = setting(
+        "MAX_SPEECH_CHARS", _parse_positive_int, 5000,
+        about="longest text `speech` (and text2video's `narration`) accepts")
+    max_image_pixels: int = setting(
+        "MAX_IMAGE_PIXELS", _parse_positive_int, 2048 * 2048,
+        about="largest width x height of a generated image or video frame")
+    video_clip_frames: int | None = setting(
+        "VIDEO_CLIP_FRAMES", _parse_positive_int, None, shapes=("text2video",), default_words="the family's",
+        about="most frames one generated clip has (unset: what the model family makes well, 81 for Wan, 121 "
+              "for LTX); longer videos are joined from several clips")
+    max_video_duration_s: float = setting(
+        "MAX_VIDEO_DURATION_S", _parse_positive_float, 60.0,
+        about="longest video `text2video` makes, narration included")
+    max_video_frames: int = setting(
+        "MAX_VIDEO_FRAMES", _parse_positive_int, 1921,
+        about="most frames one `text2video` job may make")
+    max_images: int = setting(
+        "MAX_IMAGES", _parse_positive_int, 4,
+        about="most images one `text2image` job may ask for")
+    max_steps: int = setting(
+        "MAX_STEPS", _parse_positive_int, 100,
+        about="most inference steps a generation job may ask for")
+    max_audio_duration_s: float = setting(
+        "MAX_AUDIO_DURATION_S", _parse_positive_float, 4 * 3600.0,
+        about="longest audio a transcription accepts (checked before decoding)")
+    media_timeout_s: float = setting(
+        "MEDIA_TIMEOUT_S", _parse_positive_float, 600.0,
+        about="deadline of each ffmpeg/ffprobe run")
 
-    # WORKER_MODE: queue (RunPod's job queue, `python -m handler`) or http (the HTTP server of
-    # `python -m handler serve`, for RunPod load-balancing endpoints and any container host).
-    worker_mode: str = setting("WORKER_MODE", _parse_choice("queue", "http"), "queue")
-    # HTTP_HOST: address the HTTP server binds (all interfaces in a container).
-    http_host: str = setting("HTTP_HOST",
-                             str.strip, "0.0.0.0")  # noqa: S104 (a container's port is published on purpose)
-    # PORT: port of the HTTP server (RunPod load-balancing endpoints set it).
-    port: int = setting("PORT", _parse_port, 80)
-    # PORT_HEALTH: port of the health route, when it differs from PORT (unset: PORT).
-    port_health: int | None = setting("PORT_HEALTH", _parse_port, None)
-    # HEALTH_CHECK_PATH: the route RunPod's load balancer polls (204 loading, 200 ready, 503 not).
-    health_check_path: str = setting("HEALTH_CHECK_PATH", _parse_path, "/ping")
-    # MAX_CONCURRENT_REQUESTS: HTTP requests held at once (uploads and jobs); more get 429.
-    max_concurrent_requests: int = setting("MAX_CONCURRENT_REQUESTS", _parse_positive_int, 32)
-    # RETRY_AFTER_S: the Retry-After an overloaded, draining or full HTTP server answers with.
-    retry_after_s: int = setting("RETRY_AFTER_S", _parse_positive_int, 5)
-    # API_KEY: when set, every HTTP route but the health route needs `Authorization: Bearer <key>`.
-    api_key: str | None = setting("API_KEY", _text, None, repr=False)
-    # HTTP_ALLOWED_HOSTS: host names a request's Host may carry when no key guards the worker (no
-    # API_KEY, not on RunPod), beside IP addresses and localhost: a web page cannot reach it by
-    # DNS rebinding, and a request with an Origin or a route's wrong Content-Type is refused.
-    http_allowed_hosts: tuple[str, ...] = setting("HTTP_ALLOWED_HOSTS", lambda raw: tuple(
-        name.lower() for name in _parse_list(raw)), ())
-    # HTTP_MAX_CONNECTIONS: connections (and requests in progress) the HTTP server holds at once;
-    # past it, a request is answered 503 by the server itself.
-    http_max_connections: int = setting("HTTP_MAX_CONNECTIONS", _parse_positive_int, 512)
-    # HTTP_MAX_HEAD_BYTES: largest request head (request line and headers); past it, 400 and closed.
-    http_max_head_bytes: int = setting("HTTP_MAX_HEAD_BYTES", _parse_positive_int, 64 * 1024)
-    # HTTP_MAX_HEADERS: most header fields one request may carry; more get 431.
-    http_max_headers: int = setting("HTTP_MAX_HEADERS", _parse_positive_int, 100)
-    # HTTP_HEAD_TIMEOUT_S: a request head must be complete this long after its connection opened (or
-    # after its first byte, on a kept-alive connection); otherwise the connection is closed.
-    http_head_timeout_s: float = setting("HTTP_HEAD_TIMEOUT_S", _parse_positive_float, 10.0)
-    # HTTP_KEEP_ALIVE_S: how long an idle kept-alive connection stays open.
-    http_keep_alive_s: int = setting("HTTP_KEEP_ALIVE_S", _parse_positive_int, 5)
+    worker_mode: str = setting(
+        "WORKER_MODE", _parse_choice("queue", "http"), "queue",
+        about="`queue`: RunPod's job queue (`python -m handler`); `http`: the HTTP server (as `python -m "
+              "handler serve`), for RunPod load-balancing endpoints and any container host")
+    http_host: str = setting(
+        "HTTP_HOST", str.strip, "0.0.0.0",  # noqa: S104 (a container's port is published on purpose)
+        about="address the HTTP server binds (all interfaces in a container)")
+    port: int = setting(
+        "PORT", _parse_port, 80,
+        about="port of the HTTP server (RunPod load-balancing endpoints set it: the endpoint's exposed port)")
+    port_health: int | None = setting(
+        "PORT_HEALTH", _parse_port, None, default_words="`PORT`",
+        about="port of the health route, when it differs from `PORT` (that port serves only the health route)")
+    health_check_path: str = setting(
+        "HEALTH_CHECK_PATH", _parse_path, "/ping",
+        about="the health route RunPod's load balancer polls: 204 loading, 200 ready, 503 draining or after a "
+              "sticky CUDA error")
+    max_concurrent_requests: int = setting(
+        "MAX_CONCURRENT_REQUESTS", _parse_positive_int, 32,
+        about="HTTP requests held at once (uploads and jobs); more get 429 with `Retry-After`")
+    retry_after_s: int = setting(
+        "RETRY_AFTER_S", _parse_positive_int, 5,
+        about="the `Retry-After` an overloaded, draining or full HTTP server answers a 429 or 503 with")
+    api_key: str | None = setting(
+        "API_KEY", _text, None, repr=False,
+        about="when set, every HTTP route but the health route needs `Authorization: Bearer <key>` (the "
+              "scheme in any case)")
+    http_allowed_hosts: tuple[str, ...] = setting(
+        "HTTP_ALLOWED_HOSTS", lambda raw: tuple(name.lower() for name in _parse_list(raw)), (),
+        about="with no `API_KEY` and off RunPod: host names a request's `Host` may carry besides IP addresses "
+              "and `localhost`, so that a web page cannot reach the worker by DNS rebinding (a request with "
+              "an `Origin` or a route's wrong `Content-Type` is refused too; [http.md](http.md#keys))")
+    http_max_connections: int = setting(
+        "HTTP_MAX_CONNECTIONS", _parse_positive_int, 512,
+        about="connections (and requests in progress) the HTTP server holds at once; past it, a request is "
+              "answered 503 by the server itself")
+    http_max_head_bytes: int = setting(
+        "HTTP_MAX_HEAD_BYTES", _parse_positive_int, 64 * 1024,
+        about="largest request head (request line and headers); past it, 400 and the connection closed")
+    http_max_headers: int = setting(
+        "HTTP_MAX_HEADERS", _parse_positive_int, 100,
+        about="most header fields one request may carry; more get 431")
+    http_head_timeout_s: float = setting(
+        "HTTP_HEAD_TIMEOUT_S", _parse_positive_float, 10.0,
+        about="a request head must be complete this long after its connection opened (or after its first "
+              "byte, on a kept-alive connection); otherwise the connection is closed")
+    http_keep_alive_s: int = setting(
+        "HTTP_KEEP_ALIVE_S", _parse_positive_int, 5,
+        about="how long an idle kept-alive connection stays open")
 
-    # USE_RAM_FILESYSTEM: put job directories under /dev/shm.
-    use_ram_filesystem: bool = flag("USE_RAM_FILESYSTEM", False)
-    # WORK_DIR: where job directories go (default: the system temp dir).
-    work_dir: Path = setting("WORK_DIR", Path, default_factory=lambda: Path(tempfile.gettempdir()))
+    use_ram_filesystem: bool = flag(
+        "USE_RAM_FILESYSTEM", False,
+        about="put job directories under `/dev/shm`")
+    work_dir: Path = setting(
+        "WORK_DIR", Path, default_factory=lambda: Path(tempfile.gettempdir()), default_words="system temp",
+        about="where job directories go (unset: the system's temp directory)")
 
     def job_root(self) -> Path:
         """Directory that holds one temporary directory per job."""
@@ -559,8 +680,18 @@ def shaping(task: str) -> tuple[str, ...]:
 
 def variables() -> tuple[str, ...]:
     """Every environment variable the settings read, in declaration order."""
-    declared = (f.metadata["env"] for f in fields(Settings) if "env" in f.metadata)
-    return (*declared, *BUCKET_VARIABLES)
+    return tuple(variable.env for variable in documented())
+
+
+def documented() -> tuple[Variable, ...]:
+    """Every variable the settings read, with what it is for and its default, in declaration order."""
+    found: list[Variable] = []
+    for declared in fields(Settings):
+        found += declared.metadata.get("variables", ())
+        if "env" in declared.metadata:
+            found.append(Variable(declared.metadata["env"], declared.metadata["about"],
+                                  declared.metadata["default_words"], _default(declared)))
+    return tuple(found)
 
 
 def defaults() -> dict[str, Any]:

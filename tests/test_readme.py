@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from handler.config import Settings, defaults, shaping, variables
+from handler.config import Settings, defaults, documented, shaping, variables
 from handler.schema import schemas
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +24,12 @@ def test_every_input_field_is_documented() -> None:
         for field in schema["properties"]:
             if field != "task":
                 assert f"`{field}`" in JOBS, f"{task}.{field} is not in docs/jobs.md"
+
+
+def test_every_variable_says_what_it_is_for() -> None:
+    """Each declared variable carries its purpose, one line of Markdown (the table's meaning cell)."""
+    vague = [v.env for v in documented() if not v.about.strip() or "\n" in v.about]
+    assert vague == []
 
 
 # Rows of the configuration table for variables other code reads (the SDK's own log level).
