@@ -16,7 +16,7 @@ HANDLER = Path(__file__).resolve().parents[1] / "handler"
 # of a higher one. A name is in the layer of the longest prefix that names it (``handler`` alone: the package).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # What every layer may use: the settings, the error tree, logging, the cancel token.
-    ("base", ("handler", "handler.config", "handler.errors", "handler.logs", "handler.cancel")),
+    ("base", ("handler", "handler.config", "handler.config_docs", "handler.errors", "handler.logs", "handler.cancel")),
     ("io", ("handler.io",)),  # bytes outside the process
     ("runtime", ("handler.runtime",)),  # sharing the GPU
     ("pipelines", ("handler.pipelines",)),  # model code

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from handler import config_docs
 from handler.config import Settings, defaults, documented, shaping, variables
 from handler.schema import schemas
 
@@ -24,6 +25,13 @@ def test_every_input_field_is_documented() -> None:
         for field in schema["properties"]:
             if field != "task":
                 assert f"`{field}`" in JOBS, f"{task}.{field} is not in docs/jobs.md"
+
+
+def test_the_configuration_page_is_written_from_the_declarations() -> None:
+    """docs/configuration.md's table of variables and its list of what shapes a cached result are what
+    `make docs` writes from handler/config.py: a meaning, default or shaping setting edited in the page
+    alone, or a declaration changed without `make docs`, fails here."""
+    assert config_docs.rewrite(CONFIGURATION) == CONFIGURATION, "docs/configuration.md is stale: run `make docs`"
 
 
 def test_every_variable_says_what_it_is_for() -> None:
