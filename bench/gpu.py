@@ -251,7 +251,8 @@ def whisper_bench(part: Part) -> None:
         for label, model in whisper_models():
             part.check()
             options: dict[str, Any] = {"temperature": 0.0, "language": "en"}
-            settings = replace(DecodeOptions.from_options(model, options, fp16=fp16), timestamps=False)
+            dtype = torch.float16 if fp16 else torch.float32
+            settings = replace(DecodeOptions.from_options(model, options, dtype=dtype), timestamps=False)
             inputs = prepare_windows(model, audio, chunks)
 
             def sequential(model: Any = model, options: dict[str, Any] = options) -> object:

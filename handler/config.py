@@ -196,6 +196,8 @@ def _parse_path(raw: str) -> str:
     return path
 
 
+# faster-whisper's names for the number formats Whisper runs in (handler.pipelines.whisper.compute_types).
+WHISPER_COMPUTE_TYPES = ("auto", "float32", "int8", "float16", "bfloat16")
 VIDEO_CACHES = ("none", "first_block", "faster")
 VIDEO_GROUP_OFFLOADS = ("none", "block", "leaf")
 # diffusers' attention backends that run from this image's packages (the *_hub ones download
@@ -293,6 +295,12 @@ class Settings:
         about="chunks of a recording (and of the jobs a worker holds) decoded together by default; 1 keeps "
               "openai-whisper's sequential transcribe (without VAD). text2video's captions are timed by "
               "`whisper.transcribe` itself, never in batches")
+    whisper_compute_type: str = setting(
+        "WHISPER_COMPUTE_TYPE", _parse_choice(*WHISPER_COMPUTE_TYPES), "auto", shapes=("transcribe", "text2video"),
+        about="number format Whisper runs in (a job's `compute_type` overrides it): `auto` (`int8` for batched "
+              "decoding on the CPU, `float32` for openai-whisper's sequential path and captions there; `float16` "
+              "on CUDA; PRECISION `full` or `half` decide instead when set), `float32`, `int8` (CPU: dynamic "
+              "int8 linear layers), `float16`, `bfloat16`")
     whisper_batch_window_ms: float = setting(
         "WHISPER_BATCH_WINDOW_MS", lambda raw: max(0.0, float(raw)), 10.0,
         about="how long a batch waits for chunks of the worker's other jobs before it runs (a batch gives "

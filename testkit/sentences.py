@@ -1,5 +1,6 @@
 """Eight short sentences, one per job where concurrent jobs must each get their own back, and a
-word of each that tiny.en hears in espeak's voice (checked one by one)."""
+word of each that tiny.en hears in espeak's voice (checked one by one, in float32 and int8: in int8 at
+beam 1 the fox is a "round-foc", and the lazy dog still lazy)."""
 
 from __future__ import annotations
 
@@ -13,4 +14,4 @@ SENTENCES = (
     "Turn left at the bridge and follow the river north.",
     "My phone battery is almost empty.",
 )
-KEYWORDS = ("report", "fox", "numbers", "window", "garden", "tuesday", "river", "battery")
+KEYWORDS = ("report", "lazy", "numbers", "window", "garden", "tuesday", "river", "battery")

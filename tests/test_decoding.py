@@ -231,7 +231,7 @@ def test_decode_options_of_the_transcribe_task_are_accepted(model: Any) -> None:
     assert settings.temperatures[0] == 0.0 and len(settings.temperatures) == 6
     assert settings.at(0.0).beam_size == 5 and settings.at(0.0).best_of is None
     assert settings.at(0.4).best_of == 5 and settings.at(0.4).beam_size is None
-    assert settings.language == "en" and settings.fp16 is False
+    assert settings.language == "en" and settings.dtype == torch.float32
 
 
 def test_pipeline_decodes_chunks_with_the_transcribe_options(model: Any, gapped_clip: clips.Clip) -> None:

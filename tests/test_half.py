@@ -117,7 +117,7 @@ def batched_alignment(device: str) -> tuple[list[torch.dtype], list[dict[str, An
     audio = np.random.default_rng(0).normal(0, 0.05, 16000 * 20).astype(np.float32)
     inputs = prepare_windows(model, audio, [Chunk(0, len(audio))])
     settings = DecodeOptions.from_options(
-        model, {"temperature": 0.0, "language": "en", "word_timestamps": True}, fp16=True)
+        model, {"temperature": 0.0, "language": "en", "word_timestamps": True}, dtype=torch.float16)
     seen: list[torch.dtype] = []
     hook = model.encoder.register_forward_pre_hook(lambda _module, args: seen.append(args[0].dtype))
     try:
@@ -222,8 +222,9 @@ def test_captioned_video_on_a_half_worker(half_worker, tmp_path: Path) -> None:
 
 
 def test_full_precision_keeps_fp32_on_the_cpu(make_fresh_worker, tiny_wan: Path) -> None:
-    """The default (auto) on a CPU is fp32 for every model: the half-precision runs above are the setting's."""
+    """The default (auto) on a CPU is fp32 for the diffusion models and int8 for batched Whisper (its
+    WHISPER_COMPUTE_TYPE); the half-precision runs above are the setting's."""
     worker = make_fresh_worker(VIDEO_MODEL=str(tiny_wan))
-    assert not whisper_pipeline(worker).fp16
+    assert whisper_pipeline(worker).compute_type == "int8"
     pipeline = video_pipeline(worker, tiny_wan)
     assert {pipeline.transformer.dtype, pipeline.vae.dtype} == {torch.float32}

@@ -91,7 +91,7 @@ def metrics(served: ServeProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]
 
 def batches(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> tuple[float, float]:
     """(batches run, items in them) of the Whisper batcher."""
-    labels = (("batcher", "whisper/tiny.en/cpu"),)
+    labels = (("batcher", "whisper/tiny.en/cpu/int8"),)
     return samples.get(("worker_batch_size_count", labels), 0.0), samples.get(("worker_batch_size_sum", labels), 0.0)
 
 

@@ -16,7 +16,7 @@ import whisper
 from handler.cancel import CancelToken
 from handler.pipelines.whisper import vad
 from handler.pipelines.whisper.vad import Chunk
-from testkit import clips, media
+from testkit import clips, media, speech_corpus
 
 _ROOT = Path(__file__).resolve().parents[1]
 # Louder than any sample of a pause, quieter than the peaks of every spoken word.
@@ -44,6 +44,14 @@ def long_speech(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
     audio: np.ndarray = whisper.load_audio(str(media.speak(_LONG_TEXT, directory / "long.wav")))
     assert len(audio) > 45 * clips.SAMPLE_RATE
     return audio
+
+
+@pytest.fixture(scope="module")
+def speech_corpus_recording() -> np.ndarray:
+    """Three minutes of real speech: the corpus's LibriVox and MFA clips joined with short pauses."""
+    cache = speech_corpus.default_cache()
+    utterances = speech_corpus.librivox(cache) + speech_corpus.mfa(cache)
+    return speech_corpus.long_form(utterances, seed=0, target_s=180.0).audio
 
 
 def _cuts(chunks: list[Chunk]) -> list[int]:
@@ -95,18 +103,14 @@ def test_silence_gives_no_chunks() -> None:
     assert vad.speech_chunks(hiss) == []
 
 
-def test_concurrent_callers_get_the_same_chunks(
-    gapped_clip: clips.Clip, long_speech: np.ndarray, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Four threads at once each get what they get alone, each pass through a copy of the model of
-    its own (it keeps recurrent state), each on one torch thread, and each thread's torch thread
-    count is as before after its pass.
+def test_concurrent_callers_get_the_same_chunks(gapped_clip: clips.Clip, long_speech: np.ndarray) -> None:
+    """Four threads at once each get what they get alone, each pass on one torch thread, and each
+    thread's torch thread count is as before after its pass.
 
-    With one copy shared, the threads' windows interleave through one state: the chunks change,
-    or torch crashes the process. Torch's thread count is a setting of each thread: a pass that
-    set it for the process only would leave the others' passes on two threads.
+    Torch's thread count is a setting of each thread: a pass that set it for the process only would
+    leave the others' passes on two threads. A pass that kept its recurrent state in the shared model
+    (as Silero's own wrapper does) would mix the threads' windows, and the chunks would change.
     """
-    monkeypatch.setattr(vad, "_idle", [vad._vad_model()])  # one copy, whatever earlier tests loaded
     gapped = gapped_clip.audio
     inputs = [(gapped, 6.0), (long_speech, 30.0), (long_speech[::-1].copy(), 30.0), (gapped, 12.0)]
     alone = [vad.speech_chunks(audio, max_chunk_s=limit) for audio, limit in inputs]
@@ -114,7 +118,7 @@ def test_concurrent_callers_get_the_same_chunks(
     during: list[set[int]] = [set() for _ in inputs]
     after: list[int] = [0] * len(inputs)
 
-    class Watch(CancelToken):  # Silero reports each window here: the pass's thread count then
+    class Watch(CancelToken):  # the pass reports each block here: the pass's thread count then
         def __init__(self, index: int) -> None:
             super().__init__()
             self.index = index
@@ -134,9 +138,28 @@ def test_concurrent_callers_get_the_same_chunks(
     for thread in threads:
         thread.join(timeout=60)
     assert together == alone
-    assert len(vad._idle) >= 2, "the passes ran one at a time"
     assert during == [{1}] * len(inputs)
     assert after == [2] * len(inputs)
+
+
+def test_the_batched_pass_is_silero_own_loop(speech_corpus_recording: np.ndarray) -> None:
+    """On minutes of real speech, the pass over the whole recording at once gives Silero's own
+    window-by-window probabilities (its wrapper's ``__call__`` with its recurrent state), within float
+    rounding, and the very same chunks and regions."""
+    audio = speech_corpus_recording
+    silero = vad._load_model()
+    silero.reset_states()
+    samples = torch.from_numpy(audio)
+    with torch.no_grad():
+        own = [silero(torch.nn.functional.pad(samples[start:start + 512], (0, max(0, start + 512 - len(samples)))),
+                      16000).item() for start in range(0, len(samples), 512)]
+    batched = vad.speech_probabilities(audio)
+    assert len(batched) == len(own) > 5000
+    assert np.abs(np.array(batched) - np.array(own)).max() < 1e-4
+    assert vad.speech_chunks(audio, probabilities=batched) == vad.speech_chunks(audio, probabilities=own)
+    sensitive = {"threshold": 0.2, "min_silence_ms": 100, "speech_pad_ms": 30}
+    assert (vad.speech_regions(audio, probabilities=batched, **sensitive)
+            == vad.speech_regions(audio, probabilities=own, **sensitive))
 
 
 def test_fixed_windows_tile_the_audio_and_cut_in_a_pause_near_the_limit(gapped_clip: clips.Clip) -> None:

@@ -41,7 +41,8 @@ async def run(ctx: JobContext, params: SystemInput) -> dict[str, Any]:
         "version": __version__,
         "time": round(time.time(), 3),
         **describe(runtime.device),  # device, torch and its CUDA build, driver, GPU name
-        "pipelines": _pipelines(ctx),
+        "pipelines": _pipelines(ctx),  # each loaded Whisper copy's format is its dtype (int8, float16, ...)
+        "whisper_compute_type": ctx.settings.whisper_compute_type,
         "slots": {"total": runtime.gate.slots, "busy": runtime.gate.busy, "waiting": runtime.gate.waiting,
                   "sizing": runtime.sizing},
         "memory": {**read_memory().as_dict(), "gpu_budget": runtime.residency.summary()},

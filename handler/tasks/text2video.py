@@ -42,6 +42,7 @@ from handler.pipelines.speech.pipeline import get_pipelines as speech_pipelines
 from handler.pipelines.speech.pipeline import pieces_to_say
 from handler.pipelines.speech.pipeline import working_bytes as speech_working_bytes
 from handler.pipelines.weights import model_identity, pretrained_source, whisper_identity
+from handler.pipelines.whisper import compute_types
 from handler.pipelines.whisper import pipeline as whisper_pipeline
 from handler.pipelines.whisper.transcript import word_timings
 from handler.runtime.container import Runtime
@@ -189,8 +190,10 @@ async def _narration(ctx: JobContext, params: VideoInput) -> tuple[Path | None, 
 
 async def _captions(ctx: JobContext, audio: np.ndarray) -> Path:
     with ctx.timings.measure("captions"):
-        # With the default Whisper model, in a GPU slot like any transcription.
-        pipelines = await ctx.load(lambda: whisper_pipeline.get_pipelines(ctx.runtime, ctx.settings.whisper_model))
+        # With the default Whisper model, in a GPU slot like any transcription; timed by whisper.transcribe.
+        compute_type = compute_types.chosen(ctx.settings, ctx.runtime.device, None, sequential=True)
+        pipelines = await ctx.load(lambda: whisper_pipeline.get_pipelines(ctx.runtime, ctx.settings.whisper_model,
+                                                                          compute_type))
         words = await ctx.on_model(pipelines, lambda pipeline: word_timings(pipeline, audio, ctx.cancel),
                                    stage="captions_run",
                                    working=whisper_pipeline.pipeline_working_bytes(pipelines.first, batch=1, beams=5))
@@ -266,7 +269,7 @@ async def run(ctx: JobContext, params: VideoInput) -> dict[str, Any]:
 def _shaping(settings: Settings, params: VideoInput) -> dict[str, Any]:
     """What decides a video: every field, the video model, how long its clips are, its precision
     and the speed-ups that approximate (cache, attention backend), the voice of a spoken narration
-    and the Whisper model that times its captions."""
+    and the Whisper model (and its format) that times its captions."""
     narrated = params.narration is not None
     return {
         **input_fields(params), "model": params.model or settings.video_model,
@@ -274,7 +277,8 @@ def _shaping(settings: Settings, params: VideoInput) -> dict[str, Any]:
         "cache": (settings.video_cache, settings.video_cache_threshold),
         "attention_backend": settings.video_attention_backend,
         "narration_model": settings.tts_model if narrated else None,
-        "captions_model": settings.whisper_model if params.captions != "none" else None,
+        "captions_model": (settings.whisper_model, settings.whisper_compute_type) if params.captions != "none"
+        else None,
     }
 
 

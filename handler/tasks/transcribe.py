@@ -42,7 +42,7 @@ from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 from whisper.utils import WriteSRT, WriteVTT
 
 from handler.cancel import CancelToken
-from handler.config import Settings
+from handler.config import WHISPER_COMPUTE_TYPES, Settings
 from handler.errors import InputTooLarge, InvalidInput, shown
 from handler.io import media_in
 from handler.job import JobContext
@@ -50,7 +50,7 @@ from handler.limits import served_model
 from handler.pipelines.diarize import labels
 from handler.pipelines.diarize import pipeline as diarization
 from handler.pipelines.weights import file_identity, whisper_identity
-from handler.pipelines.whisper import decoding, vad
+from handler.pipelines.whisper import compute_types, decoding, vad
 from handler.pipelines.whisper.options import DecodeOptions
 from handler.pipelines.whisper.pipeline import WhisperPipeline, get_pipelines, pipeline_working_bytes
 from handler.pipelines.whisper.transcript import is_silent, plain, temperatures, words
@@ -135,6 +135,9 @@ class TranscribeInput(TaskInput):
     word_timestamps: bool = False
     batch_size: int | None = Field(None, ge=1, le=64, description="chunks decoded together (default "
                                    "WHISPER_BATCH_SIZE); 1 without VAD is openai-whisper's sequential transcribe")
+    compute_type: Literal[WHISPER_COMPUTE_TYPES] | None = Field(  # type: ignore[valid-type]
+        None, description="number format Whisper runs in: auto, float32, int8 (CPU), float16, bfloat16 "
+        "(default WHISPER_COMPUTE_TYPE)")
     diarize: bool = Field(False, description="label who speaks: a speaker on each segment and word, "
                           "segments split where the speaker changes")
     num_speakers: int | None = Field(None, ge=1, le=diarization.MAX_SPEAKERS,
@@ -238,7 +241,8 @@ async def _transcribe(
     ctx: JobContext, params: TranscribeInput, model: str, target: Path, field: str, references: list[_Reference]
 ) -> dict[str, Any]:
     audio, duration_s = await _decode(ctx, target, field)
-    pipelines = await ctx.load(lambda: get_pipelines(ctx.runtime, model))
+    compute_type = _compute_type(ctx, params)
+    pipelines = await ctx.load(lambda: get_pipelines(ctx.runtime, model, compute_type))
     _check_language_support(pipelines.first, params)
     _check_suppress_tokens(pipelines.first, params)
     # Started first, so that its work runs while Whisper decodes; one Silero pass serves both.
@@ -265,6 +269,7 @@ async def _transcribe(
         "translation_segments": _segments(translation) if translation else None,
         "device": ctx.runtime.device,
         "model": model,
+        "compute_type": compute_type,
         "duration_s": round(duration_s, 3),
     }
     if params.word_timestamps:
@@ -283,6 +288,16 @@ def _model_name(settings: Settings, params: TranscribeInput) -> str:
 
 def _batch_size(settings: Settings, params: TranscribeInput) -> int:
     return params.batch_size or settings.whisper_batch_size
+
+
+def _sequential(settings: Settings, params: TranscribeInput) -> bool:
+    """Whether the job runs openai-whisper's own ``transcribe`` (one window after another, no VAD)."""
+    return _batch_size(settings, params) == 1 and not params.enable_vad
+
+
+def _compute_type(ctx: JobContext, params: TranscribeInput) -> str:
+    return compute_types.chosen(ctx.settings, ctx.runtime.device, params.compute_type,
+                                sequential=_sequential(ctx.settings, params))
 
 
 def _check_language_support(pipeline: WhisperPipeline, params: TranscribeInput) -> None:
@@ -325,7 +340,8 @@ async def _decode(ctx: JobContext, target: Path, field: str) -> tuple[np.ndarray
 
 def preload(runtime: Runtime) -> None:
     """Load the default model and pay its first-call costs, so a cold worker's first job is not slower."""
-    pipelines = get_pipelines(runtime, runtime.settings.whisper_model)
+    settings = runtime.settings
+    pipelines = get_pipelines(runtime, settings.whisper_model)  # in the format of a job that names none
     timeout = runtime.settings.generation_acquire_timeout
     # Placed on the device (one more resident, parked when idle and needed elsewhere), and borrowed:
     # on CUDA the warm-up decodes, and a job taken meanwhile may be using the first copy.
@@ -348,7 +364,7 @@ async def _transcript_and_translation(
     if is_silent(audio):
         empty: dict[str, Any] = {"text": "", "segments": [], "language": params.language}
         return empty, (empty if params.translate else None)
-    if _batch_size(ctx.settings, params) == 1 and not params.enable_vad:
+    if _sequential(ctx.settings, params):
         working = pipeline_working_bytes(pipelines.first, batch=1, beams=params.beam_size)
         return await ctx.on_model(
             pipelines, lambda pipeline: _transcribe_sequentially(pipeline, audio, params, ctx.cancel), working=working)
@@ -416,7 +432,7 @@ async def _transcribe_batched(
     ``on_segments`` hears the segments in order as they are decoded (on a GPU thread).
     """
     model = pipelines.first.model
-    decode_options = DecodeOptions.from_options(model, options, fp16=pipelines.first.fp16)
+    decode_options = DecodeOptions.from_options(model, options, dtype=pipelines.first.dtype)
     if decode_options.language is None and windows:  # detected once, so the job's windows decode alike
         if first_30_s is None:
             raise ValueError("first_30_s: needed to detect the language")
@@ -457,7 +473,7 @@ def _batcher(runtime: Runtime, model: WhisperPipeline) -> Batcher[_Item, Segment
         return found
 
     most = max(_MAX_BATCH, runtime.settings.whisper_batch_size)
-    return runtime.batcher(("whisper", model.name, model.device), run_batch, max_batch=most,
+    return runtime.batcher(("whisper", model.name, model.device, model.compute_type), run_batch, max_batch=most,
                            window_s=runtime.settings.whisper_batch_window_ms / 1000)
 
 
@@ -636,8 +652,9 @@ def _shaping(settings: Settings, params: TranscribeInput) -> dict[str, Any]:
     """What decides a transcription: the served model, the effective batch size, every decoding
     field; not where the media came from or what happens to it after."""
     fields = input_fields(params, exclude=("audio", "audio_base64", "delete_after_read", "known_speakers"))
+    # The format asked for: with the device (in every key), PRECISION and the path, it decides the one run.
     shaping = {**fields, "model": _model_name(settings, params), "batch_size": _batch_size(settings, params),
-               "precision": settings.precision}
+               "precision": settings.precision, "compute_type": params.compute_type or settings.whisper_compute_type}
     if params.diarize:
         # The reference clips count by their content, hashed with the media (see ``run``).
         shaping["diarization_model"] = settings.diarization_model
@@ -647,7 +664,7 @@ def _shaping(settings: Settings, params: TranscribeInput) -> dict[str, Any]:
 
 CACHE: CachePolicy[TranscribeInput] = CachePolicy(
     outputs=frozenset({"transcription", "translation", "detected_language", "segments", "translation_segments",
-                       "device", "model",
+                       "device", "model", "compute_type",
                        "duration_s", "word_timestamps", "speakers", "files"}),
     shaping=_shaping,
     models={"model": whisper_identity, "diarization_model": diarization.diarization_identity},

@@ -89,7 +89,10 @@ class BatchDecodingTask(DecodingTask):  # type: ignore[misc]  # whisper ships no
         vectorised(self)  # upstream's beam search update and timestamp rules, on the whole batch at once
 
     def _get_audio_features(self, mel: Tensor) -> Tensor:
-        features: Tensor = super()._get_audio_features(mel)
+        # Given the encoder's output (decoding._decode_round encodes a batch once for all its
+        # temperatures): upstream's check of its dtype knows float16 and float32 only, not bfloat16.
+        encoded = mel.shape[-2:] == (self.model.dims.n_audio_ctx, self.model.dims.n_audio_state)
+        features: Tensor = mel if encoded else super()._get_audio_features(mel)
         if self.n_group == 1 or features.shape[0] == 1:
             return features
         return features.repeat_interleave(self.n_group, dim=0)

@@ -56,8 +56,8 @@ Differences from ``whisper.transcribe``, by design:
   (``windows.language_mel``), as ``whisper.transcribe`` detects it, whichever chunk comes first.
 
 The caller must hold the model for itself for the whole call (``WhisperPipeline`` does):
-decoding installs key/value-cache hooks and a cancellation hook on it. fp16 is used on CUDA
-only, unless asked for.
+decoding installs key/value-cache hooks and a cancellation hook on it. The activations are float16
+on CUDA and float32 on the CPU, unless asked otherwise (``dtype``, the model's compute type).
 """
 
 from __future__ import annotations
@@ -101,16 +101,16 @@ def transcribe_chunks(
     options: Mapping[str, Any] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     cancel: CancelToken | None = None,
-    fp16: bool | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Transcribe the given ``chunks`` of ``audio`` (each at most 30 s), ``batch_size`` at a time;
-    ``fp16`` None: on CUDA only.
+    ``dtype``, the activations' (None: float16 on CUDA, else float32).
 
     Raises ``Cancelled`` at the next decoder step (or between batches) once ``cancel`` is set.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size!r}")
-    decode_options = DecodeOptions.from_options(model, options or {}, fp16=fp16)
+    decode_options = DecodeOptions.from_options(model, options or {}, dtype=dtype)
     windows = prepare_windows(model, audio, chunks)
     if windows:
         decode_options = detect_language(model, decode_options, language_mel(model, audio))
@@ -189,8 +189,7 @@ def _decode_round(
 ) -> list[tuple[Segments, WindowInput | None]]:
     """One encoder pass and one decoder loop for all ``inputs``: each window's segments, and the
     window of its tail left untranscribed (None when there is none, or with ``keep_tails``)."""
-    mels = torch.stack([item.mel for item in inputs]).to(model.device)
-    mels = mels.half() if options.fp16 else mels
+    mels = torch.stack([item.mel for item in inputs]).to(model.device, options.dtype)
     with torch.no_grad():
         features = model.encoder(mels)
     results = decode_prompted(model, features, options, [item.prompt for item in inputs])
@@ -239,7 +238,7 @@ def detect_language(model: Whisper, options: DecodeOptions, mel: Tensor) -> Deco
     if options.language is not None:
         return options
     mel = mel.to(model.device)
-    _, probabilities = model.detect_language(mel.half() if options.fp16 else mel)
+    _, probabilities = model.detect_language(mel.to(options.dtype))
     return replace(options, language=max(probabilities, key=probabilities.get))
 
 

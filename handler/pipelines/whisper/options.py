@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from whisper.decoding import DecodingOptions, DecodingResult
 from whisper.model import Whisper
 from whisper.tokenizer import Tokenizer, get_tokenizer
@@ -34,7 +35,7 @@ class DecodeOptions:
     language: str | None
     task: str
     prompt: str | None
-    fp16: bool
+    dtype: torch.dtype  # of the activations: the mel and the encoder output (compute_types.activation_dtype)
     passed_on: tuple[tuple[str, Any], ...]  # the _PASSED_ON options that are set
     # Decoded without timestamps (False), a window is one segment, its edges the window's; the
     # benchmark measures that against decoding the tails again (bench/accuracy.py).
@@ -43,7 +44,9 @@ class DecodeOptions:
     condition: bool = True  # condition_on_previous_text: a window is prompted with the text before it
 
     @classmethod
-    def from_options(cls, model: Whisper, options: Mapping[str, Any], *, fp16: bool | None = None) -> DecodeOptions:
+    def from_options(cls, model: Whisper, options: Mapping[str, Any], *,
+                     dtype: torch.dtype | None = None) -> DecodeOptions:
+        """``dtype`` None: float16 on CUDA, else float32."""
         unknown = sorted(set(options) - _OPTIONS)
         if unknown:
             raise ValueError(f"unknown decoding options: {', '.join(unknown)}")
@@ -57,7 +60,7 @@ class DecodeOptions:
             language=language,
             task=options.get("task", "transcribe"),
             prompt=options.get("initial_prompt"),
-            fp16=model.device.type == "cuda" if fp16 is None else fp16,
+            dtype=(torch.float16 if model.device.type == "cuda" else torch.float32) if dtype is None else dtype,
             passed_on=tuple((key, options[key]) for key in _PASSED_ON if options.get(key) is not None),
             condition=bool(options.get("condition_on_previous_text", True)),
         )
@@ -73,7 +76,7 @@ class DecodeOptions:
             passed_on.pop("best_of", None)
         return DecodingOptions(
             task=self.task, language=self.language, temperature=temperature, prompt=[0] * prompt_length or None,
-            fp16=self.fp16, without_timestamps=not self.timestamps, **passed_on,
+            fp16=self.dtype == torch.float16, without_timestamps=not self.timestamps, **passed_on,
         )
 
     def tokenizer(self, model: Whisper) -> Tokenizer:

@@ -25,11 +25,10 @@ from handler.config import Settings
 from handler.errors import ModelLoadFailed
 from handler.logs import get_logger
 from handler.pipelines.weights import whisper_checkpoint, whisper_dir
-from handler.pipelines.whisper import decoding
+from handler.pipelines.whisper import compute_types, decoding
 from handler.pipelines.whisper.options import DecodeOptions
 from handler.pipelines.whisper.vad import Chunk
 from handler.runtime.container import Runtime
-from handler.runtime.devices import default_dtype
 from handler.runtime.instances import InstancePool, Placement, move_whole
 from handler.runtime.memory import module_bytes
 from handler.runtime.registry import PipelineKey
@@ -96,8 +95,13 @@ class WhisperPipeline:
     model: Whisper
     name: str
     device: str
-    # Activations in fp16 (openai-whisper keeps fp32 weights and casts them per layer).
-    fp16: bool = False
+    # The number format it runs in (compute_types.RUN_TYPES), its weights converted when loaded.
+    compute_type: str = "float32"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype."""
+        return compute_types.activation_dtype(self.compute_type)
 
     @property
     def is_multilingual(self) -> bool:
@@ -109,8 +113,9 @@ class WhisperPipeline:
 
     def transcribe(self, audio: np.ndarray, *, cancel: CancelToken, **options: Any) -> dict[str, Any]:
         """Run openai-whisper; stops at the next decoder step once ``cancel`` is set."""
-        # whisper.transcribe turns fp16 off (with a warning) for a model on the CPU.
-        fp16 = self.fp16 and self.device == "cuda"
+        # whisper.transcribe turns fp16 off (with a warning) for a model on the CPU; it knows no other
+        # half format, so bfloat16 weights run with float32 activations there.
+        fp16 = self.dtype == torch.float16 and self.device == "cuda"
         with decoding.cancellable(self.model, cancel):
             result: dict[str, Any] = whisper.transcribe(self.model, audio, verbose=None, fp16=fp16, **options)
         return result
@@ -130,7 +135,7 @@ class WhisperPipeline:
         the GPU slot: VAD is seconds of one core's time on a long recording (bench/RESULTS.md).
         """
         return decoding.transcribe_chunks(
-            self.model, audio, chunks, options=options, batch_size=batch_size, cancel=cancel, fp16=self.fp16
+            self.model, audio, chunks, options=options, batch_size=batch_size, cancel=cancel, dtype=self.dtype
         )
 
     def with_language(self, options: DecodeOptions, mel: torch.Tensor) -> DecodeOptions:
@@ -156,32 +161,34 @@ class WhisperPipeline:
         self.transcribe_chunks(noise, [Chunk(0, len(noise))], cancel=CancelToken(), batch_size=1, **options)
 
 
-def _pipeline_key(runtime: Runtime, model: str) -> PipelineKey:
-    dtype = str(default_dtype(runtime.device, runtime.settings.precision)).removeprefix("torch.")
-    return PipelineKey("transcribe", model, runtime.device, dtype)
-
-
-def get_pipelines(runtime: Runtime, model: str) -> InstancePool[WhisperPipeline]:
-    """The MODEL_INSTANCES loaded copies of ``model`` (loaded on first use), for every task that
-    runs Whisper: one pool per model, so transcriptions and captions borrow from the same copies."""
+def get_pipelines(runtime: Runtime, model: str, compute_type: str | None = None) -> InstancePool[WhisperPipeline]:
+    """The MODEL_INSTANCES loaded copies of ``model`` in ``compute_type`` (resolved:
+    ``compute_types.RUN_TYPES``; None: the format of a transcription that names none), loaded on first
+    use, for every task that runs Whisper: one pool per model and format, so transcriptions and captions
+    borrow from the same copies."""
     settings = runtime.settings
+    if compute_type is None:
+        compute_type = compute_types.chosen(settings, runtime.device, None,
+                                            sequential=settings.whisper_batch_size == 1)
 
     def load() -> WhisperPipeline:
-        fp16 = default_dtype(runtime.device, settings.precision) == torch.float16
-        # Built in host RAM: the residency places it on the device when a job holds it.
-        return WhisperPipeline(load_whisper(model, settings, "cpu"), model, runtime.device, fp16=fp16)
+        # Built in host RAM, converted there (the int8 kernels are the CPU's): the residency places it
+        # on the device when a job holds it.
+        converted = compute_types.convert(load_whisper(model, settings, "cpu"), compute_type)
+        return WhisperPipeline(converted, model, runtime.device, compute_type)
 
     def placement(pipeline: WhisperPipeline) -> Placement:
         return Placement(weights=module_bytes(pipeline.model), move=move_whole)
 
     return runtime.registry.get(
-        _pipeline_key(runtime, model), lambda: InstancePool.build(settings.model_instances, load, placement)
+        PipelineKey("transcribe", model, runtime.device, compute_type),
+        lambda: InstancePool.build(settings.model_instances, load, placement)
     )
 
 
 def pipeline_working_bytes(pipeline: WhisperPipeline, *, batch: int, beams: int) -> int:
     """:func:`working_bytes` of a loaded model."""
-    return working_bytes(pipeline.model.dims, fp16=pipeline.fp16, batch=batch, beams=beams)
+    return working_bytes(pipeline.model.dims, fp16=pipeline.dtype != torch.float32, batch=batch, beams=beams)
 
 
 def working_bytes(dims: ModelDimensions, *, fp16: bool, batch: int, beams: int) -> int:

@@ -15,8 +15,10 @@ in time order, never overlapping, each at most ``max_chunk_s`` long:
   (bench/RESULTS.md), and the longer search changed no time that could be told apart.
 
 The Silero model ships inside the ``silero_vad`` wheel (no download) and is loaded on first use.
-It is small and runs on the CPU, one 32 ms step after another on one thread; concurrent jobs'
-passes run at once, each through an idle copy of the model.
+It is small and runs on the CPU, on one thread. Silero's own loop calls the model once per 32 ms
+window (its recurrent state carried from call to call): thousands of tiny calls for a few minutes of
+audio. :func:`speech_probabilities` runs the same modules on the whole recording at once instead
+(:class:`SileroPass`), only the recurrence stepping through the windows, inside one LSTM call.
 
 A recording is not cut into parts run side by side: a second copy starting afresh mid-recording
 placed region ends one step differently for minutes after the cut, and those chunks were
@@ -40,15 +42,14 @@ from handler.runtime.threads import one_torch_thread
 
 SAMPLE_RATE = 16000
 MAX_CHUNK_S = 30.0
-# Silero's window at 16 kHz (32 ms).
+# Silero's window at 16 kHz (32 ms), and the samples of the window before it that each call sees first.
 _WINDOW = 512
+_CONTEXT = 64
+# Windows run through the model at once: about a minute of audio, so a cancelled job stops within one block.
+_BLOCK = 2048
 
-# Silero's model carries recurrent state from one 32 ms window to the next, so a copy runs one
-# part at a time: idle copies wait here (the first is loaded eagerly by _vad_model).
-_model: Any = None
+_model: SileroPass | None = None
 _model_load_lock = threading.Lock()  # guards loading ``_model`` (once per process)
-_idle: list[Any] = []
-_idle_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -71,17 +72,55 @@ class Chunk:
         return (self.end - self.start) / SAMPLE_RATE
 
 
-def _vad_model() -> Any:
+class SileroPass:
+    """Silero VAD's 16 kHz model (silero_vad 6.x's TorchScript), run on many windows at once.
+
+    Silero's ``forward`` for one window: the window with the last 64 samples of the one before
+    (zeros first) through the STFT features and the encoder, then an LSTM cell from the previous
+    window's state, then the output head. Everything but the cell depends only on the audio, so it
+    runs on a block of windows as a batch; the cell's weights, in an ``nn.LSTM``, step through the
+    block's windows in one call. Equal to Silero's own loop within float rounding (a test compares
+    them on real speech, and the chunks they give).
+    """
+
+    def __init__(self, silero: Any) -> None:
+        self._model = silero._model  # the 16 kHz network; the wrapper around it keeps per-call state
+        cell = self._model.decoder.rnn
+        self._lstm = torch.nn.LSTM(cell.input_size, cell.hidden_size, batch_first=True)
+        with torch.no_grad():
+            for mine, theirs in (("weight_ih_l0", "weight_ih"), ("weight_hh_l0", "weight_hh"),
+                                 ("bias_ih_l0", "bias_ih"), ("bias_hh_l0", "bias_hh")):
+                getattr(self._lstm, mine).copy_(getattr(cell, theirs))
+        self._lstm.eval()
+
+    def probabilities(self, samples: torch.Tensor, *, cancel: CancelToken | None = None) -> list[float]:
+        """The speech probability of each 512-sample window of ``samples`` (the last one zero-padded)."""
+        windows = -(-len(samples) // _WINDOW)
+        padded = torch.nn.functional.pad(samples, (0, windows * _WINDOW - len(samples))).view(windows, _WINDOW)
+        contexts = torch.cat([torch.zeros(1, _CONTEXT), padded[:-1, -_CONTEXT:]])
+        frames = torch.cat([contexts, padded], dim=1)
+        found: list[float] = []
+        state = None
+        with torch.no_grad():
+            for start in range(0, windows, _BLOCK):
+                if cancel is not None:
+                    cancel.check()
+                block = frames[start:start + _BLOCK]
+                features = self._model.encoder(self._model.run_extractors(block)).squeeze(-1)
+                hidden, state = self._lstm(features.unsqueeze(0), state)
+                heads = self._model.decoder.decoder(hidden.squeeze(0).unsqueeze(-1))
+                found += heads.squeeze(1).mean(dim=1).tolist()
+        return found
+
+
+def _vad_model() -> SileroPass:
     """Silero VAD, loaded on first use (double-checked: look, lock, look again, load, publish)."""
     global _model
     if _model is not None:
         return _model
     with _model_load_lock:
         if _model is None:
-            loaded = _load_model()
-            with _idle_lock:
-                _idle.append(loaded)
-            _model = loaded
+            _model = SileroPass(_load_model())
         return _model
 
 
@@ -99,34 +138,19 @@ def _load_model() -> Any:
 
 def speech_probabilities(audio: np.ndarray, *, cancel: CancelToken | None = None) -> list[float]:
     """Silero's speech probability of each 32 ms window of ``audio``: its one pass over the recording,
-    exactly as ``get_speech_timestamps`` makes it. A cancelled job's pass stops at its next window.
+    as ``get_speech_timestamps`` makes it (:class:`SileroPass`). A cancelled job's pass stops within
+    a block of windows.
 
     One pass serves several ways of reading it (:func:`speech_regions`' ``probabilities``): a
-    diarized job's decoding chunks and its speaker regions come from the same pass.
+    diarized job's decoding chunks and its speaker regions come from the same pass. Concurrent jobs'
+    passes run at once through the one model: a pass keeps its state to itself.
     """
-    _vad_model()  # first: it imports silero_vad without its side effect on torch threads
+    model = _vad_model()  # first: it imports silero_vad without its side effect on torch threads
+    if len(audio) == 0:
+        return []
     samples = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
-    with one_torch_thread():  # its many tiny steps run slower on more threads (bench/RESULTS.md)
-        with _idle_lock:
-            model = _idle.pop() if _idle else None
-        if model is None:
-            with _model_load_lock:  # one load at a time: catch_warnings in _load_model is process-wide
-                model = _load_model()
-        try:
-            with torch.no_grad():
-                model.reset_states()
-                probabilities = []
-                for start in range(0, len(samples), _WINDOW):
-                    if cancel is not None:
-                        cancel.check()
-                    window = samples[start:start + _WINDOW]
-                    if len(window) < _WINDOW:
-                        window = torch.nn.functional.pad(window, (0, _WINDOW - len(window)))
-                    probabilities.append(model(window, SAMPLE_RATE).item())
-        finally:
-            with _idle_lock:
-                _idle.append(model)
-    return probabilities
+    with one_torch_thread():  # concurrent jobs' passes, and the decoding beside them, each keep a core
+        return model.probabilities(samples, cancel=cancel)
 
 
 def speech_regions(

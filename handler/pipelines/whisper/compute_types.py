@@ -1,0 +1,121 @@
+"""The number formats a Whisper model runs in (``compute_type``, faster-whisper's name and values).
+
+- ``float32``: openai-whisper as it is.
+- ``int8`` (the CPU): the decoder's linear layers, and its projection onto the vocabulary, as int8
+  weights with a scale per output row, their inputs quantised on the fly (torch's dynamic
+  quantisation, fbgemm's kernels on x86). The encoder, layer norms, embeddings and attention stay
+  float32. A decoder step reads a quarter of the weight bytes it read, and the projection onto
+  51,864 tokens (the heaviest product of a small model's step) is several times faster
+  (bench/RESULTS.md).
+- ``float16`` and ``bfloat16`` (CUDA): the weights of the linear layers and convolutions held in
+  that format, activations in it too; layer norms and softmax in float32, as upstream runs fp16.
+- ``auto``: ``int8`` on the CPU and ``float16`` on CUDA, unless PRECISION says otherwise
+  (``full``: float32; ``half``: float16 on any device). openai-whisper's sequential path
+  (``batch_size`` 1 without VAD, and text2video's captions) stays float32 on the CPU: there the
+  worker promises ``whisper.transcribe``'s own result.
+
+A copy in another format is made once, from the float32 weights, when its pool is loaded; each
+format is a pipeline of its own (``handler.pipelines.whisper.pipeline.get_pipelines``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import whisper.model
+from torch import Tensor
+from whisper.model import TextDecoder, Whisper
+
+from handler.config import WHISPER_COMPUTE_TYPES, Settings
+from handler.errors import InvalidInput
+
+# The formats a loaded model runs in (``auto`` resolved).
+RUN_TYPES = tuple(name for name in WHISPER_COMPUTE_TYPES if name != "auto")
+_DTYPES = {"float32": torch.float32, "int8": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve(compute_type: str, *, device: str, precision: str, sequential: bool = False) -> str:
+    """The format ``compute_type`` means on ``device`` under the PRECISION setting, for the batched
+    path or (``sequential``) openai-whisper's own."""
+    if compute_type != "auto":
+        return compute_type
+    if precision == "full":
+        return "float32"
+    if precision == "half" or device == "cuda":
+        return "float16"
+    return "float32" if sequential else "int8"
+
+
+def chosen(settings: Settings, device: str, asked: str | None, *, sequential: bool = False,
+           field: str = "compute_type") -> str:
+    """The format a job runs Whisper in: ``asked`` (its ``field``), else WHISPER_COMPUTE_TYPE, resolved;
+    refused where it cannot run."""
+    compute_type = resolve(asked or settings.whisper_compute_type, device=device, precision=settings.precision,
+                           sequential=sequential)
+    if compute_type == "int8" and device == "cuda":
+        source = field if asked else "WHISPER_COMPUTE_TYPE"
+        raise InvalidInput(f"{source}: int8 runs on the CPU only (torch's int8 kernels are the CPU's); "
+                           "on CUDA use float16 or bfloat16", field=field)
+    return compute_type
+
+
+def activation_dtype(compute_type: str) -> torch.dtype:
+    """The dtype of the activations (mel, encoder output) a model in ``compute_type`` takes."""
+    return _DTYPES[compute_type]
+
+
+def convert(model: Whisper, compute_type: str) -> Whisper:
+    """``model`` (float32, on the CPU) in ``compute_type``, changed in place."""
+    if compute_type == "int8":
+        return _quantised(model)
+    if compute_type in ("float16", "bfloat16"):
+        dtype = _DTYPES[compute_type]
+        for module in model.modules():
+            if isinstance(module, whisper.model.Linear | whisper.model.Conv1d):
+                module.to(dtype)
+        return model
+    return model
+
+
+def _quantised(model: Whisper) -> Whisper:
+    # torch.ao's dynamic quantisation matches module types exactly, and whisper's Linear is a subclass
+    # of nn.Linear whose only change is casting its weights to the input's dtype (a no-op in float32).
+    for module in model.decoder.modules():
+        if type(module) is whisper.model.Linear:
+            module.__class__ = torch.nn.Linear
+    projection = torch.nn.Linear(model.dims.n_text_state, model.dims.n_vocab, bias=False)
+    projection.weight = model.decoder.token_embedding.weight  # shared: the embedding stays float32
+    model.decoder.add_module("vocab_projection", projection)
+    with warnings.catch_warnings():
+        # torch 2.13 marks torch.ao.quantization deprecated in favour of torchao, whose int8 path has no
+        # CPU kernels of its own; the fbgemm kernels used here are torch's (docs/architecture.md).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per_channel", UserWarning)
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        # The decoder only, with a scale per output row of each weight (as CTranslate2's int8): on the
+        # encoder, whose activations torch quantises with one scale per window, WER rose by half
+        # (bench/RESULTS.md); the decoder is where a step's time goes, the encoder runs once per window.
+        quantize_dynamic(model.decoder, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
+                         inplace=True)  # type: ignore[no-untyped-call]
+    model.decoder.__class__ = Int8TextDecoder
+    return model
+
+
+class Int8TextDecoder(TextDecoder):  # type: ignore[misc]  # whisper ships no type hints
+    """openai-whisper's ``TextDecoder.forward`` (20250625), the logits from the int8 ``vocab_projection``
+    instead of a float32 product with the token embedding's transpose."""
+
+    vocab_projection: Any
+
+    def forward(self, x: Tensor, xa: Tensor, kv_cache: dict[Any, Tensor] | None = None) -> Tensor:
+        offset = next(iter(kv_cache.values())).shape[1] if kv_cache else 0
+        x = self.token_embedding(x) + self.positional_embedding[offset : offset + x.shape[-1]]
+        x = x.to(xa.dtype)
+        for block in self.blocks:
+            x = block(x, xa, mask=self.mask, kv_cache=kv_cache)
+        x = self.ln(x)
+        logits: Tensor = self.vocab_projection(x).float()
+        return logits
