@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import subprocess
 import sys
@@ -236,7 +237,7 @@ def fixed_tokens(count: int) -> Iterator[None]:
 def whisper_bench(part: Part) -> None:
     import whisper
 
-    from handler.pipelines.whisper import decoding
+    from handler.pipelines.whisper import compute_types, decoding
     from handler.pipelines.whisper.options import DecodeOptions
     from handler.pipelines.whisper.vad import Chunk
     from handler.pipelines.whisper.windows import prepare_windows
@@ -269,6 +270,18 @@ def whisper_bench(part: Part) -> None:
             bat = timed(batched, runs=runs, part=part)
             part.add(f"{label}: batched decode ({len(inputs)} windows)", f"RTF {seconds / bat:.1f}",
                      f"{bat:.2f} s, {seq / bat:.2f}x sequential")
+            # The number formats a job may ask for (compute_type), each a converted copy: float16 against
+            # bfloat16 on CUDA, float32 against int8 on the CPU (the dry run).
+            for compute_type in ("float16", "bfloat16") if device() == "cuda" else ("float32", "int8"):
+                part.check()
+                converted = compute_types.convert(copy.deepcopy(model), compute_type)
+                options_in = replace(DecodeOptions.from_options(
+                    converted, options, dtype=compute_types.activation_dtype(compute_type)), timestamps=False)
+                took = timed(lambda m=converted, o=options_in, i=inputs: decoding.decode_windows(m, i, o), runs=runs,
+                             part=part)
+                part.add(f"{label}: batched decode in {compute_type}", f"RTF {seconds / took:.1f}",
+                         f"{took:.2f} s, {seq / took:.2f}x sequential")
+                del converted
             jobs = [inputs[i % len(inputs)] for i in range(4 if dry_run() else 16)]
 
             def one_at_a_time(model: Any = model, settings: Any = settings, jobs: Any = jobs) -> None:
