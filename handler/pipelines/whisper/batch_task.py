@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor
-from whisper.decoding import DecodingOptions, DecodingResult, DecodingTask
+from whisper.decoding import DecodingOptions, DecodingResult, DecodingTask, PyTorchInference
 from whisper.model import Whisper
 
 from handler.pipelines.whisper.options import DecodeOptions
@@ -86,6 +86,9 @@ class BatchDecodingTask(DecodingTask):  # type: ignore[misc]  # whisper ships no
         placeholder prompt that ``options`` carries (``DecodeOptions.at``)."""
         super().__init__(model, options)
         self._prompts = prompts
+        self.inference: Any = BufferedInference(model, len(self.initial_tokens))
+        if hasattr(self.decoder, "inference"):  # beam search rearranges the cache it was given
+            self.decoder.inference = self.inference
         vectorised(self)  # upstream's beam search update and timestamp rules, on the whole batch at once
 
     def _get_audio_features(self, mel: Tensor) -> Tensor:
@@ -127,6 +130,72 @@ class BatchDecodingTask(DecodingTask):  # type: ignore[misc]  # whisper ships no
                     return super()._main_loop(audio_features, tokens)
         finally:
             self.sot_index = sot_index
+
+
+class BufferedInference(PyTorchInference):  # type: ignore[misc]  # whisper ships no type hints
+    """Upstream's ``PyTorchInference`` with each self-attention layer's keys and values written in place
+    into a buffer that grows by half when full, rather than concatenated anew every step (a copy of the
+    whole cache per layer and step, as long as a 223-token prompt and the text so far).
+
+    Beam search's reordering copies only the positions after the initial tokens: every beam of a
+    window starts from the same initial tokens (prompt and start), so those positions of the cache
+    hold the same keys and values in each of a window's rows, and beams move only within their
+    window. The same tokens as upstream's cache (``tests/test_decoding.py``).
+    """
+
+    kv_cache: dict[Any, Tensor]
+    kv_modules: list[torch.nn.Module]
+    initial_token_length: int
+
+    def logits(self, tokens: Tensor, audio_features: Tensor) -> Tensor:
+        if not self.kv_cache:
+            self.kv_cache, self.hooks = self._install_hooks()
+        if tokens.shape[-1] > self.initial_token_length:
+            tokens = tokens[:, -1:]  # only the last token after the first pass, as upstream
+        return cast(Tensor, self.model.decoder(tokens, audio_features, kv_cache=self.kv_cache))
+
+    def _install_hooks(self) -> tuple[dict[Any, Tensor], list[Any]]:
+        cache: dict[Any, Tensor] = {}
+        buffers: dict[Any, Tensor] = {}
+        self_attention = set(self.kv_modules)
+        most = self.model.dims.n_text_ctx
+
+        def save(module: torch.nn.Module, _args: Any, output: Tensor) -> Tensor:
+            if module not in self_attention:  # cross-attention: computed once, kept as it is (upstream)
+                cache[module] = output
+                return output
+            previous, buffer = cache.get(module), buffers.get(module)
+            length = 0 if previous is None else previous.shape[1]
+            if previous is not None and (buffer is None or previous.data_ptr() != buffer.data_ptr()
+                                         or previous.shape[0] != buffer.shape[0]):
+                buffer = None  # the cache was replaced (its rows repeated per beam): start a buffer from it
+            needed = length + output.shape[1]
+            if buffer is None or buffer.shape[1] < needed:
+                grown = output.new_empty(output.shape[0], min(most, max(needed + 16, needed * 3 // 2)),
+                                         output.shape[2])
+                if previous is not None:
+                    grown[:, :length] = previous
+                buffer = buffers[module] = grown
+            buffer[:, length:needed] = output
+            cache[module] = buffer[:, :needed]
+            return cache[module]
+
+        hooks = []
+        for block in self.model.decoder.blocks:
+            hooks += [block.attn.key.register_forward_hook(save), block.attn.value.register_forward_hook(save)]
+            if block.cross_attn is not None:
+                hooks += [block.cross_attn.key.register_forward_hook(save),
+                          block.cross_attn.value.register_forward_hook(save)]
+        return cache, hooks
+
+    def rearrange_kv_cache(self, source_indices: list[int]) -> None:
+        if source_indices == list(range(len(source_indices))):
+            return
+        start = self.initial_token_length
+        for module in self.kv_modules:
+            view = self.kv_cache[module]
+            if view.shape[1] > start:
+                view[:, start:] = view[source_indices, start:]
 
 
 def _initial_pass_once_per_window(inference: Any, n_group: int) -> Callable[[Tensor, Tensor], Tensor]:
