@@ -19,6 +19,9 @@ Engines, all on the same tiny.en weights (``BENCH_ENGINES``: a comma list of nam
 * ``worker batch_size 1``: the worker's sequential path (``whisper.transcribe`` behind the handler);
 * ``worker default, upstream per-step loops``: the default with openai-whisper's own beam search
   update and timestamp rules (``handler.pipelines.whisper.search`` off);
+* ``worker default, int8 one scale per input``: the default with torch's dynamic int8 layers as
+  they are, each layer's whole input quantised with one scale (``RowScaledInt8Linear`` off);
+* ``worker default, int8 inputs in 7 bits``: the default as a CPU without AVX-512 VNNI runs it;
 * ``faster-whisper fp32`` / ``int8`` (sequential) and ``batched b8 int8`` (its Silero VAD).
 
 Each engine runs alone in a process of its own, as a user runs it: OpenMP's threads spin between
@@ -73,10 +76,15 @@ WORKER_INPUTS: dict[str, dict[str, Any]] = {
 # The worker's default with openai-whisper's own per-row beam search and timestamp rules
 # (handler.pipelines.whisper.search off): what the vectorised steps save.
 UPSTREAM_STEPS = "worker default, upstream per-step loops"
+# The worker's default with torch's own dynamic int8 layers (one scale for each layer's whole input):
+# what a scale per input row changes.
+ONE_SCALE_INT8 = "worker default, int8 one scale per input"
+# The worker's default as it runs on a CPU without AVX-512 VNNI (its int8 inputs in 7 bits), on any CPU.
+SEVEN_BIT_INT8 = "worker default, int8 inputs in 7 bits"
 ENGINES = ("whisper.transcribe", *WORKER_INPUTS, "faster-whisper fp32", "faster-whisper int8",
-           "faster-whisper batched b8 int8", UPSTREAM_STEPS)
-# What a run measures unless BENCH_ENGINES names others: the upstream loops were the fifth run's baseline.
-DEFAULT_ENGINES = ENGINES[:-1]
+           "faster-whisper batched b8 int8", UPSTREAM_STEPS, ONE_SCALE_INT8, SEVEN_BIT_INT8)
+# What a run measures unless BENCH_ENGINES names others: the last three are baselines of single changes.
+DEFAULT_ENGINES = ENGINES[:-3]
 
 
 @dataclasses.dataclass
@@ -157,6 +165,16 @@ def _build(name: str, checkpoint: Path) -> Transcriber:
 
         batch_task.vectorised = lambda _task: None  # this process only
         return _worker(checkpoint, {})
+    if name == ONE_SCALE_INT8:
+        from handler.pipelines.whisper import compute_types
+
+        compute_types.RowScaledInt8Linear.adopt = lambda _module: None  # type: ignore[method-assign]  # this process only
+        return _worker(checkpoint, {})
+    if name == SEVEN_BIT_INT8:
+        from handler.pipelines.whisper import compute_types
+
+        compute_types.exact_int8_products = lambda: False  # this process only
+        return _worker(checkpoint, {})
     return _faster_whisper(name)
 
 
@@ -203,8 +221,20 @@ def _recordings(count: int) -> list[Path]:
     return paths if len(paths) == count else speech_corpus.build(CORPUS, count=count)[:count]
 
 
+def _names(listed: str) -> tuple[str, ...]:
+    """The engine names of a comma list, read from the left, the longest name first (some hold a comma)."""
+    names: list[str] = []
+    rest = listed.strip(" ,")
+    while rest:
+        known = [name for name in ENGINES if rest == name or rest.startswith(name + ",")]
+        name = max(known, key=len) if known else rest.split(",")[0].strip()  # unknown: _engines names it
+        names.append(name)
+        rest = rest[len(name):].strip(" ,") if known else rest.partition(",")[2].strip(" ,")
+    return tuple(names)
+
+
 def _engines() -> tuple[str, ...]:
-    named = tuple(name.strip() for name in os.environ.get("BENCH_ENGINES", "").split(",") if name.strip())
+    named = _names(os.environ.get("BENCH_ENGINES", ""))
     unknown = set(named) - set(ENGINES)
     if unknown:
         raise SystemExit(f"BENCH_ENGINES: unknown {sorted(unknown)}; the engines are {list(ENGINES)}")

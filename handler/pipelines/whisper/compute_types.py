@@ -2,11 +2,11 @@
 
 - ``float32``: openai-whisper as it is.
 - ``int8`` (the CPU): the decoder's linear layers, and its projection onto the vocabulary, as int8
-  weights with a scale per output row, their inputs quantised on the fly (torch's dynamic
-  quantisation, fbgemm's kernels on x86). The encoder, layer norms, embeddings and attention stay
-  float32. A decoder step reads a quarter of the weight bytes it read, and the projection onto
-  51,864 tokens (the heaviest product of a small model's step) is several times faster
-  (bench/RESULTS.md).
+  weights with a scale per output row, their inputs quantised on the fly with a scale per input row
+  (torch's dynamic quantisation and fbgemm's kernels on x86, :class:`RowScaledInt8Linear`). The
+  encoder, layer norms, embeddings and attention stay float32. A decoder step reads a quarter of the
+  weight bytes it read, and the projection onto 51,864 tokens (the heaviest product of a small
+  model's step) is several times faster (bench/RESULTS.md).
 - ``float16`` and ``bfloat16`` (CUDA): the weights of the linear layers and convolutions held in
   that format, activations in it too; layer norms and softmax in float32, as upstream runs fp16.
 - ``auto``: ``int8`` on the CPU and ``float16`` on CUDA, unless PRECISION says otherwise
@@ -21,11 +21,12 @@ format is a pipeline of its own (``handler.pipelines.whisper.pipeline.get_pipeli
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 import whisper.model
 from torch import Tensor
+from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 from whisper.model import TextDecoder, Whisper
 
 from handler.config import WHISPER_COMPUTE_TYPES, Settings
@@ -100,8 +101,53 @@ def _quantised(model: Whisper) -> Whisper:
         # (bench/RESULTS.md); the decoder is where a step's time goes, the encoder runs once per window.
         quantize_dynamic(model.decoder, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
                          inplace=True)  # type: ignore[no-untyped-call]
+    for module in model.decoder.modules():
+        if type(module) is DynamicInt8Linear:
+            RowScaledInt8Linear.adopt(module)
     model.decoder.__class__ = Int8TextDecoder
     return model
+
+
+class RowScaledInt8Linear(DynamicInt8Linear):
+    """torch's dynamic int8 linear layer, each row of its input quantised against that row's own range.
+
+    torch quantises a dynamic layer's whole input with one scale. A batched decoder step's input holds
+    every beam of every window, and the row of largest magnitude set the step for all: int8's logits
+    strayed from float32's several times further than with a scale per row, as CTranslate2 quantises
+    (bench/RESULTS.md). Each row is divided by its largest magnitude before torch's kernel and its
+    output row multiplied back; the bias, kept apart in float32, is added after.
+
+    The inputs take 8 bits where the CPU's int8 product is exact (AVX-512 VNNI), else 7 (torch's
+    ``reduce_range``): without VNNI, fbgemm sums pairs of 8-bit products in 16 bits, which can saturate.
+    """
+
+    float_bias: Tensor | None
+    reduce_range: bool
+
+    @classmethod
+    def adopt(cls, module: DynamicInt8Linear) -> None:
+        """``module`` (quantised by torch) turned into this class in place, its bias taken out of the packed weights."""
+        module.__class__ = cls
+        cast(RowScaledInt8Linear, module)._take_bias_apart()
+
+    def _take_bias_apart(self) -> None:
+        bias = self.bias()  # type: ignore[no-untyped-call]
+        self.set_weight_bias(self.weight(), None)  # type: ignore[no-untyped-call]
+        self.float_bias = None if bias is None else bias.detach().clone()
+        self.reduce_range = not exact_int8_products()
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+        y: Tensor = torch.ops.quantized.linear_dynamic(x / scale, self._packed_params._packed_params,
+                                                       reduce_range=self.reduce_range)
+        y = y.mul_(scale)
+        return y if self.float_bias is None else y.add_(self.float_bias)
+
+
+def exact_int8_products() -> bool:
+    """Whether fbgemm's int8 products on this CPU are exact for 8-bit inputs: AVX-512 VNNI's
+    instructions sum in 32 bits (torch's own check of the CPU's features)."""
+    return bool(torch.cpu._is_vnni_supported())
 
 
 class Int8TextDecoder(TextDecoder):  # type: ignore[misc]  # whisper ships no type hints
