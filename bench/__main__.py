@@ -1,5 +1,5 @@
 """``python -m bench [NAME ...]``: print each figure against its baseline. Names: overhead,
-transcription, upload, pipelining, soak, loop, client, prompt, batched, accuracy, coldstart, diarization.
+transcription, upload, pipelining, soak, loop, client, prompt, batched, accuracy, coldstart, diarization, vad.
 
 ``prompt``, ``batched``, ``accuracy`` and ``diarization`` (each about 15 minutes on 2 CPU cores) run only when named.
 """
@@ -23,6 +23,7 @@ from bench import (
     shared,
     transcription,
     upload,
+    vad,
 )
 from bench.common import HEADER, Comparison, quiet_logs
 
@@ -76,6 +77,8 @@ def main(names: list[str]) -> None:
             rows.append(serve.serve_throughput())
         elif name == "scaleout":
             rows.extend(scaleout.measure())
+        elif name == "vad":
+            rows.extend(vad.measure())
         else:
             sys.exit(f"unknown benchmark {name!r}")
         print(rows[-1].row(), flush=True)
