@@ -96,9 +96,9 @@ def _quantised(model: Whisper) -> Whisper:
         warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per_channel", UserWarning)
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-        # The decoder only, with a scale per output row of each weight (as CTranslate2's int8): on the
-        # encoder, whose activations torch quantises with one scale per window, WER rose by half
-        # (bench/RESULTS.md); the decoder is where a step's time goes, the encoder runs once per window.
+        # The decoder only, with a scale per output row of each weight (as CTranslate2's int8). The
+        # encoder runs once per window, the decoder every step: the encoder in int8 raised the WER by
+        # half with one scale per window, and with a scale per row it was no faster (bench/RESULTS.md).
         quantize_dynamic(model.decoder, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
                          inplace=True)  # type: ignore[no-untyped-call]
     for module in model.decoder.modules():
