@@ -68,8 +68,10 @@ def _process(name: str, warm: Path, conn: Connection) -> None:
 
 
 def _recordings() -> list[Path]:
-    dev = sorted(CORPUS.glob("long-*.wav"))[:2] or speech_corpus.build(CORPUS, count=2)[:2]
-    held = sorted(CORPUS.glob("held-*.wav")) or speech_corpus.held_out(CORPUS)
+    dev = sorted(CORPUS.glob("long-*.wav"))[:2]
+    dev = dev if len(dev) == 2 else speech_corpus.build(CORPUS, count=2)
+    held = sorted(CORPUS.glob("held-*.wav"))
+    held = held if len(held) == 2 else speech_corpus.held_out(CORPUS)
     return [*dev, *held]
 
 

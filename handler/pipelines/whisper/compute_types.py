@@ -2,7 +2,7 @@
 
 - ``float32``: openai-whisper as it is.
 - ``int8`` (the CPU): the decoder's linear layers, and its projection onto the vocabulary, as int8
-  weights with a scale per output row, their inputs quantised on the fly with a scale per input row
+  weights with a scale per output row, their inputs quantised on the fly against each row's range
   (torch's dynamic quantisation and fbgemm's kernels on x86, :class:`RowScaledInt8Linear`). The
   encoder, layer norms, embeddings and attention stay float32. A decoder step reads a quarter of the
   weight bytes it read, and the projection onto 51,864 tokens (the heaviest product of a small
@@ -114,14 +114,19 @@ class RowScaledInt8Linear(DynamicInt8Linear):
     torch quantises a dynamic layer's whole input with one scale. A batched decoder step's input holds
     every beam of every window, and the row of largest magnitude set the step for all: int8's logits
     strayed from float32's several times further than with a scale per row, as CTranslate2 quantises
-    (bench/RESULTS.md). Each row is divided by its largest magnitude before torch's kernel and its
-    output row multiplied back; the bias, kept apart in float32, is added after.
+    (bench/RESULTS.md), and a row's result depended on the rows beside it. Here each row is mapped
+    onto [-1, 1] by its own centre and half-range before torch's kernel, with a row of -1 and +1
+    added so that torch's one range is always [-1, 1]; the outputs are mapped back (the centre times
+    the int8 weights' row sums) and the bias, kept apart in float32, is added after. A row's result
+    is then the same whatever rows share its batch (other jobs' windows, in the worker's batches).
 
     The inputs take 8 bits where the CPU's int8 product is exact (AVX-512 VNNI), else 7 (torch's
     ``reduce_range``): without VNNI, fbgemm sums pairs of 8-bit products in 16 bits, which can saturate.
     """
 
     float_bias: Tensor | None
+    weight_row_sums: Tensor
+    range_pin: Tensor
     reduce_range: bool
 
     @classmethod
@@ -131,17 +136,28 @@ class RowScaledInt8Linear(DynamicInt8Linear):
         cast(RowScaledInt8Linear, module)._take_bias_apart()
 
     def _take_bias_apart(self) -> None:
-        bias = self.bias()  # type: ignore[no-untyped-call]
-        self.set_weight_bias(self.weight(), None)  # type: ignore[no-untyped-call]
+        bias, weight = self.bias(), self.weight()  # type: ignore[no-untyped-call]
+        self.set_weight_bias(weight, None)
         self.float_bias = None if bias is None else bias.detach().clone()
+        # What the kernel makes of a row's centre: the centre times the int8 weights' row sums.
+        self.weight_row_sums = weight.dequantize().sum(dim=1)
+        self.range_pin = torch.zeros(1, self.in_features)
+        self.range_pin[0, :2] = torch.tensor([-1.0, 1.0])
         self.reduce_range = not exact_int8_products()
 
     def forward(self, x: Tensor) -> Tensor:
-        scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-        y: Tensor = torch.ops.quantized.linear_dynamic(x / scale, self._packed_params._packed_params,
-                                                       reduce_range=self.reduce_range)
-        y = y.mul_(scale)
-        return y if self.float_bias is None else y.add_(self.float_bias)
+        rows = x.reshape(-1, self.in_features)
+        low, high = torch.aminmax(rows, dim=-1, keepdim=True)
+        centre = (high + low) / 2
+        half = ((high - low) / 2).clamp_min(torch.finfo(x.dtype).tiny)
+        unit = ((rows - centre) / half).clamp_(-1.0, 1.0)
+        y: Tensor = torch.ops.quantized.linear_dynamic(torch.cat([unit, self.range_pin]),
+                                                       self._packed_params._packed_params,
+                                                       reduce_range=self.reduce_range)[:-1]
+        y = y.mul_(half).addcmul_(centre, self.weight_row_sums)
+        if self.float_bias is not None:
+            y = y.add_(self.float_bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 def exact_int8_products() -> bool:
