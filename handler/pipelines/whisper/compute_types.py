@@ -114,18 +114,17 @@ class RowScaledInt8Linear(DynamicInt8Linear):
     torch quantises a dynamic layer's whole input with one scale. A batched decoder step's input holds
     every beam of every window, and the row of largest magnitude set the step for all: int8's logits
     strayed from float32's several times further than with a scale per row, as CTranslate2 quantises
-    (bench/RESULTS.md), and a row's result depended on the rows beside it. Here each row is mapped
-    onto [-1, 1] by its own centre and half-range before torch's kernel, with a row of -1 and +1
-    added so that torch's one range is always [-1, 1]; the outputs are mapped back (the centre times
-    the int8 weights' row sums) and the bias, kept apart in float32, is added after. A row's result
-    is then the same whatever rows share its batch (other jobs' windows, in the worker's batches).
+    (bench/RESULTS.md), and a row's result depended on the rows beside it. Here each row is divided
+    by its largest magnitude before torch's kernel, with a row of -1 and +1 added so that torch's one
+    range is always [-1, 1]; each output row is multiplied back and the bias, kept apart in float32,
+    is added after. A row's result is then the same whatever rows share its batch (other jobs'
+    windows, in the worker's batches).
 
     The inputs take 8 bits where the CPU's int8 product is exact (AVX-512 VNNI), else 7 (torch's
     ``reduce_range``): without VNNI, fbgemm sums pairs of 8-bit products in 16 bits, which can saturate.
     """
 
     float_bias: Tensor | None
-    weight_row_sums: Tensor
     range_pin: Tensor
     reduce_range: bool
 
@@ -139,22 +138,18 @@ class RowScaledInt8Linear(DynamicInt8Linear):
         bias, weight = self.bias(), self.weight()  # type: ignore[no-untyped-call]
         self.set_weight_bias(weight, None)
         self.float_bias = None if bias is None else bias.detach().clone()
-        # What the kernel makes of a row's centre: the centre times the int8 weights' row sums.
-        self.weight_row_sums = weight.dequantize().sum(dim=1)
         self.range_pin = torch.zeros(1, self.in_features)
         self.range_pin[0, :2] = torch.tensor([-1.0, 1.0])
         self.reduce_range = not exact_int8_products()
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)
-        low, high = torch.aminmax(rows, dim=-1, keepdim=True)
-        centre = (high + low) / 2
-        half = ((high - low) / 2).clamp_min(torch.finfo(x.dtype).tiny)
-        unit = ((rows - centre) / half).clamp_(-1.0, 1.0)
+        scale = rows.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+        unit = (rows / scale).clamp_(-1.0, 1.0)
         y: Tensor = torch.ops.quantized.linear_dynamic(torch.cat([unit, self.range_pin]),
                                                        self._packed_params._packed_params,
                                                        reduce_range=self.reduce_range)[:-1]
-        y = y.mul_(half).addcmul_(centre, self.weight_row_sums)
+        y = y.mul_(scale)
         if self.float_bias is not None:
             y = y.add_(self.float_bias)
         return y.reshape(*x.shape[:-1], self.out_features)
