@@ -68,18 +68,17 @@ def test_int8_logits_pick_the_float32_tokens(model_dir: Path, real_speech: speec
         features = plain.encoder(window.mel[None])
         expected, found = plain.decoder(tokens, features), int8.decoder(tokens, features)
     agreement = (expected.argmax(-1) == found.argmax(-1)).float().mean().item()
-    # 1.0 measured with 8-bit inputs, 0.96 with 7: they part where float32 itself hesitates.
+    # 0.99 measured with 8-bit inputs, 0.96 with 7: they part where float32 itself hesitates.
     assert agreement >= 0.93, agreement
-    # 0.07 measured with 8-bit inputs, 0.08 with 7; 0.15 with one scale for each layer's whole input.
+    # 0.081 measured with 8-bit inputs, 0.083 with 7; 0.15 with one scale for each layer's whole input.
     relative = ((found - expected).norm() / expected.norm()).item()
     assert relative < 0.11, relative
 
 
 def test_int8_transcribes_real_speech_as_well_as_float32(model_dir: Path, real_speech: speech_corpus.Utterance) -> None:
-    """The batched path in int8 on 40 s of real speech (88 words): within 7 points of float32's WER against
-    the reference. One word heard differently weighs more than a point here, and a prompted chunk may
-    repeat it: with 8-bit inputs, "amiable" heard as "Amy a bull" twice is 4 of 88 words. The benchmark
-    holds int8 to half a point of float32 over a thousand words in each of two sets (bench/RESULTS.md)."""
+    """The batched path in int8 on 40 s of real speech (88 words): within 2 points of float32's WER against
+    the reference (the same WER measured, with 8-bit and with 7-bit inputs). The benchmark measures both
+    over a thousand words in each of two sets (bench/RESULTS.md)."""
     chunks = vad.speech_chunks(real_speech.audio)
     options = {"language": "en", "beam_size": 5}
     results = {name: decoding.transcribe_chunks(_tiny_en(model_dir, name), real_speech.audio, chunks,
@@ -87,7 +86,7 @@ def test_int8_transcribes_real_speech_as_well_as_float32(model_dir: Path, real_s
                for name in ("float32", "int8")}
     wer = {name: _wer(real_speech.text, text) for name, text in results.items()}
     assert wer["float32"] < 0.15, wer
-    assert wer["int8"] <= wer["float32"] + 0.07, (wer, results)
+    assert wer["int8"] <= wer["float32"] + 0.02, (wer, results)
 
 
 def test_each_input_row_is_quantised_against_its_own_range(model_dir: Path) -> None:
