@@ -169,7 +169,7 @@ def _build(name: str, checkpoint: Path) -> Transcriber:
     if name == ONE_SCALE_INT8:
         from handler.pipelines.whisper import compute_types
 
-        compute_types.RowScaledInt8Linear.adopt = lambda _module: None  # type: ignore[method-assign]  # this process only
+        compute_types.RowScaledInt8Linear.adopt = lambda _module, **_: None  # type: ignore[method-assign]  # this process only
         return _worker(checkpoint, {})
     if name == SEVEN_BIT_INT8:
         from handler.pipelines.whisper import compute_types

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import whisper.model
+import whisper.tokenizer
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 from whisper.normalizers import EnglishTextNormalizer
 
@@ -39,25 +40,49 @@ def _wer(reference: str, text: str) -> float:
     return float(jiwer.wer(normalise(reference), normalise(text)))
 
 
-def test_int8_is_the_decoder_in_int8_and_the_encoder_as_it_was(model_dir: Path) -> None:
-    """int8: every linear layer of the decoder, and its projection onto the vocabulary, are torch's dynamic
-    int8 layers with a scale per output row; the encoder's weights and the embeddings are the checkpoint's."""
+def _wide_random_model(width: int = compute_types.INT8_BLOCKS_FROM_WIDTH) -> whisper.model.Whisper:
+    """A random English Whisper of one block each way at ``width`` (small.en's), on a short context."""
+    dims = whisper.model.ModelDimensions(n_mels=80, n_audio_ctx=16, n_audio_state=width, n_audio_head=12,
+                                         n_audio_layer=1, n_vocab=51864, n_text_ctx=32, n_text_state=width,
+                                         n_text_head=12, n_text_layer=1)
+    torch.manual_seed(0)
+    return whisper.model.Whisper(dims).eval()
+
+
+def test_int8_on_tiny_is_its_vocabulary_projection_and_the_rest_as_it_was(model_dir: Path) -> None:
+    """tiny.en in int8: the projection onto the vocabulary is torch's dynamic int8 layer with a scale per
+    output row; the decoder's blocks, the encoder and the embeddings are the checkpoint's float32."""
     plain, int8 = _tiny_en(model_dir), _tiny_en(model_dir, "int8")
-    decoder_linears = [m for m in int8.decoder.modules() if isinstance(m, DynamicInt8Linear)]
-    # Per block: query, key, value, out of self- and cross-attention, two MLP layers; and the projection.
-    assert len(decoder_linears) == 10 * len(int8.decoder.blocks) + 1
-    assert not [m for m in int8.decoder.modules() if isinstance(m, torch.nn.Linear)]
-    assert all(m.weight().qscheme() == torch.per_channel_affine for m in decoder_linears)
-    assert all(type(m) is compute_types.RowScaledInt8Linear for m in decoder_linears)
+    quantised = [m for m in int8.decoder.modules() if isinstance(m, DynamicInt8Linear)]
+    assert quantised == [int8.decoder.vocab_projection]
+    assert type(quantised[0]) is compute_types.RowScaledInt8Linear and not quantised[0].residual_pass
+    assert quantised[0].weight().qscheme() == torch.per_channel_affine
     assert int8.decoder.vocab_projection.weight().shape == plain.decoder.token_embedding.weight.shape
-    for name, weight in plain.encoder.state_dict().items():
-        assert torch.equal(int8.encoder.state_dict()[name], weight), name
-    assert torch.equal(int8.decoder.token_embedding.weight, plain.decoder.token_embedding.weight)
+    kept = int8.state_dict()
+    for name, weight in plain.state_dict().items():
+        assert torch.equal(kept[name], weight), name
+    assert int8.decoder.first_special == whisper.tokenizer.get_tokenizer(False).eot
 
 
-def test_int8_logits_pick_the_float32_tokens(model_dir: Path, real_speech: speech_corpus.Utterance) -> None:
-    """On a window of real speech and its transcript's tokens, the int8 decoder's most likely next token is
-    float32's at nearly every position, its logits close to float32's."""
+def test_wide_decoders_take_their_blocks_in_int8_with_the_residual_pass() -> None:
+    """From small's width on, every linear layer of the decoder's blocks is int8 too, its inputs in two
+    passes; the projection's in one. Narrower, the blocks stay float32."""
+    int8 = compute_types.convert(_wide_random_model(), "int8")
+    quantised = [m for m in int8.decoder.modules() if isinstance(m, DynamicInt8Linear)]
+    # Per block: query, key, value, out of self- and cross-attention, two MLP layers; and the projection.
+    assert len(quantised) == 10 * len(int8.decoder.blocks) + 1
+    assert all(type(m) is compute_types.RowScaledInt8Linear for m in quantised)
+    assert [m.residual_pass for m in quantised] == [m is not int8.decoder.vocab_projection for m in quantised]
+    assert not [m for m in int8.encoder.modules() if isinstance(m, DynamicInt8Linear)]
+    narrower = compute_types.convert(_wide_random_model(compute_types.INT8_BLOCKS_FROM_WIDTH - 96), "int8")
+    assert [m for m in narrower.decoder.modules() if isinstance(m, DynamicInt8Linear)] == [
+        narrower.decoder.vocab_projection]
+
+
+def test_the_logits_that_decide_are_float32s(model_dir: Path, real_speech: speech_corpus.Utterance) -> None:
+    """On a window of real speech and its transcript's tokens, the int8 decoder's likeliest tokens at every
+    position, their logits, and every special token's (end of text, timestamps), are float32's; the
+    other tokens' int8 logits stay near float32's."""
     plain, int8 = _tiny_en(model_dir), _tiny_en(model_dir, "int8")
     audio = real_speech.audio[: 30 * speech_corpus.SAMPLE_RATE]
     window = prepare_windows(plain, audio, [vad.Chunk(0, len(audio))])[0]
@@ -67,12 +92,28 @@ def test_int8_logits_pick_the_float32_tokens(model_dir: Path, real_speech: speec
     with torch.no_grad():
         features = plain.encoder(window.mel[None])
         expected, found = plain.decoder(tokens, features), int8.decoder(tokens, features)
-    agreement = (expected.argmax(-1) == found.argmax(-1)).float().mean().item()
-    # 0.99 measured with 8-bit inputs, 0.96 with 7: they part where float32 itself hesitates.
-    assert agreement >= 0.93, agreement
-    # 0.081 measured with 8-bit inputs, 0.083 with 7; 0.15 with one scale for each layer's whole input.
+    # The ranks a beam of 10 reads (beam_size + 1), in order, with their values.
+    ranked = expected.topk(11, dim=-1)
+    assert torch.equal(found.topk(11, dim=-1).indices, ranked.indices)
+    torch.testing.assert_close(found.gather(-1, ranked.indices), ranked.values, rtol=0, atol=1e-4)
+    torch.testing.assert_close(found[..., tokenizer.eot :], expected[..., tokenizer.eot :], rtol=0, atol=1e-4)
+    # 0.025 measured: the int8 logits of the tokens that decide nothing.
     relative = ((found - expected).norm() / expected.norm()).item()
-    assert relative < 0.11, relative
+    assert relative < 0.04, relative
+
+
+def test_likeliest_columns_are_torchs_top_k() -> None:
+    """The block maxima's shortcut finds the columns torch.topk finds, where the largest values crowd into
+    one block as where they are spread, for English and multilingual vocabularies."""
+    generator = torch.Generator().manual_seed(2)
+    for width in (51864, 51865, 51866):
+        logits = torch.randn(6, 3, width, generator=generator)
+        logits[0, 0, 1000:1040] += 10  # forty of the largest in one block of 128 and part of the next
+        logits[1, 1, ::4096] += 10  # one in each of a dozen blocks
+        found = compute_types._likeliest_columns(logits, compute_types.EXACT_TOKENS)
+        whole_blocks = width // 128 * 128  # the columns past them are timestamps', float32 anyway
+        expected = logits[..., :whole_blocks].topk(compute_types.EXACT_TOKENS, dim=-1).indices
+        assert torch.equal(found.sort(-1).values, expected.sort(-1).values), width
 
 
 def test_int8_transcribes_real_speech_as_well_as_float32(model_dir: Path, real_speech: speech_corpus.Utterance) -> None:
@@ -89,29 +130,33 @@ def test_int8_transcribes_real_speech_as_well_as_float32(model_dir: Path, real_s
     assert wer["int8"] <= wer["float32"] + 0.02, (wer, results)
 
 
-def test_each_input_row_is_quantised_against_its_own_range(model_dir: Path) -> None:
+def test_each_input_row_is_quantised_against_its_own_range() -> None:
     """A decoder step's rows (every beam of every window, other jobs' windows too) differ in range: each
     row's result is the one it gets alone, to the bit, whatever rows share its batch, and a quiet row
     keeps its precision beside a loud one. With one scale for the whole input (torch's own layer) the
-    quiet row would be quantised in the loud row's steps, a hundred times coarser."""
-    plain, int8 = _tiny_en(model_dir), _tiny_en(model_dir, "int8")
-    layer, float_layer = int8.decoder.blocks[0].mlp[0], plain.decoder.blocks[0].mlp[0]
+    quiet row would be quantised in the loud row's steps, a hundred times coarser. So in one pass (the
+    projection: 0.009 of the product measured) and with the residual pass (a wide decoder's blocks:
+    0.00004)."""
+    plain, int8 = _wide_random_model(), compute_types.convert(_wide_random_model(), "int8")
     generator = torch.Generator().manual_seed(0)
-    quiet = torch.randn(1, layer.in_features, generator=generator)
-    loud = 100 * torch.randn(1, layer.in_features, generator=generator)
+    quiet = torch.randn(1, plain.dims.n_text_state, generator=generator)
+    loud = 100 * torch.randn(1, plain.dims.n_text_state, generator=generator)
     rows = torch.cat([quiet, loud, quiet.abs()])  # the last one all positive
-    # The int8 weights with the checkpoint's own bias against float inputs: what is left is the inputs' quantisation.
-    exact = torch.nn.functional.linear(rows, layer.weight().dequantize(), float_layer.bias)
 
     def error(found: torch.Tensor, expected: torch.Tensor) -> float:
         return ((found - expected).norm() / expected.norm()).item()
 
-    with torch.no_grad():
-        together = layer(rows)
-        alone = torch.cat([layer(row[None]) for row in rows])
-    assert torch.equal(together, alone)
-    for found, expected in zip(together, exact, strict=True):
-        assert error(found, expected) < 0.03, error(found, expected)
+    for layer, float_layer, bound in [(int8.decoder.vocab_projection, None, 0.02),
+                                      (int8.decoder.blocks[0].mlp[0], plain.decoder.blocks[0].mlp[0], 2e-4)]:
+        # The int8 weights with the model's own bias against float inputs: what is left is the inputs' quantisation.
+        exact = torch.nn.functional.linear(rows, layer.weight().dequantize(),
+                                           None if float_layer is None else float_layer.bias)
+        with torch.no_grad():
+            together = layer(rows)
+            alone = torch.cat([layer(row[None]) for row in rows])
+        assert torch.equal(together, alone)
+        for found, expected in zip(together, exact, strict=True):
+            assert error(found, expected) < bound, (layer.residual_pass, error(found, expected))
 
 
 def test_inputs_take_eight_bits_where_the_cpu_sums_them_exactly(model_dir: Path,

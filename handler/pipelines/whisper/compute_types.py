@@ -80,12 +80,20 @@ def convert(model: Whisper, compute_type: str) -> Whisper:
     return model
 
 
+# The decoder's blocks are int8 from this width on (small.en's 768 and wider): at the batched path's
+# 10 to 80 rows, their int8 products with the residual pass beat float32's there, and were no faster
+# at tiny's 384 and base's 512 (bench/RESULTS.md).
+INT8_BLOCKS_FROM_WIDTH = 768
+
+
 def _quantised(model: Whisper) -> Whisper:
     # torch.ao's dynamic quantisation matches module types exactly, and whisper's Linear is a subclass
     # of nn.Linear whose only change is casting its weights to the input's dtype (a no-op in float32).
-    for module in model.decoder.modules():
-        if type(module) is whisper.model.Linear:
-            module.__class__ = torch.nn.Linear
+    blocks_too = model.dims.n_text_state >= INT8_BLOCKS_FROM_WIDTH
+    if blocks_too:
+        for module in model.decoder.modules():
+            if type(module) is whisper.model.Linear:
+                module.__class__ = torch.nn.Linear
     projection = torch.nn.Linear(model.dims.n_text_state, model.dims.n_vocab, bias=False)
     projection.weight = model.decoder.token_embedding.weight  # shared: the embedding stays float32
     model.decoder.add_module("vocab_projection", projection)
@@ -103,13 +111,17 @@ def _quantised(model: Whisper) -> Whisper:
                          inplace=True)  # type: ignore[no-untyped-call]
     for module in model.decoder.modules():
         if type(module) is DynamicInt8Linear:
-            RowScaledInt8Linear.adopt(module)
+            # The projection's inputs in one pass: Int8TextDecoder computes the logits that decide in float32.
+            RowScaledInt8Linear.adopt(module, residual_pass=module is not model.decoder.vocab_projection)
     model.decoder.__class__ = Int8TextDecoder
+    cast(Int8TextDecoder, model.decoder).first_special = whisper.tokenizer.get_tokenizer(
+        model.is_multilingual, num_languages=model.num_languages).eot
     return model
 
 
 class RowScaledInt8Linear(DynamicInt8Linear):
-    """torch's dynamic int8 linear layer, each row of its input quantised against that row's own range.
+    """torch's dynamic int8 linear layer, each row of its input quantised against that row's own range,
+    and (``residual_pass``) what that leaves quantised again.
 
     torch quantises a dynamic layer's whole input with one scale. A batched decoder step's input holds
     every beam of every window, and the row of largest magnitude set the step for all: int8's logits
@@ -120,6 +132,12 @@ class RowScaledInt8Linear(DynamicInt8Linear):
     is added after. A row's result is then the same whatever rows share its batch (other jobs'
     windows, in the worker's batches).
 
+    Quantising the inputs lost more than quantising the weights (bench/RESULTS.md). With
+    ``residual_pass`` each row is first rounded onto torch's own grid for [-1, 1], so torch takes it
+    exactly, and the rounding's remainder, scaled to [-1, 1] in turn, goes through the same kernel in
+    the same call: the weights are read once for both, and the product is that of the input to about
+    16 bits with the weights in 8.
+
     The inputs take 8 bits where the CPU's int8 product is exact (AVX-512 VNNI), else 7 (torch's
     ``reduce_range``): without VNNI, fbgemm sums pairs of 8-bit products in 16 bits, which can saturate.
     """
@@ -127,28 +145,46 @@ class RowScaledInt8Linear(DynamicInt8Linear):
     float_bias: Tensor | None
     range_pin: Tensor
     reduce_range: bool
+    residual_pass: bool
+    grid_step: float
+    grid_low: float
+    grid_high: float
 
     @classmethod
-    def adopt(cls, module: DynamicInt8Linear) -> None:
+    def adopt(cls, module: DynamicInt8Linear, *, residual_pass: bool = True) -> None:
         """``module`` (quantised by torch) turned into this class in place, its bias taken out of the packed weights."""
         module.__class__ = cls
-        cast(RowScaledInt8Linear, module)._take_bias_apart()
+        cast(RowScaledInt8Linear, module)._take_bias_apart(residual_pass)
 
-    def _take_bias_apart(self) -> None:
+    def _take_bias_apart(self, residual_pass: bool) -> None:
         bias, weight = self.bias(), self.weight()  # type: ignore[no-untyped-call]
         self.set_weight_bias(weight, None)
         self.float_bias = None if bias is None else bias.detach().clone()
         self.range_pin = torch.zeros(1, self.in_features)
         self.range_pin[0, :2] = torch.tensor([-1.0, 1.0])
         self.reduce_range = not exact_int8_products()
+        self.residual_pass = residual_pass
+        # The step and zero point torch's dynamic layer chooses for inputs in [-1, 1] (its own function).
+        step, zero = torch._choose_qparams_per_tensor(self.range_pin, self.reduce_range)
+        levels = 127 if self.reduce_range else 255
+        self.grid_step, self.grid_low, self.grid_high = step, float(-zero), float(levels - zero)
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)
         scale = rows.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
         unit = (rows / scale).clamp_(-1.0, 1.0)
-        y: Tensor = torch.ops.quantized.linear_dynamic(torch.cat([unit, self.range_pin]),
-                                                       self._packed_params._packed_params,
-                                                       reduce_range=self.reduce_range)[:-1]
+        packed = self._packed_params._packed_params
+        if self.residual_pass:
+            on_grid = unit.div(self.grid_step).round_().clamp_(self.grid_low, self.grid_high).mul_(self.grid_step)
+            remainder = unit.sub_(on_grid)
+            remainder_scale = remainder.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+            both = torch.ops.quantized.linear_dynamic(torch.cat([on_grid, remainder.div_(remainder_scale), self.range_pin]),
+                                                      packed, reduce_range=self.reduce_range)
+            count = rows.shape[0]
+            y: Tensor = both[:count].addcmul_(both[count : 2 * count], remainder_scale)
+        else:
+            y = torch.ops.quantized.linear_dynamic(torch.cat([unit, self.range_pin]), packed,
+                                                   reduce_range=self.reduce_range)[:-1]
         y = y.mul_(scale)
         if self.float_bias is not None:
             y = y.add_(self.float_bias)
@@ -161,11 +197,26 @@ def exact_int8_products() -> bool:
     return bool(torch.cpu._is_vnni_supported())
 
 
+# How many of a position's likeliest tokens (by the int8 projection) get float32 logits: a beam ranks
+# beam_size + 1 of them (at most 11), with room for the ranks int8 swaps.
+EXACT_TOKENS = 16
+# The width of the column blocks _likeliest_columns reads the maxima of.
+_COLUMN_BLOCK = 128
+
+
 class Int8TextDecoder(TextDecoder):  # type: ignore[misc]  # whisper ships no type hints
     """openai-whisper's ``TextDecoder.forward`` (20250625), the logits from the int8 ``vocab_projection``
-    instead of a float32 product with the token embedding's transpose."""
+    instead of a float32 product with the token embedding's transpose, and those that decide in float32.
+
+    The int8 projection finds each position's likeliest tokens; their logits, and those of every
+    special token (end of text, the timestamps, the languages), are then float32 products. The
+    search, the timestamp rules and the fallback's thresholds read those; the int8 logits of the other
+    tokens only add their small share to the softmax's sum. The projection's weights were the int8
+    decoder's largest error against float32 after its inputs' (bench/RESULTS.md).
+    """
 
     vocab_projection: Any
+    first_special: int
 
     def forward(self, x: Tensor, xa: Tensor, kv_cache: dict[Any, Tensor] | None = None) -> Tensor:
         offset = next(iter(kv_cache.values())).shape[1] if kv_cache else 0
@@ -173,6 +224,25 @@ class Int8TextDecoder(TextDecoder):  # type: ignore[misc]  # whisper ships no ty
         x = x.to(xa.dtype)
         for block in self.blocks:
             x = block(x, xa, mask=self.mask, kv_cache=kv_cache)
-        x = self.ln(x)
-        logits: Tensor = self.vocab_projection(x).float()
+        x = self.ln(x).float()
+        logits: Tensor = self.vocab_projection(x)
+        embedding = self.token_embedding.weight
+        likeliest = _likeliest_columns(logits, EXACT_TOKENS)
+        logits.scatter_(-1, likeliest, torch.einsum("...d,...kd->...k", x, embedding[likeliest]))
+        logits[..., self.first_special :] = x @ embedding[self.first_special :].T
         return logits
+
+
+def _likeliest_columns(logits: Tensor, count: int) -> Tensor:
+    """The columns of each row's ``count`` largest values, found in the ``count`` blocks of columns with
+    the largest maxima (they hold them all): torch.topk over a row of 51,864 took most of a step's
+    int8 projection time. The last columns, past whole blocks, are never chosen: they are the last
+    timestamps', which the caller computes in float32 anyway."""
+    rows = logits.reshape(-1, logits.shape[-1])
+    block_count = rows.shape[-1] // _COLUMN_BLOCK
+    blocks = rows[:, : block_count * _COLUMN_BLOCK].view(-1, block_count, _COLUMN_BLOCK)
+    best_blocks = blocks.amax(-1).topk(count, dim=-1).indices
+    candidates = blocks.gather(1, best_blocks[..., None].expand(-1, -1, _COLUMN_BLOCK)).flatten(1)
+    best = candidates.topk(count, dim=-1).indices
+    columns = best_blocks.gather(1, best // _COLUMN_BLOCK) * _COLUMN_BLOCK + best % _COLUMN_BLOCK
+    return columns.view(*logits.shape[:-1], count)
