@@ -1,5 +1,6 @@
 """``python -m bench [NAME ...]``: print each figure against its baseline. Names: overhead,
-transcription, upload, pipelining, soak, loop, client, prompt, batched, accuracy, coldstart, diarization, vad.
+transcription, upload, pipelining, soak, loop, client, prompt, batched, accuracy, coldstart, diarization, vad,
+int8.
 
 ``prompt``, ``batched``, ``accuracy`` and ``diarization`` (each about 15 minutes on 2 CPU cores) run only when named.
 """
@@ -15,6 +16,7 @@ from bench import (
     client,
     coldstart,
     diarization,
+    int8,
     loop,
     overhead,
     residency,
@@ -79,6 +81,8 @@ def main(names: list[str]) -> None:
             rows.extend(scaleout.measure())
         elif name == "vad":
             rows.extend(vad.measure())
+        elif name == "int8":
+            rows.extend(int8.measure())
         else:
             sys.exit(f"unknown benchmark {name!r}")
         print(rows[-1].row(), flush=True)

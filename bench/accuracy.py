@@ -11,16 +11,16 @@ Engines, all on the same tiny.en weights (``BENCH_ENGINES``: a comma list of nam
 
 * ``whisper.transcribe``: the baseline, with the options the worker passes it by default;
 * ``worker default``: a job with only the audio (batched, speech chunks found by Silero VAD,
-  tails decoded again, each chunk prompted with the text before it in its section; on the CPU the
-  decoder in int8, ``compute_type`` auto);
+  tails decoded again, each chunk prompted with the text before it in its section; on the CPU
+  ``compute_type`` auto is int8: for tiny.en, the projection onto the vocabulary);
 * ``worker compute_type float32``: the same in float32 (the default before int8);
 * ``worker condition_on_previous_text false``: the same with every chunk independent;
 * ``worker enable_vad false``: the whole recording in 30 s windows cut at quiet points;
 * ``worker batch_size 1``: the worker's sequential path (``whisper.transcribe`` behind the handler);
 * ``worker default, upstream per-step loops``: the default with openai-whisper's own beam search
   update and timestamp rules (``handler.pipelines.whisper.search`` off);
-* ``worker default, int8 one scale per input``: the default with torch's dynamic int8 layers as
-  they are (``RowScaledInt8Linear`` off): each layer's whole input quantised with one scale, and in
+* ``worker default, int8 one scale per input``: the default with torch's dynamic int8 layer as it
+  is (``RowScaledInt8Linear`` off): the projection's whole input quantised with one scale, and in
   7 bits (torch's layer always asks ``reduce_range``), so on a VNNI CPU it differs in both;
 * ``worker default, int8 inputs in 7 bits``: the default as a CPU without AVX-512 VNNI runs it;
 * ``faster-whisper fp32`` / ``int8`` (sequential) and ``batched b8 int8`` (its Silero VAD).
@@ -77,7 +77,7 @@ WORKER_INPUTS: dict[str, dict[str, Any]] = {
 # The worker's default with openai-whisper's own per-row beam search and timestamp rules
 # (handler.pipelines.whisper.search off): what the vectorised steps save.
 UPSTREAM_STEPS = "worker default, upstream per-step loops"
-# The worker's default with torch's own dynamic int8 layers (one scale for each layer's whole input):
+# The worker's default with torch's own dynamic int8 layer (one scale for the projection's whole input):
 # what a scale per input row changes.
 ONE_SCALE_INT8 = "worker default, int8 one scale per input"
 # The worker's default as it runs on a CPU without AVX-512 VNNI (its int8 inputs in 7 bits), on any CPU.

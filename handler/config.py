@@ -299,8 +299,9 @@ class Settings:
         "WHISPER_COMPUTE_TYPE", _parse_choice(*WHISPER_COMPUTE_TYPES), "auto", shapes=("transcribe", "text2video"),
         about="number format Whisper runs in (a job's `compute_type` overrides it): `auto` (`int8` for batched "
               "decoding on the CPU, `float32` for openai-whisper's sequential path and captions there; `float16` "
-              "on CUDA; PRECISION `full` or `half` decide instead when set), `float32`, `int8` (CPU: dynamic "
-              "int8 linear layers), `float16`, `bfloat16`")
+              "on CUDA; PRECISION `full` or `half` decide instead when set), `float32`, `int8` (CPU: the decoder's "
+              "projection onto the vocabulary in dynamic int8, its deciding logits in float32; from small's "
+              "width on its blocks' linear layers too), `float16`, `bfloat16`")
     whisper_batch_window_ms: float = setting(
         "WHISPER_BATCH_WINDOW_MS", lambda raw: max(0.0, float(raw)), 10.0,
         about="how long a batch waits for chunks of the worker's other jobs before it runs (a batch gives "

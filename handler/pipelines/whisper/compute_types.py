@@ -1,12 +1,13 @@
 """The number formats a Whisper model runs in (``compute_type``, faster-whisper's name and values).
 
 - ``float32``: openai-whisper as it is.
-- ``int8`` (the CPU): the decoder's linear layers, and its projection onto the vocabulary, as int8
-  weights with a scale per output row, their inputs quantised on the fly against each row's range
-  (torch's dynamic quantisation and fbgemm's kernels on x86, :class:`RowScaledInt8Linear`). The
-  encoder, layer norms, embeddings and attention stay float32. A decoder step reads a quarter of the
-  weight bytes it read, and the projection onto 51,864 tokens (the heaviest product of a small
-  model's step) is several times faster (bench/RESULTS.md).
+- ``int8`` (the CPU): the decoder's projection onto the vocabulary (the heaviest product of a small
+  model's step: 51,864 tokens) as int8 weights with a scale per output row, its inputs quantised on
+  the fly against each row's range (torch's dynamic quantisation and fbgemm's kernels on x86,
+  :class:`RowScaledInt8Linear`); the logits that decide (each position's likeliest tokens, every
+  special token) are then float32 products (:class:`Int8TextDecoder`). From small's width on, the
+  decoder blocks' linear layers too, their inputs in two passes. The encoder, layer norms, embeddings
+  and attention stay float32 (bench/RESULTS.md).
 - ``float16`` and ``bfloat16`` (CUDA): the weights of the linear layers and convolutions held in
   that format, activations in it too; layer norms and softmax in float32, as upstream runs fp16.
 - ``auto``: ``int8`` on the CPU and ``float16`` on CUDA, unless PRECISION says otherwise
@@ -178,8 +179,8 @@ class RowScaledInt8Linear(DynamicInt8Linear):
             on_grid = unit.div(self.grid_step).round_().clamp_(self.grid_low, self.grid_high).mul_(self.grid_step)
             remainder = unit.sub_(on_grid)
             remainder_scale = remainder.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-            both = torch.ops.quantized.linear_dynamic(torch.cat([on_grid, remainder.div_(remainder_scale), self.range_pin]),
-                                                      packed, reduce_range=self.reduce_range)
+            stacked = torch.cat([on_grid, remainder.div_(remainder_scale), self.range_pin])
+            both = torch.ops.quantized.linear_dynamic(stacked, packed, reduce_range=self.reduce_range)
             count = rows.shape[0]
             y: Tensor = both[:count].addcmul_(both[count : 2 * count], remainder_scale)
         else:
@@ -225,7 +226,11 @@ class Int8TextDecoder(TextDecoder):  # type: ignore[misc]  # whisper ships no ty
         for block in self.blocks:
             x = block(x, xa, mask=self.mask, kv_cache=kv_cache)
         x = self.ln(x).float()
-        logits: Tensor = self.vocab_projection(x)
+        return self.deciding_logits_in_float32(x, self.vocab_projection(x))
+
+    def deciding_logits_in_float32(self, x: Tensor, logits: Tensor) -> Tensor:
+        """``logits`` (int8's, for the decoder's output ``x``) with those of each position's likeliest
+        tokens and of every special token replaced by float32 products."""
         embedding = self.token_embedding.weight
         likeliest = _likeliest_columns(logits, EXACT_TOKENS)
         logits.scatter_(-1, likeliest, torch.einsum("...d,...kd->...k", x, embedding[likeliest]))
