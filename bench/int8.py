@@ -144,10 +144,10 @@ class Variant:
 VARIANTS = {
     "every layer, one scale per input (torch's layers)": Variant(True, False, False, False),
     "every layer, rows scaled (the default at 2119dbb)": Variant(True, True, False, False),
-    "every layer, residual pass, deciding logits float32 (the default from small's width)":
+    "every layer, residual pass, deciding logits float32 (the default from medium's width)":
         Variant(True, True, True, True),
     "projection only, its logits as they come": Variant(False, True, False, False),
-    "projection only, deciding logits float32 (the default up to base's width)": Variant(False, True, False, True),
+    "projection only, deciding logits float32 (the default up to small's width)": Variant(False, True, False, True),
 }
 
 

@@ -300,7 +300,7 @@ class Settings:
         about="number format Whisper runs in (a job's `compute_type` overrides it): `auto` (`int8` for batched "
               "decoding on the CPU, `float32` for openai-whisper's sequential path and captions there; `float16` "
               "on CUDA; PRECISION `full` or `half` decide instead when set), `float32`, `int8` (CPU: the decoder's "
-              "projection onto the vocabulary in dynamic int8, its deciding logits in float32; from small's "
+              "projection onto the vocabulary in dynamic int8, its deciding logits in float32; from medium's "
               "width on its blocks' linear layers too), `float16`, `bfloat16`")
     whisper_batch_window_ms: float = setting(
         "WHISPER_BATCH_WINDOW_MS", lambda raw: max(0.0, float(raw)), 10.0,

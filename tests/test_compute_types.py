@@ -41,10 +41,10 @@ def _wer(reference: str, text: str) -> float:
 
 
 def _wide_random_model(width: int = compute_types.INT8_BLOCKS_FROM_WIDTH) -> whisper.model.Whisper:
-    """A random English Whisper of one block each way at ``width`` (small.en's), on a short context."""
-    dims = whisper.model.ModelDimensions(n_mels=80, n_audio_ctx=16, n_audio_state=width, n_audio_head=12,
+    """A random English Whisper of one block each way at ``width`` (medium's unless given), on a short context."""
+    dims = whisper.model.ModelDimensions(n_mels=80, n_audio_ctx=16, n_audio_state=width, n_audio_head=16,
                                          n_audio_layer=1, n_vocab=51864, n_text_ctx=32, n_text_state=width,
-                                         n_text_head=12, n_text_layer=1)
+                                         n_text_head=16, n_text_layer=1)
     torch.manual_seed(0)
     return whisper.model.Whisper(dims).eval()
 
@@ -65,8 +65,8 @@ def test_int8_on_tiny_is_its_vocabulary_projection_and_the_rest_as_it_was(model_
 
 
 def test_wide_decoders_take_their_blocks_in_int8_with_the_residual_pass() -> None:
-    """From small's width on, every linear layer of the decoder's blocks is int8 too, its inputs in two
-    passes; the projection's in one. Narrower, the blocks stay float32."""
+    """From medium's width on, every linear layer of the decoder's blocks is int8 too, its inputs in two
+    passes; the projection's in one. At small's width, the blocks stay float32."""
     int8 = compute_types.convert(_wide_random_model(), "int8")
     quantised = [m for m in int8.decoder.modules() if isinstance(m, DynamicInt8Linear)]
     # Per block: query, key, value, out of self- and cross-attention, two MLP layers; and the projection.
@@ -74,7 +74,7 @@ def test_wide_decoders_take_their_blocks_in_int8_with_the_residual_pass() -> Non
     assert all(type(m) is compute_types.RowScaledInt8Linear for m in quantised)
     assert [m.residual_pass for m in quantised] == [m is not int8.decoder.vocab_projection for m in quantised]
     assert not [m for m in int8.encoder.modules() if isinstance(m, DynamicInt8Linear)]
-    narrower = compute_types.convert(_wide_random_model(compute_types.INT8_BLOCKS_FROM_WIDTH - 96), "int8")
+    narrower = compute_types.convert(_wide_random_model(768), "int8")
     assert [m for m in narrower.decoder.modules() if isinstance(m, DynamicInt8Linear)] == [
         narrower.decoder.vocab_projection]
 

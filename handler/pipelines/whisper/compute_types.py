@@ -5,7 +5,7 @@
   model's step: 51,864 tokens) as int8 weights with a scale per output row, its inputs quantised on
   the fly against each row's range (torch's dynamic quantisation and fbgemm's kernels on x86,
   :class:`RowScaledInt8Linear`); the logits that decide (each position's likeliest tokens, every
-  special token) are then float32 products (:class:`Int8TextDecoder`). From small's width on, the
+  special token) are then float32 products (:class:`Int8TextDecoder`). From medium's width on, the
   decoder blocks' linear layers too, their inputs in two passes. The encoder, layer norms, embeddings
   and attention stay float32 (bench/RESULTS.md).
 - ``float16`` and ``bfloat16`` (CUDA): the weights of the linear layers and convolutions held in
@@ -81,10 +81,10 @@ def convert(model: Whisper, compute_type: str) -> Whisper:
     return model
 
 
-# The decoder's blocks are int8 from this width on (small.en's 768 and wider): at the batched path's
-# 10 to 80 rows, their int8 products with the residual pass beat float32's there, and were no faster
-# at tiny's 384 and base's 512 (bench/RESULTS.md).
-INT8_BLOCKS_FROM_WIDTH = 768
+# The decoder's blocks are int8 from this width on (medium's 1024; large's and turbo's 1280): there a
+# block's linear layers with the residual pass beat float32's at a step's 10 to 80 rows. At tiny's,
+# base's and small's widths they were slower at the default batch's 40 rows (bench/RESULTS.md).
+INT8_BLOCKS_FROM_WIDTH = 1024
 
 
 def _quantised(model: Whisper) -> Whisper:
