@@ -1,6 +1,6 @@
 """``python -m bench [NAME ...]``: print each figure against its baseline. Names: overhead,
 transcription, upload, pipelining, soak, loop, client, prompt, batched, accuracy, coldstart, diarization, vad,
-int8.
+vad_thresholds, int8.
 
 ``prompt``, ``batched``, ``accuracy`` and ``diarization`` (each about 15 minutes on 2 CPU cores) run only when named.
 """
@@ -81,11 +81,14 @@ def main(names: list[str]) -> None:
             rows.extend(scaleout.measure())
         elif name == "vad":
             rows.extend(vad.measure())
+        elif name == "vad_thresholds":
+            rows.extend(vad.thresholds())
         elif name == "int8":
             rows.extend(int8.measure())
         else:
             sys.exit(f"unknown benchmark {name!r}")
-        print(rows[-1].row(), flush=True)
+        if rows:
+            print(rows[-1].row(), flush=True)
     print()
     print(HEADER)
     for row in rows:

