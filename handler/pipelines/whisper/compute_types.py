@@ -240,7 +240,7 @@ class Int8TextDecoder(TextDecoder):  # type: ignore[misc]  # whisper ships no ty
 
 def _likeliest_columns(logits: Tensor, count: int) -> Tensor:
     """The columns of each row's ``count`` largest values, found in the ``count`` blocks of columns with
-    the largest maxima (they hold them all): torch.topk over a row of 51,864 took most of a step's
+    the largest maxima (they hold them all): torch.topk over a row of 51,864 took more than half a step's
     int8 projection time. The last columns, past whole blocks, are never chosen: they are the last
     timestamps', which the caller computes in float32 anyway."""
     rows = logits.reshape(-1, logits.shape[-1])
