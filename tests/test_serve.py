@@ -316,7 +316,9 @@ def test_over_the_size_limit_is_413_without_reading_the_body(served: ServeProces
     assert status == 413 and json.loads(body[body.index("{"):])["error"]["code"] == "INPUT_TOO_LARGE"
     with _raw_upload_head(served.port, length=None) as sock:
         sent = _send_until_closed(sock, 40 * MAX_BYTES)  # the server answers and closes long before the end
-        assert sent < 3 * MAX_BYTES, sent
+        # What was sent and never read sits in loopback's buffers (the client's send buffer and the
+        # server's receive buffer, auto-tuned to a few MB each): 9.2 MB was seen under the suite's load.
+        assert sent < 10 * MAX_BYTES, sent
 
 
 def test_an_upload_that_stalls_is_answered_at_its_deadline(served: ServeProcess) -> None:
