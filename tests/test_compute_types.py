@@ -108,7 +108,7 @@ def test_likeliest_columns_are_torchs_top_k() -> None:
     generator = torch.Generator().manual_seed(2)
     for width in (51864, 51865, 51866):
         logits = torch.randn(6, 3, width, generator=generator)
-        logits[0, 0, 1000:1040] += 10  # forty of the largest in one block of 128 and part of the next
+        logits[0, 0, 1000:1040] += 10  # forty of the largest, in two neighbouring blocks of 128
         logits[1, 1, ::4096] += 10  # one in each of a dozen blocks
         found = compute_types._likeliest_columns(logits, compute_types.EXACT_TOKENS)
         whole_blocks = width // 128 * 128  # the columns past them are timestamps', float32 anyway
