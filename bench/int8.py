@@ -26,7 +26,6 @@ import os
 import statistics
 import tempfile
 import time
-import warnings
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -78,14 +77,10 @@ def _int8(linear: Any, *, residual_pass: bool) -> Any:
 
     from handler.pipelines.whisper import compute_types
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        quantised = quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear: per_channel_dynamic_qconfig},
-                                     dtype=torch.qint8)[0]  # type: ignore[no-untyped-call]
-    compute_types.RowScaledInt8Linear.adopt(quantised, residual_pass=residual_pass)
-    return quantised
+    holder = torch.nn.Sequential(linear)
+    compute_types.to_dynamic_int8(holder)
+    compute_types.RowScaledInt8Linear.adopt(holder[0], residual_pass=residual_pass)
+    return holder[0]
 
 
 def layers() -> list[Comparison]:

@@ -89,27 +89,19 @@ INT8_BLOCKS_FROM_WIDTH = 1024
 
 def _quantised(model: Whisper) -> Whisper:
     # torch.ao's dynamic quantisation matches module types exactly, and whisper's Linear is a subclass
-    # of nn.Linear whose only change is casting its weights to the input's dtype (a no-op in float32).
-    blocks_too = model.dims.n_text_state >= INT8_BLOCKS_FROM_WIDTH
-    if blocks_too:
+    # of nn.Linear whose only change is casting its weights to the input's dtype (a no-op in float32):
+    # the blocks' layers are made plain nn.Linear where they are to be int8, and are left out otherwise.
+    if model.dims.n_text_state >= INT8_BLOCKS_FROM_WIDTH:
         for module in model.decoder.modules():
             if type(module) is whisper.model.Linear:
                 module.__class__ = torch.nn.Linear
     projection = torch.nn.Linear(model.dims.n_text_state, model.dims.n_vocab, bias=False)
     projection.weight = model.decoder.token_embedding.weight  # shared: the embedding stays float32
     model.decoder.add_module("vocab_projection", projection)
-    with warnings.catch_warnings():
-        # torch 2.13 marks torch.ao.quantization deprecated in favour of torchao, whose int8 path has no
-        # CPU kernels of its own; the fbgemm kernels used here are torch's (docs/architecture.md).
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per_channel", UserWarning)
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        # The decoder only, with a scale per output row of each weight (as CTranslate2's int8). The
-        # encoder runs once per window, the decoder every step: the encoder in int8 raised the WER by
-        # half with one scale per window, and with a scale per row it was no faster (bench/RESULTS.md).
-        quantize_dynamic(model.decoder, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
-                         inplace=True)  # type: ignore[no-untyped-call]
+    # The decoder only. The encoder runs once per window, the decoder every step: the encoder in int8
+    # raised the WER by half with one scale per window, and with a scale per row it was no faster
+    # (bench/RESULTS.md).
+    to_dynamic_int8(model.decoder)
     for module in model.decoder.modules():
         if type(module) is DynamicInt8Linear:
             # The projection's inputs in one pass: Int8TextDecoder computes the logits that decide in float32.
@@ -118,6 +110,20 @@ def _quantised(model: Whisper) -> Whisper:
     cast(Int8TextDecoder, model.decoder).first_special = whisper.tokenizer.get_tokenizer(
         model.is_multilingual, num_languages=model.num_languages).eot
     return model
+
+
+def to_dynamic_int8(module: torch.nn.Module) -> None:
+    """Every plain ``nn.Linear`` in ``module`` replaced, in place, by torch's dynamic int8 layer with a
+    scale per output row of its weight (as CTranslate2's int8)."""
+    with warnings.catch_warnings():
+        # torch 2.13 marks torch.ao.quantization deprecated in favour of torchao, whose int8 path has no
+        # CPU kernels of its own; the fbgemm kernels used here are torch's (docs/architecture.md).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per_channel", UserWarning)
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        quantize_dynamic(module, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
+                         inplace=True)  # type: ignore[no-untyped-call]
 
 
 class RowScaledInt8Linear(DynamicInt8Linear):
